@@ -1,0 +1,81 @@
+//! Errors a caller can test for with `err.is::<T>()` / `err.downcast_ref::<T>()` on an
+//! [`anyhow::Error`], so limits and bounds are never matched by message text.
+
+use std::fmt;
+
+/// A configured limit would be exceeded: too many instances, memories or tables, or a
+/// memory or table above its maximum size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitExceeded {
+    /// The limit's name, as the configuration spells it (`total_core_instances`, ...).
+    pub limit: &'static str,
+    /// The limit's value.
+    pub value: u64,
+    /// What was asked for (a count or a size, in the limit's unit).
+    pub requested: u64,
+}
+
+impl fmt::Display for LimitExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "limit `{}` of {} exceeded: {} requested",
+            self.limit, self.value, self.requested
+        )
+    }
+}
+
+impl std::error::Error for LimitExceeded {}
+
+/// An access outside a memory's or table's current bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutOfBounds {
+    /// What was accessed (`memory 0`, `table 1`).
+    pub resource: String,
+    /// First byte or element accessed.
+    pub offset: u64,
+    /// Bytes or elements accessed.
+    pub len: u64,
+    /// The resource's current size, in the same unit.
+    pub size: u64,
+}
+
+impl fmt::Display for OutOfBounds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} out of bounds: {} at offset {} but size is {}",
+            self.resource, self.len, self.offset, self.size
+        )
+    }
+}
+
+impl std::error::Error for OutOfBounds {}
+
+/// The embedder's [`ResourceLimiter`](crate::ResourceLimiter) refused a memory's or table's
+/// initial size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimiterDenied {
+    /// What was being created (`memory`, `table`).
+    pub resource: &'static str,
+    /// The size asked for (bytes for memories, elements for tables).
+    pub desired: u64,
+}
+
+impl fmt::Display for LimiterDenied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "resource limiter denied a {} of {} {}",
+            self.resource,
+            self.desired,
+            if self.resource == "memory" {
+                "bytes"
+            } else {
+                "elements"
+            }
+        )
+    }
+}
+
+impl std::error::Error for LimiterDenied {}

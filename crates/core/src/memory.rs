@@ -1,0 +1,423 @@
+//! Linear memories.
+//!
+//! A memory's accessible bytes start its reservation; above them the reservation is
+//! `PROT_NONE`, and a guard region follows (a pre-guard may stand before):
+//!
+//! ```text
+//!   [pre-guard][accessible ........][PROT_NONE rest of reservation][guard]
+//!              ^ base              ^ base + byte_size               ^ base + capacity
+//! ```
+//!
+//! Growing inside the reservation is one `mprotect`. A memory that owns its reservation
+//! ([`Memory::new_dynamic`]) and may move is re-reserved and copied when it grows past it; a
+//! memory in a backend's slot ([`Memory::new_static`]) never moves. A grow that cannot be
+//! done returns `Ok(None)` (the spec's -1) and changes nothing.
+
+use std::ptr::NonNull;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::error::{LimitExceeded, LimiterDenied, OutOfBounds};
+use crate::limiter::ResourceLimiter;
+use crate::mmap::Mmap;
+use crate::sys;
+use crate::tunables::Tunables;
+use crate::types::MemoryType;
+use crate::vmcontext::VMMemoryDefinition;
+
+/// A linear memory.
+///
+/// Invariants: `byte_size` is a whole number of the type's pages and never above
+/// `maximum` nor `capacity`; the host pages covering `0..byte_size` from `base` are
+/// readable and writable, the rest of `capacity` is `PROT_NONE`.
+#[derive(Debug)]
+pub struct Memory {
+    ty: MemoryType,
+    storage: Storage,
+    byte_size: usize,
+    maximum: Option<usize>,
+}
+
+#[derive(Debug)]
+enum Storage {
+    /// An owned reservation `[pre_guard][capacity][guard]`.
+    Owned {
+        mmap: Mmap,
+        pre_guard: usize,
+        capacity: usize,
+        guard: usize,
+        growth_reserve: usize,
+        may_move: bool,
+    },
+    /// `capacity` bytes at `base`, inside a mapping a backend owns.
+    Static { base: NonNull<u8>, capacity: usize },
+}
+
+// SAFETY: a `Memory` owns its bytes (`Owned`) or has exclusive use of them by
+// `new_static`'s contract (`Static`); nothing in it is tied to a thread.
+unsafe impl Send for Memory {}
+// SAFETY: `&Memory` only reads; every mutation takes `&mut self`.
+unsafe impl Sync for Memory {}
+
+fn round_up(n: usize, to: usize) -> Option<usize> {
+    n.checked_next_multiple_of(to)
+}
+
+fn to_usize(what: &str, bytes: u64) -> Result<usize> {
+    usize::try_from(bytes)
+        .map_err(|_| anyhow!("{what} of {bytes:#x} bytes does not fit the host's address space"))
+}
+
+/// The initial size in bytes and the effective maximum, after the type, the backend's
+/// limit and the limiter have had their say.
+fn initial_size(
+    ty: &MemoryType,
+    backend_max: Option<usize>,
+    limiter: Option<&mut (dyn ResourceLimiter + '_)>,
+) -> Result<(usize, Option<usize>)> {
+    let minimum = ty
+        .minimum_bytes()
+        .ok_or_else(|| anyhow!("memory minimum of {} pages overflows a 64-bit size", ty.minimum))?;
+    let minimum = to_usize("memory minimum", minimum)?;
+    let type_max = ty.maximum_bytes().and_then(|m| usize::try_from(m).ok());
+    let maximum = match (type_max, backend_max) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    if let Some(limit) = backend_max
+        && minimum > limit
+    {
+        return Err(anyhow::Error::new(LimitExceeded {
+            limit: "max_memory_size",
+            value: limit as u64,
+            requested: minimum as u64,
+        }));
+    }
+    if let Some(limiter) = limiter
+        && !limiter.memory_growing(0, minimum, maximum)?
+    {
+        return Err(anyhow::Error::new(LimiterDenied {
+            resource: "memory",
+            desired: minimum as u64,
+        }));
+    }
+    Ok((minimum, maximum))
+}
+
+impl Memory {
+    /// A memory in its own reservation, sized by `tunables`: `memory_reservation` bytes if
+    /// the minimum fits there, else the minimum plus `memory_reservation_for_growth`; then
+    /// a guard (and a pre-guard if asked). `backend_max` caps its size in bytes.
+    pub fn new_dynamic(
+        ty: &MemoryType,
+        tunables: &Tunables,
+        backend_max: Option<usize>,
+        limiter: Option<&mut (dyn ResourceLimiter + '_)>,
+    ) -> Result<Memory> {
+        ty.validate()?;
+        let (byte_size, maximum) = initial_size(ty, backend_max, limiter)?;
+        let page = sys::page_size();
+        let reservation = to_usize("memory reservation", tunables.memory_reservation)?;
+        let growth = to_usize(
+            "memory growth reservation",
+            tunables.memory_reservation_for_growth,
+        )?;
+        let guard = to_usize("memory guard", tunables.memory_guard_size)?;
+        let pre_guard = to_usize("memory pre-guard", tunables.pre_guard_size())?;
+        let capacity = if byte_size <= reservation {
+            Some(reservation)
+        } else {
+            byte_size.checked_add(growth)
+        };
+        let capacity = capacity.and_then(|c| round_up(c, page)).ok_or_else(|| {
+            anyhow!("memory of {byte_size:#x} bytes plus {growth:#x} bytes to grow overflows")
+        })?;
+        let mmap = reserve(pre_guard, capacity, guard, byte_size)?;
+        Ok(Memory {
+            ty: *ty,
+            storage: Storage::Owned {
+                mmap,
+                pre_guard,
+                capacity,
+                guard,
+                growth_reserve: growth,
+                may_move: tunables.memory_may_move,
+            },
+            byte_size,
+            maximum,
+        })
+    }
+
+    /// A memory in `capacity` bytes at `base`, inside a mapping the caller owns (a pool
+    /// slot). It makes its initial bytes accessible and never moves; `capacity` is also its
+    /// maximum size.
+    ///
+    /// # Safety
+    ///
+    /// `base..base + capacity` is page-aligned, inside a mapping made by
+    /// [`sys::reserve`], `PROT_NONE` or already reset to read as zeros, and used by nothing
+    /// else until this `Memory` is handed back to the caller (who then resets it before any
+    /// other use). The caller keeps the mapping alive as long as the `Memory` lives.
+    pub unsafe fn new_static(
+        ty: &MemoryType,
+        base: NonNull<u8>,
+        capacity: usize,
+        limiter: Option<&mut (dyn ResourceLimiter + '_)>,
+    ) -> Result<Memory> {
+        ty.validate()?;
+        let page = sys::page_size();
+        if !capacity.is_multiple_of(page) || !base.as_ptr().addr().is_multiple_of(page) {
+            bail!("static memory of {capacity:#x} bytes at {base:p} is not page-aligned");
+        }
+        let (byte_size, maximum) = initial_size(ty, Some(capacity), limiter)?;
+        let accessible = round_up(byte_size, page).unwrap_or(usize::MAX);
+        if accessible > 0 {
+            // SAFETY: `0..accessible` is inside the caller's `base..base + capacity`
+            // (`byte_size <= capacity`, checked by `initial_size`, and `capacity` is
+            // page-aligned), which the caller lets us use exclusively.
+            unsafe { sys::make_accessible(base, accessible) }.with_context(|| {
+                format!("failed to make {accessible:#x} bytes of a memory slot accessible")
+            })?;
+        }
+        Ok(Memory {
+            ty: *ty,
+            storage: Storage::Static { base, capacity },
+            byte_size,
+            maximum,
+        })
+    }
+
+    /// The memory's type.
+    pub fn ty(&self) -> &MemoryType {
+        &self.ty
+    }
+
+    /// Accessible size in bytes.
+    pub fn byte_size(&self) -> usize {
+        self.byte_size
+    }
+
+    /// Accessible size in pages.
+    pub fn pages(&self) -> u64 {
+        self.byte_size as u64 / self.ty.page_size()
+    }
+
+    /// The largest size in bytes this memory may reach, if it is bounded below the address
+    /// space.
+    pub fn maximum_byte_size(&self) -> Option<usize> {
+        self.maximum
+    }
+
+    /// Bytes it can grow to without moving.
+    pub fn byte_capacity(&self) -> usize {
+        match &self.storage {
+            Storage::Owned { capacity, .. } | Storage::Static { capacity, .. } => *capacity,
+        }
+    }
+
+    /// Address space this memory holds itself (reservation and guards); 0 for a memory in a
+    /// backend's slot, whose address space the backend counts.
+    pub fn reserved_bytes(&self) -> usize {
+        match &self.storage {
+            Storage::Owned { mmap, .. } => mmap.len(),
+            Storage::Static { .. } => 0,
+        }
+    }
+
+    /// Whether the memory lives in a backend's slot (and so never moves).
+    pub fn is_static(&self) -> bool {
+        matches!(self.storage, Storage::Static { .. })
+    }
+
+    /// The first byte of the memory.
+    pub fn base(&self) -> *mut u8 {
+        match &self.storage {
+            Storage::Owned { mmap, pre_guard, .. } => mmap.as_ptr().wrapping_add(*pre_guard).cast_mut(),
+            Storage::Static { base, .. } => base.as_ptr(),
+        }
+    }
+
+    /// The definition compiled code reads.
+    pub fn vmmemory(&self) -> VMMemoryDefinition {
+        VMMemoryDefinition {
+            base: self.base(),
+            current_length: self.byte_size,
+        }
+    }
+
+    /// The accessible bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `0..byte_size` is accessible (type invariant) and this memory has
+        // exclusive use of it; `&self` means no `&mut` slice is live.
+        unsafe { std::slice::from_raw_parts(self.base(), self.byte_size) }
+    }
+
+    /// The accessible bytes, for writing.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes the slice exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.base(), self.byte_size) }
+    }
+
+    /// Copies `buf.len()` bytes at `offset` into `buf`; an [`OutOfBounds`] error if they
+    /// are not all inside the memory.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let range = self.bounds(offset, buf.len())?;
+        buf.copy_from_slice(&self.as_slice()[range]);
+        Ok(())
+    }
+
+    /// Copies `data` to `offset`; an [`OutOfBounds`] error if it does not fit.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let range = self.bounds(offset, data.len())?;
+        self.as_mut_slice()[range].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn bounds(&self, offset: u64, len: usize) -> Result<std::ops::Range<usize>> {
+        let start = usize::try_from(offset).ok();
+        match start.and_then(|s| Some((s, s.checked_add(len)?))) {
+            Some((start, end)) if end <= self.byte_size => Ok(start..end),
+            _ => Err(anyhow::Error::new(OutOfBounds {
+                resource: "memory".into(),
+                offset,
+                len: len as u64,
+                size: self.byte_size as u64,
+            })),
+        }
+    }
+
+    /// Grows by `delta` pages: `Ok(Some(old_pages))`, or `Ok(None)` (the spec's -1) if the
+    /// maximum, the backend's limit, the limiter or the system says no, with the memory
+    /// unchanged. An error from the limiter is passed on, also with the memory unchanged.
+    ///
+    /// Growth may move an owned memory if its tunables allowed it: callers must re-read
+    /// [`Memory::vmmemory`] afterwards.
+    pub fn grow(
+        &mut self,
+        delta: u64,
+        limiter: Option<&mut (dyn ResourceLimiter + '_)>,
+    ) -> Result<Option<u64>> {
+        let old_pages = self.pages();
+        if delta == 0 {
+            return Ok(Some(old_pages));
+        }
+        let max_pages = self.ty.maximum.unwrap_or_else(|| self.ty.absolute_max_pages());
+        let new_bytes = old_pages
+            .checked_add(delta)
+            .filter(|&pages| pages <= max_pages)
+            .and_then(|pages| pages.checked_mul(self.ty.page_size()))
+            .and_then(|bytes| usize::try_from(bytes).ok())
+            .filter(|&bytes| self.maximum.is_none_or(|max| bytes <= max));
+        let Some(new_bytes) = new_bytes else {
+            return Ok(None);
+        };
+        if let Some(limiter) = limiter
+            && !limiter.memory_growing(self.byte_size, new_bytes, self.maximum)?
+        {
+            return Ok(None);
+        }
+        let grown = match &mut self.storage {
+            Storage::Static { base, capacity } => {
+                new_bytes <= *capacity && grow_in_place(*base, self.byte_size, new_bytes)
+            }
+            Storage::Owned {
+                mmap,
+                pre_guard,
+                capacity,
+                ..
+            } if new_bytes <= *capacity => {
+                // SAFETY: `pre_guard` is inside our own mapping (it is where the memory starts).
+                let base = unsafe { NonNull::new_unchecked(mmap.as_mut_ptr().add(*pre_guard)) };
+                grow_in_place(base, self.byte_size, new_bytes)
+            }
+            Storage::Owned { may_move: false, .. } => false,
+            Storage::Owned {
+                mmap,
+                pre_guard,
+                capacity,
+                guard,
+                growth_reserve,
+                ..
+            } => {
+                match move_to_new_reservation(
+                    mmap,
+                    *pre_guard,
+                    *guard,
+                    *growth_reserve,
+                    self.byte_size,
+                    new_bytes,
+                ) {
+                    Some((new_mmap, new_capacity)) => {
+                        *mmap = new_mmap;
+                        *capacity = new_capacity;
+                        true
+                    }
+                    None => false,
+                }
+            }
+        };
+        if !grown {
+            return Ok(None);
+        }
+        self.byte_size = new_bytes;
+        Ok(Some(old_pages))
+    }
+}
+
+/// Reserves `[pre_guard][capacity][guard]` with the first `accessible` bytes after the
+/// pre-guard made accessible.
+fn reserve(pre_guard: usize, capacity: usize, guard: usize, accessible: usize) -> Result<Mmap> {
+    let page = sys::page_size();
+    let total = pre_guard
+        .checked_add(capacity)
+        .and_then(|n| n.checked_add(guard))
+        .ok_or_else(|| anyhow!("memory reservation of {capacity:#x} bytes plus guards overflows"))?;
+    let mut mmap =
+        Mmap::reserve(total).with_context(|| format!("failed to reserve {total:#x} bytes for a memory"))?;
+    let accessible = round_up(accessible, page).unwrap_or(usize::MAX);
+    mmap.make_accessible(pre_guard, accessible)
+        .with_context(|| format!("failed to commit {accessible:#x} bytes of a memory"))?;
+    Ok(mmap)
+}
+
+/// Makes the host pages between `old` and `new` bytes accessible; false on failure.
+fn grow_in_place(base: NonNull<u8>, old: usize, new: usize) -> bool {
+    let page = sys::page_size();
+    let (Some(from), Some(to)) = (round_up(old, page), round_up(new, page)) else {
+        return false;
+    };
+    if to == from {
+        return true;
+    }
+    // SAFETY: the caller checked `new <= capacity`, so `from..to` lies inside the memory's
+    // page-aligned reservation, which the memory uses exclusively; the bytes were
+    // `PROT_NONE` so no reference into them exists.
+    unsafe { sys::make_accessible(base.add(from), to - from) }.is_ok()
+}
+
+/// Moves a memory of `old` bytes to a fresh reservation able to hold `new` bytes plus the
+/// growth reserve, copying its contents. `None` if that cannot be reserved.
+fn move_to_new_reservation(
+    old_mmap: &Mmap,
+    pre_guard: usize,
+    guard: usize,
+    growth_reserve: usize,
+    old: usize,
+    new: usize,
+) -> Option<(Mmap, usize)> {
+    let capacity = new
+        .checked_add(growth_reserve)
+        .and_then(|c| round_up(c, sys::page_size()))?;
+    let mut mmap = reserve(pre_guard, capacity, guard, new).ok()?;
+    // SAFETY: `old` bytes after the old pre-guard are accessible in the old mapping, and
+    // `new >= old` bytes after the new pre-guard are accessible in the new one; the two
+    // mappings are distinct, so the ranges do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            old_mmap.as_ptr().add(pre_guard),
+            mmap.as_mut_ptr().add(pre_guard),
+            old,
+        );
+    }
+    Some((mmap, capacity))
+}

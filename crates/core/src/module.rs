@@ -1,0 +1,363 @@
+//! What Berth needs to know about a module: its memories, tables and globals (imported and
+//! defined), its imported-function count, and a process-unique id.
+//!
+//! A [`Module`] is built once, by `berth-wasm` from a binary or by an embedder with
+//! [`ModuleBuilder`], and then shared (`Arc<Module>`) by every instance made from it. Fields are
+//! private so that more facts (data and element segments) can be added without breaking
+//! anyone; the builder checks every type, so a built `Module` is always well-formed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result, bail};
+use cranelift_entity::{EntityRef, PrimaryMap};
+
+use crate::index::{
+    DefinedGlobalIndex, DefinedMemoryIndex, DefinedTableIndex, GlobalIndex, MemoryIndex, OwnedMemoryIndex,
+    TableIndex,
+};
+use crate::types::{GlobalInit, GlobalType, MemoryType, TableType};
+
+/// A process-unique module identity. Backends key per-module state (warm slots, images) on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModuleId(u64);
+
+impl ModuleId {
+    fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ModuleId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The id as a number (never 0).
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+/// The facts about one WebAssembly module that instance allocation needs.
+#[derive(Debug)]
+pub struct Module {
+    id: ModuleId,
+    name: Option<String>,
+    num_imported_funcs: u32,
+    num_defined_funcs: u32,
+    num_imported_memories: u32,
+    num_imported_tables: u32,
+    num_imported_globals: u32,
+    memories: PrimaryMap<MemoryIndex, MemoryType>,
+    tables: PrimaryMap<TableIndex, TableType>,
+    globals: PrimaryMap<GlobalIndex, GlobalType>,
+    global_inits: PrimaryMap<DefinedGlobalIndex, GlobalInit>,
+}
+
+impl Module {
+    /// Starts building a module.
+    pub fn builder() -> ModuleBuilder {
+        ModuleBuilder::default()
+    }
+
+    /// This module's process-unique id.
+    pub fn id(&self) -> ModuleId {
+        self.id
+    }
+
+    /// The module's name, if it has one.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Number of imported functions.
+    pub fn num_imported_funcs(&self) -> u32 {
+        self.num_imported_funcs
+    }
+
+    /// Number of defined functions.
+    pub fn num_defined_funcs(&self) -> u32 {
+        self.num_defined_funcs
+    }
+
+    /// Number of imported memories.
+    pub fn num_imported_memories(&self) -> u32 {
+        self.num_imported_memories
+    }
+
+    /// Number of imported tables.
+    pub fn num_imported_tables(&self) -> u32 {
+        self.num_imported_tables
+    }
+
+    /// Number of imported globals.
+    pub fn num_imported_globals(&self) -> u32 {
+        self.num_imported_globals
+    }
+
+    /// Every memory, imported ones first.
+    pub fn memories(&self) -> &PrimaryMap<MemoryIndex, MemoryType> {
+        &self.memories
+    }
+
+    /// Every table, imported ones first.
+    pub fn tables(&self) -> &PrimaryMap<TableIndex, TableType> {
+        &self.tables
+    }
+
+    /// Every global, imported ones first.
+    pub fn globals(&self) -> &PrimaryMap<GlobalIndex, GlobalType> {
+        &self.globals
+    }
+
+    /// Number of memories the module defines.
+    pub fn num_defined_memories(&self) -> u32 {
+        count(self.memories.len()) - self.num_imported_memories
+    }
+
+    /// Number of defined memories that are not shared: their `VMMemoryDefinition` lives in
+    /// the instance's vmctx.
+    pub fn num_owned_memories(&self) -> u32 {
+        let owned = self.defined_memories().filter(|(_, ty)| !ty.shared).count();
+        count(owned)
+    }
+
+    /// Number of tables the module defines.
+    pub fn num_defined_tables(&self) -> u32 {
+        count(self.tables.len()) - self.num_imported_tables
+    }
+
+    /// Number of globals the module defines.
+    pub fn num_defined_globals(&self) -> u32 {
+        count(self.globals.len()) - self.num_imported_globals
+    }
+
+    /// The defined memories in index order, with their types.
+    pub fn defined_memories(&self) -> impl ExactSizeIterator<Item = (DefinedMemoryIndex, &MemoryType)> {
+        let skip = self.num_imported_memories as usize;
+        self.memories
+            .values()
+            .skip(skip)
+            .enumerate()
+            .map(|(i, ty)| (DefinedMemoryIndex::new(i), ty))
+    }
+
+    /// The defined tables in index order, with their types.
+    pub fn defined_tables(&self) -> impl ExactSizeIterator<Item = (DefinedTableIndex, &TableType)> {
+        let skip = self.num_imported_tables as usize;
+        self.tables
+            .values()
+            .skip(skip)
+            .enumerate()
+            .map(|(i, ty)| (DefinedTableIndex::new(i), ty))
+    }
+
+    /// The defined globals in index order, with their types and initial values.
+    pub fn defined_globals(
+        &self,
+    ) -> impl ExactSizeIterator<Item = (DefinedGlobalIndex, &GlobalType, &GlobalInit)> {
+        let skip = self.num_imported_globals as usize;
+        self.globals
+            .values()
+            .skip(skip)
+            .zip(self.global_inits.iter())
+            .map(|(ty, (i, init))| (i, ty, init))
+    }
+
+    /// The defined index of memory `index`, or `None` if it is imported.
+    pub fn defined_memory_index(&self, index: MemoryIndex) -> Option<DefinedMemoryIndex> {
+        index
+            .as_u32()
+            .checked_sub(self.num_imported_memories)
+            .map(DefinedMemoryIndex::from_u32)
+    }
+
+    /// The module-wide index of defined memory `index`.
+    pub fn memory_index(&self, index: DefinedMemoryIndex) -> MemoryIndex {
+        MemoryIndex::from_u32(self.num_imported_memories + index.as_u32())
+    }
+
+    /// The owned index of defined memory `index` (its slot among the vmctx's memory
+    /// definitions), or `None` if the memory is shared.
+    pub fn owned_memory_index(&self, index: DefinedMemoryIndex) -> Option<OwnedMemoryIndex> {
+        let ty = self.memories.get(self.memory_index(index))?;
+        if ty.shared {
+            return None;
+        }
+        let owned_before = self
+            .defined_memories()
+            .take(index.index())
+            .filter(|(_, ty)| !ty.shared)
+            .count();
+        Some(OwnedMemoryIndex::new(owned_before))
+    }
+
+    /// The defined index of table `index`, or `None` if it is imported.
+    pub fn defined_table_index(&self, index: TableIndex) -> Option<DefinedTableIndex> {
+        index
+            .as_u32()
+            .checked_sub(self.num_imported_tables)
+            .map(DefinedTableIndex::from_u32)
+    }
+
+    /// The module-wide index of defined table `index`.
+    pub fn table_index(&self, index: DefinedTableIndex) -> TableIndex {
+        TableIndex::from_u32(self.num_imported_tables + index.as_u32())
+    }
+}
+
+/// A count that the builder has already bounded to `u32`.
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Builds a [`Module`], checking every type. Imports must come before definitions of the
+/// same kind, as in a binary.
+#[derive(Debug, Default)]
+pub struct ModuleBuilder {
+    name: Option<String>,
+    num_imported_funcs: u64,
+    num_defined_funcs: u64,
+    memories: Vec<(bool, MemoryType)>,
+    tables: Vec<(bool, TableType)>,
+    globals: Vec<(GlobalType, Option<GlobalInit>)>,
+}
+
+impl ModuleBuilder {
+    /// Names the module (shown in error messages).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Adds `n` imported functions.
+    pub fn imported_funcs(mut self, n: u32) -> Self {
+        self.num_imported_funcs += u64::from(n);
+        self
+    }
+
+    /// Adds `n` defined functions.
+    pub fn defined_funcs(mut self, n: u32) -> Self {
+        self.num_defined_funcs += u64::from(n);
+        self
+    }
+
+    /// Adds an imported memory.
+    pub fn import_memory(mut self, ty: MemoryType) -> Self {
+        self.memories.push((true, ty));
+        self
+    }
+
+    /// Adds a defined memory.
+    pub fn memory(mut self, ty: MemoryType) -> Self {
+        self.memories.push((false, ty));
+        self
+    }
+
+    /// Adds an imported table.
+    pub fn import_table(mut self, ty: TableType) -> Self {
+        self.tables.push((true, ty));
+        self
+    }
+
+    /// Adds a defined table.
+    pub fn table(mut self, ty: TableType) -> Self {
+        self.tables.push((false, ty));
+        self
+    }
+
+    /// Adds an imported global.
+    pub fn import_global(mut self, ty: GlobalType) -> Self {
+        self.globals.push((ty, None));
+        self
+    }
+
+    /// Adds a defined global with its initial value.
+    pub fn global(mut self, ty: GlobalType, init: GlobalInit) -> Self {
+        self.globals.push((ty, Some(init)));
+        self
+    }
+
+    /// Checks everything and builds the module.
+    pub fn build(self) -> Result<Module> {
+        let name = self.name.as_deref().unwrap_or("<unnamed>");
+        let too_many =
+            |what: &str, n: usize| anyhow::anyhow!("module {name} has {n} {what}: more than u32 can index");
+        let num_imported_funcs =
+            u32::try_from(self.num_imported_funcs).map_err(|_| too_many("imported functions", usize::MAX))?;
+        let num_defined_funcs =
+            u32::try_from(self.num_defined_funcs).map_err(|_| too_many("defined functions", usize::MAX))?;
+        u32::try_from(self.num_imported_funcs + self.num_defined_funcs)
+            .map_err(|_| too_many("functions", usize::MAX))?;
+
+        let mut memories = PrimaryMap::new();
+        let num_imported_memories = imports_first(name, "memory", self.memories.iter().map(|m| m.0))?;
+        for (i, (_, ty)) in self.memories.iter().enumerate() {
+            ty.validate()
+                .with_context(|| format!("module {name}: memory {i}"))?;
+            memories.push(*ty);
+        }
+        u32::try_from(memories.len()).map_err(|_| too_many("memories", memories.len()))?;
+
+        let mut tables = PrimaryMap::new();
+        let num_imported_tables = imports_first(name, "table", self.tables.iter().map(|t| t.0))?;
+        for (i, (_, ty)) in self.tables.iter().enumerate() {
+            ty.validate()
+                .with_context(|| format!("module {name}: table {i}"))?;
+            tables.push(*ty);
+        }
+        u32::try_from(tables.len()).map_err(|_| too_many("tables", tables.len()))?;
+
+        let mut globals = PrimaryMap::new();
+        let mut global_inits = PrimaryMap::new();
+        let num_imported_globals = imports_first(name, "global", self.globals.iter().map(|g| g.1.is_none()))?;
+        for (i, (ty, init)) in self.globals.iter().enumerate() {
+            if let Some(init) = init {
+                if !init.matches(ty.content) {
+                    bail!(
+                        "module {name}: global {i} of type {:?} has initializer {init:?}",
+                        ty.content
+                    );
+                }
+                if let GlobalInit::RefFunc(f) = init
+                    && u64::from(f.as_u32()) >= self.num_imported_funcs + self.num_defined_funcs
+                {
+                    bail!(
+                        "module {name}: global {i} refers to function {} which does not exist",
+                        f.as_u32()
+                    );
+                }
+                global_inits.push(*init);
+            }
+            globals.push(*ty);
+        }
+        u32::try_from(globals.len()).map_err(|_| too_many("globals", globals.len()))?;
+
+        Ok(Module {
+            id: ModuleId::next(),
+            name: self.name,
+            num_imported_funcs,
+            num_defined_funcs,
+            num_imported_memories,
+            num_imported_tables,
+            num_imported_globals,
+            memories,
+            tables,
+            globals,
+            global_inits,
+        })
+    }
+}
+
+/// Counts the leading imports and rejects an import that follows a definition.
+fn imports_first(name: &str, what: &str, is_import: impl Iterator<Item = bool>) -> Result<u32> {
+    let mut imported = 0u32;
+    let mut seen_defined = false;
+    for (i, import) in is_import.enumerate() {
+        match (import, seen_defined) {
+            (true, true) => bail!("module {name}: {what} {i} is an import after a defined {what}"),
+            (true, false) => {
+                imported = imported
+                    .checked_add(1)
+                    .with_context(|| format!("module {name}: too many imported {what} entries"))?;
+            }
+            (false, _) => seen_defined = true,
+        }
+    }
+    Ok(imported)
+}

@@ -1,0 +1,97 @@
+//! The only place Berth makes system calls (through rustix).
+//!
+//! Everything else uses [`Mmap`](crate::Mmap) or these few functions. The unsafe ones take a
+//! range the caller must own: changing the protection or contents of memory someone else
+//! uses (a Rust allocation, another instance's slot) is undefined behaviour.
+
+use std::io;
+use std::ptr::{self, NonNull};
+
+use rustix::mm::{self, Advice, MapFlags, MprotectFlags, ProtFlags};
+
+/// The host page size in bytes.
+pub fn page_size() -> usize {
+    rustix::param::page_size()
+}
+
+/// Reserves `len` bytes of fresh `PROT_NONE` address space (no memory committed).
+///
+/// `len` must be non-zero and a multiple of the page size.
+pub fn reserve(len: usize) -> io::Result<NonNull<u8>> {
+    // SAFETY: a fresh anonymous mapping at an address the kernel chooses cannot alias
+    // anything Rust knows about.
+    let ptr = unsafe {
+        mm::mmap_anonymous(
+            ptr::null_mut(),
+            len,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::NORESERVE,
+        )?
+    };
+    NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))
+}
+
+/// Unmaps `len` bytes at `ptr`.
+///
+/// # Safety
+///
+/// `ptr..ptr + len` was returned by [`reserve`] (or is part of such a range), is owned by
+/// the caller, and nothing will access it again.
+pub unsafe fn unmap(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range and promises it is no longer used.
+    unsafe {
+        mm::munmap(ptr.as_ptr().cast(), len)?;
+    }
+    Ok(())
+}
+
+/// Makes `len` bytes at `ptr` readable and writable. Untouched pages read as zero until
+/// written, unless they held data that was not [`decommit`]ted.
+///
+/// # Safety
+///
+/// `ptr..ptr + len` is page-aligned, inside a mapping made by [`reserve`], and owned by the
+/// caller.
+pub unsafe fn make_accessible(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the page-aligned range; adding access breaks no reference.
+    unsafe {
+        mm::mprotect(
+            ptr.as_ptr().cast(),
+            len,
+            MprotectFlags::READ | MprotectFlags::WRITE,
+        )?;
+    }
+    Ok(())
+}
+
+/// Makes `len` bytes at `ptr` inaccessible (`PROT_NONE`): any access faults.
+///
+/// # Safety
+///
+/// `ptr..ptr + len` is page-aligned, inside a mapping made by [`reserve`], owned by the
+/// caller, and no Rust reference into it is live.
+pub unsafe fn make_inaccessible(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range and holds no reference into it.
+    unsafe {
+        mm::mprotect(ptr.as_ptr().cast(), len, MprotectFlags::empty())?;
+    }
+    Ok(())
+}
+
+/// Gives `len` bytes at `ptr` back to the kernel: their next read sees zeros.
+///
+/// This is `madvise(MADV_DONTNEED)` (`Advice::LinuxDontNeed`), which on a private anonymous
+/// mapping discards the pages at once; POSIX `Advice::DontNeed` is a no-op on Linux and
+/// would leave the previous contents in place.
+///
+/// # Safety
+///
+/// `ptr..ptr + len` is page-aligned, inside a private anonymous mapping made by
+/// [`reserve`], owned by the caller, and no Rust reference into it is live.
+pub unsafe fn decommit(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range; discarding its contents breaks no reference.
+    unsafe {
+        mm::madvise(ptr.as_ptr().cast(), len, Advice::LinuxDontNeed)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,260 @@
+//! Tables: pointer-sized opaque words, 0 meaning null.
+//!
+//! A table either owns a `Vec` ([`Table::new_dynamic`], which may reallocate on grow) or
+//! lives in `capacity` words of a backend's slab ([`Table::new_static`], never moves).
+
+use std::ptr::NonNull;
+
+use anyhow::{Result, anyhow};
+
+use crate::error::{LimitExceeded, LimiterDenied, OutOfBounds};
+use crate::limiter::ResourceLimiter;
+use crate::types::TableType;
+use crate::vmcontext::VMTableDefinition;
+
+/// A table.
+///
+/// Invariant: `size` never exceeds `maximum` nor the storage's capacity; the first `size`
+/// words of the storage are the elements.
+#[derive(Debug)]
+pub struct Table {
+    ty: TableType,
+    storage: Storage,
+    size: usize,
+    maximum: Option<usize>,
+}
+
+#[derive(Debug)]
+enum Storage {
+    /// `elements.len() == size`.
+    Vec(Vec<usize>),
+    /// `capacity` words at `base`, inside a slab a backend owns.
+    Static { base: NonNull<usize>, capacity: usize },
+}
+
+// SAFETY: a table owns its words (`Vec`) or has exclusive use of them by `new_static`'s
+// contract; nothing in it is tied to a thread.
+unsafe impl Send for Table {}
+// SAFETY: `&Table` only reads; every mutation takes `&mut self`.
+unsafe impl Sync for Table {}
+
+fn initial_size(
+    ty: &TableType,
+    backend_max: Option<usize>,
+    limiter: Option<&mut (dyn ResourceLimiter + '_)>,
+) -> Result<(usize, Option<usize>)> {
+    ty.validate()?;
+    let minimum = usize::try_from(ty.minimum)
+        .map_err(|_| anyhow!("table minimum of {} elements does not fit the host", ty.minimum))?;
+    let type_max = ty.maximum.and_then(|m| usize::try_from(m).ok());
+    let maximum = match (type_max, backend_max) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    if let Some(limit) = backend_max
+        && minimum > limit
+    {
+        return Err(anyhow::Error::new(LimitExceeded {
+            limit: "table_elements",
+            value: limit as u64,
+            requested: minimum as u64,
+        }));
+    }
+    if let Some(limiter) = limiter
+        && !limiter.table_growing(0, minimum, maximum)?
+    {
+        return Err(anyhow::Error::new(LimiterDenied {
+            resource: "table",
+            desired: minimum as u64,
+        }));
+    }
+    Ok((minimum, maximum))
+}
+
+impl Table {
+    /// A table in its own `Vec`, all null; `backend_max` caps its size in elements.
+    pub fn new_dynamic(
+        ty: &TableType,
+        backend_max: Option<usize>,
+        limiter: Option<&mut (dyn ResourceLimiter + '_)>,
+    ) -> Result<Table> {
+        let (size, maximum) = initial_size(ty, backend_max, limiter)?;
+        let mut elements = Vec::new();
+        elements
+            .try_reserve_exact(size)
+            .map_err(|_| anyhow!("failed to allocate a table of {size} elements"))?;
+        elements.resize(size, 0);
+        Ok(Table {
+            ty: *ty,
+            storage: Storage::Vec(elements),
+            size,
+            maximum,
+        })
+    }
+
+    /// A table in `capacity` words at `base`, which is also its maximum size.
+    ///
+    /// # Safety
+    ///
+    /// `base..base + capacity` is valid for reads and writes, every word in it is 0, and
+    /// nothing else uses it until this `Table` is handed back to the caller (who resets it
+    /// before any other use). The caller keeps it alive as long as the `Table` lives.
+    pub unsafe fn new_static(
+        ty: &TableType,
+        base: NonNull<usize>,
+        capacity: usize,
+        limiter: Option<&mut (dyn ResourceLimiter + '_)>,
+    ) -> Result<Table> {
+        let (size, maximum) = initial_size(ty, Some(capacity), limiter)?;
+        Ok(Table {
+            ty: *ty,
+            storage: Storage::Static { base, capacity },
+            size,
+            maximum,
+        })
+    }
+
+    /// The table's type.
+    pub fn ty(&self) -> &TableType {
+        &self.ty
+    }
+
+    /// Current number of elements.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The largest number of elements this table may reach, if bounded.
+    pub fn maximum(&self) -> Option<usize> {
+        self.maximum
+    }
+
+    /// Whether the table lives in a backend's slab (and so never moves).
+    pub fn is_static(&self) -> bool {
+        matches!(self.storage, Storage::Static { .. })
+    }
+
+    /// The elements.
+    pub fn elements(&self) -> &[usize] {
+        match &self.storage {
+            Storage::Vec(v) => v,
+            // SAFETY: `size <= capacity` words at `base` are ours by `new_static`'s contract.
+            Storage::Static { base, .. } => unsafe { std::slice::from_raw_parts(base.as_ptr(), self.size) },
+        }
+    }
+
+    /// The elements, for writing.
+    pub fn elements_mut(&mut self) -> &mut [usize] {
+        match &mut self.storage {
+            Storage::Vec(v) => v,
+            // SAFETY: as in `elements`, and `&mut self` makes the slice exclusive.
+            Storage::Static { base, .. } => unsafe {
+                std::slice::from_raw_parts_mut(base.as_ptr(), self.size)
+            },
+        }
+    }
+
+    /// The definition compiled code reads.
+    pub fn vmtable(&self) -> VMTableDefinition {
+        let base = match &self.storage {
+            Storage::Vec(v) => v.as_ptr().cast_mut(),
+            Storage::Static { base, .. } => base.as_ptr(),
+        };
+        VMTableDefinition {
+            base,
+            current_elements: self.size,
+        }
+    }
+
+    fn out_of_bounds(&self, index: u64, len: u64) -> anyhow::Error {
+        anyhow::Error::new(OutOfBounds {
+            resource: "table".into(),
+            offset: index,
+            len,
+            size: self.size as u64,
+        })
+    }
+
+    /// Element `index`, or `None` past the end.
+    pub fn get(&self, index: u64) -> Option<usize> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.elements().get(i).copied())
+    }
+
+    /// Sets element `index`; an [`OutOfBounds`] error past the end.
+    pub fn set(&mut self, index: u64, value: usize) -> Result<()> {
+        let slot = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.elements_mut().get_mut(i));
+        match slot {
+            Some(slot) => {
+                *slot = value;
+                Ok(())
+            }
+            None => Err(self.out_of_bounds(index, 1)),
+        }
+    }
+
+    /// Sets `len` elements from `index` to `value`; an [`OutOfBounds`] error (and nothing
+    /// written) if they are not all inside.
+    pub fn fill(&mut self, index: u64, value: usize, len: u64) -> Result<()> {
+        let range = usize::try_from(index)
+            .ok()
+            .zip(usize::try_from(len).ok())
+            .and_then(|(start, len)| Some(start..start.checked_add(len)?))
+            .filter(|range| range.end <= self.size);
+        match range {
+            Some(range) => {
+                self.elements_mut()[range].fill(value);
+                Ok(())
+            }
+            None => Err(self.out_of_bounds(index, len)),
+        }
+    }
+
+    /// Grows by `delta` elements set to `init`: `Ok(Some(old_size))`, or `Ok(None)` (the
+    /// spec's -1) if the maximum, the storage or the limiter says no, with the table
+    /// unchanged. A `Vec` table may move: re-read [`Table::vmtable`] afterwards.
+    pub fn grow(
+        &mut self,
+        delta: u64,
+        init: usize,
+        limiter: Option<&mut (dyn ResourceLimiter + '_)>,
+    ) -> Result<Option<u64>> {
+        let old = self.size;
+        let new = usize::try_from(delta)
+            .ok()
+            .and_then(|d| old.checked_add(d))
+            .filter(|&n| n as u64 <= self.ty.maximum.unwrap_or_else(|| self.ty.absolute_max_elements()))
+            .filter(|&n| self.maximum.is_none_or(|max| n <= max));
+        let Some(new) = new else {
+            return Ok(None);
+        };
+        if delta == 0 {
+            return Ok(Some(old as u64));
+        }
+        if let Some(limiter) = limiter
+            && !limiter.table_growing(old, new, self.maximum)?
+        {
+            return Ok(None);
+        }
+        match &mut self.storage {
+            Storage::Vec(v) => {
+                if v.try_reserve(new - old).is_err() {
+                    return Ok(None);
+                }
+                v.resize(new, init);
+            }
+            Storage::Static { capacity, .. } => {
+                if new > *capacity {
+                    return Ok(None);
+                }
+                self.size = new;
+                self.elements_mut()[old..].fill(init);
+            }
+        }
+        self.size = new;
+        Ok(Some(old as u64))
+    }
+}

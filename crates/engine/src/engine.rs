@@ -1,0 +1,155 @@
+//! The engine and the modules loaded into it.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use berth_core::{
+    AllocatorStats, HostPtr, InstanceAllocator, InstanceAllocatorImpl, Module, Tunables, VMOffsets, sys,
+};
+use berth_on_demand::OnDemandInstanceAllocator;
+
+use crate::config::{Config, InstanceAllocationStrategy};
+
+/// The largest user address space Berth assumes (47 bits, as on x86-64 and most aarch64
+/// Linux kernels).
+const ADDRESS_SPACE: u64 = 1 << 47;
+
+/// A configured allocation layer. Cheap to clone (it is an `Arc`); share one per process.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+struct EngineInner {
+    tunables: Tunables,
+    allocator: Arc<dyn InstanceAllocatorImpl>,
+    strategy: &'static str,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("tunables", &self.inner.tunables)
+            .field("strategy", &self.inner.strategy)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Checks `config` and builds the engine (and its allocator).
+    pub fn new(config: &Config) -> Result<Engine> {
+        let tunables = config.tunables;
+        check_tunables(&tunables).context("invalid engine configuration")?;
+        let (allocator, strategy): (Arc<dyn InstanceAllocatorImpl>, _) = match &config.strategy {
+            InstanceAllocationStrategy::OnDemand => (Arc::new(OnDemandInstanceAllocator::new()), "on-demand"),
+            InstanceAllocationStrategy::Custom(allocator) => (allocator.clone(), "custom"),
+        };
+        Ok(Engine {
+            inner: Arc::new(EngineInner {
+                tunables,
+                allocator,
+                strategy,
+            }),
+        })
+    }
+
+    /// The frozen tunables every backend honours.
+    pub fn tunables(&self) -> &Tunables {
+        &self.inner.tunables
+    }
+
+    /// The allocator instances come from.
+    pub fn allocator(&self) -> &Arc<dyn InstanceAllocatorImpl> {
+        &self.inner.allocator
+    }
+
+    /// The strategy's name: `on-demand` or `custom`.
+    pub fn strategy_name(&self) -> &'static str {
+        self.inner.strategy
+    }
+
+    /// The allocator's statistics.
+    pub fn stats(&self) -> AllocatorStats {
+        self.inner.allocator.stats()
+    }
+
+    /// Loads module facts: computes the vmctx offsets and has the backend validate the module,
+    /// once. A module this backend can never instantiate fails here.
+    pub fn load(&self, module: Module) -> Result<LoadedModule> {
+        let name = module.name().unwrap_or("<unnamed>").to_owned();
+        let offsets =
+            VMOffsets::new(HostPtr, &module).with_context(|| format!("module {name}: vmctx layout"))?;
+        self.inner
+            .allocator
+            .validate_module(&module, &offsets)
+            .with_context(|| {
+                format!(
+                    "module {name} cannot be instantiated by the {} allocator",
+                    self.inner.strategy
+                )
+            })?;
+        Ok(LoadedModule {
+            inner: Arc::new(LoadedInner {
+                module: Arc::new(module),
+                offsets,
+                engine: self.clone(),
+            }),
+        })
+    }
+}
+
+/// Rejects tunables no backend can honour.
+fn check_tunables(tunables: &Tunables) -> Result<()> {
+    tunables.validate(sys::page_size())?;
+    let total = tunables
+        .pre_guard_size()
+        .checked_add(tunables.memory_reservation)
+        .and_then(|n| n.checked_add(tunables.memory_guard_size));
+    match total {
+        Some(total) if total <= ADDRESS_SPACE / 2 => Ok(()),
+        _ => bail!(
+            "a memory would need {:#x} bytes of reservation plus guards, over half of a 47-bit address space",
+            tunables
+                .memory_reservation
+                .saturating_add(tunables.memory_guard_size.saturating_mul(2))
+        ),
+    }
+}
+
+/// A module loaded into an engine: its facts, its vmctx offsets, validated by the engine's
+/// backend. Cheap to clone. When the last clone and the last instance are gone, the backend
+/// is told to purge what it kept for the module.
+#[derive(Clone, Debug)]
+pub struct LoadedModule {
+    pub(crate) inner: Arc<LoadedInner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct LoadedInner {
+    pub(crate) module: Arc<Module>,
+    pub(crate) offsets: VMOffsets<HostPtr>,
+    pub(crate) engine: Engine,
+}
+
+impl LoadedModule {
+    /// The module facts.
+    pub fn module(&self) -> &Arc<Module> {
+        &self.inner.module
+    }
+
+    /// The vmctx layout.
+    pub fn offsets(&self) -> &VMOffsets<HostPtr> {
+        &self.inner.offsets
+    }
+
+    /// The engine it was loaded into.
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+}
+
+impl Drop for LoadedInner {
+    fn drop(&mut self) {
+        self.engine.inner.allocator.purge_module(self.module.id());
+    }
+}

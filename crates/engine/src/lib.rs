@@ -1,0 +1,40 @@
+//! Berth's engine: the place an embedder configures instance allocation once and then
+//! instantiates modules safely.
+//!
+//! 1. Build a [`Config`]: tunables (reservation and guard sizes, whether memories may move) and
+//!    an [`InstanceAllocationStrategy`] (on-demand, or any [`InstanceAllocatorImpl`] of the
+//!    embedder's).
+//! 2. [`Engine::new`] checks the config and freezes it: compiled code may rely on the tunables.
+//! 3. [`Engine::load`] turns module facts ([`berth_core::Module`]) into a [`LoadedModule`]: its
+//!    vmctx offsets are computed and the backend validates it, once.
+//! 4. [`Instance::new`] (or [`Instance::builder`]) allocates an instance; the safe handle reads,
+//!    writes and grows memories and tables, gives compiled code its vmctx, and gives everything
+//!    back to the backend when dropped.
+//!
+//! The common path needs no `unsafe` from the embedder.
+//!
+//! ```
+//! use berth_core::{MemoryType, Module, TableType};
+//! use berth_engine::{Config, Engine, Instance};
+//!
+//! let engine = Engine::new(&Config::new())?;
+//! let facts = Module::builder().memory(MemoryType::new(1, Some(4))).table(TableType::new(10, None)).build()?;
+//! let module = engine.load(facts)?;
+//! let mut instance = Instance::new(&module)?;
+//! instance.write_memory(0, 16, b"hello")?;
+//! assert_eq!(instance.grow_memory(0, 1)?, Some(1));
+//! # anyhow::Ok(())
+//! ```
+
+#![deny(missing_docs)]
+
+mod config;
+mod engine;
+mod instance;
+
+pub use config::{Config, InstanceAllocationStrategy};
+pub use engine::{Engine, LoadedModule};
+pub use instance::{Instance, InstanceBuilder, OwnedImports};
+
+pub use berth_core;
+pub use berth_on_demand::{OnDemandInstanceAllocator, OnDemandLimits};

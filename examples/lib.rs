@@ -1,0 +1,1 @@
+//! Examples of Berth in use; see `quickstart.rs`.
