@@ -1,0 +1,129 @@
+//! Bytes past a memory's current size, its guard and its pre-guard fault. Each access runs in
+//! a child process (this test binary re-run), so the test survives the signal; a control
+//! access in bounds must not fault, so a test cannot pass by crashing for another reason.
+
+#![allow(clippy::cast_possible_truncation)] // Test models index with `as usize` on 64-bit hosts.
+
+use berth_core::{MemoryType, Module};
+use berth_engine::{Config, Engine, Instance};
+use berth_tests::{ChildEnd, in_child, touch};
+
+const PAGE: usize = 65536;
+
+fn instance(config: &Config, ty: MemoryType) -> Instance {
+    let engine = Engine::new(config).unwrap();
+    let module = engine
+        .load(Module::builder().memory(ty).build().unwrap())
+        .unwrap();
+    Instance::new(&module).unwrap()
+}
+
+/// Base and size of memory 0.
+fn memory0(instance: &Instance) -> (*const u8, usize) {
+    let definition = instance
+        .core()
+        .vmmemory_definition(berth_core::DefinedMemoryIndex::from_u32(0))
+        .unwrap();
+    (definition.base.cast_const(), definition.current_length)
+}
+
+#[test]
+fn the_last_byte_is_readable() {
+    let end = in_child("the_last_byte_is_readable", || {
+        let instance = instance(&Config::new(), MemoryType::new(1, None));
+        let (base, size) = memory0(&instance);
+        // SAFETY: in a child; this byte is in bounds.
+        unsafe { touch(base.add(size - 1)) };
+    });
+    assert_eq!(end, ChildEnd::Finished);
+}
+
+#[test]
+fn the_byte_past_the_current_size_faults() {
+    let end = in_child("the_byte_past_the_current_size_faults", || {
+        let instance = instance(&Config::new(), MemoryType::new(1, None));
+        let (base, size) = memory0(&instance);
+        // SAFETY: in a child; a fault is the expected outcome.
+        unsafe { touch(base.add(size)) };
+    });
+    assert_eq!(end, ChildEnd::Faulted);
+}
+
+#[test]
+fn after_a_grow_the_new_end_faults_and_the_old_end_does_not() {
+    let end = in_child("after_a_grow_the_new_end_faults_and_the_old_end_does_not", || {
+        let mut instance = instance(&Config::new(), MemoryType::new(1, None));
+        assert_eq!(instance.grow_memory(0, 2).unwrap(), Some(1));
+        let (base, size) = memory0(&instance);
+        assert_eq!(size, 3 * PAGE);
+        // SAFETY: in a child; the old end is now in bounds.
+        unsafe { touch(base.add(PAGE)) };
+        // SAFETY: in a child; a fault is the expected outcome.
+        unsafe { touch(base.add(size)) };
+    });
+    assert_eq!(end, ChildEnd::Faulted);
+}
+
+#[test]
+fn after_a_move_the_new_end_faults() {
+    let end = in_child("after_a_move_the_new_end_faults", || {
+        let mut config = Config::new();
+        config
+            .memory_reservation(PAGE as u64)
+            .memory_reservation_for_growth(0)
+            .memory_guard_size(PAGE as u64);
+        let mut instance = instance(&config, MemoryType::new(1, None));
+        let (old_base, _) = memory0(&instance);
+        assert_eq!(instance.grow_memory(0, 1).unwrap(), Some(1));
+        let (base, size) = memory0(&instance);
+        assert_ne!(base, old_base, "the memory moved");
+        // SAFETY: in a child; in bounds.
+        unsafe { touch(base.add(size - 1)) };
+        // SAFETY: in a child; a fault is the expected outcome.
+        unsafe { touch(base.add(size)) };
+    });
+    assert_eq!(end, ChildEnd::Faulted);
+}
+
+#[test]
+fn the_guard_faults() {
+    let end = in_child("the_guard_faults", || {
+        let mut config = Config::new();
+        config
+            .memory_reservation(4 * PAGE as u64)
+            .memory_guard_size(2 * PAGE as u64);
+        let instance = instance(&config, MemoryType::new(4, None));
+        let (base, size) = memory0(&instance);
+        assert_eq!(size, 4 * PAGE, "the memory fills its reservation");
+        // SAFETY: in a child; a fault is the expected outcome (the guard's last byte).
+        unsafe { touch(base.add(6 * PAGE - 1)) };
+    });
+    assert_eq!(end, ChildEnd::Faulted);
+}
+
+#[test]
+fn the_pre_guard_faults() {
+    let end = in_child("the_pre_guard_faults", || {
+        let mut config = Config::new();
+        config
+            .guard_before_linear_memory(true)
+            .memory_guard_size(PAGE as u64);
+        let instance = instance(&config, MemoryType::new(1, None));
+        let (base, _) = memory0(&instance);
+        // SAFETY: in a child; a fault is the expected outcome.
+        unsafe { touch(base.wrapping_sub(1)) };
+    });
+    assert_eq!(end, ChildEnd::Faulted);
+}
+
+#[test]
+fn a_dropped_instance_memory_is_gone() {
+    let end = in_child("a_dropped_instance_memory_is_gone", || {
+        let instance = instance(&Config::new(), MemoryType::new(1, None));
+        let (base, _) = memory0(&instance);
+        drop(instance);
+        // SAFETY: in a child; a fault is the expected outcome (the reservation was unmapped).
+        unsafe { touch(base) };
+    });
+    assert_eq!(end, ChildEnd::Faulted);
+}
