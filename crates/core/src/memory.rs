@@ -17,8 +17,8 @@ use std::ptr::NonNull;
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::error::{LimitExceeded, LimiterDenied, OutOfBounds};
-use crate::limiter::ResourceLimiter;
+use crate::error::OutOfBounds;
+use crate::limiter::{Resource, ResourceLimiter, admit_initial};
 use crate::mmap::Mmap;
 use crate::sys;
 use crate::tunables::Tunables;
@@ -80,27 +80,7 @@ fn initial_size(
         .ok_or_else(|| anyhow!("memory minimum of {} pages overflows a 64-bit size", ty.minimum))?;
     let minimum = to_usize("memory minimum", minimum)?;
     let type_max = ty.maximum_bytes().and_then(|m| usize::try_from(m).ok());
-    let maximum = match (type_max, backend_max) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    if let Some(limit) = backend_max
-        && minimum > limit
-    {
-        return Err(anyhow::Error::new(LimitExceeded {
-            limit: "max_memory_size",
-            value: limit as u64,
-            requested: minimum as u64,
-        }));
-    }
-    if let Some(limiter) = limiter
-        && !limiter.memory_growing(0, minimum, maximum)?
-    {
-        return Err(anyhow::Error::new(LimiterDenied {
-            resource: "memory",
-            desired: minimum as u64,
-        }));
-    }
+    let maximum = admit_initial(Resource::Memory, minimum, type_max, backend_max, limiter)?;
     Ok((minimum, maximum))
 }
 

@@ -7,8 +7,8 @@ use std::ptr::NonNull;
 
 use anyhow::{Result, anyhow};
 
-use crate::error::{LimitExceeded, LimiterDenied, OutOfBounds};
-use crate::limiter::ResourceLimiter;
+use crate::error::OutOfBounds;
+use crate::limiter::{Resource, ResourceLimiter, admit_initial};
 use crate::types::TableType;
 use crate::vmcontext::VMTableDefinition;
 
@@ -47,27 +47,7 @@ fn initial_size(
     let minimum = usize::try_from(ty.minimum)
         .map_err(|_| anyhow!("table minimum of {} elements does not fit the host", ty.minimum))?;
     let type_max = ty.maximum.and_then(|m| usize::try_from(m).ok());
-    let maximum = match (type_max, backend_max) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    if let Some(limit) = backend_max
-        && minimum > limit
-    {
-        return Err(anyhow::Error::new(LimitExceeded {
-            limit: "table_elements",
-            value: limit as u64,
-            requested: minimum as u64,
-        }));
-    }
-    if let Some(limiter) = limiter
-        && !limiter.table_growing(0, minimum, maximum)?
-    {
-        return Err(anyhow::Error::new(LimiterDenied {
-            resource: "table",
-            desired: minimum as u64,
-        }));
-    }
+    let maximum = admit_initial(Resource::Table, minimum, type_max, backend_max, limiter)?;
     Ok((minimum, maximum))
 }
 
