@@ -95,7 +95,7 @@ unsafe impl InstanceAllocatorImpl for SlabAllocator {
         // alone until it is given back.
         let base = unsafe { self.base.add(slot as usize * self.slot_size) };
         // SAFETY: as above; the slab outlives every memory.
-        match unsafe { Memory::new_static(ty, base, self.slot_size, request.limiter.as_deref_mut()) } {
+        match unsafe { Memory::new_static(ty, base, self.slot_size, 0, request.limiter.as_deref_mut()) } {
             Ok(memory) => {
                 self.memories.fetch_add(1, Ordering::SeqCst);
                 Ok((MemoryAllocationIndex::from_u32(slot), memory))

@@ -129,34 +129,58 @@ impl Memory {
     }
 
     /// A memory in `capacity` bytes at `base`, inside a mapping the caller owns (a pool
-    /// slot). It makes its initial bytes accessible and never moves; `capacity` is also its
-    /// maximum size.
+    /// slot). `capacity` is also its maximum size; it never moves. The first `accessible`
+    /// bytes are already readable and writable (a slot reused as it was left); the memory
+    /// makes exactly the pages of its initial size accessible, adding or removing access as
+    /// needed, so that the bytes past its size fault.
     ///
     /// # Safety
     ///
-    /// `base..base + capacity` is page-aligned, inside a mapping made by
-    /// [`sys::reserve`], `PROT_NONE` or already reset to read as zeros, and used by nothing
-    /// else until this `Memory` is handed back to the caller (who then resets it before any
-    /// other use). The caller keeps the mapping alive as long as the `Memory` lives.
+    /// `base..base + capacity` is page-aligned, inside a mapping made by [`sys::reserve`]
+    /// (or remapped by [`sys::reset_to_reserved`]) and used by nothing else until this
+    /// `Memory` is handed back to the caller, who resets it before any other use. Its first
+    /// `accessible` bytes are readable and writable and read as zeros; the rest is
+    /// `PROT_NONE`. The caller keeps the mapping alive as long as the `Memory` lives.
     pub unsafe fn new_static(
         ty: &MemoryType,
         base: NonNull<u8>,
         capacity: usize,
+        accessible: usize,
         limiter: Option<&mut (dyn ResourceLimiter + '_)>,
     ) -> Result<Memory> {
         ty.validate()?;
         let page = sys::page_size();
-        if !capacity.is_multiple_of(page) || !base.as_ptr().addr().is_multiple_of(page) {
-            bail!("static memory of {capacity:#x} bytes at {base:p} is not page-aligned");
+        if !capacity.is_multiple_of(page)
+            || !accessible.is_multiple_of(page)
+            || accessible > capacity
+            || !base.as_ptr().addr().is_multiple_of(page)
+        {
+            bail!(
+                "static memory of {capacity:#x} bytes ({accessible:#x} accessible) at {base:p} is not page-aligned"
+            );
         }
         let (byte_size, maximum) = initial_size(ty, Some(capacity), limiter)?;
-        let accessible = round_up(byte_size, page).unwrap_or(usize::MAX);
-        if accessible > 0 {
-            // SAFETY: `0..accessible` is inside the caller's `base..base + capacity`
+        let needed = round_up(byte_size, page).unwrap_or(usize::MAX);
+        if needed > accessible {
+            // SAFETY: `accessible..needed` is inside the caller's `base..base + capacity`
             // (`byte_size <= capacity`, checked by `initial_size`, and `capacity` is
             // page-aligned), which the caller lets us use exclusively.
-            unsafe { sys::make_accessible(base, accessible) }.with_context(|| {
-                format!("failed to make {accessible:#x} bytes of a memory slot accessible")
+            unsafe { sys::make_accessible(base.add(accessible), needed - accessible) }.with_context(
+                || {
+                    format!(
+                        "failed to make {:#x} bytes of a memory slot accessible",
+                        needed - accessible
+                    )
+                },
+            )?;
+        } else if needed < accessible {
+            // SAFETY: `needed..accessible` is inside the caller's range, and no reference into
+            // it exists (the memory is not handed out yet).
+            unsafe { sys::make_inaccessible(base.add(needed), accessible - needed) }.with_context(|| {
+                format!(
+                    "failed to protect {:#x} bytes of a memory slot",
+                    accessible - needed
+                )
             })?;
         }
         Ok(Memory {
@@ -165,6 +189,12 @@ impl Memory {
             byte_size,
             maximum,
         })
+    }
+
+    /// Bytes from the base that are readable and writable: the size rounded up to the host
+    /// page. A backend resets this much when it takes a static memory back.
+    pub fn accessible_bytes(&self) -> usize {
+        round_up(self.byte_size, sys::page_size()).unwrap_or(self.byte_size)
     }
 
     /// The memory's type.

@@ -95,3 +95,27 @@ pub unsafe fn decommit(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Replaces `len` bytes at `ptr` with a fresh `PROT_NONE` anonymous mapping, discarding their
+/// contents and protections whatever state they were in. Used to recover a slot whose reset
+/// failed.
+///
+/// # Safety
+///
+/// `ptr..ptr + len` is page-aligned, inside a mapping made by [`reserve`], owned by the
+/// caller, and no Rust reference into it is live.
+pub unsafe fn reset_to_reserved(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: `MAP_FIXED` replaces only the caller's own range, which nothing references.
+    let new = unsafe {
+        mm::mmap_anonymous(
+            ptr.as_ptr().cast(),
+            len,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED,
+        )?
+    };
+    if new.cast::<u8>() != ptr.as_ptr() {
+        return Err(io::Error::other("MAP_FIXED mapped somewhere else"));
+    }
+    Ok(())
+}

@@ -75,7 +75,7 @@ fn make(kind: Kind, ty: &MemoryType, slab: &mut Mmap) -> Memory {
             let base = NonNull::new(slab.as_mut_ptr()).unwrap();
             // SAFETY: the slab is a fresh PROT_NONE reservation of 4 pages that only this
             // memory uses, and it outlives the memory (dropped after it in the test).
-            unsafe { Memory::new_static(ty, base, 4 * PAGE, None).unwrap() }
+            unsafe { Memory::new_static(ty, base, 4 * PAGE, 0, None).unwrap() }
         }
         _ => Memory::new_dynamic(ty, &tunables, None, None).unwrap(),
     }
