@@ -13,6 +13,8 @@ pub enum InstanceAllocationStrategy {
     /// (`berth-on-demand`, no limits). The default.
     #[default]
     OnDemand,
+    /// Pre-reserved slots reused across instances (`berth-pooling`), sized by the config.
+    Pooling(berth_pooling::PoolingConfig),
     /// A backend the embedder wrote or configured (for example an
     /// [`OnDemandInstanceAllocator`](crate::OnDemandInstanceAllocator) with limits).
     Custom(Arc<dyn InstanceAllocatorImpl>),
@@ -22,6 +24,7 @@ impl fmt::Debug for InstanceAllocationStrategy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             InstanceAllocationStrategy::OnDemand => f.write_str("OnDemand"),
+            InstanceAllocationStrategy::Pooling(config) => f.debug_tuple("Pooling").field(config).finish(),
             InstanceAllocationStrategy::Custom(_) => f.write_str("Custom(..)"),
         }
     }

@@ -7,6 +7,7 @@ use berth_core::{
     AllocatorStats, HostPtr, InstanceAllocator, InstanceAllocatorImpl, Module, Tunables, VMOffsets, sys,
 };
 use berth_on_demand::OnDemandInstanceAllocator;
+use berth_pooling::PoolingInstanceAllocator;
 
 use crate::config::{Config, InstanceAllocationStrategy};
 
@@ -42,6 +43,13 @@ impl Engine {
         check_tunables(&tunables).context("invalid engine configuration")?;
         let (allocator, strategy): (Arc<dyn InstanceAllocatorImpl>, _) = match &config.strategy {
             InstanceAllocationStrategy::OnDemand => (Arc::new(OnDemandInstanceAllocator::new()), "on-demand"),
+            InstanceAllocationStrategy::Pooling(pooling) => (
+                Arc::new(
+                    PoolingInstanceAllocator::new(pooling, &tunables)
+                        .context("failed to build the pooling allocator")?,
+                ),
+                "pooling",
+            ),
             InstanceAllocationStrategy::Custom(allocator) => (allocator.clone(), "custom"),
         };
         Ok(Engine {
@@ -63,7 +71,7 @@ impl Engine {
         &self.inner.allocator
     }
 
-    /// The strategy's name: `on-demand` or `custom`.
+    /// The strategy's name: `on-demand`, `pooling` or `custom`.
     pub fn strategy_name(&self) -> &'static str {
         self.inner.strategy
     }

@@ -2,7 +2,7 @@
 //! instantiates modules safely.
 //!
 //! 1. Build a [`Config`]: tunables (reservation and guard sizes, whether memories may move) and
-//!    an [`InstanceAllocationStrategy`] (on-demand, or any [`InstanceAllocatorImpl`](berth_core::InstanceAllocatorImpl) of the
+//!    an [`InstanceAllocationStrategy`] (on-demand, pooling, or any [`InstanceAllocatorImpl`](berth_core::InstanceAllocatorImpl) of the
 //!    embedder's).
 //! 2. [`Engine::new`] checks the config and freezes it: compiled code may rely on the tunables.
 //! 3. [`Engine::load`] turns module facts ([`berth_core::Module`]) into a [`LoadedModule`]: its
@@ -38,3 +38,4 @@ pub use instance::{Instance, InstanceBuilder, OwnedImports};
 
 pub use berth_core;
 pub use berth_on_demand::{OnDemandInstanceAllocator, OnDemandLimits};
+pub use berth_pooling::{PoolLayout, PoolingConfig, PoolingInstanceAllocator};

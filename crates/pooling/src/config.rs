@@ -1,0 +1,103 @@
+//! The pool's knobs, named as a Wasmtime user knows them.
+
+/// How large the pools are and how slots are reset. Read the fields; set them with the
+/// same-named setters, which chain.
+///
+/// The defaults reserve, with the engine's default tunables (4 GiB reservation and 2 GiB
+/// guard per memory), 1000 memory slots of 6 GiB: about 6 TiB of address space, under 5% of a
+/// 47-bit (128 TiB) user address space, plus 1000 table slots of 20 000 words (about 153 MiB).
+/// Nothing is resident until used. [`PoolLayout`](crate::PoolLayout) computes the cost of a
+/// configuration before it is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolingConfig {
+    /// Instances live at once, at most. Default 1000. Costs nothing up front: instances are
+    /// counted, their vmctx blocks come from the heap.
+    pub total_core_instances: u32,
+    /// Memory slots in the pool. Default 1000. Each costs one slot of address space:
+    /// `max(max_memory_size, memory_reservation) + memory_guard_size`.
+    pub total_memories: u32,
+    /// Table slots in the pool. Default 1000. Each costs `table_elements` words of address
+    /// space, rounded up to a page.
+    pub total_tables: u32,
+    /// Bytes a pooled memory may grow to. Default 4 GiB. A module whose memory starts larger
+    /// is rejected at load; growth past it returns -1.
+    pub max_memory_size: usize,
+    /// Elements a pooled table may grow to. Default 20 000.
+    pub table_elements: usize,
+    /// Defined memories one module may have. Default 1.
+    pub max_memories_per_module: u32,
+    /// Defined tables one module may have. Default 1.
+    pub max_tables_per_module: u32,
+    /// Bytes an instance block (the `Instance` plus its vmctx) may take. Default 1 MiB. A
+    /// module over it is rejected at load, with the vmctx's region breakdown.
+    pub max_core_instance_size: usize,
+    /// Idle slots that keep their last tenant's reset state (resident pages, the module's
+    /// accessible size) for a quick reuse by the same module. Default 100. Past it, the
+    /// least recently used idle slot is given back to the kernel.
+    pub max_unused_warm_slots: u32,
+    /// Slot resets queued before they run as one batch. Default 1 (reset at once). A queued
+    /// slot is not reused before its batch runs; an exhausted pool runs the queue and retries.
+    pub decommit_batch_size: usize,
+    /// Bytes at the start of each memory slot reset with `memset` instead of `madvise`, so
+    /// they stay resident and are not faulted in again. Default 0. Costs up to this much
+    /// resident memory per warm slot.
+    pub linear_memory_keep_resident: usize,
+    /// Bytes at the start of each table slot reset with `memset`. Default 0.
+    pub table_keep_resident: usize,
+}
+
+impl Default for PoolingConfig {
+    fn default() -> Self {
+        PoolingConfig {
+            total_core_instances: 1000,
+            total_memories: 1000,
+            total_tables: 1000,
+            max_memory_size: 4 << 30,
+            table_elements: 20_000,
+            max_memories_per_module: 1,
+            max_tables_per_module: 1,
+            max_core_instance_size: 1 << 20,
+            max_unused_warm_slots: 100,
+            decommit_batch_size: 1,
+            linear_memory_keep_resident: 0,
+            table_keep_resident: 0,
+        }
+    }
+}
+
+macro_rules! setters {
+    ($($name:ident: $ty:ty;)*) => {
+        impl PoolingConfig {
+            $(
+                #[doc = concat!("Sets [`", stringify!($name), "`](PoolingConfig::", stringify!($name), ").")]
+                pub fn $name(&mut self, value: $ty) -> &mut Self {
+                    self.$name = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+setters! {
+    total_core_instances: u32;
+    total_memories: u32;
+    total_tables: u32;
+    max_memory_size: usize;
+    table_elements: usize;
+    max_memories_per_module: u32;
+    max_tables_per_module: u32;
+    max_core_instance_size: usize;
+    max_unused_warm_slots: u32;
+    decommit_batch_size: usize;
+    linear_memory_keep_resident: usize;
+    table_keep_resident: usize;
+}
+
+impl PoolingConfig {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}

@@ -1,0 +1,136 @@
+//! The pool's layout and cost, computed from a configuration before anything is reserved.
+//!
+//! ```text
+//!  memory pool: one PROT_NONE reservation
+//!  ┌──────────┬───────────────────────────────┬───────────────────────────────┬─────┐
+//!  │pre-guard │ slot 0                        │ slot 1                        │ ... │
+//!  │(optional)│ [accessible][rest   ][guard ] │ [accessible][rest   ][guard ] │     │
+//!  └──────────┴───────────────────────────────┴───────────────────────────────┴─────┘
+//!              <--- reservation ---><-guard->
+//!  reservation = max(max_memory_size, memory_reservation), page-aligned
+//!  stride      = reservation + memory_guard_size
+//!  One slot's trailing guard is the next slot's pre-guard; the pool's own pre-guard (if the
+//!  tunables ask for one) protects slot 0.
+//!
+//!  table pool: one reservation, read-write
+//!  ┌──────────────────┬──────────────────┬─────┐
+//!  │ slot 0           │ slot 1           │ ... │   slot = table_elements words, page-aligned
+//!  └──────────────────┴──────────────────┴─────┘
+//! ```
+
+use anyhow::{Result, anyhow, bail};
+use berth_core::{MAX_RESERVATION, Tunables, sys};
+
+use crate::config::PoolingConfig;
+
+/// Sizes and costs of a pool. All sizes in bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolLayout {
+    /// Host page size the layout was computed for.
+    pub page_size: usize,
+    /// Guard before slot 0.
+    pub pre_guard: usize,
+    /// Reservation of one memory slot (accessible bytes and room to grow).
+    pub memory_reservation: usize,
+    /// Guard after each memory slot.
+    pub memory_guard: usize,
+    /// Distance between two memory slots.
+    pub memory_stride: usize,
+    /// Bytes a pooled memory may grow to (`max_memory_size`, rounded down to a page).
+    pub memory_capacity: usize,
+    /// Memory slots.
+    pub memory_slots: u32,
+    /// The memory pool's whole reservation.
+    pub memory_pool_bytes: usize,
+    /// Bytes of one table slot.
+    pub table_stride: usize,
+    /// Table slots.
+    pub table_slots: u32,
+    /// The table pool's whole reservation.
+    pub table_pool_bytes: usize,
+    /// Bytes reset by `memset` in each memory slot (`linear_memory_keep_resident`, page-aligned).
+    pub memory_keep_resident: usize,
+    /// Bytes reset by `memset` in each table slot (`table_keep_resident`, page-aligned).
+    pub table_keep_resident: usize,
+    /// Resident bytes idle slots may keep at most: warm memory slots times their kept bytes,
+    /// plus every table slot's kept bytes.
+    pub max_idle_resident: usize,
+    /// Memory mappings (VMAs) the pools may need at most: each memory slot can be split in
+    /// two (accessible and not), plus the two pools themselves.
+    pub max_mappings: usize,
+}
+
+impl PoolLayout {
+    /// The layout of `config` under `tunables`; an error names the knob that makes it
+    /// impossible.
+    pub fn new(config: &PoolingConfig, tunables: &Tunables) -> Result<PoolLayout> {
+        let page = sys::page_size();
+        let to_usize = |name: &str, v: u64| {
+            usize::try_from(v).map_err(|_| anyhow!("{name} of {v:#x} bytes does not fit the host"))
+        };
+        if config.max_memory_size as u64 > MAX_RESERVATION {
+            bail!(
+                "max_memory_size of {:#x} bytes is over the largest accepted ({MAX_RESERVATION:#x})",
+                config.max_memory_size
+            );
+        }
+        let memory_capacity = config.max_memory_size / page * page;
+        let memory_reservation =
+            memory_capacity.max(to_usize("memory_reservation", tunables.memory_reservation)?);
+        let memory_guard = to_usize("memory_guard_size", tunables.memory_guard_size)?;
+        let pre_guard = to_usize("memory_guard_size", tunables.pre_guard_size())?;
+        let memory_stride = memory_reservation
+            .checked_add(memory_guard)
+            .ok_or_else(|| anyhow!("memory slot of {memory_reservation:#x} bytes plus guard overflows"))?;
+        let memory_pool_bytes = memory_stride
+            .checked_mul(config.total_memories as usize)
+            .and_then(|n| n.checked_add(if config.total_memories > 0 { pre_guard } else { 0 }))
+            .ok_or_else(|| {
+                anyhow!(
+                    "total_memories of {} slots of {memory_stride:#x} bytes overflows the address space",
+                    config.total_memories
+                )
+            })?;
+        let table_stride = config
+            .table_elements
+            .checked_mul(size_of::<usize>())
+            .and_then(|n| n.checked_next_multiple_of(page))
+            .ok_or_else(|| anyhow!("table_elements of {} overflows", config.table_elements))?;
+        let table_pool_bytes = table_stride
+            .checked_mul(config.total_tables as usize)
+            .ok_or_else(|| {
+                anyhow!(
+                    "total_tables of {} slots of {table_stride:#x} bytes overflows",
+                    config.total_tables
+                )
+            })?;
+        let memory_keep_resident = config.linear_memory_keep_resident.min(memory_capacity) / page * page;
+        let table_keep_resident = config.table_keep_resident.min(table_stride) / page * page;
+        let warm = (config.max_unused_warm_slots as usize).min(config.total_memories as usize);
+        let max_idle_resident = warm
+            .saturating_mul(memory_keep_resident)
+            .saturating_add((config.total_tables as usize).saturating_mul(table_keep_resident));
+        Ok(PoolLayout {
+            page_size: page,
+            pre_guard,
+            memory_reservation,
+            memory_guard,
+            memory_stride,
+            memory_capacity,
+            memory_slots: config.total_memories,
+            memory_pool_bytes,
+            table_stride,
+            table_slots: config.total_tables,
+            table_pool_bytes,
+            memory_keep_resident,
+            table_keep_resident,
+            max_idle_resident,
+            max_mappings: 2 * config.total_memories as usize + 2,
+        })
+    }
+
+    /// Address space both pools reserve.
+    pub fn total_bytes(&self) -> usize {
+        self.memory_pool_bytes.saturating_add(self.table_pool_bytes)
+    }
+}

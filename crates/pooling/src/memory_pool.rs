@@ -1,0 +1,237 @@
+//! The memory pool: one reservation cut into slots (see [`crate::layout`] for the diagram),
+//! slots chosen by [`SlotAllocator`], reset when given back.
+//!
+//! Reset policy for a slot whose tenant left `accessible` bytes readable and writable:
+//!
+//! - the first `keep_resident` bytes are zeroed with `memset` (their pages stay resident, so
+//!   the next tenant does not fault them in again);
+//! - the rest up to `accessible` is given back with `madvise(MADV_DONTNEED)`, so it reads as
+//!   zeros and costs no memory;
+//! - access above the memory's initial size is removed again (`mprotect`), so a warm slot is
+//!   left exactly as the same module will want it: a reuse by that module needs no system call.
+//!
+//! A reset that fails leaves the slot marked; it is re-mapped (a fresh `PROT_NONE` mapping over
+//! its reservation) before its next use, so a failed reset can never leak a byte.
+
+use std::ptr::NonNull;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, anyhow};
+use berth_core::{DefinedMemoryIndex, Mmap, ModuleId, sys};
+
+use crate::layout::PoolLayout;
+use crate::slots::{SlotAllocator, SlotId};
+
+/// Which module's memory last used a slot.
+pub(crate) type MemoryKey = (ModuleId, DefinedMemoryIndex);
+
+/// What a memory slot holds while it is not handed out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SlotInfo {
+    /// Bytes from the slot's start that are readable and writable (all read as zeros).
+    pub accessible: usize,
+    /// Bytes from the slot's start that were zeroed by `memset` and so are resident.
+    pub resident: usize,
+    /// The last reset failed: re-map before use.
+    pub needs_remap: bool,
+}
+
+/// A slot taken back from a tenant, to be reset.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MemoryReset {
+    pub slot: SlotId,
+    /// Bytes the tenant could write (its size at deallocation, page-rounded).
+    pub accessible: usize,
+    /// The module's initial size for this memory, page-rounded: what stays accessible.
+    pub initial: usize,
+}
+
+#[derive(Debug)]
+struct State {
+    slots: SlotAllocator<MemoryKey>,
+    /// What each idle slot holds.
+    info: Vec<SlotInfo>,
+    /// Who each slot was last handed to.
+    owner: Vec<Option<MemoryKey>>,
+    idle_resident: usize,
+}
+
+/// The memory pool.
+///
+/// Invariant: a slot's bytes are touched only by its tenant while it is handed out, and only
+/// by the thread resetting it between `deallocate` and `finish`; `info` describes every slot
+/// that is not handed out.
+#[derive(Debug)]
+pub(crate) struct MemoryPool {
+    _mapping: Mmap,
+    first_slot: NonNull<u8>,
+    layout: PoolLayout,
+    state: Mutex<State>,
+}
+
+// SAFETY: `first_slot` points into `_mapping`, owned by the pool; slot bytes are reached only
+// under the invariant above.
+unsafe impl Send for MemoryPool {}
+// SAFETY: as above; shared state is behind a `Mutex`.
+unsafe impl Sync for MemoryPool {}
+
+impl MemoryPool {
+    pub fn new(layout: &PoolLayout, max_warm: u32) -> Result<MemoryPool> {
+        let mut mapping = Mmap::reserve(layout.memory_pool_bytes).with_context(|| {
+            format!(
+                "failed to reserve {:#x} bytes for {} memory slots of {:#x} bytes",
+                layout.memory_pool_bytes, layout.memory_slots, layout.memory_stride
+            )
+        })?;
+        let first_slot = NonNull::new(mapping.as_mut_ptr().wrapping_add(layout.pre_guard))
+            .ok_or_else(|| anyhow!("memory pool mapped at null"))?;
+        Ok(MemoryPool {
+            _mapping: mapping,
+            first_slot,
+            layout: layout.clone(),
+            state: Mutex::new(State {
+                slots: SlotAllocator::new(layout.memory_slots, max_warm as usize),
+                info: vec![SlotInfo::default(); layout.memory_slots as usize],
+                owner: vec![None; layout.memory_slots as usize],
+                idle_resident: 0,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-updated in a way that
+        // hands a slot out twice (every update is a few field writes), so carry on.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The first byte of `slot`.
+    pub fn slot_base(&self, slot: SlotId) -> NonNull<u8> {
+        // SAFETY: `slot < memory_slots`, so the offset is inside the mapping.
+        unsafe { self.first_slot.add(slot as usize * self.layout.memory_stride) }
+    }
+
+    /// Takes a slot for `key`, with what it holds.
+    pub fn take(&self, key: MemoryKey) -> Option<(SlotId, SlotInfo)> {
+        let mut state = self.lock();
+        let (slot, _choice) = state.slots.alloc(Some(key))?;
+        let info = state.info[slot as usize];
+        state.idle_resident -= info.resident;
+        state.owner[slot as usize] = Some(key);
+        Some((slot, info))
+    }
+
+    /// Makes a slot marked for re-mapping usable: a fresh `PROT_NONE` reservation.
+    pub fn remap(&self, slot: SlotId) -> Result<SlotInfo> {
+        let len = self.layout.memory_reservation;
+        // SAFETY: the caller holds `slot` (taken, not yet given back); its reservation is
+        // inside the pool's mapping and no reference into it is live.
+        unsafe { sys::reset_to_reserved(self.slot_base(slot), len) }
+            .with_context(|| format!("failed to re-map memory slot {slot} of {len:#x} bytes"))?;
+        Ok(SlotInfo::default())
+    }
+
+    /// Gives back a slot that was taken but never reached a tenant.
+    pub fn untake(&self, slot: SlotId, info: SlotInfo) {
+        self.finish(slot, info);
+    }
+
+    /// Resets a slot a tenant gave back; touches only that slot, so it runs without the
+    /// lock. `fail` injects a failure (for tests).
+    pub fn reset(&self, job: &MemoryReset, fail: bool, decommits: &mut u64) -> SlotInfo {
+        let failed = SlotInfo {
+            needs_remap: true,
+            ..SlotInfo::default()
+        };
+        if fail {
+            return failed;
+        }
+        let base = self.slot_base(job.slot);
+        let keep = self.layout.memory_keep_resident.min(job.accessible);
+        // SAFETY: the slot was given back by its tenant and is not in the allocator, so this
+        // thread alone touches it; `keep <= accessible` bytes are readable and writable.
+        unsafe { base.as_ptr().write_bytes(0, keep) };
+        if job.accessible > keep {
+            *decommits += 1;
+            // SAFETY: as above; `keep..accessible` is inside the slot's reservation.
+            if unsafe { sys::decommit(base.add(keep), job.accessible - keep) }.is_err() {
+                return failed;
+            }
+        }
+        let initial = job.initial.min(job.accessible);
+        if job.accessible > initial {
+            // SAFETY: as above; `initial..accessible` is inside the slot's reservation.
+            if unsafe { sys::make_inaccessible(base.add(initial), job.accessible - initial) }.is_err() {
+                return failed;
+            }
+        }
+        SlotInfo {
+            accessible: initial,
+            resident: keep,
+            needs_remap: false,
+        }
+    }
+
+    /// Returns a reset slot to the allocator, warm for the key it was handed out for. A slot pushed out of the warm
+    /// set gives its pages back to the kernel here.
+    pub fn finish(&self, slot: SlotId, info: SlotInfo) {
+        let mut state = self.lock();
+        let key = state.owner[slot as usize].expect("a slot being finished was handed out");
+        if info.needs_remap {
+            state.info[slot as usize] = info;
+            state.slots.free_cold(slot);
+            return;
+        }
+        state.info[slot as usize] = info;
+        state.idle_resident += info.resident;
+        if let Some((evicted, _)) = state.slots.free(slot, key) {
+            self.make_cold(&mut state, evicted);
+        }
+    }
+
+    /// Gives a slot that just turned cold back to the kernel. Runs under the lock: a cold slot
+    /// can be handed out as soon as the lock is released.
+    fn make_cold(&self, state: &mut State, slot: SlotId) {
+        let info = state.info[slot as usize];
+        state.idle_resident -= info.resident;
+        let base = self.slot_base(slot);
+        let mut ok = true;
+        if info.resident > 0 {
+            // SAFETY: the slot is idle and the lock is held, so no one else touches it.
+            ok &= unsafe { sys::decommit(base, info.resident) }.is_ok();
+        }
+        if info.accessible > 0 {
+            // SAFETY: as above.
+            ok &= unsafe { sys::make_inaccessible(base, info.accessible) }.is_ok();
+        }
+        state.info[slot as usize] = if ok {
+            SlotInfo::default()
+        } else {
+            SlotInfo {
+                needs_remap: true,
+                ..SlotInfo::default()
+            }
+        };
+    }
+
+    /// Forgets the warm slots of `module`.
+    pub fn purge(&self, module: ModuleId) {
+        let mut state = self.lock();
+        let keys: Vec<MemoryKey> = state
+            .slots
+            .keys()
+            .filter(|(m, _)| *m == module)
+            .copied()
+            .collect();
+        for key in keys {
+            for slot in state.slots.purge(key) {
+                self.make_cold(&mut state, slot);
+            }
+        }
+    }
+
+    /// Slots handed out, warm slots, resident bytes in idle slots.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let state = self.lock();
+        (state.slots.used(), state.slots.warm(), state.idle_resident)
+    }
+}

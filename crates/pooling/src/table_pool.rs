@@ -1,0 +1,138 @@
+//! The table pool: one read-write slab of equal table slots, free slots reused last-in
+//! first-out (the most recently reset slot is the most likely to be resident).
+//!
+//! Reset: the first `table_keep_resident` bytes by `memset`, the rest of what the tenant could
+//! have written by `madvise(MADV_DONTNEED)`; if that fails, by `memset` too. A table slot is
+//! always entirely zero when handed out.
+
+use std::ptr::NonNull;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, anyhow};
+use berth_core::{Mmap, sys};
+
+use crate::layout::PoolLayout;
+use crate::slots::SlotId;
+
+/// A table slot taken back from a tenant, to be reset.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TableReset {
+    pub slot: SlotId,
+    /// Bytes the tenant could have written (its size at deallocation, in bytes).
+    pub dirty: usize,
+}
+
+#[derive(Debug)]
+struct State {
+    free: Vec<SlotId>,
+    resident: Vec<usize>,
+    idle_resident: usize,
+}
+
+/// The table pool.
+///
+/// Invariant: every word of a free slot is zero; a slot's words are touched only by its tenant
+/// while it is handed out and by the thread resetting it until `finish`.
+#[derive(Debug)]
+pub(crate) struct TablePool {
+    _mapping: Mmap,
+    first_slot: NonNull<u8>,
+    layout: PoolLayout,
+    state: Mutex<State>,
+}
+
+// SAFETY: `first_slot` points into `_mapping`, owned by the pool; slot words are reached only
+// under the invariant above.
+unsafe impl Send for TablePool {}
+// SAFETY: as above; shared state is behind a `Mutex`.
+unsafe impl Sync for TablePool {}
+
+impl TablePool {
+    pub fn new(layout: &PoolLayout) -> Result<TablePool> {
+        let bytes = layout.table_pool_bytes;
+        let mut mapping = Mmap::with_accessible(bytes, bytes).with_context(|| {
+            format!(
+                "failed to reserve {bytes:#x} bytes for {} table slots of {:#x} bytes",
+                layout.table_slots, layout.table_stride
+            )
+        })?;
+        let first_slot =
+            NonNull::new(mapping.as_mut_ptr()).ok_or_else(|| anyhow!("table pool mapped at null"))?;
+        Ok(TablePool {
+            _mapping: mapping,
+            first_slot,
+            layout: layout.clone(),
+            state: Mutex::new(State {
+                free: (0..layout.table_slots).rev().collect(),
+                resident: vec![0; layout.table_slots as usize],
+                idle_resident: 0,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The first word of `slot`.
+    pub fn slot_base(&self, slot: SlotId) -> NonNull<usize> {
+        // SAFETY: `slot < table_slots`, so the offset is inside the mapping; slots are
+        // page-aligned, so word-aligned.
+        unsafe {
+            self.first_slot
+                .add(slot as usize * self.layout.table_stride)
+                .cast()
+        }
+    }
+
+    /// Elements a slot holds.
+    pub fn capacity(&self) -> usize {
+        self.layout.table_stride / size_of::<usize>()
+    }
+
+    pub fn take(&self) -> Option<SlotId> {
+        let mut state = self.lock();
+        let slot = state.free.pop()?;
+        state.idle_resident -= state.resident[slot as usize];
+        state.resident[slot as usize] = 0;
+        Some(slot)
+    }
+
+    /// Zeroes what the tenant could have written; returns the resident bytes kept.
+    pub fn reset(&self, job: &TableReset, decommits: &mut u64) -> usize {
+        let base = self.slot_base(job.slot).cast::<u8>();
+        let dirty = job.dirty.min(self.layout.table_stride);
+        let keep = self.layout.table_keep_resident.min(dirty);
+        // SAFETY: the slot was given back and is not in the free list, so this thread alone
+        // touches it; `dirty` bytes are inside the read-write slot.
+        unsafe { base.as_ptr().write_bytes(0, keep) };
+        let rest = dirty
+            .next_multiple_of(self.layout.page_size)
+            .min(self.layout.table_stride);
+        if rest > keep {
+            *decommits += 1;
+            // SAFETY: as above; `keep..rest` is page-aligned and inside the slot.
+            if unsafe { sys::decommit(base.add(keep), rest - keep) }.is_err() {
+                // SAFETY: as above.
+                unsafe { base.add(keep).as_ptr().write_bytes(0, dirty - keep) };
+            }
+        }
+        keep
+    }
+
+    pub fn finish(&self, slot: SlotId, resident: usize) {
+        let mut state = self.lock();
+        state.resident[slot as usize] = resident;
+        state.idle_resident += resident;
+        state.free.push(slot);
+    }
+
+    /// Slots handed out, resident bytes in idle slots.
+    pub fn counts(&self) -> (usize, usize) {
+        let state = self.lock();
+        (
+            self.layout.table_slots as usize - state.free.len(),
+            state.idle_resident,
+        )
+    }
+}
