@@ -474,3 +474,85 @@ fn instances_move_between_threads() {
 #[allow(dead_code)]
 fn assert_send<T: Send>() {}
 const _: fn() = || assert_send::<Instance>();
+
+#[test]
+fn out_of_range_indices_are_errors_not_panics() {
+    let engine = Engine::new(&Config::new()).unwrap();
+    let module = engine.load(rich_module()).unwrap();
+    let mut instance = Instance::builder(&module)
+        .imports(imports())
+        .instantiate()
+        .unwrap();
+    let mut buf = [0u8; 1];
+    for index in [2, 1000, u32::MAX] {
+        assert!(instance.read_memory(index, 0, &mut buf).is_err());
+        assert!(instance.write_memory(index, 0, &buf).is_err());
+        assert!(instance.grow_memory(index, 1).is_err());
+        assert!(instance.table_get(index, 0).is_err());
+        assert!(instance.table_grow(index, 1, 0).is_err());
+        assert!(instance.global(index.saturating_add(2)).is_none());
+    }
+    assert!(instance.global(u32::MAX).is_none());
+    assert!(instance.table_get(0, u64::MAX).is_err());
+    assert!(instance.read_memory(0, u64::MAX, &mut buf).is_err());
+}
+
+struct PanicsOnDrop;
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        panic!("host state drop panicked");
+    }
+}
+
+#[test]
+fn a_panicking_host_state_still_gives_everything_back() {
+    let engine = Engine::new(&Config::new()).unwrap();
+    let module = engine
+        .load(
+            Module::builder()
+                .memory(MemoryType::new(1, None))
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+    let instance = Instance::builder(&module)
+        .host_state(std::sync::Mutex::new(PanicsOnDrop))
+        .instantiate()
+        .unwrap();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(instance)));
+    assert!(result.is_err(), "the host state's panic reaches the caller");
+    let stats = engine.stats();
+    assert_eq!(
+        (stats.live_instances, stats.live_memories, stats.reserved_bytes),
+        (0, 0, 0)
+    );
+}
+
+#[test]
+fn on_demand_reserved_bytes_follow_a_moved_memory() {
+    let mut config = Config::new();
+    config
+        .memory_reservation(PAGE as u64)
+        .memory_reservation_for_growth(0)
+        .memory_guard_size(PAGE as u64);
+    let engine = Engine::new(&config).unwrap();
+    let module = engine
+        .load(
+            Module::builder()
+                .memory(MemoryType::new(1, None))
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+    let mut instance = Instance::new(&module).unwrap();
+    assert_eq!(engine.stats().reserved_bytes, 2 * PAGE as u64);
+    assert_eq!(instance.grow_memory(0, 2).unwrap(), Some(1));
+    assert_eq!(
+        engine.stats().reserved_bytes,
+        4 * PAGE as u64,
+        "reservation plus guard after the move"
+    );
+    drop(instance);
+    assert_eq!(engine.stats().reserved_bytes, 0);
+}

@@ -245,9 +245,16 @@ pub trait InstanceAllocator: InstanceAllocatorImpl {
         unsafe { self.deallocate_memories(&mut memories) };
         // SAFETY: as above.
         unsafe { self.deallocate_tables(&mut tables) };
+        /// Gives the count back last, also if dropping the instance's host state panics.
+        struct Count<'a, A: InstanceAllocatorImpl + ?Sized>(&'a A);
+        impl<A: InstanceAllocatorImpl + ?Sized> Drop for Count<'_, A> {
+            fn drop(&mut self) {
+                self.0.decrement_core_instance_count();
+            }
+        }
+        let _count = Count(self);
         // SAFETY: the pointer came out of the handle; nothing uses it again.
         unsafe { free_instance(ptr) };
-        self.decrement_core_instance_count();
     }
 
     /// Allocates the request's defined memories in index order, pushing each into `memories`.
@@ -389,10 +396,10 @@ fn write_vmctx(
     let module = request.module;
     /// Writes `value` at vmctx `offset`.
     fn put<T>(block: &InstanceBlock, offset: u32, value: T) {
-        // SAFETY: every offset below comes from `VMOffsets` for an index below its count, so
-        // the field lies inside the block's vmctx and is aligned for `T`; the block is not
-        // shared yet.
-        unsafe { block.vmctx_byte(offset).cast::<T>().write(value) }
+        let field = block.vmctx_field::<T>(offset);
+        // SAFETY: `vmctx_field` checked that the field lies inside the block's vmctx and is
+        // aligned for `T`; the block is not shared yet.
+        unsafe { field.as_ptr().write(value) }
     }
     let imports = &request.imports;
     for (i, import) in imports.functions.iter().enumerate() {

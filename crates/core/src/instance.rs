@@ -16,6 +16,7 @@
 
 use std::alloc::{self, Layout};
 use std::any::Any;
+use std::pin::Pin;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -109,6 +110,14 @@ impl Instance {
         self.tables.get(index).map(|(_, t)| t)
     }
 
+    /// The instance behind the pin, for the methods below, none of which moves it or any of
+    /// its fields out.
+    fn unpinned(self: Pin<&mut Self>) -> &mut Self {
+        // SAFETY: the callers only mutate fields in place; the instance itself never moves
+        // (its block is freed only by `free_instance`).
+        unsafe { self.get_unchecked_mut() }
+    }
+
     fn memory_mut(&mut self, index: DefinedMemoryIndex) -> Result<&mut Memory> {
         let name = self.module.name().unwrap_or("<unnamed>").to_owned();
         self.memories
@@ -134,21 +143,27 @@ impl Instance {
     }
 
     /// Writes `data` to memory `index` at `offset`.
-    pub fn memory_write(&mut self, index: DefinedMemoryIndex, offset: u64, data: &[u8]) -> Result<()> {
-        self.memory_mut(index)?.write(offset, data)
+    pub fn memory_write(
+        self: Pin<&mut Self>,
+        index: DefinedMemoryIndex,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        self.unpinned().memory_mut(index)?.write(offset, data)
     }
 
     /// `memory.grow`: grows memory `index` by `delta` pages and keeps the vmctx definition
     /// exact (a moved memory gets its new base). See [`Memory::grow`].
     pub fn memory_grow(
-        &mut self,
+        self: Pin<&mut Self>,
         index: DefinedMemoryIndex,
         delta: u64,
         limiter: Option<&mut (dyn ResourceLimiter + '_)>,
     ) -> Result<Option<u64>> {
-        let result = self.memory_mut(index)?.grow(delta, limiter)?;
+        let this = self.unpinned();
+        let result = this.memory_mut(index)?.grow(delta, limiter)?;
         if result.is_some() {
-            self.sync_memory_definition(index);
+            this.sync_memory_definition(index);
         }
         Ok(result)
     }
@@ -156,15 +171,16 @@ impl Instance {
     /// `table.grow`: grows table `index` by `delta` elements set to `init`, keeping the
     /// vmctx definition exact. See [`Table::grow`].
     pub fn table_grow(
-        &mut self,
+        self: Pin<&mut Self>,
         index: DefinedTableIndex,
         delta: u64,
         init: usize,
         limiter: Option<&mut (dyn ResourceLimiter + '_)>,
     ) -> Result<Option<u64>> {
-        let result = self.table_mut(index)?.grow(delta, init, limiter)?;
+        let this = self.unpinned();
+        let result = this.table_mut(index)?.grow(delta, init, limiter)?;
         if result.is_some() {
-            self.sync_table_definition(index);
+            this.sync_table_definition(index);
         }
         Ok(result)
     }
@@ -175,13 +191,19 @@ impl Instance {
     }
 
     /// Sets element `elem` of table `index`.
-    pub fn table_set(&mut self, index: DefinedTableIndex, elem: u64, value: usize) -> Result<()> {
-        self.table_mut(index)?.set(elem, value)
+    pub fn table_set(self: Pin<&mut Self>, index: DefinedTableIndex, elem: u64, value: usize) -> Result<()> {
+        self.unpinned().table_mut(index)?.set(elem, value)
     }
 
     /// Sets `len` elements of table `index` from `elem` to `value`.
-    pub fn table_fill(&mut self, index: DefinedTableIndex, elem: u64, value: usize, len: u64) -> Result<()> {
-        self.table_mut(index)?.fill(elem, value, len)
+    pub fn table_fill(
+        self: Pin<&mut Self>,
+        index: DefinedTableIndex,
+        elem: u64,
+        value: usize,
+        len: u64,
+    ) -> Result<()> {
+        self.unpinned().table_mut(index)?.fill(elem, value, len)
     }
 
     /// The value of defined global `index`.
@@ -315,25 +337,34 @@ impl InstanceBlock {
         }
     }
 
-    /// A pointer to the vmctx byte at `offset`, checked to be inside.
-    pub fn vmctx_byte(&self, offset: u32) -> NonNull<u8> {
+    /// A pointer to a `T` at vmctx `offset`, checked to lie inside the vmctx and be aligned.
+    ///
+    /// # Panics
+    ///
+    /// If the field is not inside the vmctx or misaligned: a caller bug (offsets come from
+    /// `VMOffsets`).
+    pub fn vmctx_field<T>(&self, offset: u32) -> NonNull<T> {
+        let end = offset as usize + size_of::<T>();
         assert!(
-            offset <= self.offsets.size_of_vmctx(),
-            "vmctx offset {offset} out of range"
+            end <= self.offsets.size_of_vmctx() as usize,
+            "vmctx field at {offset} out of range"
         );
-        // SAFETY: `offset` is within the vmctx (asserted), which is inside the block.
-        unsafe { self.vmctx().cast::<u8>().add(offset as usize) }
+        assert!(
+            (offset as usize).is_multiple_of(align_of::<T>()),
+            "vmctx field at {offset} misaligned"
+        );
+        // SAFETY: `offset..end` is within the vmctx (asserted), which is inside the block.
+        unsafe { self.vmctx().cast::<u8>().add(offset as usize).cast() }
     }
 
     /// Where each owned memory's `VMMemoryDefinition` goes.
     pub fn memory_definition_locations(&self) -> Vec<NonNull<VMMemoryDefinition>> {
         (0..self.offsets.fields().num_owned_memories)
             .map(|i| {
-                self.vmctx_byte(
+                self.vmctx_field(
                     self.offsets
                         .vmctx_vmmemory_definition(OwnedMemoryIndex::from_u32(i)),
                 )
-                .cast()
             })
             .collect()
     }
@@ -342,17 +373,16 @@ impl InstanceBlock {
     pub fn table_definition_locations(&self) -> Vec<NonNull<VMTableDefinition>> {
         (0..self.offsets.fields().num_defined_tables)
             .map(|i| {
-                self.vmctx_byte(
+                self.vmctx_field(
                     self.offsets
                         .vmctx_vmtable_definition(DefinedTableIndex::from_u32(i)),
                 )
-                .cast()
             })
             .collect()
     }
 
     /// Moves the instance's fields in and hands ownership of the block to a handle.
-    pub fn into_handle(
+    pub(crate) fn into_handle(
         mut self,
         module: Arc<Module>,
         memories: PrimaryMap<DefinedMemoryIndex, (MemoryAllocationIndex, Memory)>,
@@ -424,16 +454,17 @@ impl InstanceHandle {
         unsafe { ptr.as_ref() }
     }
 
-    /// The instance, mutably.
+    /// The instance, mutably. It is pinned: an instance lives in its block, with its vmctx
+    /// right after it, and must never be moved or swapped with another.
     ///
     /// # Panics
     ///
     /// If the handle is null (already deallocated): a caller bug.
-    pub fn instance_mut(&mut self) -> &mut Instance {
+    pub fn instance_mut(&mut self) -> Pin<&mut Instance> {
         let mut ptr = self.instance.expect("instance handle used after deallocation");
         // SAFETY: a non-null handle owns a live, initialized instance block; `&mut self`
-        // makes the borrow exclusive.
-        unsafe { ptr.as_mut() }
+        // makes the borrow exclusive; the block never moves until it is freed.
+        unsafe { Pin::new_unchecked(ptr.as_mut()) }
     }
 
     /// Takes the block out, leaving the handle null.
@@ -442,17 +473,26 @@ impl InstanceHandle {
     }
 }
 
-/// Drops the instance in `ptr` and frees its block.
+/// Drops the instance in `ptr` and frees its block; the block is freed even if dropping
+/// the instance (the embedder's host state) panics.
 ///
 /// # Safety
 ///
 /// `ptr` came from [`InstanceBlock::into_handle`] and was taken out of its handle; nothing
 /// uses it afterwards.
 pub(crate) unsafe fn free_instance(ptr: NonNull<Instance>) {
+    /// Frees the block when dropped, also while unwinding.
+    struct FreeBlock(NonNull<Instance>, Layout);
+    impl Drop for FreeBlock {
+        fn drop(&mut self) {
+            // SAFETY: allocated with this layout in `InstanceBlock::new`; the instance in it
+            // has been dropped (or its drop is unwinding) and is not used again.
+            unsafe { alloc::dealloc(self.0.as_ptr().cast(), self.1) };
+        }
+    }
     // SAFETY: the block holds an initialized instance (caller's contract).
     let layout = unsafe { ptr.as_ref().layout };
+    let _free = FreeBlock(ptr, layout);
     // SAFETY: as above; after this the instance is not used again.
     unsafe { std::ptr::drop_in_place(ptr.as_ptr()) };
-    // SAFETY: allocated with `layout` in `InstanceBlock::new`.
-    unsafe { alloc::dealloc(ptr.as_ptr().cast(), layout) };
 }

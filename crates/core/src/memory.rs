@@ -12,8 +12,14 @@
 //! ([`Memory::new_dynamic`]) and may move is re-reserved and copied when it grows past it; a
 //! memory in a backend's slot ([`Memory::new_static`]) never moves. A grow that cannot be
 //! done returns `Ok(None)` (the spec's -1) and changes nothing.
+//!
+//! Memories with one-byte pages (custom-page-sizes) have an exact `current_length`, but the
+//! host page holding their last byte is accessible up to its end: code for them needs explicit
+//! bounds checks. Growth zeroes those bytes before they become part of the memory.
 
 use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, anyhow, bail};
 
@@ -36,6 +42,8 @@ pub struct Memory {
     storage: Storage,
     byte_size: usize,
     maximum: Option<usize>,
+    /// A backend's count of reserved bytes, kept current across moves and on drop.
+    reservation_counter: Option<Arc<AtomicU64>>,
 }
 
 #[derive(Debug)]
@@ -125,6 +133,7 @@ impl Memory {
             },
             byte_size,
             maximum,
+            reservation_counter: None,
         })
     }
 
@@ -139,8 +148,10 @@ impl Memory {
     /// `base..base + capacity` is page-aligned, inside a mapping made by [`sys::reserve`]
     /// (or remapped by [`sys::reset_to_reserved`]) and used by nothing else until this
     /// `Memory` is handed back to the caller, who resets it before any other use. Its first
-    /// `accessible` bytes are readable and writable and read as zeros; the rest is
-    /// `PROT_NONE`. The caller keeps the mapping alive as long as the `Memory` lives.
+    /// `accessible` bytes are readable and writable; the rest is `PROT_NONE`; and every byte of
+    /// `base..base + capacity` reads as zero once accessible (so a byte made `PROT_NONE`
+    /// without being zeroed or decommitted does not qualify). The caller keeps the mapping
+    /// alive as long as the `Memory` lives.
     pub unsafe fn new_static(
         ty: &MemoryType,
         base: NonNull<u8>,
@@ -188,6 +199,7 @@ impl Memory {
             storage: Storage::Static { base, capacity },
             byte_size,
             maximum,
+            reservation_counter: None,
         })
     }
 
@@ -231,6 +243,15 @@ impl Memory {
         match &self.storage {
             Storage::Owned { mmap, .. } => mmap.len(),
             Storage::Static { .. } => 0,
+        }
+    }
+
+    /// Adds this memory's reservation to `counter` and keeps it there, current across moves,
+    /// until the memory is dropped: a backend's exact "address space reserved" statistic.
+    pub fn track_reservation(&mut self, counter: Arc<AtomicU64>) {
+        counter.fetch_add(self.reserved_bytes() as u64, Ordering::Relaxed);
+        if let Some(previous) = self.reservation_counter.replace(counter) {
+            previous.fetch_sub(self.reserved_bytes() as u64, Ordering::Relaxed);
         }
     }
 
@@ -358,6 +379,10 @@ impl Memory {
                     new_bytes,
                 ) {
                     Some((new_mmap, new_capacity)) => {
+                        if let Some(counter) = &self.reservation_counter {
+                            counter.fetch_add(new_mmap.len() as u64, Ordering::Relaxed);
+                            counter.fetch_sub(mmap.len() as u64, Ordering::Relaxed);
+                        }
                         *mmap = new_mmap;
                         *capacity = new_capacity;
                         true
@@ -368,6 +393,16 @@ impl Memory {
         };
         if !grown {
             return Ok(None);
+        }
+        // With one-byte pages the host page holding the last byte is accessible past the
+        // size; code may have written there, so the newly valid bytes are zeroed.
+        let tail_end = round_up(self.byte_size, sys::page_size())
+            .unwrap_or(new_bytes)
+            .min(new_bytes);
+        if tail_end > self.byte_size {
+            let old = self.byte_size;
+            self.byte_size = tail_end;
+            self.as_mut_slice()[old..].fill(0);
         }
         self.byte_size = new_bytes;
         Ok(Some(old_pages))
@@ -430,4 +465,12 @@ fn move_to_new_reservation(
         );
     }
     Some((mmap, capacity))
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        if let Some(counter) = &self.reservation_counter {
+            counter.fetch_sub(self.reserved_bytes() as u64, Ordering::Relaxed);
+        }
+    }
 }

@@ -159,23 +159,25 @@ impl Module {
             .map(|(ty, (i, init))| (i, ty, init))
     }
 
-    /// The defined index of memory `index`, or `None` if it is imported.
+    /// The defined index of memory `index`, or `None` if it is imported or does not exist.
     pub fn defined_memory_index(&self, index: MemoryIndex) -> Option<DefinedMemoryIndex> {
+        self.memories.get(index)?;
         index
             .as_u32()
             .checked_sub(self.num_imported_memories)
             .map(DefinedMemoryIndex::from_u32)
     }
 
-    /// The module-wide index of defined memory `index`.
-    pub fn memory_index(&self, index: DefinedMemoryIndex) -> MemoryIndex {
-        MemoryIndex::from_u32(self.num_imported_memories + index.as_u32())
+    /// The module-wide index of defined memory `index`, or `None` if it does not exist.
+    pub fn memory_index(&self, index: DefinedMemoryIndex) -> Option<MemoryIndex> {
+        let i = self.num_imported_memories.checked_add(index.as_u32())?;
+        (i < count(self.memories.len())).then(|| MemoryIndex::from_u32(i))
     }
 
     /// The owned index of defined memory `index` (its slot among the vmctx's memory
     /// definitions), or `None` if the memory is shared.
     pub fn owned_memory_index(&self, index: DefinedMemoryIndex) -> Option<OwnedMemoryIndex> {
-        let ty = self.memories.get(self.memory_index(index))?;
+        let ty = self.memories.get(self.memory_index(index)?)?;
         if ty.shared {
             return None;
         }
@@ -187,17 +189,19 @@ impl Module {
         Some(OwnedMemoryIndex::new(owned_before))
     }
 
-    /// The defined index of table `index`, or `None` if it is imported.
+    /// The defined index of table `index`, or `None` if it is imported or does not exist.
     pub fn defined_table_index(&self, index: TableIndex) -> Option<DefinedTableIndex> {
+        self.tables.get(index)?;
         index
             .as_u32()
             .checked_sub(self.num_imported_tables)
             .map(DefinedTableIndex::from_u32)
     }
 
-    /// The module-wide index of defined table `index`.
-    pub fn table_index(&self, index: DefinedTableIndex) -> TableIndex {
-        TableIndex::from_u32(self.num_imported_tables + index.as_u32())
+    /// The module-wide index of defined table `index`, or `None` if it does not exist.
+    pub fn table_index(&self, index: DefinedTableIndex) -> Option<TableIndex> {
+        let i = self.num_imported_tables.checked_add(index.as_u32())?;
+        (i < count(self.tables.len())).then(|| TableIndex::from_u32(i))
     }
 }
 

@@ -14,11 +14,13 @@ use crate::vmcontext::VMTableDefinition;
 
 /// A table.
 ///
-/// Invariant: `size` never exceeds `maximum` nor the storage's capacity; the first `size`
-/// words of the storage are the elements.
+/// Invariants: `size` never exceeds `maximum` nor the storage's capacity; `base` points at
+/// the storage's first word (for a `Vec`, taken with `as_mut_ptr` after every reallocation, so
+/// compiled code may write through it), and the first `size` words there are the elements.
 #[derive(Debug)]
 pub struct Table {
     ty: TableType,
+    base: NonNull<usize>,
     storage: Storage,
     size: usize,
     maximum: Option<usize>,
@@ -26,10 +28,10 @@ pub struct Table {
 
 #[derive(Debug)]
 enum Storage {
-    /// `elements.len() == size`.
+    /// `elements.len() == size`; only reached through `base` once created.
     Vec(Vec<usize>),
     /// `capacity` words at `base`, inside a slab a backend owns.
-    Static { base: NonNull<usize>, capacity: usize },
+    Static { capacity: usize },
 }
 
 // SAFETY: a table owns its words (`Vec`) or has exclusive use of them by `new_static`'s
@@ -64,8 +66,10 @@ impl Table {
             .try_reserve_exact(size)
             .map_err(|_| anyhow!("failed to allocate a table of {size} elements"))?;
         elements.resize(size, 0);
+        let base = NonNull::new(elements.as_mut_ptr()).unwrap_or(NonNull::dangling());
         Ok(Table {
             ty: *ty,
+            base,
             storage: Storage::Vec(elements),
             size,
             maximum,
@@ -76,8 +80,8 @@ impl Table {
     ///
     /// # Safety
     ///
-    /// `base..base + capacity` is valid for reads and writes, every word in it is 0, and
-    /// nothing else uses it until this `Table` is handed back to the caller (who resets it
+    /// `base..base + capacity` is valid for reads and writes, aligned for `usize`, every word
+    /// in it is 0, and nothing else uses it until this `Table` is handed back to the caller (who resets it
     /// before any other use). The caller keeps it alive as long as the `Table` lives.
     pub unsafe fn new_static(
         ty: &TableType,
@@ -85,10 +89,14 @@ impl Table {
         capacity: usize,
         limiter: Option<&mut (dyn ResourceLimiter + '_)>,
     ) -> Result<Table> {
+        if !base.as_ptr().addr().is_multiple_of(align_of::<usize>()) {
+            return Err(anyhow!("static table at {base:p} is not aligned for a word"));
+        }
         let (size, maximum) = initial_size(ty, Some(capacity), limiter)?;
         Ok(Table {
             ty: *ty,
-            storage: Storage::Static { base, capacity },
+            base,
+            storage: Storage::Static { capacity },
             size,
             maximum,
         })
@@ -116,32 +124,21 @@ impl Table {
 
     /// The elements.
     pub fn elements(&self) -> &[usize] {
-        match &self.storage {
-            Storage::Vec(v) => v,
-            // SAFETY: `size <= capacity` words at `base` are ours by `new_static`'s contract.
-            Storage::Static { base, .. } => unsafe { std::slice::from_raw_parts(base.as_ptr(), self.size) },
-        }
+        // SAFETY: the first `size` words at `base` are this table's elements (type invariant),
+        // used by no one else; `&self` means no `&mut` slice is live.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.size) }
     }
 
     /// The elements, for writing.
     pub fn elements_mut(&mut self) -> &mut [usize] {
-        match &mut self.storage {
-            Storage::Vec(v) => v,
-            // SAFETY: as in `elements`, and `&mut self` makes the slice exclusive.
-            Storage::Static { base, .. } => unsafe {
-                std::slice::from_raw_parts_mut(base.as_ptr(), self.size)
-            },
-        }
+        // SAFETY: as in `elements`, and `&mut self` makes the slice exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.size) }
     }
 
-    /// The definition compiled code reads.
+    /// The definition compiled code reads (and may write elements through).
     pub fn vmtable(&self) -> VMTableDefinition {
-        let base = match &self.storage {
-            Storage::Vec(v) => v.as_ptr().cast_mut(),
-            Storage::Static { base, .. } => base.as_ptr(),
-        };
         VMTableDefinition {
-            base,
+            base: self.base.as_ptr(),
             current_elements: self.size,
         }
     }
@@ -225,8 +222,10 @@ impl Table {
                     return Ok(None);
                 }
                 v.resize(new, init);
+                self.base = NonNull::new(v.as_mut_ptr()).unwrap_or(NonNull::dangling());
+                self.size = new;
             }
-            Storage::Static { capacity, .. } => {
+            Storage::Static { capacity } => {
                 if new > *capacity {
                     return Ok(None);
                 }
@@ -234,7 +233,6 @@ impl Table {
                 self.elements_mut()[old..].fill(init);
             }
         }
-        self.size = new;
         Ok(Some(old as u64))
     }
 }

@@ -310,3 +310,40 @@ fn one_byte_pages_are_exact() {
     assert_eq!(memory.byte_size(), 5000);
     assert_eq!(memory.grow(1, None).unwrap(), None);
 }
+
+#[test]
+fn growth_zeroes_the_host_page_tail_of_one_byte_page_memories() {
+    let ty = MemoryType {
+        page_size_log2: 0,
+        ..MemoryType::new(10, None)
+    };
+    let mut memory = Memory::new_dynamic(&ty, &Tunables::default(), None, None).unwrap();
+    // Compiled code without bounds checks could store past the size, inside the host page.
+    // SAFETY: byte 100 is inside the accessible host page that holds the memory's last byte.
+    unsafe { memory.base().add(100).write(0xAA) };
+    assert_eq!(memory.grow(200, None).unwrap(), Some(10));
+    assert!(
+        memory.as_slice()[10..].iter().all(|&b| b == 0),
+        "new bytes must read zero"
+    );
+}
+
+#[test]
+fn a_tracked_reservation_follows_moves_and_drop() {
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let tunables = Tunables {
+        memory_reservation: 0,
+        memory_reservation_for_growth: 0,
+        memory_guard_size: PAGE as u64,
+        ..Tunables::default()
+    };
+    let mut memory = Memory::new_dynamic(&MemoryType::new(1, None), &tunables, None, None).unwrap();
+    memory.track_reservation(counter.clone());
+    let load = || counter.load(std::sync::atomic::Ordering::Relaxed) as usize;
+    assert_eq!(load(), memory.reserved_bytes());
+    assert_eq!(memory.grow(3, None).unwrap(), Some(1));
+    assert_eq!(load(), memory.reserved_bytes(), "a move updates the count");
+    assert_eq!(load(), 5 * PAGE);
+    drop(memory);
+    assert_eq!(load(), 0);
+}

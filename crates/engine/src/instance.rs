@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use berth_core::{
-    DefinedMemoryIndex, DefinedTableIndex, FuncIndex, GlobalIndex, Imports, InstanceAllocationRequest,
-    InstanceAllocator, InstanceHandle, MemoryIndex, ResourceLimiter, TableIndex, VMContext, VMFunctionImport,
+    DefinedMemoryIndex, DefinedTableIndex, FuncIndex, Imports, InstanceAllocationRequest, InstanceAllocator,
+    InstanceHandle, MemoryIndex, ResourceLimiter, TableIndex, VMContext, VMFunctionImport,
     VMGlobalDefinition, VMGlobalImport, VMMemoryImport, VMTableImport,
 };
 
@@ -165,10 +165,10 @@ impl Instance {
 
     fn defined_memory(&self, memory: u32) -> Result<DefinedMemoryIndex> {
         let module = self.module.module();
-        let index = MemoryIndex::from_u32(memory);
-        if module.memories().get(index).is_none() {
+        if memory as usize >= module.memories().len() {
             return Err(anyhow!("module has no memory {memory}"));
         }
+        let index = MemoryIndex::from_u32(memory);
         module
             .defined_memory_index(index)
             .ok_or_else(|| anyhow!("memory {memory} is imported, not owned by this instance"))
@@ -176,10 +176,10 @@ impl Instance {
 
     fn defined_table(&self, table: u32) -> Result<DefinedTableIndex> {
         let module = self.module.module();
-        let index = TableIndex::from_u32(table);
-        if module.tables().get(index).is_none() {
+        if table as usize >= module.tables().len() {
             return Err(anyhow!("module has no table {table}"));
         }
+        let index = TableIndex::from_u32(table);
         module
             .defined_table_index(index)
             .ok_or_else(|| anyhow!("table {table} is imported, not owned by this instance"))
@@ -248,10 +248,10 @@ impl Instance {
     /// The value of global `global` (module index space) if the instance defines it.
     pub fn global(&self, global: u32) -> Option<VMGlobalDefinition> {
         let module = self.module.module();
-        let defined = u32::checked_sub(
-            GlobalIndex::from_u32(global).as_u32(),
-            module.num_imported_globals(),
-        )?;
+        if global as usize >= module.globals().len() {
+            return None;
+        }
+        let defined = global.checked_sub(module.num_imported_globals())?;
         self.core()
             .global(berth_core::DefinedGlobalIndex::from_u32(defined))
     }

@@ -13,13 +13,14 @@
 
 #![deny(missing_docs)]
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use berth_core::{
     AllocatorStats, DefinedMemoryIndex, DefinedTableIndex, HostPtr, InstanceAllocationRequest,
     InstanceAllocatorImpl, LimitExceeded, Memory, MemoryAllocationIndex, MemoryType, Module, ModuleId, Table,
-    TableAllocationIndex, TableType, VMOffsets, sys,
+    TableAllocationIndex, TableType, VMOffsets,
 };
 
 /// Optional caps for the on-demand backend. `None` means unlimited. The names are the
@@ -45,7 +46,7 @@ pub struct OnDemandInstanceAllocator {
     instances: AtomicU64,
     memories: AtomicU64,
     tables: AtomicU64,
-    reserved_pages: AtomicU64,
+    reserved: Arc<AtomicU64>,
 }
 
 impl OnDemandInstanceAllocator {
@@ -166,12 +167,10 @@ unsafe impl InstanceAllocatorImpl for OnDemandInstanceAllocator {
             )
         });
         match memory {
-            Ok(memory) => {
-                let pages = reserved_pages(&memory);
-                self.reserved_pages.fetch_add(u64::from(pages), Ordering::Relaxed);
-                // The allocation index carries the reservation's size in host pages, so that
-                // `stats` can give it back exactly even if the memory moved while growing.
-                Ok((MemoryAllocationIndex::from_u32(pages), memory))
+            Ok(mut memory) => {
+                // Counted while the memory lives, current across moves.
+                memory.track_reservation(self.reserved.clone());
+                Ok((MemoryAllocationIndex::default(), memory))
             }
             Err(error) => {
                 release(&self.memories);
@@ -183,12 +182,10 @@ unsafe impl InstanceAllocatorImpl for OnDemandInstanceAllocator {
     unsafe fn deallocate_memory(
         &self,
         _memory_index: DefinedMemoryIndex,
-        allocation_index: MemoryAllocationIndex,
+        _allocation_index: MemoryAllocationIndex,
         memory: Memory,
     ) {
         drop(memory);
-        self.reserved_pages
-            .fetch_sub(u64::from(allocation_index.as_u32()), Ordering::Relaxed);
         release(&self.memories);
     }
 
@@ -235,13 +232,7 @@ unsafe impl InstanceAllocatorImpl for OnDemandInstanceAllocator {
         stats.live_instances = self.instances.load(Ordering::Acquire);
         stats.live_memories = self.memories.load(Ordering::Acquire);
         stats.live_tables = self.tables.load(Ordering::Acquire);
-        stats.reserved_bytes = self.reserved_pages.load(Ordering::Relaxed) * sys::page_size() as u64;
+        stats.reserved_bytes = self.reserved.load(Ordering::Relaxed);
         stats
     }
-}
-
-/// The memory's reservation in host pages, saturating (a reservation of 2^32 pages, 16 TiB,
-/// is over `MAX_RESERVATION` and never made).
-fn reserved_pages(memory: &Memory) -> u32 {
-    u32::try_from(memory.reserved_bytes() / sys::page_size()).unwrap_or(u32::MAX)
 }
