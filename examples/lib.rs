@@ -1,3 +1,6 @@
-//! Examples of Berth in use: `quickstart.rs` is the README's main job. The README itself is
-//! this crate's documentation, so its embedding example is compiled and run as a doctest.
+//! Examples of Berth in use: `quickstart.rs` is the README's main job; [`fallback`] is a custom
+//! backend an embedder could write. The README itself is this crate's documentation, so its
+//! embedding example is compiled and run as a doctest.
 #![doc = include_str!("../README.md")]
+
+pub mod fallback;

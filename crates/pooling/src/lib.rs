@@ -52,6 +52,9 @@ pub struct PoolingInstanceAllocator {
     tables: TablePool,
     queue: Mutex<Vec<Reset>>,
     instances: AtomicU64,
+    /// Memories and tables handed to tenants (not counting slots waiting for their reset).
+    live_memories: AtomicU64,
+    live_tables: AtomicU64,
     resets: AtomicU64,
     decommits: AtomicU64,
     fail_resets: AtomicU32,
@@ -81,6 +84,8 @@ impl PoolingInstanceAllocator {
             layout,
             queue: Mutex::new(Vec::new()),
             instances: AtomicU64::new(0),
+            live_memories: AtomicU64::new(0),
+            live_tables: AtomicU64::new(0),
             resets: AtomicU64::new(0),
             decommits: AtomicU64::new(0),
             fail_resets: AtomicU32::new(0),
@@ -316,7 +321,10 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
             )
         };
         match memory {
-            Ok(memory) => Ok((MemoryAllocationIndex::from_u32(slot), memory)),
+            Ok(memory) => {
+                self.live_memories.fetch_add(1, Ordering::AcqRel);
+                Ok((MemoryAllocationIndex::from_u32(slot), memory))
+            }
             Err(error) => {
                 // Its protection may be half-changed: re-map it before its next use.
                 self.memories.untake(
@@ -352,6 +360,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
             initial: initial.next_multiple_of(page),
         };
         drop(memory);
+        self.live_memories.fetch_sub(1, Ordering::AcqRel);
         self.enqueue(Reset::Memory(reset));
     }
 
@@ -374,7 +383,10 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
             )
         };
         match table {
-            Ok(table) => Ok((TableAllocationIndex::from_u32(slot), table)),
+            Ok(table) => {
+                self.live_tables.fetch_add(1, Ordering::AcqRel);
+                Ok((TableAllocationIndex::from_u32(slot), table))
+            }
             Err(error) => {
                 self.tables.finish(slot, 0);
                 Err(error.context(format!(
@@ -397,6 +409,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
             dirty: table.size() * size_of::<usize>(),
         };
         drop(table);
+        self.live_tables.fetch_sub(1, Ordering::AcqRel);
         self.enqueue(Reset::Table(reset));
     }
 
@@ -405,12 +418,12 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
     }
 
     fn stats(&self) -> AllocatorStats {
-        let (live_memories, warm, memory_resident) = self.memories.counts();
-        let (live_tables, table_resident) = self.tables.counts();
+        let (_, warm, memory_resident) = self.memories.counts();
+        let (_, table_resident) = self.tables.counts();
         let mut stats = AllocatorStats::default();
         stats.live_instances = self.instances.load(Ordering::Acquire);
-        stats.live_memories = live_memories as u64;
-        stats.live_tables = live_tables as u64;
+        stats.live_memories = self.live_memories.load(Ordering::Acquire);
+        stats.live_tables = self.live_tables.load(Ordering::Acquire);
         stats.reserved_bytes = self.layout.total_bytes() as u64;
         stats.warm_slots = warm as u64;
         stats.idle_resident_bytes = (memory_resident + table_resident) as u64;

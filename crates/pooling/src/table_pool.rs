@@ -101,21 +101,24 @@ impl TablePool {
     /// Zeroes what the tenant could have written; returns the resident bytes kept.
     pub fn reset(&self, job: &TableReset, decommits: &mut u64) -> usize {
         let base = self.slot_base(job.slot).cast::<u8>();
+        let page = self.layout.page_size;
         let dirty = job.dirty.min(self.layout.table_stride);
-        let keep = self.layout.table_keep_resident.min(dirty);
-        // SAFETY: the slot was given back and is not in the free list, so this thread alone
-        // touches it; `dirty` bytes are inside the read-write slot.
+        let keep = self.layout.table_keep_resident;
+        if dirty <= keep {
+            // SAFETY: the slot was given back and is not in the free list, so this thread
+            // alone touches it; `dirty` bytes are inside the read-write slot.
+            unsafe { base.as_ptr().write_bytes(0, dirty) };
+            return dirty.next_multiple_of(page).min(keep);
+        }
+        // SAFETY: as above; `keep < dirty` bytes are inside the slot.
         unsafe { base.as_ptr().write_bytes(0, keep) };
-        let rest = dirty
-            .next_multiple_of(self.layout.page_size)
-            .min(self.layout.table_stride);
-        if rest > keep {
-            *decommits += 1;
-            // SAFETY: as above; `keep..rest` is page-aligned and inside the slot.
-            if unsafe { sys::decommit(base.add(keep), rest - keep) }.is_err() {
-                // SAFETY: as above.
-                unsafe { base.add(keep).as_ptr().write_bytes(0, dirty - keep) };
-            }
+        let end = dirty.next_multiple_of(page).min(self.layout.table_stride);
+        *decommits += 1;
+        // SAFETY: as above; `keep..end` is page-aligned (`keep` is a multiple of the page
+        // size) and inside the slot.
+        if unsafe { sys::decommit(base.add(keep), end - keep) }.is_err() {
+            // SAFETY: as above.
+            unsafe { base.add(keep).as_ptr().write_bytes(0, dirty - keep) };
         }
         keep
     }

@@ -1,0 +1,307 @@
+//! The pooling backend beyond the shared suite: two threads hammering one pool, slot
+//! affinity, the reset policy's costs, a failed reset, and errors that name their limit.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use berth_core::{GlobalInit, GlobalType, LimitExceeded, MemoryType, Module, TableType, ValType};
+use berth_engine::{
+    Config, Engine, Instance, InstanceAllocationStrategy, PoolingConfig, PoolingInstanceAllocator,
+};
+
+const PAGE: usize = 65536;
+
+fn small_config() -> Config {
+    let mut config = Config::new();
+    config
+        .memory_reservation(1 << 20)
+        .memory_guard_size(PAGE as u64)
+        .memory_reservation_for_growth(0);
+    config
+}
+
+fn pool(pooling: &PoolingConfig) -> (Engine, Arc<PoolingInstanceAllocator>) {
+    let mut config = small_config();
+    let allocator = Arc::new(PoolingInstanceAllocator::new(pooling, config.tunables()).unwrap());
+    config.allocation_strategy(InstanceAllocationStrategy::Custom(allocator.clone()));
+    (Engine::new(&config).unwrap(), allocator)
+}
+
+fn module(name: &str, pages: u64) -> Module {
+    Module::builder()
+        .name(name)
+        .memory(MemoryType::new(pages, Some(8)))
+        .table(TableType::new(4, Some(16)))
+        .build()
+        .unwrap()
+}
+
+fn base(instance: &Instance) -> usize {
+    instance
+        .core()
+        .memory(berth_core::DefinedMemoryIndex::from_u32(0))
+        .unwrap()
+        .base() as usize
+}
+
+#[test]
+fn two_threads_never_share_a_slot_and_leave_nothing_behind() {
+    let mut pooling = PoolingConfig::new();
+    pooling
+        .total_core_instances(8)
+        .total_memories(8)
+        .total_tables(8)
+        .max_memory_size(1 << 20)
+        .table_elements(16);
+    pooling.max_unused_warm_slots(3).decommit_batch_size(2);
+    let (engine, _) = pool(&pooling);
+    let modules = [
+        engine.load(module("a", 1)).unwrap(),
+        engine.load(module("b", 2)).unwrap(),
+    ];
+    let owners: Arc<Mutex<HashSet<usize>>> = Arc::default();
+    let threads: Vec<_> = (0..2u8)
+        .map(|t| {
+            let (modules, owners) = (modules.clone(), owners.clone());
+            std::thread::spawn(move || {
+                for i in 0..1500u32 {
+                    let mut instance = Instance::new(&modules[(i % 2) as usize]).unwrap();
+                    let slot = base(&instance);
+                    assert!(
+                        owners.lock().unwrap().insert(slot),
+                        "slot {slot:#x} handed out twice"
+                    );
+                    let mut first = [0xffu8; 8];
+                    instance.read_memory(0, 0, &mut first).unwrap();
+                    assert_eq!(first, [0; 8], "a previous tenant's bytes are visible");
+                    assert_eq!(instance.table_get(0, 3).unwrap(), 0);
+                    instance.write_memory(0, 0, &[t + 1; 8]).unwrap();
+                    if i % 7 == 0 {
+                        instance.grow_memory(0, 1).unwrap();
+                        let end = instance.memory_size(0).unwrap() as u64 - 8;
+                        instance.write_memory(0, end, &[t + 1; 8]).unwrap();
+                    }
+                    instance.table_set(0, 3, 42).unwrap();
+                    assert!(owners.lock().unwrap().remove(&slot));
+                    drop(instance);
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let stats = engine.stats();
+    assert_eq!(
+        (stats.live_instances, stats.live_memories, stats.live_tables),
+        (0, 0, 0)
+    );
+    assert!(stats.warm_slots <= 3);
+    assert!(
+        stats.resets >= 5998,
+        "every memory and table was reset: {}",
+        stats.resets
+    );
+}
+
+#[test]
+fn a_module_gets_its_own_slot_back_and_others_take_cold_ones() {
+    let mut pooling = PoolingConfig::new();
+    pooling
+        .total_memories(4)
+        .total_tables(4)
+        .max_memory_size(1 << 20)
+        .table_elements(16);
+    let (engine, _) = pool(&pooling);
+    let a = engine.load(module("a", 1)).unwrap();
+    let b = engine.load(module("b", 1)).unwrap();
+    let slot_a = base(&Instance::new(&a).unwrap());
+    let slot_b = base(&Instance::new(&b).unwrap());
+    assert_ne!(slot_a, slot_b, "b took a cold slot rather than a's warm one");
+    assert_eq!(
+        base(&Instance::new(&a).unwrap()),
+        slot_a,
+        "a got its warm slot back"
+    );
+    assert_eq!(base(&Instance::new(&b).unwrap()), slot_b);
+    assert_eq!(engine.stats().warm_slots, 2);
+}
+
+#[test]
+fn keep_resident_resets_by_memset_without_decommits() {
+    let mut pooling = PoolingConfig::new();
+    pooling
+        .total_memories(2)
+        .total_tables(2)
+        .max_memory_size(1 << 20)
+        .table_elements(16);
+    pooling
+        .linear_memory_keep_resident(PAGE)
+        .table_keep_resident(4096);
+    let (engine, _) = pool(&pooling);
+    let a = engine.load(module("a", 1)).unwrap();
+    for round in 0..5u8 {
+        let mut instance = Instance::new(&a).unwrap();
+        let mut buf = [1u8; 64];
+        instance.read_memory(0, PAGE as u64 - 64, &mut buf).unwrap();
+        assert_eq!(
+            buf, [0; 64],
+            "round {round}: the previous tenant's bytes are visible"
+        );
+        instance
+            .write_memory(0, PAGE as u64 - 64, &[round + 1; 64])
+            .unwrap();
+    }
+    let stats = engine.stats();
+    assert_eq!(stats.resets, 10, "five memory and five table resets");
+    assert_eq!(
+        stats.decommits, 0,
+        "a tenant that stayed within keep_resident costs no madvise"
+    );
+    assert_eq!(stats.idle_resident_bytes, (PAGE + 4096) as u64);
+
+    // A tenant that grows past keep_resident costs one madvise, and its growth is undone.
+    let mut instance = Instance::new(&a).unwrap();
+    instance.grow_memory(0, 2).unwrap();
+    instance.write_memory(0, 2 * PAGE as u64, &[9; 16]).unwrap();
+    drop(instance);
+    assert_eq!(engine.stats().decommits, 1);
+    let instance = Instance::new(&a).unwrap();
+    assert_eq!(instance.memory_size(0).unwrap(), PAGE);
+}
+
+#[test]
+fn a_slot_whose_reset_failed_is_remapped_before_reuse() {
+    let mut pooling = PoolingConfig::new();
+    pooling
+        .total_memories(1)
+        .total_tables(1)
+        .max_memory_size(1 << 20)
+        .table_elements(16);
+    let (engine, allocator) = pool(&pooling);
+    let a = engine.load(module("a", 2)).unwrap();
+    let mut tenant = Instance::new(&a).unwrap();
+    let slot = base(&tenant);
+    tenant.write_memory(0, 0, &[0xAB; 4096]).unwrap();
+    tenant.write_memory(0, PAGE as u64 + 100, &[0xCD; 100]).unwrap();
+    allocator.fail_next_resets(1);
+    drop(tenant);
+    let next = Instance::new(&a).unwrap();
+    assert_eq!(base(&next), slot, "the only slot is reused");
+    let mut bytes = vec![0xffu8; 2 * PAGE];
+    next.read_memory(0, 0, &mut bytes).unwrap();
+    assert!(
+        bytes.iter().all(|&b| b == 0),
+        "a failed reset leaked the previous tenant's bytes"
+    );
+}
+
+#[test]
+fn exhaustion_and_oversized_modules_name_their_limit() {
+    let mut pooling = PoolingConfig::new();
+    pooling
+        .total_core_instances(2)
+        .total_memories(2)
+        .total_tables(2)
+        .max_memory_size(2 * PAGE)
+        .table_elements(8);
+    pooling.max_core_instance_size(256);
+    let (engine, _) = pool(&pooling);
+    let a = engine.load(module("a", 1)).unwrap();
+    let live = [Instance::new(&a).unwrap(), Instance::new(&a).unwrap()];
+    let error = Instance::new(&a).unwrap_err();
+    let limit = error
+        .chain()
+        .find_map(|e| e.downcast_ref::<LimitExceeded>())
+        .expect("typed");
+    assert_eq!((limit.limit, limit.value), ("total_core_instances", 2));
+    drop(live);
+
+    let error = engine.load(module("big", 3)).unwrap_err();
+    let limit = error
+        .chain()
+        .find_map(|e| e.downcast_ref::<LimitExceeded>())
+        .expect("typed");
+    assert_eq!(
+        (limit.limit, limit.value, limit.requested),
+        ("max_memory_size", 2 * PAGE as u64, 3 * PAGE as u64)
+    );
+    assert!(format!("{error:#}").contains("big"), "{error:#}");
+
+    let globals = (0..40).fold(Module::builder().name("globals"), |b, i| {
+        b.global(
+            GlobalType {
+                content: ValType::I64,
+                mutable: true,
+            },
+            GlobalInit::I64(i),
+        )
+    });
+    let error = format!("{:#}", engine.load(globals.build().unwrap()).unwrap_err());
+    assert!(
+        error.contains("max_core_instance_size") && error.contains("defined globals 40 x 16"),
+        "{error}"
+    );
+
+    let two = Module::builder()
+        .name("two")
+        .memory(MemoryType::new(0, None))
+        .memory(MemoryType::new(0, None));
+    let error = format!("{:#}", engine.load(two.build().unwrap()).unwrap_err());
+    assert!(error.contains("max_memories_per_module"), "{error}");
+}
+
+#[test]
+fn dropping_a_module_purges_its_warm_slots() {
+    let mut pooling = PoolingConfig::new();
+    pooling
+        .total_memories(4)
+        .total_tables(4)
+        .max_memory_size(1 << 20)
+        .table_elements(16);
+    pooling.linear_memory_keep_resident(PAGE);
+    let (engine, _) = pool(&pooling);
+    let a = engine.load(module("a", 1)).unwrap();
+    drop(Instance::new(&a).unwrap());
+    assert_eq!(engine.stats().warm_slots, 1);
+    assert_eq!(engine.stats().idle_resident_bytes, PAGE as u64);
+    drop(a);
+    assert_eq!(engine.stats().warm_slots, 0, "the module's warm slot was purged");
+    assert_eq!(
+        engine.stats().idle_resident_bytes,
+        0,
+        "and its resident pages given back"
+    );
+}
+
+#[test]
+fn the_pooling_strategy_is_built_from_the_config() {
+    let mut config = small_config();
+    let mut pooling = PoolingConfig::new();
+    pooling
+        .total_memories(2)
+        .total_tables(2)
+        .max_memory_size(1 << 20)
+        .table_elements(16);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+    let engine = Engine::new(&config).unwrap();
+    assert_eq!(engine.strategy_name(), "pooling");
+    let a = engine.load(module("a", 1)).unwrap();
+    let mut instance = Instance::new(&a).unwrap();
+    assert_eq!(instance.grow_memory(0, 20).unwrap(), None, "past max_memory_size");
+    assert_eq!(instance.grow_memory(0, 7).unwrap(), Some(1));
+    assert_eq!(
+        engine.stats().reserved_bytes,
+        2 * ((1 << 20) + PAGE as u64) + 2 * 4096
+    );
+
+    let mut absurd = PoolingConfig::new();
+    absurd.total_memories(u32::MAX).max_memory_size(1 << 40);
+    let mut config = small_config();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(absurd));
+    let error = format!("{:#}", Engine::new(&config).unwrap_err());
+    assert!(
+        error.contains("failed to reserve") || error.contains("overflows"),
+        "{error}"
+    );
+}
