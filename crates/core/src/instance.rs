@@ -11,7 +11,7 @@
 //! [`VMContext`] and the vmctx bytes extend past the nominal end of the type. So the block is
 //! made in two steps: [`InstanceBlock::new`] computes the layout from the offsets, allocates it
 //! zeroed and hands out where the memory and table definitions go; the caller writes them, then
-//! [`InstanceBlock::into_handle`] moves the `Instance` in. A block dropped before that frees
+//! `InstanceBlock::into_handle` (crate-private) moves the `Instance` in. A block dropped before that frees
 //! its buffer.
 
 use std::alloc::{self, Layout};
@@ -277,7 +277,7 @@ impl Instance {
 }
 
 /// The allocation of one instance block before the [`Instance`] is moved in: frees the buffer
-/// if dropped before [`InstanceBlock::into_handle`].
+/// if dropped before `InstanceBlock::into_handle` (crate-private).
 ///
 /// Invariant: `ptr` was allocated zeroed with `layout`, which holds an `Instance` plus
 /// `offsets.size_of_vmctx()` bytes of vmctx; `consumed` is true once ownership moved to a
@@ -478,7 +478,7 @@ impl InstanceHandle {
 ///
 /// # Safety
 ///
-/// `ptr` came from [`InstanceBlock::into_handle`] and was taken out of its handle; nothing
+/// `ptr` came from `InstanceBlock::into_handle` (crate-private) and was taken out of its handle; nothing
 /// uses it afterwards.
 pub(crate) unsafe fn free_instance(ptr: NonNull<Instance>) {
     /// Frees the block when dropped, also while unwinding.
