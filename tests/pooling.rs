@@ -27,6 +27,17 @@ fn pool(pooling: &PoolingConfig) -> (Engine, Arc<PoolingInstanceAllocator>) {
     (Engine::new(&config).unwrap(), allocator)
 }
 
+/// A pool of `n` memory and table slots of 1 MiB and 16 elements.
+fn slots(n: u32) -> PoolingConfig {
+    let mut pooling = PoolingConfig::new();
+    pooling
+        .total_memories(n)
+        .total_tables(n)
+        .max_memory_size(1 << 20)
+        .table_elements(16);
+    pooling
+}
+
 fn module(name: &str, pages: u64) -> Module {
     Module::builder()
         .name(name)
@@ -106,12 +117,7 @@ fn two_threads_never_share_a_slot_and_leave_nothing_behind() {
 
 #[test]
 fn a_module_gets_its_own_slot_back_and_others_take_cold_ones() {
-    let mut pooling = PoolingConfig::new();
-    pooling
-        .total_memories(4)
-        .total_tables(4)
-        .max_memory_size(1 << 20)
-        .table_elements(16);
+    let pooling = slots(4);
     let (engine, _) = pool(&pooling);
     let a = engine.load(module("a", 1)).unwrap();
     let b = engine.load(module("b", 1)).unwrap();
@@ -129,12 +135,7 @@ fn a_module_gets_its_own_slot_back_and_others_take_cold_ones() {
 
 #[test]
 fn keep_resident_resets_by_memset_without_decommits() {
-    let mut pooling = PoolingConfig::new();
-    pooling
-        .total_memories(2)
-        .total_tables(2)
-        .max_memory_size(1 << 20)
-        .table_elements(16);
+    let mut pooling = slots(2);
     pooling
         .linear_memory_keep_resident(PAGE)
         .table_keep_resident(4096);
@@ -172,12 +173,7 @@ fn keep_resident_resets_by_memset_without_decommits() {
 
 #[test]
 fn a_slot_whose_reset_failed_is_remapped_before_reuse() {
-    let mut pooling = PoolingConfig::new();
-    pooling
-        .total_memories(1)
-        .total_tables(1)
-        .max_memory_size(1 << 20)
-        .table_elements(16);
+    let pooling = slots(1);
     let (engine, allocator) = pool(&pooling);
     let a = engine.load(module("a", 2)).unwrap();
     let mut tenant = Instance::new(&a).unwrap();
@@ -253,12 +249,7 @@ fn exhaustion_and_oversized_modules_name_their_limit() {
 
 #[test]
 fn dropping_a_module_purges_its_warm_slots() {
-    let mut pooling = PoolingConfig::new();
-    pooling
-        .total_memories(4)
-        .total_tables(4)
-        .max_memory_size(1 << 20)
-        .table_elements(16);
+    let mut pooling = slots(4);
     pooling.linear_memory_keep_resident(PAGE);
     let (engine, _) = pool(&pooling);
     let a = engine.load(module("a", 1)).unwrap();
@@ -277,12 +268,7 @@ fn dropping_a_module_purges_its_warm_slots() {
 #[test]
 fn the_pooling_strategy_is_built_from_the_config() {
     let mut config = small_config();
-    let mut pooling = PoolingConfig::new();
-    pooling
-        .total_memories(2)
-        .total_tables(2)
-        .max_memory_size(1 << 20)
-        .table_elements(16);
+    let pooling = slots(2);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
     let engine = Engine::new(&config).unwrap();
     assert_eq!(engine.strategy_name(), "pooling");
