@@ -11,8 +11,8 @@ use anyhow::{Result, anyhow, bail};
 use berth_core::{
     AllocatorStats, DefinedMemoryIndex, DefinedTableIndex, GlobalInit, GlobalType, HostPtr,
     InstanceAllocationRequest, InstanceAllocatorImpl, Memory, MemoryAllocationIndex, MemoryType, Mmap,
-    Module, ModuleId, Table, TableAllocationIndex, TableType, VMFunctionImport, VMGlobalImport, VMOffsets,
-    ValType,
+    Module, ModuleId, Table, TableAllocationIndex, TableType, VMFunctionImport, VMGlobalDefinition,
+    VMGlobalImport, VMOffsets, ValType,
 };
 use berth_engine::{Config, Engine, Instance, InstanceAllocationStrategy, OwnedImports};
 
@@ -178,11 +178,20 @@ fn rich_module() -> Module {
             },
             GlobalInit::RefFunc(berth_core::FuncIndex::from_u32(4)),
         )
+        .global(
+            GlobalType { content: ValType::I64, mutable: false },
+            GlobalInit::GetGlobal(berth_core::GlobalIndex::from_u32(0)),
+        )
         .build()
         .unwrap()
 }
 
+/// The rich module's imports: two functions (never called: Berth only stores them) and an
+/// `i64` global holding 40, leaked so it outlives every instance.
 fn imports() -> OwnedImports {
+    let global = Box::leak(Box::new(VMGlobalDefinition {
+        storage: 40u128.to_le_bytes(),
+    }));
     OwnedImports {
         functions: vec![
             VMFunctionImport {
@@ -194,11 +203,16 @@ fn imports() -> OwnedImports {
                 vmctx: std::ptr::null_mut(),
             },
         ],
-        globals: vec![VMGlobalImport {
-            from: 0x3000 as *mut _,
-        }],
+        globals: vec![VMGlobalImport { from: global }],
         ..OwnedImports::default()
     }
+}
+
+/// An instantiation of `module` linked with [`imports`].
+fn linked(module: &berth_engine::LoadedModule) -> berth_engine::InstanceBuilder<'_> {
+    // SAFETY: the global points at a leaked, live definition; the function imports are never
+    // dereferenced by Berth (no code runs); the rich module imports no table or memory.
+    unsafe { Instance::builder(module).imports(imports()) }
 }
 
 /// Reads a `T` at `offset` in the instance's vmctx.
@@ -218,8 +232,7 @@ fn vmctx_read<T: Copy>(instance: &Instance, offset: u32) -> T {
 fn exercise(engine: &Engine) {
     let module = engine.load(rich_module()).unwrap();
     let offsets = *module.offsets();
-    let mut instance = Instance::builder(&module)
-        .imports(imports())
+    let mut instance = linked(&module)
         .func_resolver(|f| 0x10_0000 + f.as_u32() as usize)
         .host_state(String::from("tenant 7"))
         .instantiate()
@@ -239,7 +252,10 @@ fn exercise(engine: &Engine) {
         &instance,
         offsets.vmctx_vmglobal_import(berth_core::GlobalIndex::from_u32(0)),
     );
-    assert_eq!(g0.from as usize, 0x3000);
+    // SAFETY: the import points at the leaked definition made by `imports`.
+    assert_eq!(u128::from_le_bytes(unsafe { g0.from.read() }.storage), 40);
+    // A global initialized with `global.get` of the import read it at instantiation.
+    assert_eq!(&instance.global(3).unwrap().storage[..8], &40i64.to_le_bytes());
 
     // Globals hold their initial values; ref.func went through the resolver.
     assert_eq!(&instance.global(1).unwrap().storage[..4], &(-7i32).to_le_bytes());
@@ -308,10 +324,7 @@ fn exercise(engine: &Engine) {
     drop(instance);
 
     // A new tenant sees none of the old one's bytes.
-    let second = Instance::builder(&module)
-        .imports(imports())
-        .instantiate()
-        .unwrap();
+    let second = linked(&module).instantiate().unwrap();
     let mut buf = vec![0xffu8; 2 * PAGE];
     second.read_memory(1, 0, &mut buf).unwrap();
     assert!(
@@ -479,10 +492,7 @@ const _: fn() = || assert_send::<Instance>();
 fn out_of_range_indices_are_errors_not_panics() {
     let engine = Engine::new(&Config::new()).unwrap();
     let module = engine.load(rich_module()).unwrap();
-    let mut instance = Instance::builder(&module)
-        .imports(imports())
-        .instantiate()
-        .unwrap();
+    let mut instance = linked(&module).instantiate().unwrap();
     let mut buf = [0u8; 1];
     for index in [2, 1000, u32::MAX] {
         assert!(instance.read_memory(index, 0, &mut buf).is_err());

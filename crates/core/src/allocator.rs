@@ -8,7 +8,7 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 use cranelift_entity::{EntityRef, PrimaryMap};
 
 use crate::index::{
@@ -225,7 +225,7 @@ pub trait InstanceAllocator: InstanceAllocatorImpl {
             &guard.tables,
             &memory_definitions,
             &table_definitions,
-        );
+        )?;
         let (memories, tables) = guard.defuse();
         Ok(block.into_handle(module.clone(), memories, tables, request.host_state))
     }
@@ -391,7 +391,7 @@ fn write_vmctx(
     tables: &TableMap,
     memory_definitions: &[std::ptr::NonNull<VMMemoryDefinition>],
     table_definitions: &[std::ptr::NonNull<crate::VMTableDefinition>],
-) {
+) -> Result<()> {
     let offsets = request.offsets;
     let module = request.module;
     /// Writes `value` at vmctx `offset`.
@@ -428,6 +428,15 @@ fn write_vmctx(
     }
     for (index, _, init) in module.defined_globals() {
         let bits: u128 = match *init {
+            GlobalInit::GetGlobal(g) => {
+                let import = imports.globals.get(g.as_u32() as usize).copied();
+                let from = import.map(|i| i.from).filter(|p| !p.is_null());
+                let from =
+                    from.ok_or_else(|| anyhow!("imported global {} is missing or null", g.as_u32()))?;
+                // SAFETY: `allocate_module`'s caller promises the imports point at live
+                // definitions; this one is non-null (checked).
+                u128::from_le_bytes(unsafe { from.read() }.storage)
+            }
             GlobalInit::I32(v) => u128::from(u32::from_ne_bytes(v.to_ne_bytes())),
             GlobalInit::I64(v) => u128::from(u64::from_ne_bytes(v.to_ne_bytes())),
             GlobalInit::F32(v) => u128::from(v),
@@ -441,4 +450,5 @@ fn write_vmctx(
         };
         put(block, offsets.vmctx_vmglobal_definition(index), global);
     }
+    Ok(())
 }

@@ -233,6 +233,26 @@ impl Instance {
         Some(unsafe { self.vmctx_field::<VMTableDefinition>(offset).read() })
     }
 
+    /// Reads the `T` at vmctx `offset`.
+    ///
+    /// # Panics
+    ///
+    /// If the field is not inside the vmctx or misaligned: a caller bug.
+    pub(crate) fn read_vmctx<T: Copy>(&self, offset: u32) -> T {
+        let end = offset as usize + size_of::<T>();
+        assert!(
+            end <= self.offsets.size_of_vmctx() as usize,
+            "vmctx field at {offset} out of range"
+        );
+        assert!(
+            (offset as usize).is_multiple_of(align_of::<T>()),
+            "vmctx field at {offset} misaligned"
+        );
+        // SAFETY: inside the vmctx and aligned (asserted); the block was zeroed and then
+        // written with values of the field's type.
+        unsafe { self.vmctx_field::<T>(offset).read() }
+    }
+
     /// A pointer to the vmctx field at `offset`.
     ///
     /// # Safety

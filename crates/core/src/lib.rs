@@ -22,12 +22,15 @@
 
 mod allocator;
 mod error;
+mod image;
 mod index;
+mod init;
 mod instance;
 mod limiter;
 mod memory;
 mod mmap;
 mod module;
+mod segments;
 pub mod sys;
 mod table;
 mod tunables;
@@ -39,15 +42,18 @@ pub use allocator::{
     AllocatorStats, Imports, InstanceAllocationRequest, InstanceAllocator, InstanceAllocatorImpl,
 };
 pub use error::{LimitExceeded, LimiterDenied, OutOfBounds};
+pub use image::MemoryImage;
 pub use index::{
     DefinedGlobalIndex, DefinedMemoryIndex, DefinedTableIndex, FuncIndex, GlobalIndex, MemoryAllocationIndex,
     MemoryIndex, OwnedMemoryIndex, TableAllocationIndex, TableIndex,
 };
+pub use init::initialize;
 pub use instance::{Instance, InstanceBlock, InstanceHandle};
 pub use limiter::ResourceLimiter;
 pub use memory::Memory;
 pub use mmap::Mmap;
 pub use module::{Module, ModuleBuilder, ModuleId};
+pub use segments::{ConstExpr, DataKind, DataSegment, ElementItem, ElementKind, ElementSegment};
 pub use table::Table;
 pub use tunables::{MAX_RESERVATION, Tunables};
 pub use types::{

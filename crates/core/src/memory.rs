@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::error::OutOfBounds;
+use crate::image::MemoryImage;
 use crate::limiter::{Resource, ResourceLimiter, admit_initial};
 use crate::mmap::Mmap;
 use crate::sys;
@@ -44,6 +45,8 @@ pub struct Memory {
     maximum: Option<usize>,
     /// A backend's count of reserved bytes, kept current across moves and on drop.
     reservation_counter: Option<Arc<AtomicU64>>,
+    /// The copy-on-write image mapped over the start of the memory, if any.
+    image: Option<Arc<MemoryImage>>,
 }
 
 #[derive(Debug)]
@@ -134,6 +137,7 @@ impl Memory {
             byte_size,
             maximum,
             reservation_counter: None,
+            image: None,
         })
     }
 
@@ -200,6 +204,7 @@ impl Memory {
             byte_size,
             maximum,
             reservation_counter: None,
+            image: None,
         })
     }
 
@@ -253,6 +258,42 @@ impl Memory {
         if let Some(previous) = self.reservation_counter.replace(counter) {
             previous.fetch_sub(self.reserved_bytes() as u64, Ordering::Relaxed);
         }
+    }
+
+    /// The copy-on-write image mapped over this memory, if any: its data segments need not
+    /// be copied.
+    pub fn image(&self) -> Option<&Arc<MemoryImage>> {
+        self.image.as_ref()
+    }
+
+    /// Maps `image` over the start of this memory (one `mmap`), so its initial data is in place
+    /// without a copy. The image must lie within the accessible bytes.
+    pub fn map_image(&mut self, image: Arc<MemoryImage>) -> Result<()> {
+        let end = image.offset().checked_add(image.len());
+        if end.is_none_or(|end| end > self.accessible_bytes()) {
+            bail!(
+                "memory image of {:#x} bytes at {:#x} does not fit {:#x} accessible bytes",
+                image.len(),
+                image.offset(),
+                self.accessible_bytes()
+            );
+        }
+        let base = NonNull::new(self.base()).ok_or_else(|| anyhow!("memory has a null base"))?;
+        // SAFETY: the image lies within our accessible bytes (checked), which this memory uses
+        // exclusively; `&mut self` means no reference into them is live.
+        unsafe { image.map_at(base)? };
+        self.image = Some(image);
+        Ok(())
+    }
+
+    /// Records that `image` is already mapped over this memory (a pool slot that kept it).
+    ///
+    /// # Safety
+    ///
+    /// `image` is mapped at this memory's base plus its offset, unmodified since its last reset,
+    /// and lies within the accessible bytes.
+    pub unsafe fn assume_image(&mut self, image: Arc<MemoryImage>) {
+        self.image = Some(image);
     }
 
     /// Whether the memory lives in a backend's slot (and so never moves).
@@ -379,6 +420,8 @@ impl Memory {
                     new_bytes,
                 ) {
                     Some((new_mmap, new_capacity)) => {
+                        // The contents were copied; the image mapping stayed behind.
+                        self.image = None;
                         if let Some(counter) = &self.reservation_counter {
                             counter.fetch_add(new_mmap.len() as u64, Ordering::Relaxed);
                             counter.fetch_sub(mmap.len() as u64, Ordering::Relaxed);

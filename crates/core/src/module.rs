@@ -7,15 +7,18 @@
 //! anyone; the builder checks every type, so a built `Module` is always well-formed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result, bail};
 use cranelift_entity::{EntityRef, PrimaryMap};
 
+use crate::image::MemoryImage;
 use crate::index::{
     DefinedGlobalIndex, DefinedMemoryIndex, DefinedTableIndex, GlobalIndex, MemoryIndex, OwnedMemoryIndex,
     TableIndex,
 };
-use crate::types::{GlobalInit, GlobalType, MemoryType, TableType};
+use crate::segments::{ConstExpr, DataKind, DataSegment, ElementItem, ElementKind, ElementSegment};
+use crate::types::{GlobalInit, GlobalType, MemoryType, TableType, ValType};
 
 /// A process-unique module identity. Backends key per-module state (warm slots, images) on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -47,6 +50,9 @@ pub struct Module {
     tables: PrimaryMap<TableIndex, TableType>,
     globals: PrimaryMap<GlobalIndex, GlobalType>,
     global_inits: PrimaryMap<DefinedGlobalIndex, GlobalInit>,
+    data: Vec<DataSegment>,
+    elements: Vec<ElementSegment>,
+    images: OnceLock<PrimaryMap<DefinedMemoryIndex, Option<Arc<MemoryImage>>>>,
 }
 
 impl Module {
@@ -159,6 +165,30 @@ impl Module {
             .map(|(ty, (i, init))| (i, ty, init))
     }
 
+    /// The data segments, in module order.
+    pub fn data_segments(&self) -> &[DataSegment] {
+        &self.data
+    }
+
+    /// The element segments, in module order.
+    pub fn element_segments(&self) -> &[ElementSegment] {
+        &self.elements
+    }
+
+    /// The copy-on-write image of defined memory `index`'s initial data, built (for every
+    /// memory at once) the first time any is asked for; `None` if the memory's data cannot be
+    /// an image (see [`MemoryImage`]) or building it failed, in which case the data is copied.
+    pub fn memory_image(&self, index: DefinedMemoryIndex) -> Option<Arc<MemoryImage>> {
+        let images = self.images.get_or_init(|| {
+            let mut images = PrimaryMap::new();
+            for (defined, _) in self.defined_memories() {
+                images.push(MemoryImage::build(self, defined).ok().flatten().map(Arc::new));
+            }
+            images
+        });
+        images.get(index).cloned().flatten()
+    }
+
     /// The defined index of memory `index`, or `None` if it is imported or does not exist.
     pub fn defined_memory_index(&self, index: MemoryIndex) -> Option<DefinedMemoryIndex> {
         self.memories.get(index)?;
@@ -220,6 +250,8 @@ pub struct ModuleBuilder {
     memories: Vec<(bool, MemoryType)>,
     tables: Vec<(bool, TableType)>,
     globals: Vec<(GlobalType, Option<GlobalInit>)>,
+    data: Vec<DataSegment>,
+    elements: Vec<ElementSegment>,
 }
 
 impl ModuleBuilder {
@@ -277,6 +309,18 @@ impl ModuleBuilder {
         self
     }
 
+    /// Adds a data segment.
+    pub fn data(mut self, segment: DataSegment) -> Self {
+        self.data.push(segment);
+        self
+    }
+
+    /// Adds an element segment.
+    pub fn element(mut self, segment: ElementSegment) -> Self {
+        self.elements.push(segment);
+        self
+    }
+
     /// Checks everything and builds the module.
     pub fn build(self) -> Result<Module> {
         let name = self.name.as_deref().unwrap_or("<unnamed>");
@@ -318,6 +362,20 @@ impl ModuleBuilder {
                         ty.content
                     );
                 }
+                if let GlobalInit::GetGlobal(g) = init {
+                    let imported = self
+                        .globals
+                        .get(g.as_u32() as usize)
+                        .filter(|(_, init)| init.is_none());
+                    match imported {
+                        Some((source, _)) if source.content == ty.content => {}
+                        _ => bail!(
+                            "module {name}: global {i} is initialized from global {}, which is not an imported {:?} global",
+                            g.as_u32(),
+                            ty.content
+                        ),
+                    }
+                }
                 if let GlobalInit::RefFunc(f) = init
                     && u64::from(f.as_u32()) >= self.num_imported_funcs + self.num_defined_funcs
                 {
@@ -332,6 +390,58 @@ impl ModuleBuilder {
         }
         u32::try_from(globals.len()).map_err(|_| too_many("globals", globals.len()))?;
 
+        let offset_ok = |what: String, offset: &ConstExpr, is64: bool| -> Result<()> {
+            let ok = match offset {
+                ConstExpr::I32(_) => !is64,
+                ConstExpr::I64(_) => is64,
+                ConstExpr::GlobalGet(g) => {
+                    let want = if is64 { ValType::I64 } else { ValType::I32 };
+                    (g.as_u32() as usize) < self.globals.len()
+                        && g.as_u32() < num_imported_globals
+                        && globals[*g].content == want
+                }
+            };
+            if !ok {
+                bail!(
+                    "module {name}: {what} has offset {offset:?}, which is not a constant of its index type"
+                );
+            }
+            Ok(())
+        };
+        let total_funcs = self.num_imported_funcs + self.num_defined_funcs;
+        for (i, segment) in self.data.iter().enumerate() {
+            if let DataKind::Active { memory, offset } = &segment.kind {
+                let Some(ty) = memories.get(*memory) else {
+                    bail!(
+                        "module {name}: data segment {i} targets memory {}, which does not exist",
+                        memory.as_u32()
+                    );
+                };
+                offset_ok(format!("data segment {i}"), offset, ty.memory64)?;
+            }
+        }
+        for (i, segment) in self.elements.iter().enumerate() {
+            if let ElementKind::Active { table, offset } = &segment.kind {
+                let Some(ty) = tables.get(*table) else {
+                    bail!(
+                        "module {name}: element segment {i} targets table {}, which does not exist",
+                        table.as_u32()
+                    );
+                };
+                offset_ok(format!("element segment {i}"), offset, ty.table64)?;
+            }
+            for item in &segment.items {
+                if let ElementItem::Func(f) = item
+                    && u64::from(f.as_u32()) >= total_funcs
+                {
+                    bail!(
+                        "module {name}: element segment {i} refers to function {}, which does not exist",
+                        f.as_u32()
+                    );
+                }
+            }
+        }
+
         Ok(Module {
             id: ModuleId::next(),
             name: self.name,
@@ -344,6 +454,9 @@ impl ModuleBuilder {
             tables,
             globals,
             global_inits,
+            data: self.data,
+            elements: self.elements,
+            images: OnceLock::new(),
         })
     }
 }

@@ -7,6 +7,9 @@
 use std::io;
 use std::ptr::{self, NonNull};
 
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use rustix::fs;
 use rustix::mm::{self, Advice, MapFlags, MprotectFlags, ProtFlags};
 
 /// The host page size in bytes.
@@ -115,6 +118,54 @@ pub unsafe fn reset_to_reserved(ptr: NonNull<u8>, len: usize) -> io::Result<()> 
         )?
     };
     if new.cast::<u8>() != ptr.as_ptr() {
+        return Err(io::Error::other("MAP_FIXED mapped somewhere else"));
+    }
+    Ok(())
+}
+
+/// Creates a sealed in-memory file holding `bytes` (a copy-on-write memory image): its size,
+/// contents and seals can no longer change.
+pub fn create_image_file(bytes: &[u8]) -> io::Result<OwnedFd> {
+    let fd = fs::memfd_create(
+        "berth-memory-image",
+        fs::MemfdFlags::CLOEXEC | fs::MemfdFlags::ALLOW_SEALING,
+    )?;
+    fs::ftruncate(&fd, bytes.len() as u64)?;
+    let mut written = 0;
+    while written < bytes.len() {
+        let n = rustix::io::pwrite(&fd, &bytes[written..], written as u64)?;
+        if n == 0 {
+            return Err(io::Error::other("short write to a memory image file"));
+        }
+        written += n;
+    }
+    fs::fcntl_add_seals(
+        &fd,
+        fs::SealFlags::SHRINK | fs::SealFlags::GROW | fs::SealFlags::WRITE | fs::SealFlags::SEAL,
+    )?;
+    Ok(fd)
+}
+
+/// Maps `len` bytes of `fd` from its start at `ptr`, private and copy-on-write, readable
+/// and writable, replacing whatever was mapped there.
+///
+/// # Safety
+///
+/// `ptr..ptr + len` is page-aligned, inside a mapping made by [`reserve`], owned by the
+/// caller, and no Rust reference into it is live; `fd` holds at least `len` bytes.
+pub unsafe fn map_image(ptr: NonNull<u8>, len: usize, fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: `MAP_FIXED` replaces only the caller's own range, which nothing references.
+    let mapped = unsafe {
+        mm::mmap(
+            ptr.as_ptr().cast(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::FIXED,
+            fd,
+            0,
+        )?
+    };
+    if mapped.cast::<u8>() != ptr.as_ptr() {
         return Err(io::Error::other("MAP_FIXED mapped somewhere else"));
     }
     Ok(())

@@ -29,6 +29,9 @@ pub struct Tunables {
     /// Whether a memory may be moved (re-reserved and copied) when it grows past its
     /// reservation. Code compiled with `false` may cache a memory's base. Default: `true`.
     pub memory_may_move: bool,
+    /// Whether a memory's initial data is mapped from a copy-on-write image instead of being
+    /// copied at each instantiation. Default: `true`.
+    pub memory_init_cow: bool,
 }
 
 const GIB: u64 = 1 << 30;
@@ -42,6 +45,7 @@ impl Default for Tunables {
                 guard_before_linear_memory: false,
                 memory_reservation_for_growth: 2 * GIB,
                 memory_may_move: true,
+                memory_init_cow: true,
             }
         } else {
             Tunables {
@@ -50,6 +54,7 @@ impl Default for Tunables {
                 guard_before_linear_memory: false,
                 memory_reservation_for_growth: 1 << 20,
                 memory_may_move: true,
+                memory_init_cow: true,
             }
         }
     }

@@ -208,6 +208,8 @@ pub enum GlobalInit {
     RefNull,
     /// `ref.func`.
     RefFunc(crate::FuncIndex),
+    /// `global.get` of an imported global of the same type, read at instantiation.
+    GetGlobal(crate::GlobalIndex),
 }
 
 impl GlobalInit {
@@ -222,6 +224,7 @@ impl GlobalInit {
                 | (GlobalInit::V128(_), ValType::V128)
                 | (GlobalInit::RefNull, ValType::FuncRef | ValType::ExternRef)
                 | (GlobalInit::RefFunc(_), ValType::FuncRef)
+                | (GlobalInit::GetGlobal(_), _)
         )
     }
 }

@@ -49,7 +49,14 @@ impl std::fmt::Debug for InstanceBuilder<'_> {
 
 impl<'m> InstanceBuilder<'m> {
     /// The imports to link with (none by default).
-    pub fn imports(mut self, imports: OwnedImports) -> Self {
+    ///
+    /// # Safety
+    ///
+    /// Every pointer in `imports` points at a live definition of the right type that outlives
+    /// the instance: instantiation reads imported globals (for `global.get` initializers and
+    /// segment offsets) and writes imported tables and memories (active segments) through them,
+    /// and compiled code given the vmctx will use them too.
+    pub unsafe fn imports(mut self, imports: OwnedImports) -> Self {
         self.imports = imports;
         self
     }
@@ -93,20 +100,23 @@ impl<'m> InstanceBuilder<'m> {
             limiter: limiter.as_deref_mut().map(|l| l as &mut dyn ResourceLimiter),
             func_resolver: &*resolver,
         };
+        let name = inner.module.name().unwrap_or("<unnamed>");
         // SAFETY: the module was validated by this engine's allocator in `Engine::load`, with
-        // these offsets; the imports are only written into the vmctx, which no code of ours
-        // dereferences.
-        let handle = unsafe { engine.allocator().allocate_module(request) }.with_context(|| {
-            format!(
-                "failed to instantiate module {}",
-                inner.module.name().unwrap_or("<unnamed>")
-            )
-        })?;
-        Ok(Instance {
+        // these offsets; the imports are live (the contract of `InstanceBuilder::imports`, or
+        // none at all).
+        let handle = unsafe { engine.allocator().allocate_module(request) }
+            .with_context(|| format!("failed to instantiate module {name}"))?;
+        // From here on the instance gives its resources back when dropped, also if
+        // initialization fails.
+        let mut instance = Instance {
             handle,
             module: self.module.clone(),
             limiter,
-        })
+        };
+        // SAFETY: as above, the imports are live.
+        unsafe { berth_core::initialize(instance.handle.instance_mut(), &*resolver) }
+            .with_context(|| format!("failed to initialize module {name}"))?;
+        Ok(instance)
     }
 }
 

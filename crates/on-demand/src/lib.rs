@@ -170,6 +170,17 @@ unsafe impl InstanceAllocatorImpl for OnDemandInstanceAllocator {
             Ok(mut memory) => {
                 // Counted while the memory lives, current across moves.
                 memory.track_reservation(self.reserved.clone());
+                if request.tunables.memory_init_cow
+                    && let Some(image) = request.module.memory_image(memory_index)
+                    && let Err(error) = memory.map_image(image)
+                {
+                    drop(memory);
+                    release(&self.memories);
+                    return Err(error.context(format!(
+                        "failed to map the image of memory {}",
+                        memory_index.as_u32()
+                    )));
+                }
                 Ok((MemoryAllocationIndex::default(), memory))
             }
             Err(error) => {

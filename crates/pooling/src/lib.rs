@@ -19,8 +19,8 @@ mod memory_pool;
 mod slots;
 mod table_pool;
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use berth_core::{
@@ -36,7 +36,7 @@ use memory_pool::{MemoryPool, MemoryReset, SlotInfo};
 use table_pool::{TablePool, TableReset};
 
 /// A reset waiting in the decommit queue.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Reset {
     Memory(MemoryReset),
     Table(TableReset),
@@ -297,12 +297,30 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
             anyhow::bail!("the pool was built for other tunables than this request's");
         }
         let key = (request.module.id(), memory_index);
+        let wanted = if self.tunables.memory_init_cow {
+            request.module.memory_image(memory_index)
+        } else {
+            None
+        };
         let (slot, mut info) = self.take_memory(key)?;
-        if info.needs_remap {
+        // A slot holding another module's image (or one this memory must not see) starts
+        // again from a fresh reservation, as does one whose last reset failed.
+        let foreign_image = match (&info.image, &wanted) {
+            (Some(have), Some(want)) => !Arc::ptr_eq(have, want),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if info.needs_remap || foreign_image {
             match self.memories.remap(slot) {
                 Ok(fresh) => info = fresh,
                 Err(error) => {
-                    self.memories.untake(slot, info);
+                    self.memories.untake(
+                        slot,
+                        SlotInfo {
+                            needs_remap: true,
+                            ..SlotInfo::default()
+                        },
+                    );
                     return Err(error);
                 }
             }
@@ -310,7 +328,8 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         let base = self.memories.slot_base(slot);
         // SAFETY: the slot is ours alone until deallocation (the slot allocator hands it out
         // once); its reservation is page-aligned inside the pool's mapping, which outlives every
-        // memory; `info.accessible` bytes are readable, writable and zero, the rest PROT_NONE.
+        // memory; `info.accessible` bytes are readable and writable, reading as zeros or as
+        // `info.image` (which this memory wants), the rest `PROT_NONE` and zero.
         let memory = unsafe {
             Memory::new_static(
                 ty,
@@ -320,6 +339,16 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
                 request.limiter.as_deref_mut(),
             )
         };
+        let memory = memory.and_then(|mut memory| {
+            match (info.image, wanted) {
+                // SAFETY: the slot kept this very image mapped, and its reset brought back
+                // the image's bytes; it lies within the initial size, now accessible.
+                (Some(kept), Some(_)) => unsafe { memory.assume_image(kept) },
+                (None, Some(image)) => memory.map_image(image)?,
+                _ => {}
+            }
+            Ok(memory)
+        });
         match memory {
             Ok(memory) => {
                 self.live_memories.fetch_add(1, Ordering::AcqRel);
@@ -356,6 +385,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
             .map_or(0, |b| usize::try_from(b).unwrap_or(0));
         let reset = MemoryReset {
             slot: allocation_index.as_u32(),
+            image: memory.image().cloned(),
             accessible: memory.accessible_bytes(),
             initial: initial.next_multiple_of(page),
         };

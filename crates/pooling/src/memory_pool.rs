@@ -14,10 +14,10 @@
 //! its reservation) before its next use, so a failed reset can never leak a byte.
 
 use std::ptr::NonNull;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow};
-use berth_core::{DefinedMemoryIndex, Mmap, ModuleId, sys};
+use berth_core::{DefinedMemoryIndex, MemoryImage, Mmap, ModuleId, sys};
 
 use crate::layout::PoolLayout;
 use crate::slots::{SlotAllocator, SlotId};
@@ -26,20 +26,25 @@ use crate::slots::{SlotAllocator, SlotId};
 pub(crate) type MemoryKey = (ModuleId, DefinedMemoryIndex);
 
 /// What a memory slot holds while it is not handed out.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct SlotInfo {
-    /// Bytes from the slot's start that are readable and writable (all read as zeros).
+    /// Bytes from the slot's start that are readable and writable (all reading as zeros, or
+    /// as the image where one is mapped).
     pub accessible: usize,
-    /// Bytes from the slot's start that were zeroed by `memset` and so are resident.
+    /// Bytes from the slot's start that were reset by `memset` and so are resident.
     pub resident: usize,
     /// The last reset failed: re-map before use.
     pub needs_remap: bool,
+    /// The copy-on-write image mapped in the slot, as its last reset left it.
+    pub image: Option<Arc<MemoryImage>>,
 }
 
 /// A slot taken back from a tenant, to be reset.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct MemoryReset {
     pub slot: SlotId,
+    /// The image mapped in the slot, whose bytes the reset brings back.
+    pub image: Option<Arc<MemoryImage>>,
     /// Bytes the tenant could write (its size at deallocation, page-rounded).
     pub accessible: usize,
     /// The module's initial size for this memory, page-rounded: what stays accessible.
@@ -114,7 +119,7 @@ impl MemoryPool {
     pub fn take(&self, key: MemoryKey) -> Option<(SlotId, SlotInfo)> {
         let mut state = self.lock();
         let (slot, _choice) = state.slots.alloc(Some(key))?;
-        let info = state.info[slot as usize];
+        let info = std::mem::take(&mut state.info[slot as usize]);
         state.idle_resident -= info.resident;
         state.owner[slot as usize] = Some(key);
         Some((slot, info))
@@ -150,6 +155,19 @@ impl MemoryPool {
         // SAFETY: the slot was given back by its tenant and is not in the allocator, so this
         // thread alone touches it; `keep <= accessible` bytes are readable and writable.
         unsafe { base.as_ptr().write_bytes(0, keep) };
+        if let Some(image) = &job.image {
+            // Kept-resident bytes that the image covers go back to the image's contents.
+            let end = (image.offset() + image.len()).min(keep);
+            if end > image.offset() {
+                let source = &image.bytes()[..end - image.offset()];
+                // SAFETY: as above; `image.offset()..end` lies within the `keep` bytes.
+                unsafe {
+                    base.add(image.offset())
+                        .as_ptr()
+                        .copy_from_nonoverlapping(source.as_ptr(), source.len())
+                };
+            }
+        }
         if job.accessible > keep {
             *decommits += 1;
             // SAFETY: as above; `keep..accessible` is inside the slot's reservation.
@@ -168,6 +186,7 @@ impl MemoryPool {
             accessible: initial,
             resident: keep,
             needs_remap: false,
+            image: job.image.clone(),
         }
     }
 
@@ -181,35 +200,26 @@ impl MemoryPool {
             state.slots.free_cold(slot);
             return;
         }
-        state.info[slot as usize] = info;
         state.idle_resident += info.resident;
+        state.info[slot as usize] = info;
         if let Some((evicted, _)) = state.slots.free(slot, key) {
             self.make_cold(&mut state, evicted);
         }
     }
 
-    /// Gives a slot that just turned cold back to the kernel. Runs under the lock: a cold slot
-    /// can be handed out as soon as the lock is released.
+    /// Gives a slot that just turned cold back to the kernel: one fresh `PROT_NONE` mapping
+    /// over its reservation drops its resident pages and its image. Runs under the lock: a
+    /// cold slot can be handed out as soon as the lock is released.
     fn make_cold(&self, state: &mut State, slot: SlotId) {
-        let info = state.info[slot as usize];
+        let info = std::mem::take(&mut state.info[slot as usize]);
         state.idle_resident -= info.resident;
-        let base = self.slot_base(slot);
-        let mut ok = true;
-        if info.resident > 0 {
-            // SAFETY: the slot is idle and the lock is held, so no one else touches it.
-            ok &= unsafe { sys::decommit(base, info.resident) }.is_ok();
-        }
-        if info.accessible > 0 {
-            // SAFETY: as above.
-            ok &= unsafe { sys::make_inaccessible(base, info.accessible) }.is_ok();
-        }
-        state.info[slot as usize] = if ok {
-            SlotInfo::default()
-        } else {
-            SlotInfo {
-                needs_remap: true,
-                ..SlotInfo::default()
-            }
+        let len = self.layout.memory_reservation;
+        // SAFETY: the slot is idle and the lock is held, so no one else touches it; its
+        // reservation is inside the pool's mapping.
+        let ok = unsafe { sys::reset_to_reserved(self.slot_base(slot), len) }.is_ok();
+        state.info[slot as usize] = SlotInfo {
+            needs_remap: !ok,
+            ..SlotInfo::default()
         };
     }
 

@@ -85,6 +85,7 @@ pub fn suite_tunables() -> Tunables {
         guard_before_linear_memory: true,
         memory_reservation_for_growth: 64 << 10,
         memory_may_move: true,
+        memory_init_cow: true,
     }
 }
 

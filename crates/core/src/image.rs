@@ -1,0 +1,116 @@
+//! Copy-on-write memory images: a module's initial data, written once into a sealed memfd
+//! and mapped `MAP_PRIVATE | MAP_FIXED` over the start of each new memory, so instantiation
+//! copies no byte and a reset (`madvise(MADV_DONTNEED)`) brings the image back.
+//!
+//! A memory gets an image only if every active data segment targeting it has a constant
+//! offset and ends within the memory's initial size: then applying the image is exactly
+//! applying the segments in order. Otherwise (a `global.get` offset, a segment out of bounds,
+//! which must fail instantiation) its segments are copied at instantiation, in order.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::NonNull;
+
+use anyhow::{Context, Result};
+
+use crate::index::DefinedMemoryIndex;
+use crate::module::Module;
+use crate::segments::{ConstExpr, DataKind};
+use crate::sys;
+
+/// One memory's initial data as a sealed in-memory file.
+///
+/// Invariants: `offset` and `bytes.len()` are multiples of the host page size; the file holds
+/// exactly `bytes`; `offset + bytes.len()` is at most the memory's initial size rounded up to a
+/// host page.
+#[derive(Debug)]
+pub struct MemoryImage {
+    fd: OwnedFd,
+    offset: usize,
+    bytes: Box<[u8]>,
+}
+
+impl MemoryImage {
+    /// The image of defined memory `index` of `module`, or `None` if it has no data or its data
+    /// cannot be an image.
+    pub(crate) fn build(module: &Module, index: DefinedMemoryIndex) -> Result<Option<MemoryImage>> {
+        let Some(memory) = module.memory_index(index) else {
+            return Ok(None);
+        };
+        let ty = &module.memories()[memory];
+        let Some(initial) = ty.minimum_bytes().and_then(|b| usize::try_from(b).ok()) else {
+            return Ok(None);
+        };
+        let mut placed = Vec::new();
+        for segment in module.data_segments() {
+            let DataKind::Active {
+                memory: target,
+                offset,
+            } = segment.kind
+            else {
+                continue;
+            };
+            if target != memory {
+                continue;
+            }
+            let offset = match offset {
+                ConstExpr::I32(v) => u64::from(u32::from_ne_bytes(v.to_ne_bytes())),
+                ConstExpr::I64(v) => u64::from_ne_bytes(v.to_ne_bytes()),
+                ConstExpr::GlobalGet(_) => return Ok(None),
+            };
+            let start = usize::try_from(offset).ok();
+            match start.and_then(|s| Some((s, s.checked_add(segment.data.len())?))) {
+                Some((start, end)) if end <= initial => placed.push((start, &segment.data)),
+                _ => return Ok(None),
+            }
+        }
+        let placed: Vec<_> = placed.into_iter().filter(|(_, data)| !data.is_empty()).collect();
+        let (Some(low), Some(high)) = (
+            placed.iter().map(|(start, _)| *start).min(),
+            placed.iter().map(|(start, data)| start + data.len()).max(),
+        ) else {
+            return Ok(None);
+        };
+        let page = sys::page_size();
+        let offset = low / page * page;
+        let end = high.next_multiple_of(page);
+        let mut bytes = vec![0u8; end - offset].into_boxed_slice();
+        for (start, data) in placed {
+            bytes[start - offset..start - offset + data.len()].copy_from_slice(data);
+        }
+        let fd = sys::create_image_file(&bytes)
+            .with_context(|| format!("failed to create a memory image of {:#x} bytes", bytes.len()))?;
+        Ok(Some(MemoryImage { fd, offset, bytes }))
+    }
+
+    /// Where the image starts in the memory (page-aligned).
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Bytes the image covers (page-aligned).
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether the image is empty (never: empty images are not built).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The image's bytes (what the memory reads at `offset..offset + len` after mapping).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Maps the image over the memory starting at `base`.
+    ///
+    /// # Safety
+    ///
+    /// `base + offset .. base + offset + len` lies inside the accessible part of a memory
+    /// the caller has exclusive use of, with no Rust reference into it live.
+    pub(crate) unsafe fn map_at(&self, base: NonNull<u8>) -> Result<()> {
+        // SAFETY: the range is the caller's (contract above); the file holds `len` bytes.
+        unsafe { sys::map_image(base.add(self.offset), self.bytes.len(), self.fd.as_fd()) }
+            .with_context(|| format!("failed to map a memory image of {:#x} bytes", self.bytes.len()))
+    }
+}

@@ -1,0 +1,204 @@
+//! Instance initialization: active element segments fill tables, then active data segments
+//! fill memories, in module order, bounds-checked (an out-of-bounds segment is an error, never
+//! a write outside the target). Data already in place through a copy-on-write image is not
+//! copied again.
+
+use std::pin::Pin;
+
+use anyhow::{Context, Result, bail};
+
+use crate::error::OutOfBounds;
+use crate::index::{FuncIndex, GlobalIndex, MemoryIndex, TableIndex};
+use crate::instance::Instance;
+use crate::segments::{ConstExpr, DataKind, ElementItem, ElementKind};
+use crate::vmcontext::{VMGlobalImport, VMMemoryImport, VMTableImport};
+
+/// Applies `instance`'s active element and data segments. `resolver` turns a function
+/// index into a table element word (as in the allocation request).
+///
+/// On error (a segment out of bounds, an offset that does not fit) the instance is partly
+/// initialized: the caller deallocates it, as the spec's failed instantiation requires.
+///
+/// # Safety
+///
+/// The instance's imports (written into its vmctx at allocation) point at live definitions:
+/// imported globals may be read, imported tables and memories written within their current
+/// bounds, by this thread, now.
+pub unsafe fn initialize(instance: Pin<&mut Instance>, resolver: &dyn Fn(FuncIndex) -> usize) -> Result<()> {
+    // SAFETY: nothing below moves the instance; fields are mutated in place.
+    let instance = unsafe { instance.get_unchecked_mut() };
+    let module = instance.module().clone();
+    for (i, segment) in module.element_segments().iter().enumerate() {
+        let ElementKind::Active { table, offset } = segment.kind else {
+            continue;
+        };
+        // SAFETY: the caller's contract covers imported globals.
+        let offset =
+            unsafe { evaluate(instance, &offset) }.with_context(|| format!("element segment {i}"))?;
+        let words: Vec<usize> = segment
+            .items
+            .iter()
+            .map(|item| match item {
+                ElementItem::Func(f) => resolver(*f),
+                ElementItem::Null => 0,
+            })
+            .collect();
+        // SAFETY: the caller's contract covers imported tables.
+        unsafe { write_table(instance, table, offset, &words) }
+            .with_context(|| format!("element segment {i} of {} elements", words.len()))?;
+    }
+    for (i, segment) in module.data_segments().iter().enumerate() {
+        let DataKind::Active { memory, offset } = segment.kind else {
+            continue;
+        };
+        let defined = module.defined_memory_index(memory);
+        if defined.is_some_and(|d| instance.memory(d).is_some_and(|m| m.image().is_some())) {
+            continue;
+        }
+        // SAFETY: the caller's contract covers imported globals.
+        let offset = unsafe { evaluate(instance, &offset) }.with_context(|| format!("data segment {i}"))?;
+        // SAFETY: the caller's contract covers imported memories.
+        unsafe { write_memory(instance, memory, offset, &segment.data) }
+            .with_context(|| format!("data segment {i} of {} bytes", segment.data.len()))?;
+    }
+    Ok(())
+}
+
+/// The value of a segment offset.
+///
+/// # Safety
+///
+/// Imported globals point at live definitions.
+unsafe fn evaluate(instance: &Instance, expr: &ConstExpr) -> Result<u64> {
+    match *expr {
+        ConstExpr::I32(v) => Ok(u64::from(u32::from_ne_bytes(v.to_ne_bytes()))),
+        ConstExpr::I64(v) => Ok(u64::from_ne_bytes(v.to_ne_bytes())),
+        ConstExpr::GlobalGet(global) => {
+            // SAFETY: per the caller.
+            let value = unsafe { imported_global(instance, global)? };
+            let bytes: [u8; 8] = value[..8].try_into().unwrap_or_default();
+            let ty = instance.module().globals().get(global).map(|g| g.content);
+            Ok(match ty {
+                Some(crate::ValType::I32) => {
+                    u64::from(u32::from_le_bytes(bytes[..4].try_into().unwrap_or_default()))
+                }
+                _ => u64::from_le_bytes(bytes),
+            })
+        }
+    }
+}
+
+/// The 16 bytes of imported global `global`.
+///
+/// # Safety
+///
+/// The import points at a live `VMGlobalDefinition`.
+pub(crate) unsafe fn imported_global(instance: &Instance, global: GlobalIndex) -> Result<[u8; 16]> {
+    if global.as_u32() >= instance.module().num_imported_globals() {
+        bail!("global {} is not imported", global.as_u32());
+    }
+    let import: VMGlobalImport = instance.read_vmctx(instance.offsets().vmctx_vmglobal_import(global));
+    if import.from.is_null() {
+        bail!("imported global {} is a null pointer", global.as_u32());
+    }
+    // SAFETY: non-null and live per the caller.
+    Ok(unsafe { import.from.read() }.storage)
+}
+
+fn out_of_bounds(resource: String, offset: u64, len: usize, size: usize) -> anyhow::Error {
+    anyhow::Error::new(OutOfBounds {
+        resource,
+        offset,
+        len: len as u64,
+        size: size as u64,
+    })
+}
+
+/// Writes `words` into table `table` at `offset`, all or nothing.
+///
+/// # Safety
+///
+/// An imported table's definition is live and writable within its bounds.
+unsafe fn write_table(
+    instance: &mut Instance,
+    table: TableIndex,
+    offset: u64,
+    words: &[usize],
+) -> Result<()> {
+    let module = instance.module().clone();
+    let name = format!("table {}", table.as_u32());
+    if let Some(defined) = module.defined_table_index(table) {
+        let size = instance.table(defined).map_or(0, |t| t.size());
+        let fits = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(words.len()))
+            .is_some_and(|e| e <= size);
+        if !fits {
+            return Err(out_of_bounds(name, offset, words.len(), size));
+        }
+        let start = offset as usize;
+        instance.tables[defined].1.elements_mut()[start..start + words.len()].copy_from_slice(words);
+        return Ok(());
+    }
+    let import: VMTableImport = instance.read_vmctx(instance.offsets().vmctx_vmtable_import(table));
+    if import.from.is_null() {
+        bail!("imported {name} is a null pointer");
+    }
+    // SAFETY: live per the caller.
+    let definition = unsafe { import.from.read() };
+    let size = definition.current_elements;
+    let start = usize::try_from(offset)
+        .ok()
+        .filter(|o| o.checked_add(words.len()).is_some_and(|e| e <= size));
+    let start = start.ok_or_else(|| out_of_bounds(name, offset, words.len(), size))?;
+    // SAFETY: `start + len <= current_elements` words at `base` belong to the imported table,
+    // writable per the caller.
+    unsafe {
+        definition
+            .base
+            .add(start)
+            .copy_from_nonoverlapping(words.as_ptr(), words.len())
+    };
+    Ok(())
+}
+
+/// Copies `data` into memory `memory` at `offset`, all or nothing.
+///
+/// # Safety
+///
+/// An imported memory's definition is live and writable within its bounds.
+unsafe fn write_memory(instance: &mut Instance, memory: MemoryIndex, offset: u64, data: &[u8]) -> Result<()> {
+    let module = instance.module().clone();
+    let name = format!("memory {}", memory.as_u32());
+    if let Some(defined) = module.defined_memory_index(memory) {
+        return instance.memories[defined].1.write(offset, data).map_err(|error| {
+            match error.downcast::<OutOfBounds>() {
+                Ok(mut oob) => {
+                    oob.resource = name;
+                    anyhow::Error::new(oob)
+                }
+                Err(other) => other,
+            }
+        });
+    }
+    let import: VMMemoryImport = instance.read_vmctx(instance.offsets().vmctx_vmmemory_import(memory));
+    if import.from.is_null() {
+        bail!("imported {name} is a null pointer");
+    }
+    // SAFETY: live per the caller.
+    let definition = unsafe { import.from.read() };
+    let size = definition.current_length;
+    let start = usize::try_from(offset)
+        .ok()
+        .filter(|o| o.checked_add(data.len()).is_some_and(|e| e <= size));
+    let start = start.ok_or_else(|| out_of_bounds(name, offset, data.len(), size))?;
+    // SAFETY: `start + len <= current_length` bytes at `base` belong to the imported memory,
+    // writable per the caller.
+    unsafe {
+        definition
+            .base
+            .add(start)
+            .copy_from_nonoverlapping(data.as_ptr(), data.len())
+    };
+    Ok(())
+}
