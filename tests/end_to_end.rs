@@ -179,7 +179,10 @@ fn rich_module() -> Module {
             GlobalInit::RefFunc(berth_core::FuncIndex::from_u32(4)),
         )
         .global(
-            GlobalType { content: ValType::I64, mutable: false },
+            GlobalType {
+                content: ValType::I64,
+                mutable: false,
+            },
             GlobalInit::GetGlobal(berth_core::GlobalIndex::from_u32(0)),
         )
         .build()

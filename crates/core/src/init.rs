@@ -129,14 +129,10 @@ unsafe fn write_table(
     let name = format!("table {}", table.as_u32());
     if let Some(defined) = module.defined_table_index(table) {
         let size = instance.table(defined).map_or(0, |t| t.size());
-        let fits = usize::try_from(offset)
+        let start = usize::try_from(offset)
             .ok()
-            .and_then(|o| o.checked_add(words.len()))
-            .is_some_and(|e| e <= size);
-        if !fits {
-            return Err(out_of_bounds(name, offset, words.len(), size));
-        }
-        let start = offset as usize;
+            .filter(|o| o.checked_add(words.len()).is_some_and(|e| e <= size));
+        let start = start.ok_or_else(|| out_of_bounds(name, offset, words.len(), size))?;
         instance.tables[defined].1.elements_mut()[start..start + words.len()].copy_from_slice(words);
         return Ok(());
     }
