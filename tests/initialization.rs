@@ -1,0 +1,328 @@
+//! Initialization: element and data segments applied in order and bounds-checked, on both
+//! backends, with copy-on-write images and without, giving the same bytes.
+
+use std::sync::Arc;
+
+use berth_core::{
+    ConstExpr, DataKind, DataSegment, ElementItem, ElementKind, ElementSegment, FuncIndex, GlobalIndex,
+    GlobalType, MemoryIndex, MemoryType, Module, OutOfBounds, TableIndex, TableType, VMGlobalDefinition,
+    VMGlobalImport, ValType,
+};
+use berth_engine::{Config, Engine, Instance, InstanceAllocationStrategy, OwnedImports, PoolingConfig};
+use proptest::prelude::*;
+
+const PAGE: usize = 65536;
+
+fn engine(pooling: bool, cow: bool, keep_resident: usize) -> Engine {
+    let mut config = Config::new();
+    config.memory_reservation(1 << 20).memory_guard_size(PAGE as u64);
+    let mut tunables = *config.tunables();
+    tunables.memory_init_cow = cow;
+    config.set_tunables(tunables);
+    if pooling {
+        let mut pool = PoolingConfig::new();
+        pool.total_memories(2)
+            .total_tables(2)
+            .max_memory_size(1 << 20)
+            .table_elements(64);
+        pool.linear_memory_keep_resident(keep_resident);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    Engine::new(&config).unwrap()
+}
+
+fn data(offset: ConstExpr, bytes: &[u8]) -> DataSegment {
+    DataSegment {
+        kind: DataKind::Active {
+            memory: MemoryIndex::from_u32(0),
+            offset,
+        },
+        data: Arc::from(bytes),
+    }
+}
+
+fn data_module(name: &str, pages: u64, segments: &[(u32, Vec<u8>)]) -> Module {
+    let mut builder = Module::builder()
+        .name(name)
+        .memory(MemoryType::new(pages, Some(8)));
+    for (offset, bytes) in segments {
+        builder = builder.data(data(ConstExpr::I32(*offset as i32), bytes));
+    }
+    builder.build().unwrap()
+}
+
+fn contents(instance: &Instance) -> Vec<u8> {
+    let mut bytes = vec![0u8; instance.memory_size(0).unwrap()];
+    instance.read_memory(0, 0, &mut bytes).unwrap();
+    bytes
+}
+
+/// Where memory 0 of `instance` is mapped from, per `/proc/self/maps`.
+fn backing(instance: &Instance) -> String {
+    let base = instance
+        .core()
+        .memory(berth_core::DefinedMemoryIndex::from_u32(0))
+        .unwrap()
+        .base() as usize;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .find(|line| {
+            let range = line.split(' ').next().unwrap();
+            let (start, end) = range.split_once('-').unwrap();
+            let (start, end) = (
+                usize::from_str_radix(start, 16).unwrap(),
+                usize::from_str_radix(end, 16).unwrap(),
+            );
+            (start..end).contains(&base)
+        })
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn segments() -> impl Strategy<Value = (u64, Vec<(u32, Vec<u8>)>)> {
+    (1u64..3).prop_flat_map(|pages| {
+        let limit = pages as u32 * PAGE as u32 + 100;
+        let segment = (0..limit, proptest::collection::vec(any::<u8>(), 0..3000));
+        (Just(pages), proptest::collection::vec(segment, 0..6))
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn images_and_copies_give_the_same_bytes((pages, segments) in segments(), pooling in any::<bool>()) {
+        let mut model = vec![0u8; pages as usize * PAGE];
+        let mut in_bounds = true;
+        for (offset, bytes) in &segments {
+            let end = *offset as usize + bytes.len();
+            if end > model.len() {
+                in_bounds = false;
+                break;
+            }
+            model[*offset as usize..end].copy_from_slice(bytes);
+        }
+        for cow in [true, false] {
+            let engine = engine(pooling, cow, 0);
+            let module = engine.load(data_module("data", pages, &segments)).unwrap();
+            for round in 0..2 {
+                match Instance::new(&module) {
+                    Ok(mut instance) => {
+                        prop_assert!(in_bounds, "an out-of-bounds segment was accepted");
+                        prop_assert!(contents(&instance) == model, "cow {} round {}: contents differ", cow, round);
+                        instance.write_memory(0, 0, &[0xEE; 256]).unwrap();
+                    }
+                    Err(error) => {
+                        prop_assert!(!in_bounds, "in-bounds segments failed: {:#}", error);
+                        prop_assert!(error.chain().any(|e| e.is::<OutOfBounds>()), "{:#}", error);
+                    }
+                }
+            }
+            let stats = engine.stats();
+            prop_assert_eq!((stats.live_instances, stats.live_memories), (0, 0));
+        }
+    }
+}
+
+#[test]
+fn images_are_mapped_not_copied() {
+    for pooling in [false, true] {
+        let engine = engine(pooling, true, 0);
+        let module = engine
+            .load(data_module("hello", 1, &[(100, b"hello".to_vec())]))
+            .unwrap();
+        let instance = Instance::new(&module).unwrap();
+        let backing = backing(&instance);
+        assert!(
+            backing.contains("memfd:berth-memory-image"),
+            "pooling={pooling}: {backing}"
+        );
+        let mut hello = [0u8; 5];
+        instance.read_memory(0, 100, &mut hello).unwrap();
+        assert_eq!(&hello, b"hello");
+    }
+    let engine = engine(false, false, 0);
+    let module = engine
+        .load(data_module("hello", 1, &[(100, b"hello".to_vec())]))
+        .unwrap();
+    let instance = Instance::new(&module).unwrap();
+    assert!(!backing(&instance).contains("memfd"), "images were turned off");
+}
+
+#[test]
+fn a_slot_that_held_an_image_serves_a_module_without_data_with_zeros() {
+    for keep in [0, PAGE, 1 << 20] {
+        let engine = engine(true, true, keep);
+        let with_data = engine
+            .load(data_module("with", 1, &[(0, vec![0xAB; 5000])]))
+            .unwrap();
+        let without = engine.load(data_module("without", 1, &[])).unwrap();
+        // Fill both slots with the image module, so the next tenant must reuse one.
+        let a = Instance::new(&with_data).unwrap();
+        let b = Instance::new(&with_data).unwrap();
+        drop((a, b));
+        let plain = Instance::new(&without).unwrap();
+        assert!(
+            contents(&plain).iter().all(|&x| x == 0),
+            "keep {keep}: image bytes leaked into a module without data"
+        );
+        drop(plain);
+        let again = Instance::new(&with_data).unwrap();
+        assert!(contents(&again)[..5000].iter().all(|&x| x == 0xAB));
+    }
+}
+
+#[test]
+fn an_image_comes_back_after_a_tenant_wrote_over_it() {
+    for keep in [0, PAGE, 1 << 20] {
+        let engine = engine(true, true, keep);
+        let module = engine
+            .load(data_module(
+                "img",
+                2,
+                &[(10, vec![7; 70_000]), (PAGE as u32 + 9000, vec![9; 10])],
+            ))
+            .unwrap();
+        let expected = contents(&Instance::new(&module).unwrap());
+        for _ in 0..3 {
+            let mut tenant = Instance::new(&module).unwrap();
+            assert!(
+                contents(&tenant) == expected,
+                "keep {keep}: the image was not restored"
+            );
+            tenant.write_memory(0, 0, &vec![0x55; 2 * PAGE]).unwrap();
+            tenant.grow_memory(0, 1).unwrap();
+            tenant.write_memory(0, 2 * PAGE as u64, &[0x66; 100]).unwrap();
+        }
+        let stats = engine.stats();
+        assert!(stats.resets >= 4);
+    }
+}
+
+#[test]
+fn element_segments_fill_tables_through_the_resolver() {
+    let module = Module::builder()
+        .name("elems")
+        .defined_funcs(4)
+        .table(TableType::new(6, None))
+        .element(ElementSegment {
+            kind: ElementKind::Active {
+                table: TableIndex::from_u32(0),
+                offset: ConstExpr::I32(2),
+            },
+            items: vec![
+                ElementItem::Func(FuncIndex::from_u32(3)),
+                ElementItem::Null,
+                ElementItem::Func(FuncIndex::from_u32(0)),
+            ],
+        })
+        .element(ElementSegment {
+            kind: ElementKind::Passive,
+            items: vec![ElementItem::Func(FuncIndex::from_u32(1))],
+        })
+        .build()
+        .unwrap();
+    for pooling in [false, true] {
+        let engine = engine(pooling, true, 0);
+        let module = engine.load(module_clone(&module)).unwrap();
+        let instance = Instance::builder(&module)
+            .func_resolver(|f| 1000 + f.as_u32() as usize)
+            .instantiate()
+            .unwrap();
+        let words: Vec<usize> = (0..6).map(|i| instance.table_get(0, i).unwrap()).collect();
+        assert_eq!(words, vec![0, 0, 1003, 0, 1000, 0]);
+    }
+}
+
+/// Module facts are not `Clone` (each has its own id); rebuild the element module.
+fn module_clone(module: &Module) -> Module {
+    let mut builder = Module::builder()
+        .name("elems")
+        .defined_funcs(module.num_defined_funcs())
+        .table(TableType::new(6, None));
+    for segment in module.element_segments() {
+        builder = builder.element(segment.clone());
+    }
+    builder.build().unwrap()
+}
+
+#[test]
+fn out_of_bounds_segments_fail_and_give_everything_back() {
+    for pooling in [false, true] {
+        let engine = engine(pooling, true, 0);
+        let table = Module::builder()
+            .name("bad-elem")
+            .defined_funcs(1)
+            .memory(MemoryType::new(1, None))
+            .table(TableType::new(2, None))
+            .element(ElementSegment {
+                kind: ElementKind::Active {
+                    table: TableIndex::from_u32(0),
+                    offset: ConstExpr::I32(1),
+                },
+                items: vec![ElementItem::Null; 2],
+            })
+            .build()
+            .unwrap();
+        let error = Instance::new(&engine.load(table).unwrap()).unwrap_err();
+        let text = format!("{error:#}");
+        assert!(
+            text.contains("element segment 0") && text.contains("table 0"),
+            "{text}"
+        );
+        let oob = error
+            .chain()
+            .find_map(|e| e.downcast_ref::<OutOfBounds>())
+            .expect("typed");
+        assert_eq!((oob.offset, oob.len, oob.size), (1, 2, 2));
+
+        let memory = engine
+            .load(data_module("bad-data", 1, &[(PAGE as u32 - 1, vec![1, 2])]))
+            .unwrap();
+        let error = format!("{:#}", Instance::new(&memory).unwrap_err());
+        assert!(
+            error.contains("data segment 0") && error.contains("memory 0"),
+            "{error}"
+        );
+        let stats = engine.stats();
+        assert_eq!(
+            (stats.live_instances, stats.live_memories, stats.live_tables),
+            (0, 0, 0)
+        );
+    }
+}
+
+#[test]
+fn offsets_from_imported_globals_are_read_at_instantiation() {
+    let module = Module::builder()
+        .name("global-offset")
+        .import_global(GlobalType {
+            content: ValType::I32,
+            mutable: false,
+        })
+        .memory(MemoryType::new(1, None))
+        .data(data(ConstExpr::GlobalGet(GlobalIndex::from_u32(0)), b"placed"))
+        .build()
+        .unwrap();
+    let engine = engine(true, true, 0);
+    assert!(
+        module
+            .memory_image(berth_core::DefinedMemoryIndex::from_u32(0))
+            .is_none(),
+        "no image: the offset is not constant"
+    );
+    let module = engine.load(module).unwrap();
+    let global = Box::leak(Box::new(VMGlobalDefinition {
+        storage: 1234u128.to_le_bytes(),
+    }));
+    let imports = OwnedImports {
+        globals: vec![VMGlobalImport { from: global }],
+        ..OwnedImports::default()
+    };
+    // SAFETY: the only import is a leaked, live i32 global.
+    let instance = unsafe { Instance::builder(&module).imports(imports) }
+        .instantiate()
+        .unwrap();
+    let mut placed = [0u8; 6];
+    instance.read_memory(0, 1234, &mut placed).unwrap();
+    assert_eq!(&placed, b"placed");
+}
