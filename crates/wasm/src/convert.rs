@@ -19,7 +19,8 @@ pub(crate) fn malformed(error: &BinaryReaderError) -> anyhow::Error {
 pub(crate) fn memory_type(ty: &wasmparser::MemoryType, offset: u64) -> Result<MemoryType> {
     let page_size_log2 = match ty.page_size_log2 {
         None => 16,
-        Some(log2 @ (0 | 16)) => log2 as u8,
+        Some(0) => 0,
+        Some(16) => 16,
         Some(other) => bail!("unsupported memory at byte offset {offset:#x}: page size 2^{other}"),
     };
     Ok(MemoryType {
