@@ -13,6 +13,7 @@
 
 #![deny(missing_docs)]
 
+mod check;
 mod config;
 mod layout;
 mod memory_pool;
@@ -22,13 +23,14 @@ mod table_pool;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use berth_core::{
     AllocatorStats, DefinedMemoryIndex, DefinedTableIndex, HostPtr, InstanceAllocationRequest,
-    InstanceAllocatorImpl, InstanceBlock, LimitExceeded, Memory, MemoryAllocationIndex, MemoryType, Module,
-    ModuleId, Table, TableAllocationIndex, TableType, Tunables, VMOffsets, sys,
+    InstanceAllocatorImpl, LimitExceeded, Memory, MemoryAllocationIndex, MemoryType, Module, ModuleId, Table,
+    TableAllocationIndex, TableType, Tunables, VMOffsets, sys,
 };
 
+pub use check::check_module;
 pub use config::PoolingConfig;
 pub use layout::PoolLayout;
 
@@ -178,99 +180,13 @@ impl PoolingInstanceAllocator {
     }
 }
 
-/// Wraps a limit error with the module's name.
-fn for_module<T>(module: &Module, result: Result<T, anyhow::Error>) -> Result<T> {
-    result.with_context(|| {
-        format!(
-            "module {} can never be instantiated by this pool",
-            module.name().unwrap_or("<unnamed>")
-        )
-    })
-}
-
 // SAFETY: every memory is a slot of the pool's own reservation and every table a slot of its
 // slab, handed to one tenant at a time (the slot allocators never hand a slot out twice) and
 // reset to zeros before reuse; memories honour the tunables the pool was built for (checked
 // against every request); counts go up and down exactly once.
 unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
     fn validate_module_impl(&self, module: &Module, offsets: &VMOffsets<HostPtr>) -> Result<()> {
-        let c = &self.config;
-        let memories = module.num_defined_memories();
-        if memories > c.max_memories_per_module {
-            return for_module(
-                module,
-                Err(limit(
-                    "max_memories_per_module",
-                    c.max_memories_per_module.into(),
-                    memories.into(),
-                )),
-            );
-        }
-        if memories > c.total_memories {
-            return for_module(
-                module,
-                Err(limit("total_memories", c.total_memories.into(), memories.into())),
-            );
-        }
-        let tables = module.num_defined_tables();
-        if tables > c.max_tables_per_module {
-            return for_module(
-                module,
-                Err(limit(
-                    "max_tables_per_module",
-                    c.max_tables_per_module.into(),
-                    tables.into(),
-                )),
-            );
-        }
-        if tables > c.total_tables {
-            return for_module(
-                module,
-                Err(limit("total_tables", c.total_tables.into(), tables.into())),
-            );
-        }
-        for (index, ty) in module.defined_memories() {
-            let minimum = ty.minimum_bytes().unwrap_or(u64::MAX);
-            if minimum > self.layout.memory_capacity as u64 {
-                return for_module(
-                    module,
-                    Err(
-                        limit("max_memory_size", self.layout.memory_capacity as u64, minimum)
-                            .context(format!("memory {} starts at {minimum:#x} bytes", index.as_u32())),
-                    ),
-                );
-            }
-        }
-        for (index, ty) in module.defined_tables() {
-            if ty.minimum > self.tables.capacity().min(c.table_elements) as u64 {
-                return for_module(
-                    module,
-                    Err(
-                        limit("table_elements", c.table_elements as u64, ty.minimum).context(format!(
-                            "table {} starts at {} elements",
-                            index.as_u32(),
-                            ty.minimum
-                        )),
-                    ),
-                );
-            }
-        }
-        let size = InstanceBlock::layout(offsets)?.size();
-        if size > c.max_core_instance_size {
-            return for_module(
-                module,
-                Err(limit(
-                    "max_core_instance_size",
-                    c.max_core_instance_size as u64,
-                    size as u64,
-                )
-                .context(format!(
-                    "instance block of {size} bytes: {}",
-                    offsets.region_breakdown()
-                ))),
-            );
-        }
-        Ok(())
+        check::check(&self.config, &self.layout, module, offsets)
     }
 
     fn increment_core_instance_count(&self) -> Result<()> {
