@@ -1,0 +1,73 @@
+//! `berth check`: whether a module fits a pool.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use berth_core::{HostPtr, InstanceBlock, LimitExceeded, VMOffsets};
+use serde_json::json;
+
+use crate::Outcome;
+use crate::options::{PoolOptions, TunableOptions};
+
+/// Options of `berth check`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The module (.wasm or .wat)
+    file: PathBuf,
+    /// Print JSON instead of text
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    tunables: TunableOptions,
+    #[command(flatten)]
+    pool: PoolOptions,
+}
+
+pub fn run(args: &Args) -> Result<Outcome> {
+    let module = berth_wasm::parse_file(&args.file)?;
+    let config = args.pool.config();
+    let offsets = VMOffsets::new(HostPtr, &module)?;
+    let block = InstanceBlock::layout(&offsets)?.size();
+    let result = berth_engine::check_module(&config, &args.tunables.tunables(), &module);
+    let name = args.file.display();
+    let broken = result
+        .as_ref()
+        .err()
+        .and_then(|e| e.chain().find_map(|c| c.downcast_ref::<LimitExceeded>()));
+    if args.json {
+        let value = json!({
+            "file": name.to_string(),
+            "fits": result.is_ok(),
+            "memories": module.num_defined_memories(),
+            "tables": module.num_defined_tables(),
+            "instance_block_bytes": block,
+            "limit": broken.map(|l| json!({
+                "name": l.limit, "value": l.value, "requested": l.requested, "over_by": l.requested.saturating_sub(l.value)
+            })),
+            "error": result.as_ref().err().map(|e| format!("{e:#}")),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        match (&result, broken) {
+            (Ok(()), _) => println!(
+                "{name} fits: {} memories, {} tables, instance block of {block} bytes (max {})",
+                module.num_defined_memories(),
+                module.num_defined_tables(),
+                config.max_core_instance_size
+            ),
+            (Err(_), Some(l)) => println!(
+                "{name} does not fit: `{}` is {} but the module needs {} (over by {})",
+                l.limit,
+                l.value,
+                l.requested,
+                l.requested.saturating_sub(l.value)
+            ),
+            (Err(error), None) => return Err(anyhow::anyhow!("{error:#}")),
+        }
+    }
+    Ok(if result.is_ok() {
+        Outcome::Ok
+    } else {
+        Outcome::DoesNotFit
+    })
+}

@@ -1,0 +1,149 @@
+//! The `berth` binary, run as a user would: output, exit codes, and clear errors.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn berth(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(args)
+        .output()
+        .expect("the berth binary runs")
+}
+
+fn module(name: &str) -> String {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/modules")
+        .join(name);
+    root.to_string_lossy().into_owned()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn instantiate_prints_latency_throughput_memory_and_stats() {
+    let output = berth(&["instantiate", &module("hello.wat"), "--count", "200"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    for needle in [
+        "instantiate: p50",
+        "p99",
+        "max",
+        "instances/s",
+        "peak RSS",
+        "address space reserved",
+        "allocator:",
+    ] {
+        assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+    }
+}
+
+#[test]
+fn instantiate_json_on_a_pool_with_threads_and_touch() {
+    let output = berth(&[
+        "instantiate",
+        &module("hello.wat"),
+        "--strategy",
+        "pooling",
+        "--count",
+        "300",
+        "--threads",
+        "2",
+        "--touch",
+        "64K",
+        "--total-memories",
+        "4",
+        "--total-tables",
+        "4",
+        "--max-memory-size",
+        "1M",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("valid JSON");
+    assert_eq!(value["strategy"], "pooling");
+    assert_eq!(value["count"], 300);
+    assert_eq!(value["stats"]["live_instances"], 0);
+    assert!(value["stats"]["resets"].as_u64().unwrap() >= 600, "{value}");
+    assert!(value["instantiate_us"]["p50"].as_f64().unwrap() > 0.0);
+    assert!(value["instances_per_second"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn a_missing_file_is_a_clear_error() {
+    let output = berth(&["instantiate", "no/such/module.wasm"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("failed to read no/such/module.wasm"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn a_malformed_file_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("berth-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("broken.wasm");
+    let mut bytes = wat::parse_str("(module (memory 1) (data (i32.const 0) \"abc\"))").unwrap_or_default();
+    bytes.truncate(bytes.len().saturating_sub(2));
+    std::fs::write(&path, &bytes).unwrap();
+    let output = berth(&["instantiate", path.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("byte offset"), "{}", stderr(&output));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn check_names_the_limit_and_by_how_much() {
+    let output = berth(&["check", &module("multi.wat")]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stdout(&output).contains("`max_memories_per_module` is 1 but the module needs 4 (over by 3)"),
+        "{}",
+        stdout(&output)
+    );
+
+    let output = berth(&[
+        "check",
+        &module("big-memory.wat"),
+        "--max-memory-size",
+        "16M",
+        "--json",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(value["limit"]["name"], "max_memory_size");
+    assert_eq!(value["limit"]["over_by"], 48 << 20);
+
+    let output = berth(&["check", &module("hello.wat")]);
+    assert!(output.status.success());
+    assert!(stdout(&output).contains("fits"));
+}
+
+#[test]
+fn plan_shows_costs_and_warns_when_the_pool_cannot_fit() {
+    let output = berth(&["plan"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(
+        text.contains("memory slots: 1000 x 6.0 GiB") && text.contains("vm.max_map_count"),
+        "{text}"
+    );
+
+    let output = berth(&["plan", "--total-memories", "100000", "--max-memory-size", "4G"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stdout(&output).contains("warning: the pools need"),
+        "{}",
+        stdout(&output)
+    );
+
+    let output = berth(&["plan", "--max-memory-size", "lots"]);
+    assert_eq!(output.status.code(), Some(2), "clap rejects a bad size");
+}
