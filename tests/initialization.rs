@@ -328,3 +328,72 @@ fn offsets_from_imported_globals_are_read_at_instantiation() {
     instance.read_memory(0, 1234, &mut placed).unwrap();
     assert_eq!(&placed, b"placed");
 }
+
+#[test]
+fn segments_write_through_imported_memories_and_tables() {
+    let engine = engine(false, true, 0);
+    let exporter = engine
+        .load(
+            Module::builder()
+                .name("exporter")
+                .memory(MemoryType::new(1, None))
+                .table(TableType::new(4, None))
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+    let a = Instance::new(&exporter).unwrap();
+    let offsets = exporter.offsets();
+    let vmctx = a.vmctx().cast::<u8>();
+    let memory_definition = vmctx
+        .wrapping_add(offsets.vmctx_vmmemory_definition(berth_core::OwnedMemoryIndex::from_u32(0)) as usize);
+    let table_definition = vmctx
+        .wrapping_add(offsets.vmctx_vmtable_definition(berth_core::DefinedTableIndex::from_u32(0)) as usize);
+    let imports = || OwnedImports {
+        memories: vec![berth_core::VMMemoryImport {
+            from: memory_definition.cast(),
+            vmctx: a.vmctx(),
+        }],
+        tables: vec![berth_core::VMTableImport {
+            from: table_definition.cast(),
+            vmctx: a.vmctx(),
+        }],
+        ..OwnedImports::default()
+    };
+    let importer = |offset: i32| {
+        Module::builder()
+            .name("importer")
+            .defined_funcs(1)
+            .import_memory(MemoryType::new(1, None))
+            .import_table(TableType::new(4, None))
+            .data(data(ConstExpr::I32(offset), b"through the import"))
+            .element(ElementSegment {
+                kind: ElementKind::Active {
+                    table: TableIndex::from_u32(0),
+                    offset: ConstExpr::I32(3),
+                },
+                items: vec![ElementItem::Func(FuncIndex::from_u32(0))],
+            })
+            .build()
+            .unwrap()
+    };
+    let good = engine.load(importer(4000)).unwrap();
+    // SAFETY: the imports point at `a`'s live memory and table definitions, and `a` outlives `b`.
+    let b = unsafe { Instance::builder(&good).imports(imports()) }
+        .func_resolver(|_| 77)
+        .instantiate()
+        .unwrap();
+    let mut text = [0u8; 18];
+    a.read_memory(0, 4000, &mut text).unwrap();
+    assert_eq!(&text, b"through the import");
+    assert_eq!(a.table_get(0, 3).unwrap(), 77);
+    drop(b);
+
+    let bad = engine.load(importer(PAGE as i32 - 4)).unwrap();
+    // SAFETY: as above.
+    let error = unsafe { Instance::builder(&bad).imports(imports()) }
+        .instantiate()
+        .unwrap_err();
+    assert!(error.chain().any(|e| e.is::<OutOfBounds>()), "{error:#}");
+    assert_eq!(engine.stats().live_instances, 1, "only `a` is left");
+}

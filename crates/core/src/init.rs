@@ -142,18 +142,30 @@ unsafe fn write_table(
     }
     // SAFETY: live per the caller.
     let definition = unsafe { import.from.read() };
-    let size = definition.current_elements;
+    // SAFETY: the imported table's `current_elements` words at `base` are writable (caller).
+    unsafe { copy_into(definition.base, definition.current_elements, name, offset, words) }
+}
+
+/// Copies `items` into the `size` elements at `base`, starting at `offset`, all or nothing.
+///
+/// # Safety
+///
+/// `base..base + size` is valid for writes and not referenced from Rust meanwhile.
+unsafe fn copy_into<T: Copy>(
+    base: *mut T,
+    size: usize,
+    name: String,
+    offset: u64,
+    items: &[T],
+) -> Result<()> {
     let start = usize::try_from(offset)
         .ok()
-        .filter(|o| o.checked_add(words.len()).is_some_and(|e| e <= size));
-    let start = start.ok_or_else(|| out_of_bounds(name, offset, words.len(), size))?;
-    // SAFETY: `start + len <= current_elements` words at `base` belong to the imported table,
-    // writable per the caller.
+        .filter(|o| o.checked_add(items.len()).is_some_and(|e| e <= size));
+    let start = start.ok_or_else(|| out_of_bounds(name, offset, items.len(), size))?;
+    // SAFETY: `start + len <= size` elements at `base` are writable (caller's contract).
     unsafe {
-        definition
-            .base
-            .add(start)
-            .copy_from_nonoverlapping(words.as_ptr(), words.len())
+        base.add(start)
+            .copy_from_nonoverlapping(items.as_ptr(), items.len())
     };
     Ok(())
 }
@@ -183,18 +195,6 @@ unsafe fn write_memory(instance: &mut Instance, memory: MemoryIndex, offset: u64
     }
     // SAFETY: live per the caller.
     let definition = unsafe { import.from.read() };
-    let size = definition.current_length;
-    let start = usize::try_from(offset)
-        .ok()
-        .filter(|o| o.checked_add(data.len()).is_some_and(|e| e <= size));
-    let start = start.ok_or_else(|| out_of_bounds(name, offset, data.len(), size))?;
-    // SAFETY: `start + len <= current_length` bytes at `base` belong to the imported memory,
-    // writable per the caller.
-    unsafe {
-        definition
-            .base
-            .add(start)
-            .copy_from_nonoverlapping(data.as_ptr(), data.len())
-    };
-    Ok(())
+    // SAFETY: the imported memory's `current_length` bytes at `base` are writable (caller).
+    unsafe { copy_into(definition.base, definition.current_length, name, offset, data) }
 }

@@ -58,6 +58,19 @@ pub struct Instance {
     vmctx: VMContext,
 }
 
+/// Asserts that a `T` at vmctx `offset` lies inside a vmctx of `offsets` and is aligned.
+fn check_field<T>(offsets: &VMOffsets<HostPtr>, offset: u32) {
+    let end = offset as usize + size_of::<T>();
+    assert!(
+        end <= offsets.size_of_vmctx() as usize,
+        "vmctx field at {offset} out of range"
+    );
+    assert!(
+        (offset as usize).is_multiple_of(align_of::<T>()),
+        "vmctx field at {offset} misaligned"
+    );
+}
+
 // SAFETY: every field is `Send`/`Sync` except `vmctx_ptr`, which points into this
 // instance's own block and is only written through `&mut self`.
 unsafe impl Send for Instance {}
@@ -239,16 +252,8 @@ impl Instance {
     ///
     /// If the field is not inside the vmctx or misaligned: a caller bug.
     pub(crate) fn read_vmctx<T: Copy>(&self, offset: u32) -> T {
-        let end = offset as usize + size_of::<T>();
-        assert!(
-            end <= self.offsets.size_of_vmctx() as usize,
-            "vmctx field at {offset} out of range"
-        );
-        assert!(
-            (offset as usize).is_multiple_of(align_of::<T>()),
-            "vmctx field at {offset} misaligned"
-        );
-        // SAFETY: inside the vmctx and aligned (asserted); the block was zeroed and then
+        check_field::<T>(&self.offsets, offset);
+        // SAFETY: inside the vmctx and aligned (checked); the block was zeroed and then
         // written with values of the field's type.
         unsafe { self.vmctx_field::<T>(offset).read() }
     }
@@ -364,16 +369,8 @@ impl InstanceBlock {
     /// If the field is not inside the vmctx or misaligned: a caller bug (offsets come from
     /// `VMOffsets`).
     pub fn vmctx_field<T>(&self, offset: u32) -> NonNull<T> {
-        let end = offset as usize + size_of::<T>();
-        assert!(
-            end <= self.offsets.size_of_vmctx() as usize,
-            "vmctx field at {offset} out of range"
-        );
-        assert!(
-            (offset as usize).is_multiple_of(align_of::<T>()),
-            "vmctx field at {offset} misaligned"
-        );
-        // SAFETY: `offset..end` is within the vmctx (asserted), which is inside the block.
+        check_field::<T>(&self.offsets, offset);
+        // SAFETY: the field is within the vmctx (checked), which is inside the block.
         unsafe { self.vmctx().cast::<u8>().add(offset as usize).cast() }
     }
 
