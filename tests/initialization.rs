@@ -397,3 +397,72 @@ fn segments_write_through_imported_memories_and_tables() {
     assert!(error.chain().any(|e| e.is::<OutOfBounds>()), "{error:#}");
     assert_eq!(engine.stats().live_instances, 1, "only `a` is left");
 }
+
+#[test]
+fn sparse_data_is_copied_not_imaged() {
+    let sparse = Module::builder()
+        .name("sparse")
+        .memory(MemoryType::new(16, None))
+        .data(data(ConstExpr::I32(0), b"a"))
+        .data(data(ConstExpr::I32(16 * PAGE as i32 - 1), b"z"))
+        .build()
+        .unwrap();
+    assert!(
+        sparse
+            .memory_image(berth_core::DefinedMemoryIndex::from_u32(0))
+            .is_none(),
+        "1 MiB of image for 2 bytes"
+    );
+    let dense = data_module(
+        "dense",
+        2,
+        &[(0, vec![1; 40_000]), (PAGE as u32, vec![2; 40_000])],
+    );
+    assert!(
+        dense
+            .memory_image(berth_core::DefinedMemoryIndex::from_u32(0))
+            .is_some()
+    );
+    for pooling in [false, true] {
+        let engine = engine(pooling, true, 0);
+        let instance = Instance::new(&engine.load(module_like(&sparse)).unwrap()).unwrap();
+        let bytes = contents(&instance);
+        assert_eq!((bytes[0], bytes[16 * PAGE - 1]), (b'a', b'z'));
+        assert!(bytes[1..16 * PAGE - 1].iter().all(|&b| b == 0));
+    }
+}
+
+/// The same memory and data as `module`, as a new module (facts are not `Clone`).
+fn module_like(module: &Module) -> Module {
+    let mut builder = Module::builder().name("copy");
+    for (_, ty) in module.defined_memories() {
+        builder = builder.memory(*ty);
+    }
+    for segment in module.data_segments() {
+        builder = builder.data(segment.clone());
+    }
+    builder.build().unwrap()
+}
+
+#[test]
+fn a_module_purged_while_its_slot_waits_for_reset_leaves_no_warm_slot() {
+    let mut config = Config::new();
+    config.memory_reservation(1 << 20).memory_guard_size(PAGE as u64);
+    let mut pool = PoolingConfig::new();
+    pool.total_memories(2)
+        .total_tables(2)
+        .max_memory_size(1 << 20)
+        .decommit_batch_size(2);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    let engine = Engine::new(&config).unwrap();
+    let a = engine.load(data_module("a", 1, &[(0, vec![7; 4096])])).unwrap();
+    drop(Instance::new(&a).unwrap()); // queued: the batch holds two resets
+    drop(a); // purged while its slot is in the queue
+    let b = engine.load(data_module("b", 1, &[])).unwrap();
+    drop(Instance::new(&b).unwrap()); // fills the batch: both resets run
+    assert_eq!(
+        engine.stats().warm_slots,
+        1,
+        "only b's slot is warm; a's went cold"
+    );
+}

@@ -291,3 +291,15 @@ fn the_pooling_strategy_is_built_from_the_config() {
         "{error}"
     );
 }
+
+#[test]
+fn pools_without_table_elements_still_serve_empty_tables() {
+    let mut pooling = slots(2);
+    pooling.table_elements(0);
+    let (engine, _) = pool(&pooling);
+    let module = engine
+        .load(Module::builder().table(TableType::new(0, None)).build().unwrap())
+        .unwrap();
+    let mut instance = Instance::new(&module).unwrap();
+    assert_eq!(instance.table_grow(0, 1, 0).unwrap(), None);
+}

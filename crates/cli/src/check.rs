@@ -34,6 +34,10 @@ pub fn run(args: &Args) -> Result<Outcome> {
         .as_ref()
         .err()
         .and_then(|e| e.chain().find_map(|c| c.downcast_ref::<LimitExceeded>()));
+    if let (Err(error), None) = (&result, broken) {
+        // Not a limit the module breaks: a configuration or module error.
+        return Err(anyhow::anyhow!("{error:#}"));
+    }
     if args.json {
         let value = json!({
             "file": name.to_string(),

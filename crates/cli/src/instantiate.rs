@@ -130,7 +130,14 @@ pub fn run(args: &Args) -> Result<Outcome> {
     let tables: Vec<usize> = probe.core().tables().values().map(|(_, t)| t.size()).collect();
     drop(probe);
 
-    let touch = vec![0xA5u8; usize::try_from(args.touch).unwrap_or(usize::MAX).min(1 << 32)];
+    // Each instance writes at most all of memory 0 (as it is when instantiated).
+    let writable = memories.first().map_or(0, |(size, _)| *size);
+    let touch_len = usize::try_from(args.touch).unwrap_or(usize::MAX).min(writable);
+    let mut touch = Vec::new();
+    touch
+        .try_reserve_exact(touch_len)
+        .with_context(|| format!("cannot allocate {touch_len} bytes to write"))?;
+    touch.resize(touch_len, 0xA5u8);
     let progress = if args.count >= 100_000 && !args.json {
         ProgressBar::new(args.count).with_style(
             ProgressStyle::with_template("{bar:40} {pos}/{len} instances, {per_sec}, eta {eta}")
@@ -139,21 +146,25 @@ pub fn run(args: &Args) -> Result<Outcome> {
     } else {
         ProgressBar::hidden()
     };
-    let threads = u64::from(args.threads);
+    // No more threads than instances to make.
+    let threads = u64::from(args.threads).min(args.count.max(1));
     let started = Instant::now();
     let results: Vec<Result<Samples>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let share = args.count / threads + u64::from(t < args.count % threads);
                 let (module, touch, progress) = (&module, &touch, &progress);
-                scope.spawn(move || cycles(module, share, touch, progress))
+                std::thread::Builder::new()
+                    .spawn_scoped(scope, move || cycles(module, share, touch, progress))
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a thread panicked")))
+            .map(|h| match h {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a thread panicked"))),
+                Err(error) => Err(anyhow::anyhow!("failed to start a thread: {error}")),
             })
             .collect()
     });
@@ -179,8 +190,8 @@ pub fn run(args: &Args) -> Result<Outcome> {
             "file": args.file.display().to_string(),
             "strategy": strategy,
             "count": args.count,
-            "threads": args.threads,
-            "touch_bytes": args.touch,
+            "threads": threads,
+            "touch_bytes": touch.len(),
             "instance_block_bytes": block,
             "memories": memories.iter().map(|(size, cap)| json!({"bytes": size, "capacity": cap})).collect::<Vec<_>>(),
             "tables": tables,
@@ -215,8 +226,8 @@ pub fn run(args: &Args) -> Result<Outcome> {
     println!(
         "{} instances on {} thread(s), {} written to memory 0 by each, in {:.3} s",
         args.count,
-        args.threads,
-        human(args.touch),
+        threads,
+        human(touch.len() as u64),
         elapsed.as_secs_f64()
     );
     println!(

@@ -147,3 +147,41 @@ fn plan_shows_costs_and_warns_when_the_pool_cannot_fit() {
     let output = berth(&["plan", "--max-memory-size", "lots"]);
     assert_eq!(output.status.code(), Some(2), "clap rejects a bad size");
 }
+
+#[test]
+fn absurd_touch_and_thread_counts_are_bounded() {
+    let output = berth(&[
+        "instantiate",
+        &module("hello.wat"),
+        "--count",
+        "10",
+        "--threads",
+        "100000",
+        "--touch",
+        "1G",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(value["touch_bytes"], 65536, "at most memory 0 is written");
+    assert_eq!(value["threads"], 10, "no more threads than instances");
+}
+
+#[test]
+fn configuration_errors_are_errors_not_findings() {
+    let output = berth(&[
+        "check",
+        &module("hello.wat"),
+        "--max-memory-size",
+        "100T",
+        "--json",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    let output = berth(&["plan", "--decommit-batch-size", "0"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("decommit_batch_size"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -5,10 +5,15 @@
 //! A memory gets an image only if every active data segment targeting it has a constant
 //! offset and ends within the memory's initial size: then applying the image is exactly
 //! applying the segments in order. Otherwise (a `global.get` offset, a segment out of bounds,
-//! which must fail instantiation) its segments are copied at instantiation, in order.
+//! which must fail instantiation) its segments are copied at instantiation, in order. Data
+//! spread too thinly (an image more than twice the size of its data, page-rounded) is copied
+//! too: mapping mostly empty pages would cost more than copying a few bytes, and the image
+//! would hold the module's memory hostage. Only the data is written to the file, which stays
+//! sparse.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
@@ -19,14 +24,15 @@ use crate::sys;
 
 /// One memory's initial data as a sealed in-memory file.
 ///
-/// Invariants: `offset` and `bytes.len()` are multiples of the host page size; the file holds
-/// exactly `bytes`; `offset + bytes.len()` is at most the memory's initial size rounded up to a
-/// host page.
+/// Invariants: `offset` and `len` are multiples of the host page size; the file holds `len`
+/// bytes, the `pieces` (offsets relative to the memory, applied in order) over zeros;
+/// `offset + len` is at most the memory's initial size rounded up to a host page.
 #[derive(Debug)]
 pub struct MemoryImage {
     fd: OwnedFd,
     offset: usize,
-    bytes: Box<[u8]>,
+    len: usize,
+    pieces: Vec<(usize, Arc<[u8]>)>,
 }
 
 impl MemoryImage {
@@ -63,7 +69,11 @@ impl MemoryImage {
                 _ => return Ok(None),
             }
         }
-        let placed: Vec<_> = placed.into_iter().filter(|(_, data)| !data.is_empty()).collect();
+        let placed: Vec<(usize, Arc<[u8]>)> = placed
+            .into_iter()
+            .filter(|(_, data)| !data.is_empty())
+            .map(|(start, data)| (start, data.clone()))
+            .collect();
         let (Some(low), Some(high)) = (
             placed.iter().map(|(start, _)| *start).min(),
             placed.iter().map(|(start, data)| start + data.len()).max(),
@@ -73,13 +83,22 @@ impl MemoryImage {
         let page = sys::page_size();
         let offset = low / page * page;
         let end = high.next_multiple_of(page);
-        let mut bytes = vec![0u8; end - offset].into_boxed_slice();
-        for (start, data) in placed {
-            bytes[start - offset..start - offset + data.len()].copy_from_slice(data);
+        let data: usize = placed.iter().map(|(_, data)| data.len()).sum();
+        if end - offset > 2 * data.next_multiple_of(page) {
+            return Ok(None);
         }
-        let fd = sys::create_image_file(&bytes)
-            .with_context(|| format!("failed to create a memory image of {:#x} bytes", bytes.len()))?;
-        Ok(Some(MemoryImage { fd, offset, bytes }))
+        let relative: Vec<(usize, &[u8])> = placed
+            .iter()
+            .map(|(start, data)| (start - offset, &data[..]))
+            .collect();
+        let fd = sys::create_image_file(end - offset, &relative)
+            .with_context(|| format!("failed to create a memory image of {:#x} bytes", end - offset))?;
+        Ok(Some(MemoryImage {
+            fd,
+            offset,
+            len: end - offset,
+            pieces: placed,
+        }))
     }
 
     /// Where the image starts in the memory (page-aligned).
@@ -89,17 +108,34 @@ impl MemoryImage {
 
     /// Bytes the image covers (page-aligned).
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.len
     }
 
     /// Whether the image is empty (never: empty images are not built).
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.len == 0
     }
 
-    /// The image's bytes (what the memory reads at `offset..offset + len` after mapping).
-    pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+    /// Writes the image's bytes that fall below `limit` into a memory at `base` whose first
+    /// `limit` bytes read as zeros: a reset that kept those bytes resident (with `memset`)
+    /// brings the image back this way instead of re-mapping it.
+    ///
+    /// # Safety
+    ///
+    /// `base..base + limit` is readable and writable, used only by the caller, with no Rust
+    /// reference into it live.
+    pub unsafe fn restore_below(&self, base: NonNull<u8>, limit: usize) {
+        for (start, data) in &self.pieces {
+            let end = (start + data.len()).min(limit);
+            if end > *start {
+                // SAFETY: `start..end` lies below `limit`, inside the caller's range.
+                unsafe {
+                    base.add(*start)
+                        .as_ptr()
+                        .copy_from_nonoverlapping(data.as_ptr(), end - start)
+                };
+            }
+        }
     }
 
     /// Maps the image over the memory starting at `base`.
@@ -110,7 +146,7 @@ impl MemoryImage {
     /// the caller has exclusive use of, with no Rust reference into it live.
     pub(crate) unsafe fn map_at(&self, base: NonNull<u8>) -> Result<()> {
         // SAFETY: the range is the caller's (contract above); the file holds `len` bytes.
-        unsafe { sys::map_image(base.add(self.offset), self.bytes.len(), self.fd.as_fd()) }
-            .with_context(|| format!("failed to map a memory image of {:#x} bytes", self.bytes.len()))
+        unsafe { sys::map_image(base.add(self.offset), self.len, self.fd.as_fd()) }
+            .with_context(|| format!("failed to map a memory image of {:#x} bytes", self.len))
     }
 }

@@ -162,6 +162,9 @@ unsafe fn copy_into<T: Copy>(
         .ok()
         .filter(|o| o.checked_add(items.len()).is_some_and(|e| e <= size));
     let start = start.ok_or_else(|| out_of_bounds(name, offset, items.len(), size))?;
+    if items.is_empty() {
+        return Ok(());
+    }
     // SAFETY: `start + len <= size` elements at `base` are writable (caller's contract).
     unsafe {
         base.add(start)

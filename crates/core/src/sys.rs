@@ -123,21 +123,24 @@ pub unsafe fn reset_to_reserved(ptr: NonNull<u8>, len: usize) -> io::Result<()> 
     Ok(())
 }
 
-/// Creates a sealed in-memory file holding `bytes` (a copy-on-write memory image): its size,
-/// contents and seals can no longer change.
-pub fn create_image_file(bytes: &[u8]) -> io::Result<OwnedFd> {
+/// Creates a sealed in-memory file of `len` bytes holding each `(offset, bytes)` piece at its
+/// offset and zeros elsewhere (a copy-on-write memory image). Only the pieces are written, so
+/// the file stays sparse; afterwards its size, contents and seals can no longer change.
+pub fn create_image_file(len: usize, pieces: &[(usize, &[u8])]) -> io::Result<OwnedFd> {
     let fd = fs::memfd_create(
         "berth-memory-image",
         fs::MemfdFlags::CLOEXEC | fs::MemfdFlags::ALLOW_SEALING,
     )?;
-    fs::ftruncate(&fd, bytes.len() as u64)?;
-    let mut written = 0;
-    while written < bytes.len() {
-        let n = rustix::io::pwrite(&fd, &bytes[written..], written as u64)?;
-        if n == 0 {
-            return Err(io::Error::other("short write to a memory image file"));
+    fs::ftruncate(&fd, len as u64)?;
+    for &(offset, bytes) in pieces {
+        let mut written = 0;
+        while written < bytes.len() {
+            let n = rustix::io::pwrite(&fd, &bytes[written..], (offset + written) as u64)?;
+            if n == 0 {
+                return Err(io::Error::other("short write to a memory image file"));
+            }
+            written += n;
         }
-        written += n;
     }
     fs::fcntl_add_seals(
         &fd,

@@ -40,6 +40,15 @@ pub(crate) fn check(
     module: &Module,
     offsets: &VMOffsets<HostPtr>,
 ) -> Result<()> {
+    for (index, ty) in module.defined_memories() {
+        if ty.shared {
+            anyhow::bail!(
+                "module {}: defined memory {} is shared, which Berth does not support yet",
+                module.name().unwrap_or("<unnamed>"),
+                index.as_u32()
+            );
+        }
+    }
     let memories = module.num_defined_memories();
     if memories > c.max_memories_per_module {
         return for_module(

@@ -56,7 +56,8 @@ pub struct PoolLayout {
     /// plus every table slot's kept bytes.
     pub max_idle_resident: usize,
     /// Memory mappings (VMAs) the pools may need at most: each memory slot can be split in
-    /// two (accessible and not), plus the two pools themselves.
+    /// two (accessible and not), or in four with a copy-on-write image at a non-zero offset,
+    /// plus the two pools themselves.
     pub max_mappings: usize,
 }
 
@@ -65,6 +66,9 @@ impl PoolLayout {
     /// impossible.
     pub fn new(config: &PoolingConfig, tunables: &Tunables) -> Result<PoolLayout> {
         let page = sys::page_size();
+        if config.decommit_batch_size == 0 {
+            bail!("decommit_batch_size must be at least 1");
+        }
         let to_usize = |name: &str, v: u64| {
             usize::try_from(v).map_err(|_| anyhow!("{name} of {v:#x} bytes does not fit the host"))
         };
@@ -82,6 +86,9 @@ impl PoolLayout {
         let memory_stride = memory_reservation
             .checked_add(memory_guard)
             .ok_or_else(|| anyhow!("memory slot of {memory_reservation:#x} bytes plus guard overflows"))?;
+        if memory_stride == 0 && config.total_memories > 0 {
+            bail!("memory slots of 0 bytes: set max_memory_size, memory_reservation or memory_guard_size");
+        }
         let memory_pool_bytes = memory_stride
             .checked_mul(config.total_memories as usize)
             .and_then(|n| n.checked_add(if config.total_memories > 0 { pre_guard } else { 0 }))
@@ -125,7 +132,7 @@ impl PoolLayout {
             memory_keep_resident,
             table_keep_resident,
             max_idle_resident,
-            max_mappings: 2 * config.total_memories as usize + 2,
+            max_mappings: if tunables.memory_init_cow { 4 } else { 2 } * config.total_memories as usize + 2,
         })
     }
 

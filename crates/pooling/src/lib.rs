@@ -20,7 +20,7 @@ mod memory_pool;
 mod slots;
 mod table_pool;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
@@ -53,6 +53,8 @@ pub struct PoolingInstanceAllocator {
     memories: MemoryPool,
     tables: TablePool,
     queue: Mutex<Vec<Reset>>,
+    /// Resets taken out of the queue and not yet finished: their slots will come back.
+    in_flight: AtomicUsize,
     instances: AtomicU64,
     /// Memories and tables handed to tenants (not counting slots waiting for their reset).
     live_memories: AtomicU64,
@@ -74,9 +76,6 @@ impl PoolingInstanceAllocator {
     /// Reserves the pools for `config` under the engine's `tunables`.
     pub fn new(config: &PoolingConfig, tunables: &Tunables) -> Result<Self> {
         tunables.validate(sys::page_size())?;
-        if config.decommit_batch_size == 0 {
-            anyhow::bail!("decommit_batch_size must be at least 1");
-        }
         let layout = PoolLayout::new(config, tunables)?;
         Ok(PoolingInstanceAllocator {
             memories: MemoryPool::new(&layout, config.max_unused_warm_slots)?,
@@ -85,6 +84,7 @@ impl PoolingInstanceAllocator {
             tunables: *tunables,
             layout,
             queue: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
             instances: AtomicU64::new(0),
             live_memories: AtomicU64::new(0),
             live_tables: AtomicU64::new(0),
@@ -114,7 +114,11 @@ impl PoolingInstanceAllocator {
     /// Runs every queued reset now and returns the slots to their pools. Returns whether
     /// anything was queued.
     pub fn flush_decommits(&self) -> bool {
-        let jobs = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        let jobs = {
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            self.in_flight.fetch_add(queue.len(), Ordering::AcqRel);
+            std::mem::take(&mut *queue)
+        };
         if jobs.is_empty() {
             return false;
         }
@@ -142,6 +146,7 @@ impl PoolingInstanceAllocator {
         }
         self.resets.fetch_add(jobs.len() as u64, Ordering::Relaxed);
         self.decommits.fetch_add(decommits, Ordering::Relaxed);
+        self.in_flight.fetch_sub(jobs.len(), Ordering::AcqRel);
     }
 
     fn enqueue(&self, reset: Reset) {
@@ -151,29 +156,39 @@ impl PoolingInstanceAllocator {
             if queue.len() < self.config.decommit_batch_size {
                 return;
             }
+            self.in_flight.fetch_add(queue.len(), Ordering::AcqRel);
             std::mem::take(&mut *queue)
         };
         self.run(batch);
     }
 
-    /// Takes a memory slot, running the decommit queue first if the pool is exhausted.
+    /// Takes a memory slot; if the pool is exhausted, runs the decommit queue (and waits for
+    /// resets other threads are running) before it gives up.
     fn take_memory(&self, key: memory_pool::MemoryKey) -> Result<(u32, SlotInfo)> {
-        if let Some(taken) = self.memories.take(key) {
-            return Ok(taken);
-        }
-        self.flush_decommits();
-        self.memories.take(key).ok_or_else(|| {
+        self.retry(|| self.memories.take(key)).ok_or_else(|| {
             let n = u64::from(self.config.total_memories);
             limit("total_memories", n, n + 1)
         })
     }
 
-    fn take_table(&self) -> Result<u32> {
-        if let Some(slot) = self.tables.take() {
-            return Ok(slot);
+    /// Runs `take`; while it finds nothing and resets are queued or running, runs the queue or
+    /// waits for them, and tries again.
+    fn retry<T>(&self, mut take: impl FnMut() -> Option<T>) -> Option<T> {
+        loop {
+            if let Some(taken) = take() {
+                return Some(taken);
+            }
+            if !self.flush_decommits() {
+                if self.in_flight.load(Ordering::Acquire) == 0 {
+                    return take();
+                }
+                std::thread::yield_now();
+            }
         }
-        self.flush_decommits();
-        self.tables.take().ok_or_else(|| {
+    }
+
+    fn take_table(&self) -> Result<u32> {
+        self.retry(|| self.tables.take()).ok_or_else(|| {
             let n = u64::from(self.config.total_tables);
             limit("total_tables", n, n + 1)
         })

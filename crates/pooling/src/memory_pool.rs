@@ -58,6 +58,9 @@ struct State {
     info: Vec<SlotInfo>,
     /// Who each slot was last handed to.
     owner: Vec<Option<MemoryKey>>,
+    /// Slots whose module was purged while they were handed out or queued for reset: they
+    /// turn cold, not warm, when they come back.
+    orphaned: Vec<bool>,
     idle_resident: usize,
 }
 
@@ -98,6 +101,7 @@ impl MemoryPool {
                 slots: SlotAllocator::new(layout.memory_slots, max_warm as usize),
                 info: vec![SlotInfo::default(); layout.memory_slots as usize],
                 owner: vec![None; layout.memory_slots as usize],
+                orphaned: vec![false; layout.memory_slots as usize],
                 idle_resident: 0,
             }),
         })
@@ -122,6 +126,7 @@ impl MemoryPool {
         let info = std::mem::take(&mut state.info[slot as usize]);
         state.idle_resident -= info.resident;
         state.owner[slot as usize] = Some(key);
+        state.orphaned[slot as usize] = false;
         Some((slot, info))
     }
 
@@ -157,16 +162,8 @@ impl MemoryPool {
         unsafe { base.as_ptr().write_bytes(0, keep) };
         if let Some(image) = &job.image {
             // Kept-resident bytes that the image covers go back to the image's contents.
-            let end = (image.offset() + image.len()).min(keep);
-            if end > image.offset() {
-                let source = &image.bytes()[..end - image.offset()];
-                // SAFETY: as above; `image.offset()..end` lies within the `keep` bytes.
-                unsafe {
-                    base.add(image.offset())
-                        .as_ptr()
-                        .copy_from_nonoverlapping(source.as_ptr(), source.len())
-                };
-            }
+            // SAFETY: as above; the `keep` bytes now read as zeros.
+            unsafe { image.restore_below(base, keep) };
         }
         if job.accessible > keep {
             *decommits += 1;
@@ -202,6 +199,11 @@ impl MemoryPool {
         }
         state.idle_resident += info.resident;
         state.info[slot as usize] = info;
+        if std::mem::take(&mut state.orphaned[slot as usize]) {
+            state.slots.free_cold(slot);
+            self.make_cold(&mut state, slot);
+            return;
+        }
         if let Some((evicted, _)) = state.slots.free(slot, key) {
             self.make_cold(&mut state, evicted);
         }
@@ -235,6 +237,13 @@ impl MemoryPool {
         for key in keys {
             for slot in state.slots.purge(key) {
                 self.make_cold(&mut state, slot);
+            }
+        }
+        // Slots of this module that are not idle (still queued for their reset) go cold when
+        // they come back.
+        for slot in 0..self.layout.memory_slots {
+            if state.owner[slot as usize].is_some_and(|(m, _)| m == module) && state.slots.is_used(slot) {
+                state.orphaned[slot as usize] = true;
             }
         }
     }

@@ -140,6 +140,11 @@ impl<K: Copy + Eq + Hash> SlotAllocator<K> {
         Some((evicted, evicted_key))
     }
 
+    /// Whether `slot` is handed out (or being reset: not yet given back).
+    pub fn is_used(&self, slot: SlotId) -> bool {
+        matches!(self.states.get(slot as usize), Some(State::Used))
+    }
+
     /// Takes back `slot` as cold (its state is gone, for example after a failed reset).
     pub fn free_cold(&mut self, slot: SlotId) {
         assert!(

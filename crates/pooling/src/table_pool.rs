@@ -76,6 +76,10 @@ impl TablePool {
 
     /// The first word of `slot`.
     pub fn slot_base(&self, slot: SlotId) -> NonNull<usize> {
+        if self.layout.table_stride == 0 {
+            // Slots of no elements: nothing is ever read or written through this.
+            return NonNull::dangling();
+        }
         // SAFETY: `slot < table_slots`, so the offset is inside the mapping; slots are
         // page-aligned, so word-aligned.
         unsafe {

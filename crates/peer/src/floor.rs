@@ -1,0 +1,80 @@
+//! The floor: what the operations a cycle cannot avoid cost on this machine, in the same run.
+
+use std::hint::black_box;
+use std::ptr::NonNull;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use berth_core::sys;
+
+const KIB64: usize = 65536;
+
+/// One floor operation and its samples (nanoseconds).
+pub struct Floor {
+    /// What was measured.
+    pub name: &'static str,
+    /// Per-operation times, in nanoseconds.
+    pub samples: Vec<f64>,
+}
+
+fn time(samples: &mut Vec<f64>, f: impl FnOnce()) {
+    let started = Instant::now();
+    f();
+    samples.push(started.elapsed().as_nanos() as f64);
+}
+
+/// Measures each floor operation `n` times.
+pub fn measure(n: usize) -> Result<Vec<Floor>> {
+    let page = sys::page_size();
+    let mut reserve = Vec::with_capacity(n);
+    let mut madvise = Vec::with_capacity(n);
+    let mut refault = Vec::with_capacity(n);
+    let mut memset = Vec::with_capacity(n);
+    let mut freelist = Vec::with_capacity(n);
+
+    // A 64 KiB region to dirty, decommit and fault again.
+    let region = sys::reserve(KIB64).context("reserve")?;
+    // SAFETY: our own fresh mapping.
+    unsafe { sys::make_accessible(region, KIB64) }?;
+    let list = Mutex::new((0..1000u32).collect::<Vec<_>>());
+    for _ in 0..n {
+        time(&mut reserve, || {
+            // mmap of a 6 GiB reservation, mprotect of 64 KiB, munmap.
+            let len = 6usize << 30;
+            let base = sys::reserve(len).expect("reserve");
+            // SAFETY: our own fresh mapping.
+            unsafe { sys::make_accessible(base, KIB64) }.expect("mprotect");
+            // SAFETY: our own mapping, no longer used.
+            unsafe { sys::unmap(base, len) }.expect("munmap");
+        });
+        // SAFETY: the region is ours and accessible; no reference into it is live.
+        unsafe { region.as_ptr().write_bytes(0x5A, KIB64) };
+        // SAFETY: as above.
+        time(&mut madvise, || unsafe { sys::decommit(region, KIB64) }.expect("madvise"));
+        time(&mut refault, || {
+            for offset in (0..KIB64).step_by(page) {
+                // SAFETY: inside the accessible region.
+                unsafe { region.as_ptr().add(offset).write_volatile(1) };
+            }
+        });
+        time(&mut memset, || {
+            // SAFETY: inside the accessible, resident region.
+            unsafe { black_box(region.as_ptr()).write_bytes(0, KIB64) };
+        });
+        time(&mut freelist, || {
+            let slot = list.lock().expect("lock").pop();
+            list.lock().expect("lock").push(black_box(slot.unwrap_or(0)));
+        });
+    }
+    // SAFETY: our own mapping, no longer used.
+    unsafe { sys::unmap(region, KIB64) }?;
+    let _ = NonNull::<u8>::dangling();
+    Ok(vec![
+        Floor { name: "mmap 6 GiB + mprotect 64 KiB + munmap", samples: reserve },
+        Floor { name: "madvise(DONTNEED) of 64 KiB dirty", samples: madvise },
+        Floor { name: "re-fault 16 pages (4 KiB each)", samples: refault },
+        Floor { name: "memset 64 KiB (resident)", samples: memset },
+        Floor { name: "locked free-list pop + push", samples: freelist },
+    ])
+}
