@@ -250,7 +250,7 @@ fn exhaustion_and_oversized_modules_name_their_limit() {
 #[test]
 fn dropping_a_module_purges_its_warm_slots() {
     let mut pooling = slots(4);
-    pooling.linear_memory_keep_resident(PAGE);
+    pooling.linear_memory_keep_resident(PAGE).table_keep_resident(0);
     let (engine, _) = pool(&pooling);
     let a = engine.load(module("a", 1)).unwrap();
     drop(Instance::new(&a).unwrap());

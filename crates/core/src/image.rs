@@ -5,11 +5,9 @@
 //! A memory gets an image only if every active data segment targeting it has a constant
 //! offset and ends within the memory's initial size: then applying the image is exactly
 //! applying the segments in order. Otherwise (a `global.get` offset, a segment out of bounds,
-//! which must fail instantiation) its segments are copied at instantiation, in order. Data
-//! spread too thinly (an image more than twice the size of its data, page-rounded) is copied
-//! too: mapping mostly empty pages would cost more than copying a few bytes, and the image
-//! would hold the module's memory hostage. Only the data is written to the file, which stays
-//! sparse.
+//! which must fail instantiation) its segments are copied at instantiation, in order. Only the
+//! data is written to the file, which stays sparse: data spread thinly over a large memory costs
+//! the pages it touches, not the span (the file's holes read as zeros).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
@@ -25,14 +23,13 @@ use crate::sys;
 /// One memory's initial data as a sealed in-memory file.
 ///
 /// Invariants: `offset` and `len` are multiples of the host page size; the file holds `len`
-/// bytes, the `pieces` (offsets relative to the memory, applied in order) over zeros;
-/// `offset + len` is at most the memory's initial size rounded up to a host page.
+/// bytes, the module's data segments for this memory applied in order over zeros; `offset +
+/// len` is at most the memory's initial size rounded up to a host page.
 #[derive(Debug)]
 pub struct MemoryImage {
     fd: OwnedFd,
     offset: usize,
     len: usize,
-    pieces: Vec<(usize, Arc<[u8]>)>,
 }
 
 impl MemoryImage {
@@ -83,10 +80,6 @@ impl MemoryImage {
         let page = sys::page_size();
         let offset = low / page * page;
         let end = high.next_multiple_of(page);
-        let data: usize = placed.iter().map(|(_, data)| data.len()).sum();
-        if end - offset > 2 * data.next_multiple_of(page) {
-            return Ok(None);
-        }
         let relative: Vec<(usize, &[u8])> = placed
             .iter()
             .map(|(start, data)| (start - offset, &data[..]))
@@ -97,7 +90,6 @@ impl MemoryImage {
             fd,
             offset,
             len: end - offset,
-            pieces: placed,
         }))
     }
 
@@ -114,28 +106,6 @@ impl MemoryImage {
     /// Whether the image is empty (never: empty images are not built).
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// Writes the image's bytes that fall below `limit` into a memory at `base` whose first
-    /// `limit` bytes read as zeros: a reset that kept those bytes resident (with `memset`)
-    /// brings the image back this way instead of re-mapping it.
-    ///
-    /// # Safety
-    ///
-    /// `base..base + limit` is readable and writable, used only by the caller, with no Rust
-    /// reference into it live.
-    pub unsafe fn restore_below(&self, base: NonNull<u8>, limit: usize) {
-        for (start, data) in &self.pieces {
-            let end = (start + data.len()).min(limit);
-            if end > *start {
-                // SAFETY: `start..end` lies below `limit`, inside the caller's range.
-                unsafe {
-                    base.add(*start)
-                        .as_ptr()
-                        .copy_from_nonoverlapping(data.as_ptr(), end - start)
-                };
-            }
-        }
     }
 
     /// Maps the image over the memory starting at `base`.

@@ -76,7 +76,11 @@ fn main() -> Result<()> {
         }
     }
 
-    println!("## One instance cycle: median (p99), microseconds\n");
+    println!("## Workloads\n");
+    for workload in &workloads {
+        println!("- `{}`: {}", workload.name, workload.about);
+    }
+    println!("\n## One instance cycle: median (p99), microseconds\n");
     print!("| workload |");
     for system in &systems {
         print!(" {} |", system.name);
@@ -136,8 +140,8 @@ fn main() -> Result<()> {
 
 /// Instances per second with `threads` threads running `cycles` cycles each.
 fn throughput(system: &systems::System, workload: &workloads::Workload, threads: usize, cycles: usize) -> Result<f64> {
+    let barrier = std::sync::Barrier::new(threads);
     let elapsed: Result<Duration> = std::thread::scope(|scope| {
-        let barrier = std::sync::Barrier::new(threads);
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 let barrier = &barrier;

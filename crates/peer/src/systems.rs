@@ -35,7 +35,12 @@ fn wasmtime_engine(pooling: Option<bool>) -> Result<wasmtime::Engine> {
         }
         config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
     }
-    wasmtime::Engine::new(&config)
+    wt(wasmtime::Engine::new(&config))
+}
+
+/// Wasmtime's own error type, as an `anyhow` error.
+fn wt<T>(result: wasmtime::Result<T>) -> Result<T> {
+    result.map_err(|e| anyhow::anyhow!("{e:?}"))
 }
 
 /// One Wasmtime cycle: `Store::new` + instantiate (+ write) + drop.
@@ -45,14 +50,14 @@ fn wasmtime_system(name: &'static str, pooling: Option<bool>) -> Result<System> 
         name,
         prepare: Box::new(move |workload: &Workload| -> Result<Cycle> {
             let engine = engine.clone();
-            let module = wasmtime::Module::new(&engine, &workload.wat)?;
+            let module = wt(wasmtime::Module::new(&engine, &workload.wat))?;
             let buffer = vec![0xA5u8; workload.dirty];
             Ok(Box::new(move || {
                 let mut store = wasmtime::Store::new(&engine, ());
-                let instance = wasmtime::Instance::new(&mut store, &module, &[])?;
+                let instance = wt(wasmtime::Instance::new(&mut store, &module, &[]))?;
                 if !buffer.is_empty() {
                     let memory = instance.get_memory(&mut store, "memory").context("no exported memory")?;
-                    memory.write(&mut store, 0, &buffer)?;
+                    memory.write(&mut store, 0, &buffer).map_err(|e| anyhow::anyhow!("{e}"))?;
                 }
                 drop(store);
                 Ok(())

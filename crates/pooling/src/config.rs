@@ -5,8 +5,9 @@
 ///
 /// The defaults reserve, with the engine's default tunables (4 GiB reservation and 2 GiB
 /// guard per memory), 1000 memory slots of 6 GiB: about 6 TiB of address space, under 5% of a
-/// 47-bit (128 TiB) user address space, plus 1000 table slots of 20 000 words (about 153 MiB).
-/// Nothing is resident until used. [`PoolLayout`](crate::PoolLayout) computes the cost of a
+/// 47-bit (128 TiB) user address space, plus 1000 table slots of 20 000 words (about 156 MiB).
+/// Nothing is resident until used; afterwards idle slots keep at most 100 × 64 KiB of memory
+/// pages and 16 KiB per used table slot. [`PoolLayout`](crate::PoolLayout) computes the cost of a
 /// configuration before it is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -39,11 +40,14 @@ pub struct PoolingConfig {
     /// Slot resets queued before they run as one batch. Default 1 (reset at once). A queued
     /// slot is not reused before its batch runs; an exhausted pool runs the queue and retries.
     pub decommit_batch_size: usize,
-    /// Bytes at the start of each memory slot reset with `memset` instead of `madvise`, so
-    /// they stay resident and are not faulted in again. Default 0. Costs up to this much
-    /// resident memory per warm slot.
+    /// Bytes at the start of each memory slot kept resident between tenants: reset by
+    /// zeroing (only the pages a tenant left non-zero) instead of `madvise`, so the next tenant
+    /// does not fault them in again. Default 64 KiB (one WebAssembly page). Costs up to this
+    /// much resident memory per warm slot, and a read of these bytes per reset.
     pub linear_memory_keep_resident: usize,
-    /// Bytes at the start of each table slot reset with `memset`. Default 0.
+    /// Bytes at the start of each table slot reset with `memset` instead of `madvise`.
+    /// Default 16 KiB (2048 elements). Costs up to this much resident memory per table slot
+    /// that has been used.
     pub table_keep_resident: usize,
 }
 
@@ -60,8 +64,8 @@ impl Default for PoolingConfig {
             max_core_instance_size: 1 << 20,
             max_unused_warm_slots: 100,
             decommit_batch_size: 1,
-            linear_memory_keep_resident: 0,
-            table_keep_resident: 0,
+            linear_memory_keep_resident: 64 << 10,
+            table_keep_resident: 16 << 10,
         }
     }
 }

@@ -156,19 +156,38 @@ impl MemoryPool {
             return failed;
         }
         let base = self.slot_base(job.slot);
-        let keep = self.layout.memory_keep_resident.min(job.accessible);
-        // SAFETY: the slot was given back by its tenant and is not in the allocator, so this
-        // thread alone touches it; `keep <= accessible` bytes are readable and writable.
-        unsafe { base.as_ptr().write_bytes(0, keep) };
-        if let Some(image) = &job.image {
-            // Kept-resident bytes that the image covers go back to the image's contents.
-            // SAFETY: as above; the `keep` bytes now read as zeros.
-            unsafe { image.restore_below(base, keep) };
+        let page = self.layout.page_size;
+        let accessible = job.accessible;
+        let keep = self.layout.memory_keep_resident.min(accessible);
+        // The image's pages come back from its file with a decommit; kept bytes outside it are
+        // zeroed in place, one page at a time, and only where the tenant left something.
+        let image = job.image.as_ref().map_or(0..0, |i| {
+            i.offset().min(accessible)..(i.offset() + i.len()).min(accessible)
+        });
+        let mut resident = 0;
+        for start in (0..keep).step_by(page) {
+            if image.contains(&start) {
+                continue;
+            }
+            resident += page;
+            // SAFETY: the slot was given back by its tenant and is not in the allocator, so this
+            // thread alone touches it; `start..start + page` lies within the accessible bytes.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(base.add(start).as_ptr(), page) };
+            if !is_zero(bytes) {
+                bytes.fill(0);
+            }
         }
-        if job.accessible > keep {
+        let above = keep..accessible;
+        let ranges: [std::ops::Range<usize>; 2] =
+            if !image.is_empty() && image.end >= above.start && !above.is_empty() {
+                [image.start.min(above.start)..above.end, 0..0]
+            } else {
+                [image, above]
+            };
+        for range in ranges.into_iter().filter(|r| !r.is_empty()) {
             *decommits += 1;
-            // SAFETY: as above; `keep..accessible` is inside the slot's reservation.
-            if unsafe { sys::decommit(base.add(keep), job.accessible - keep) }.is_err() {
+            // SAFETY: as above; `range` is page-aligned and inside the accessible bytes.
+            if unsafe { sys::decommit(base.add(range.start), range.len()) }.is_err() {
                 return failed;
             }
         }
@@ -181,7 +200,7 @@ impl MemoryPool {
         }
         SlotInfo {
             accessible: initial,
-            resident: keep,
+            resident,
             needs_remap: false,
             image: job.image.clone(),
         }
@@ -253,4 +272,21 @@ impl MemoryPool {
         let state = self.lock();
         (state.slots.used(), state.slots.warm(), state.idle_resident)
     }
+}
+
+/// Whether every byte is zero. Reads whole 64-byte blocks without an early exit inside them,
+/// so the compiler can vectorize the check; stops at the first non-zero block.
+fn is_zero(bytes: &[u8]) -> bool {
+    let (blocks, rest) = bytes.as_chunks::<64>();
+    let word = |chunk: &[u8]| u64::from_ne_bytes(chunk.try_into().unwrap_or_default());
+    blocks.iter().all(|block| {
+        block
+            .as_chunks::<8>()
+            .0
+            .iter()
+            .fold(0u64, |acc, w| acc | u64::from_ne_bytes(*w))
+            == 0
+    }) && rest
+        .chunks(8)
+        .all(|chunk| word(chunk) == 0 && chunk.iter().all(|&b| b == 0))
 }
