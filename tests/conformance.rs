@@ -87,6 +87,13 @@ fn pooling_many_warm_slots() {
 }
 
 #[test]
+fn pooling_without_pagemap_scan() {
+    let mut config = pool_config();
+    config.pagemap_scan(false).decommit_batch_size(2);
+    run_pool(config);
+}
+
+#[test]
 fn pooling_batched_decommit() {
     let mut config = pool_config();
     config.decommit_batch_size(4);

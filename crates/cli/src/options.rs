@@ -109,12 +109,15 @@ pub struct PoolOptions {
     /// Resets queued before a batch runs [default: 1]
     #[arg(long, help_heading = "Pool")]
     pub decommit_batch_size: Option<usize>,
-    /// Bytes of each memory slot reset by memset [default: 0]
+    /// Bytes of each memory slot kept resident between tenants [default: 64K]
     #[arg(long, value_parser = usize_size, help_heading = "Pool")]
     pub linear_memory_keep_resident: Option<usize>,
-    /// Bytes of each table slot reset by memset [default: 0]
+    /// Bytes of each table slot reset by memset [default: 16K]
     #[arg(long, value_parser = usize_size, help_heading = "Pool")]
     pub table_keep_resident: Option<usize>,
+    /// Do not ask the kernel which pages were written (PAGEMAP_SCAN) when resetting
+    #[arg(long, help_heading = "Pool")]
+    pub no_pagemap_scan: bool,
 }
 
 impl PoolOptions {
@@ -138,6 +141,9 @@ impl PoolOptions {
             linear_memory_keep_resident,
             table_keep_resident
         );
+        if self.no_pagemap_scan {
+            c.pagemap_scan(false);
+        }
         c
     }
 }

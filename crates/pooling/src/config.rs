@@ -45,6 +45,10 @@ pub struct PoolingConfig {
     /// does not fault them in again. Default 64 KiB (one WebAssembly page). Costs up to this
     /// much resident memory per warm slot, and a read of these bytes per reset.
     pub linear_memory_keep_resident: usize,
+    /// Whether resets ask the kernel which pages a tenant wrote (`PAGEMAP_SCAN`, Linux 6.7+)
+    /// and touch only those. Default `true` (used when the kernel has it). Without it, a reset
+    /// reads every kept byte to find the non-zero pages and decommits all the rest.
+    pub pagemap_scan: bool,
     /// Bytes at the start of each table slot reset with `memset` instead of `madvise`.
     /// Default 16 KiB (2048 elements). Costs up to this much resident memory per table slot
     /// that has been used.
@@ -66,6 +70,7 @@ impl Default for PoolingConfig {
             decommit_batch_size: 1,
             linear_memory_keep_resident: 64 << 10,
             table_keep_resident: 16 << 10,
+            pagemap_scan: true,
         }
     }
 }
@@ -97,6 +102,7 @@ setters! {
     decommit_batch_size: usize;
     linear_memory_keep_resident: usize;
     table_keep_resident: usize;
+    pagemap_scan: bool;
 }
 
 impl PoolingConfig {

@@ -78,7 +78,7 @@ impl PoolingInstanceAllocator {
         tunables.validate(sys::page_size())?;
         let layout = PoolLayout::new(config, tunables)?;
         Ok(PoolingInstanceAllocator {
-            memories: MemoryPool::new(&layout, config.max_unused_warm_slots)?,
+            memories: MemoryPool::new(&layout, config.max_unused_warm_slots, config.pagemap_scan)?,
             tables: TablePool::new(&layout)?,
             config: config.clone(),
             tunables: *tunables,

@@ -13,6 +13,7 @@
 //! A reset that fails leaves the slot marked; it is re-mapped (a fresh `PROT_NONE` mapping over
 //! its reservation) before its next use, so a failed reset can never leak a byte.
 
+use std::ops::Range;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
@@ -74,6 +75,7 @@ pub(crate) struct MemoryPool {
     _mapping: Mmap,
     first_slot: NonNull<u8>,
     layout: PoolLayout,
+    use_page_map: bool,
     state: Mutex<State>,
 }
 
@@ -84,7 +86,7 @@ unsafe impl Send for MemoryPool {}
 unsafe impl Sync for MemoryPool {}
 
 impl MemoryPool {
-    pub fn new(layout: &PoolLayout, max_warm: u32) -> Result<MemoryPool> {
+    pub fn new(layout: &PoolLayout, max_warm: u32, use_page_map: bool) -> Result<MemoryPool> {
         let mut mapping = Mmap::reserve(layout.memory_pool_bytes).with_context(|| {
             format!(
                 "failed to reserve {:#x} bytes for {} memory slots of {:#x} bytes",
@@ -97,6 +99,7 @@ impl MemoryPool {
             _mapping: mapping,
             first_slot,
             layout: layout.clone(),
+            use_page_map,
             state: Mutex::new(State {
                 slots: SlotAllocator::new(layout.memory_slots, max_warm as usize),
                 info: vec![SlotInfo::default(); layout.memory_slots as usize],
@@ -156,41 +159,25 @@ impl MemoryPool {
             return failed;
         }
         let base = self.slot_base(job.slot);
-        let page = self.layout.page_size;
         let accessible = job.accessible;
         let keep = self.layout.memory_keep_resident.min(accessible);
         // The image's pages come back from its file with a decommit; kept bytes outside it are
-        // zeroed in place, one page at a time, and only where the tenant left something.
+        // zeroed in place, and only where the tenant (or an earlier one) wrote: the kernel says
+        // which pages those are, or, on kernels without `PAGEMAP_SCAN`, a look at each page.
         let image = job.image.as_ref().map_or(0..0, |i| {
             i.offset().min(accessible)..(i.offset() + i.len()).min(accessible)
         });
-        let mut resident = 0;
-        for start in (0..keep).step_by(page) {
-            if image.contains(&start) {
-                continue;
+        let resident = match sys::page_map().filter(|_| self.use_page_map) {
+            Some(map) => {
+                let mut written = Vec::new();
+                match map.written(base, accessible, &mut written) {
+                    Ok(()) => self.reset_written(base, &written, keep, &image, decommits),
+                    Err(_) => self.reset_everything(base, accessible, keep, &image, decommits),
+                }
             }
-            resident += page;
-            // SAFETY: the slot was given back by its tenant and is not in the allocator, so this
-            // thread alone touches it; `start..start + page` lies within the accessible bytes.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(base.add(start).as_ptr(), page) };
-            if !is_zero(bytes) {
-                bytes.fill(0);
-            }
-        }
-        let above = keep..accessible;
-        let ranges: [std::ops::Range<usize>; 2] =
-            if !image.is_empty() && image.end >= above.start && !above.is_empty() {
-                [image.start.min(above.start)..above.end, 0..0]
-            } else {
-                [image, above]
-            };
-        for range in ranges.into_iter().filter(|r| !r.is_empty()) {
-            *decommits += 1;
-            // SAFETY: as above; `range` is page-aligned and inside the accessible bytes.
-            if unsafe { sys::decommit(base.add(range.start), range.len()) }.is_err() {
-                return failed;
-            }
-        }
+            None => self.reset_everything(base, accessible, keep, &image, decommits),
+        };
+        let Some(resident) = resident else { return failed };
         let initial = job.initial.min(job.accessible);
         if job.accessible > initial {
             // SAFETY: as above; `initial..accessible` is inside the slot's reservation.
@@ -204,6 +191,98 @@ impl MemoryPool {
             needs_remap: false,
             image: job.image.clone(),
         }
+    }
+
+    /// Resets the pages `written` reports (offsets from `base`): kept ones outside the image
+    /// are zeroed in place (they stay resident), the others decommitted (image pages come back
+    /// from the file). Pages not written already read as they should. Returns the resident kept
+    /// bytes, or `None` if a decommit failed.
+    fn reset_written(
+        &self,
+        base: NonNull<u8>,
+        written: &[Range<usize>],
+        keep: usize,
+        image: &Range<usize>,
+        decommits: &mut u64,
+    ) -> Option<usize> {
+        let mut resident = 0;
+        // At most two decommits: one covering the image's written pages, one covering those
+        // above the kept bytes (clean pages inside either cover lose nothing).
+        let mut in_image: Option<Range<usize>> = None;
+        let mut above: Option<Range<usize>> = None;
+        let widen = |cover: &mut Option<Range<usize>>, r: Range<usize>| {
+            *cover = Some(match cover.take() {
+                Some(c) => c.start.min(r.start)..c.end.max(r.end),
+                None => r,
+            });
+        };
+        for range in written {
+            for part in split(range, image) {
+                if part.is_empty() {
+                    continue;
+                }
+                if image.contains(&part.start) {
+                    widen(&mut in_image, part);
+                } else if part.start < keep {
+                    let kept = part.start..part.end.min(keep);
+                    resident += kept.len();
+                    // SAFETY: the slot was given back and is not in the allocator, so this thread
+                    // alone touches it; `kept` lies within its accessible bytes.
+                    unsafe { base.add(kept.start).as_ptr().write_bytes(0, kept.len()) };
+                    if part.end > keep {
+                        widen(&mut above, keep..part.end);
+                    }
+                } else {
+                    widen(&mut above, part);
+                }
+            }
+        }
+        for range in [in_image, above].into_iter().flatten() {
+            *decommits += 1;
+            // SAFETY: as above; `range` is page-aligned and inside the accessible bytes.
+            unsafe { sys::decommit(base.add(range.start), range.len()) }.ok()?;
+        }
+        Some(resident)
+    }
+
+    /// Resets without knowing what was written: kept bytes outside the image are zeroed where
+    /// they are not zero already, one page at a time; the image and everything above the kept
+    /// bytes are decommitted. Returns the resident kept bytes, or `None` if a decommit failed.
+    fn reset_everything(
+        &self,
+        base: NonNull<u8>,
+        accessible: usize,
+        keep: usize,
+        image: &Range<usize>,
+        decommits: &mut u64,
+    ) -> Option<usize> {
+        let page = self.layout.page_size;
+        let mut resident = 0;
+        for start in (0..keep).step_by(page) {
+            if image.contains(&start) {
+                continue;
+            }
+            resident += page;
+            // SAFETY: the slot was given back and is not in the allocator, so this thread alone
+            // touches it; `start..start + page` lies within the accessible bytes.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(base.add(start).as_ptr(), page) };
+            if !is_zero(bytes) {
+                bytes.fill(0);
+            }
+        }
+        let above = keep..accessible;
+        let ranges: [Range<usize>; 2] = if !image.is_empty() && image.end >= above.start && !above.is_empty()
+        {
+            [image.start.min(above.start)..above.end, 0..0]
+        } else {
+            [image.clone(), above]
+        };
+        for range in ranges.into_iter().filter(|r| !r.is_empty()) {
+            *decommits += 1;
+            // SAFETY: as above; `range` is page-aligned and inside the accessible bytes.
+            unsafe { sys::decommit(base.add(range.start), range.len()) }.ok()?;
+        }
+        Some(resident)
     }
 
     /// Returns a reset slot to the allocator, warm for the key it was handed out for. A slot pushed out of the warm
@@ -289,4 +368,14 @@ fn is_zero(bytes: &[u8]) -> bool {
     }) && rest
         .chunks(8)
         .all(|chunk| word(chunk) == 0 && chunk.iter().all(|&b| b == 0))
+}
+
+/// `range` cut at the edges of `image`: the parts before, inside and after it.
+fn split(range: &Range<usize>, image: &Range<usize>) -> [Range<usize>; 3] {
+    let before = range.start..range.end.min(image.start).max(range.start);
+    let inside = range.start.max(image.start)..range.end.min(image.end);
+    let after = range.start.max(image.end).min(range.end)..range.end;
+    // No overlap gives an inverted `inside`: make it empty.
+    let inside = if inside.start < inside.end { inside } else { 0..0 };
+    [before, inside, after]
 }
