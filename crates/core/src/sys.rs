@@ -319,16 +319,12 @@ impl PageMap {
                 )
             };
             found?;
-            let reported = regions
-                .iter()
-                .take_while(|r| r.end > r.start && (r.start as usize) >= from);
-            let mut count = 0;
-            for region in reported {
-                if count == regions.len() {
-                    break;
-                }
-                out.push(region.start as usize..region.end as usize);
-                count += 1;
+            // Filled regions come first; the rest stay zeroed.
+            for region in regions.iter().take_while(|r| r.end > r.start) {
+                let (Ok(start), Ok(end)) = (usize::try_from(region.start), usize::try_from(region.end)) else {
+                    return Err(io::Error::other("PAGEMAP_SCAN reported an address beyond the host's"));
+                };
+                out.push(start..end);
             }
             let walked = usize::try_from(arg.walk_end).unwrap_or(end);
             if walked <= from {
