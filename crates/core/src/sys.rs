@@ -321,8 +321,11 @@ impl PageMap {
             found?;
             // Filled regions come first; the rest stay zeroed.
             for region in regions.iter().take_while(|r| r.end > r.start) {
-                let (Ok(start), Ok(end)) = (usize::try_from(region.start), usize::try_from(region.end)) else {
-                    return Err(io::Error::other("PAGEMAP_SCAN reported an address beyond the host's"));
+                let (Ok(start), Ok(end)) = (usize::try_from(region.start), usize::try_from(region.end))
+                else {
+                    return Err(io::Error::other(
+                        "PAGEMAP_SCAN reported an address beyond the host's",
+                    ));
                 };
                 out.push(start..end);
             }

@@ -29,6 +29,8 @@ pub(crate) type MemoryKey = (ModuleId, DefinedMemoryIndex);
 /// What a memory slot holds while it is not handed out.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SlotInfo {
+    /// What the slot's resets learned (stays with the slot while it is handed out).
+    pub history: History,
     /// Bytes from the slot's start that are readable and writable (all reading as zeros, or
     /// as the image where one is mapped).
     pub accessible: usize,
@@ -39,6 +41,22 @@ pub(crate) struct SlotInfo {
     /// The copy-on-write image mapped in the slot, as its last reset left it.
     pub image: Option<Arc<MemoryImage>>,
 }
+
+/// What the resets of one slot have learned about its tenants, kept across tenants.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct History {
+    /// Kept bytes `0..resident` are resident and reset by zeroing (written by some tenant).
+    pub resident: usize,
+    /// Consecutive scans that found nothing written above `resident`.
+    clean_scans: u8,
+    /// Resets since the last scan while scans are skipped.
+    blind_resets: u8,
+}
+
+/// Clean scans after which a slot's resets stop scanning (and decommit blindly instead).
+const CLEAN_SCANS_BEFORE_BLIND: u8 = 4;
+/// While blind, one reset in this many scans again, to notice tenants that start writing.
+const RESCAN_EVERY: u8 = 16;
 
 /// A slot taken back from a tenant, to be reset.
 #[derive(Debug, Clone)]
@@ -62,6 +80,8 @@ struct State {
     /// Slots whose module was purged while they were handed out or queued for reset: they
     /// turn cold, not warm, when they come back.
     orphaned: Vec<bool>,
+    /// What each slot's resets learned.
+    history: Vec<History>,
     idle_resident: usize,
 }
 
@@ -105,6 +125,7 @@ impl MemoryPool {
                 info: vec![SlotInfo::default(); layout.memory_slots as usize],
                 owner: vec![None; layout.memory_slots as usize],
                 orphaned: vec![false; layout.memory_slots as usize],
+                history: vec![History::default(); layout.memory_slots as usize],
                 idle_resident: 0,
             }),
         })
@@ -140,6 +161,7 @@ impl MemoryPool {
         // inside the pool's mapping and no reference into it is live.
         unsafe { sys::reset_to_reserved(self.slot_base(slot), len) }
             .with_context(|| format!("failed to re-map memory slot {slot} of {len:#x} bytes"))?;
+        self.lock().history[slot as usize] = History::default();
         Ok(SlotInfo::default())
     }
 
@@ -161,23 +183,14 @@ impl MemoryPool {
         let base = self.slot_base(job.slot);
         let accessible = job.accessible;
         let keep = self.layout.memory_keep_resident.min(accessible);
-        // The image's pages come back from its file with a decommit; kept bytes outside it are
-        // zeroed in place, and only where the tenant (or an earlier one) wrote: the kernel says
-        // which pages those are, or, on kernels without `PAGEMAP_SCAN`, a look at each page.
         let image = job.image.as_ref().map_or(0..0, |i| {
             i.offset().min(accessible)..(i.offset() + i.len()).min(accessible)
         });
-        let resident = match sys::page_map().filter(|_| self.use_page_map) {
-            Some(map) => {
-                let mut written = Vec::new();
-                match map.written(base, accessible, &mut written) {
-                    Ok(()) => self.reset_written(base, &written, keep, &image, decommits),
-                    Err(_) => self.reset_everything(base, accessible, keep, &image, decommits),
-                }
-            }
-            None => self.reset_everything(base, accessible, keep, &image, decommits),
+        let mut history = self.lock().history[job.slot as usize];
+        let Some(resident) = self.reset_pages(base, accessible, keep, &image, &mut history, decommits) else {
+            return failed;
         };
-        let Some(resident) = resident else { return failed };
+        history.resident = resident;
         let initial = job.initial.min(job.accessible);
         if job.accessible > initial {
             // SAFETY: as above; `initial..accessible` is inside the slot's reservation.
@@ -190,99 +203,121 @@ impl MemoryPool {
             resident,
             needs_remap: false,
             image: job.image.clone(),
+            history,
         }
     }
 
-    /// Resets the pages `written` reports (offsets from `base`): kept ones outside the image
-    /// are zeroed in place (they stay resident), the others decommitted (image pages come back
-    /// from the file). Pages not written already read as they should. Returns the resident kept
-    /// bytes, or `None` if a decommit failed.
-    fn reset_written(
-        &self,
-        base: NonNull<u8>,
-        written: &[Range<usize>],
-        keep: usize,
-        image: &Range<usize>,
-        decommits: &mut u64,
-    ) -> Option<usize> {
-        let mut resident = 0;
-        // At most two decommits: one covering the image's written pages, one covering those
-        // above the kept bytes (clean pages inside either cover lose nothing).
-        let mut in_image: Option<Range<usize>> = None;
-        let mut above: Option<Range<usize>> = None;
-        let widen = |cover: &mut Option<Range<usize>>, r: Range<usize>| {
-            *cover = Some(match cover.take() {
-                Some(c) => c.start.min(r.start)..c.end.max(r.end),
-                None => r,
-            });
-        };
-        for range in written {
-            for part in split(range, image) {
-                if part.is_empty() {
-                    continue;
-                }
-                if image.contains(&part.start) {
-                    widen(&mut in_image, part);
-                } else if part.start < keep {
-                    let kept = part.start..part.end.min(keep);
-                    resident += kept.len();
-                    // SAFETY: the slot was given back and is not in the allocator, so this thread
-                    // alone touches it; `kept` lies within its accessible bytes.
-                    unsafe { base.add(kept.start).as_ptr().write_bytes(0, kept.len()) };
-                    if part.end > keep {
-                        widen(&mut above, keep..part.end);
-                    }
-                } else {
-                    widen(&mut above, part);
-                }
-            }
-        }
-        for range in [in_image, above].into_iter().flatten() {
-            *decommits += 1;
-            // SAFETY: as above; `range` is page-aligned and inside the accessible bytes.
-            unsafe { sys::decommit(base.add(range.start), range.len()) }.ok()?;
-        }
-        Some(resident)
-    }
-
-    /// Resets without knowing what was written: kept bytes outside the image are zeroed where
-    /// they are not zero already, one page at a time; the image and everything above the kept
-    /// bytes are decommitted. Returns the resident kept bytes, or `None` if a decommit failed.
-    fn reset_everything(
+    /// Brings `accessible` bytes at `base` back to zeros (and the image's bytes): the kept
+    /// resident prefix by zeroing, the image by decommitting (its pages come back from the file),
+    /// and the rest by what the kernel says was written (`PAGEMAP_SCAN`), or, once scans keep
+    /// finding nothing, by decommitting it all without asking (one scan in [`RESCAN_EVERY`]
+    /// notices tenants that start writing). Written kept pages join the resident prefix, so a
+    /// module whose tenants write them pays a `memset`, never a page fault. Returns the new
+    /// resident prefix, or `None` if a decommit failed.
+    fn reset_pages(
         &self,
         base: NonNull<u8>,
         accessible: usize,
         keep: usize,
         image: &Range<usize>,
+        history: &mut History,
         decommits: &mut u64,
     ) -> Option<usize> {
         let page = self.layout.page_size;
-        let mut resident = 0;
-        for start in (0..keep).step_by(page) {
-            if image.contains(&start) {
-                continue;
+        let mut known = history.resident.min(keep);
+        let mut decommit = Covers::default();
+        // The resident prefix: zeroed in place, except image pages, which go back to the file.
+        for part in split(&(0..known), image) {
+            self.zero_or_cover(base, part, image, &mut decommit);
+        }
+        let unknown = known..accessible;
+        let map = sys::page_map().filter(|_| self.use_page_map);
+        let scan = map.filter(|_| {
+            history.clean_scans < CLEAN_SCANS_BEFORE_BLIND || history.blind_resets >= RESCAN_EVERY
+        });
+        let mut written = Vec::new();
+        let scanned = !unknown.is_empty()
+            && scan.is_some_and(|map| {
+                // Reading page tables only; `base + known` is inside the slot.
+                let start = NonNull::new(base.as_ptr().wrapping_add(known));
+                start.is_some_and(|start| map.written(start, unknown.len(), &mut written).is_ok())
+            });
+        if scanned {
+            history.blind_resets = 0;
+            history.clean_scans = if written.is_empty() {
+                history.clean_scans.saturating_add(1)
+            } else {
+                0
+            };
+            let prefix = known;
+            for range in &written {
+                let range = range.start + prefix..range.end + prefix;
+                for part in split(&range, image) {
+                    if part.is_empty() {
+                        continue;
+                    }
+                    if image.contains(&part.start) {
+                        decommit.widen_image(part);
+                        continue;
+                    }
+                    if part.start < keep {
+                        let kept = part.start..part.end.min(keep);
+                        known = known.max(kept.end);
+                        self.zero_or_cover(base, kept, image, &mut decommit);
+                    }
+                    Covers::widen(&mut decommit.above, part.start.max(keep)..part.end);
+                }
             }
-            resident += page;
-            // SAFETY: the slot was given back and is not in the allocator, so this thread alone
-            // touches it; `start..start + page` lies within the accessible bytes.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(base.add(start).as_ptr(), page) };
-            if !is_zero(bytes) {
-                bytes.fill(0);
+        } else if !unknown.is_empty() && map.is_some() {
+            // Blind: everything not known to be resident goes back to the kernel.
+            history.blind_resets = history.blind_resets.saturating_add(1);
+            decommit.above = Some(unknown);
+        } else if !unknown.is_empty() {
+            // No page map: look at each kept page that is not known to be resident, and zero
+            // the ones a tenant wrote (they join the prefix); decommit the image and the rest.
+            for start in (known..keep).step_by(page) {
+                if image.contains(&start) {
+                    continue;
+                }
+                // SAFETY: the slot was given back and is not in the allocator, so this thread
+                // alone touches it; the page lies within the accessible bytes.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(base.add(start).as_ptr(), page) };
+                if !is_zero(bytes) {
+                    bytes.fill(0);
+                    known = start + page;
+                }
+            }
+            decommit.widen_image(image.clone());
+            if keep < accessible {
+                decommit.above = Some(keep..accessible);
             }
         }
-        let above = keep..accessible;
-        let ranges: [Range<usize>; 2] = if !image.is_empty() && image.end >= above.start && !above.is_empty()
-        {
-            [image.start.min(above.start)..above.end, 0..0]
-        } else {
-            [image.clone(), above]
-        };
-        for range in ranges.into_iter().filter(|r| !r.is_empty()) {
+        for range in decommit.ranges() {
             *decommits += 1;
             // SAFETY: as above; `range` is page-aligned and inside the accessible bytes.
             unsafe { sys::decommit(base.add(range.start), range.len()) }.ok()?;
         }
-        Some(resident)
+        Some(known)
+    }
+
+    /// Zeroes the part of `part` below the image, or adds it to the image's decommit.
+    fn zero_or_cover(
+        &self,
+        base: NonNull<u8>,
+        part: Range<usize>,
+        image: &Range<usize>,
+        decommit: &mut Covers,
+    ) {
+        if part.is_empty() {
+            return;
+        }
+        if image.contains(&part.start) {
+            decommit.widen_image(part);
+        } else {
+            // SAFETY: the slot was given back and is not in the allocator, so this thread alone
+            // touches it; `part` lies within its accessible bytes.
+            unsafe { base.add(part.start).as_ptr().write_bytes(0, part.len()) };
+        }
     }
 
     /// Returns a reset slot to the allocator, warm for the key it was handed out for. A slot pushed out of the warm
@@ -292,10 +327,12 @@ impl MemoryPool {
         let key = state.owner[slot as usize].expect("a slot being finished was handed out");
         if info.needs_remap {
             state.info[slot as usize] = info;
+            state.history[slot as usize] = History::default();
             state.slots.free_cold(slot);
             return;
         }
         state.idle_resident += info.resident;
+        state.history[slot as usize] = info.history;
         state.info[slot as usize] = info;
         if std::mem::take(&mut state.orphaned[slot as usize]) {
             state.slots.free_cold(slot);
@@ -317,6 +354,7 @@ impl MemoryPool {
         // SAFETY: the slot is idle and the lock is held, so no one else touches it; its
         // reservation is inside the pool's mapping.
         let ok = unsafe { sys::reset_to_reserved(self.slot_base(slot), len) }.is_ok();
+        state.history[slot as usize] = History::default();
         state.info[slot as usize] = SlotInfo {
             needs_remap: !ok,
             ..SlotInfo::default()
@@ -368,6 +406,41 @@ fn is_zero(bytes: &[u8]) -> bool {
     }) && rest
         .chunks(8)
         .all(|chunk| word(chunk) == 0 && chunk.iter().all(|&b| b == 0))
+}
+
+/// At most two ranges to decommit: one over the image's pages, one over the rest (clean pages
+/// inside either lose nothing).
+#[derive(Default)]
+struct Covers {
+    image: Option<Range<usize>>,
+    above: Option<Range<usize>>,
+}
+
+impl Covers {
+    fn widen(cover: &mut Option<Range<usize>>, range: Range<usize>) {
+        if range.is_empty() {
+            return;
+        }
+        *cover = Some(match cover.take() {
+            Some(c) => c.start.min(range.start)..c.end.max(range.end),
+            None => range,
+        });
+    }
+
+    fn widen_image(&mut self, range: Range<usize>) {
+        Self::widen(&mut self.image, range);
+    }
+
+    /// The ranges, merged if they overlap or touch.
+    fn ranges(self) -> impl Iterator<Item = Range<usize>> {
+        let merged = match (&self.image, &self.above) {
+            (Some(a), Some(b)) if a.start <= b.end && b.start <= a.end => {
+                [Some(a.start.min(b.start)..a.end.max(b.end)), None]
+            }
+            _ => [self.image, self.above],
+        };
+        merged.into_iter().flatten()
+    }
 }
 
 /// `range` cut at the edges of `image`: the parts before, inside and after it.
