@@ -19,6 +19,7 @@ use crate::instance::{InstanceBlock, InstanceHandle, MemoryMap, TableMap, free_i
 use crate::limiter::ResourceLimiter;
 use crate::memory::Memory;
 use crate::module::{Module, ModuleId};
+use crate::resolver::FuncResolver;
 use crate::table::Table;
 use crate::tunables::Tunables;
 use crate::types::{GlobalInit, MemoryType, TableType};
@@ -56,7 +57,7 @@ pub struct InstanceAllocationRequest<'a> {
     pub limiter: Option<&'a mut dyn ResourceLimiter>,
     /// Turns a function index into a table element word (for `ref.func` and element
     /// segments). Must not return 0 for a function: 0 is null.
-    pub func_resolver: &'a (dyn Fn(FuncIndex) -> usize + Sync),
+    pub func_resolver: &'a dyn FuncResolver,
 }
 
 impl std::fmt::Debug for InstanceAllocationRequest<'_> {
@@ -443,7 +444,7 @@ fn write_vmctx(
             GlobalInit::F64(v) => u128::from(v),
             GlobalInit::V128(v) => v,
             GlobalInit::RefNull => 0,
-            GlobalInit::RefFunc(f) => (request.func_resolver)(f) as u128,
+            GlobalInit::RefFunc(f) => request.func_resolver.resolve(f) as u128,
         };
         let global = VMGlobalDefinition {
             storage: bits.to_le_bytes(),

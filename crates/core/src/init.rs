@@ -8,8 +8,10 @@ use std::pin::Pin;
 use anyhow::{Context, Result, bail};
 
 use crate::error::OutOfBounds;
-use crate::index::{FuncIndex, GlobalIndex, MemoryIndex, TableIndex};
+use crate::index::{GlobalIndex, MemoryIndex, TableIndex};
 use crate::instance::Instance;
+use crate::module::Module;
+use crate::resolver::FuncResolver;
 use crate::segments::{ConstExpr, DataKind, ElementItem, ElementKind};
 use crate::vmcontext::{VMGlobalImport, VMMemoryImport, VMTableImport};
 
@@ -24,7 +26,7 @@ use crate::vmcontext::{VMGlobalImport, VMMemoryImport, VMTableImport};
 /// The instance's imports (written into its vmctx at allocation) point at live definitions:
 /// imported globals may be read, imported tables and memories written within their current
 /// bounds, by this thread, now.
-pub unsafe fn initialize(instance: Pin<&mut Instance>, resolver: &dyn Fn(FuncIndex) -> usize) -> Result<()> {
+pub unsafe fn initialize(instance: Pin<&mut Instance>, resolver: &dyn FuncResolver) -> Result<()> {
     // SAFETY: nothing below moves the instance; fields are mutated in place.
     let instance = unsafe { instance.get_unchecked_mut() };
     let module = instance.module().clone();
@@ -35,17 +37,9 @@ pub unsafe fn initialize(instance: Pin<&mut Instance>, resolver: &dyn Fn(FuncInd
         // SAFETY: the caller's contract covers imported globals.
         let offset =
             unsafe { evaluate(instance, &offset) }.with_context(|| format!("element segment {i}"))?;
-        let words: Vec<usize> = segment
-            .items
-            .iter()
-            .map(|item| match item {
-                ElementItem::Func(f) => resolver(*f),
-                ElementItem::Null => 0,
-            })
-            .collect();
         // SAFETY: the caller's contract covers imported tables.
-        unsafe { write_table(instance, table, offset, &words) }
-            .with_context(|| format!("element segment {i} of {} elements", words.len()))?;
+        unsafe { write_table(instance, &module, table, offset, &segment.items, resolver) }
+            .with_context(|| format!("element segment {i} of {} elements", segment.items.len()))?;
     }
     for (i, segment) in module.data_segments().iter().enumerate() {
         let DataKind::Active { memory, offset } = segment.kind else {
@@ -58,7 +52,7 @@ pub unsafe fn initialize(instance: Pin<&mut Instance>, resolver: &dyn Fn(FuncInd
         // SAFETY: the caller's contract covers imported globals.
         let offset = unsafe { evaluate(instance, &offset) }.with_context(|| format!("data segment {i}"))?;
         // SAFETY: the caller's contract covers imported memories.
-        unsafe { write_memory(instance, memory, offset, &segment.data) }
+        unsafe { write_memory(instance, &module, memory, offset, &segment.data) }
             .with_context(|| format!("data segment {i} of {} bytes", segment.data.len()))?;
     }
     Ok(())
@@ -121,21 +115,26 @@ fn out_of_bounds(resource: String, offset: u64, len: usize, size: usize) -> anyh
 /// An imported table's definition is live and writable within its bounds.
 unsafe fn write_table(
     instance: &mut Instance,
+    module: &Module,
     table: TableIndex,
     offset: u64,
-    words: &[usize],
+    items: &[ElementItem],
+    resolver: &dyn FuncResolver,
 ) -> Result<()> {
-    let module = instance.module().clone();
-    let name = format!("table {}", table.as_u32());
+    let name = || format!("table {}", table.as_u32());
     if let Some(defined) = module.defined_table_index(table) {
         let size = instance.table(defined).map_or(0, |t| t.size());
         let start = usize::try_from(offset)
             .ok()
-            .filter(|o| o.checked_add(words.len()).is_some_and(|e| e <= size));
-        let start = start.ok_or_else(|| out_of_bounds(name, offset, words.len(), size))?;
-        instance.tables[defined].1.elements_mut()[start..start + words.len()].copy_from_slice(words);
+            .filter(|o| o.checked_add(items.len()).is_some_and(|e| e <= size));
+        let start = start.ok_or_else(|| out_of_bounds(name(), offset, items.len(), size))?;
+        let elements = instance.tables[defined].1.elements_mut();
+        resolver.resolve_items(items, &mut elements[start..start + items.len()]);
         return Ok(());
     }
+    let mut words = vec![0; items.len()];
+    resolver.resolve_items(items, &mut words);
+    let name = name();
     let import: VMTableImport = instance.read_vmctx(instance.offsets().vmctx_vmtable_import(table));
     if import.from.is_null() {
         bail!("imported {name} is a null pointer");
@@ -143,7 +142,7 @@ unsafe fn write_table(
     // SAFETY: live per the caller.
     let definition = unsafe { import.from.read() };
     // SAFETY: the imported table's `current_elements` words at `base` are writable (caller).
-    unsafe { copy_into(definition.base, definition.current_elements, name, offset, words) }
+    unsafe { copy_into(definition.base, definition.current_elements, name, offset, &words) }
 }
 
 /// Copies `items` into the `size` elements at `base`, starting at `offset`, all or nothing.
@@ -178,14 +177,19 @@ unsafe fn copy_into<T: Copy>(
 /// # Safety
 ///
 /// An imported memory's definition is live and writable within its bounds.
-unsafe fn write_memory(instance: &mut Instance, memory: MemoryIndex, offset: u64, data: &[u8]) -> Result<()> {
-    let module = instance.module().clone();
-    let name = format!("memory {}", memory.as_u32());
+unsafe fn write_memory(
+    instance: &mut Instance,
+    module: &Module,
+    memory: MemoryIndex,
+    offset: u64,
+    data: &[u8],
+) -> Result<()> {
+    let name = || format!("memory {}", memory.as_u32());
     if let Some(defined) = module.defined_memory_index(memory) {
         return instance.memories[defined].1.write(offset, data).map_err(|error| {
             match error.downcast::<OutOfBounds>() {
                 Ok(mut oob) => {
-                    oob.resource = name;
+                    oob.resource = name();
                     anyhow::Error::new(oob)
                 }
                 Err(other) => other,
@@ -193,6 +197,7 @@ unsafe fn write_memory(instance: &mut Instance, memory: MemoryIndex, offset: u64
         });
     }
     let import: VMMemoryImport = instance.read_vmctx(instance.offsets().vmctx_vmmemory_import(memory));
+    let name = name();
     if import.from.is_null() {
         bail!("imported {name} is a null pointer");
     }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use berth_core::{
-    DefinedMemoryIndex, DefinedTableIndex, FuncIndex, Imports, InstanceAllocationRequest, InstanceAllocator,
-    InstanceHandle, MemoryIndex, ResourceLimiter, TableIndex, VMContext, VMFunctionImport,
+    DefinedMemoryIndex, DefinedTableIndex, FuncIndex, FuncResolver, Imports, InstanceAllocationRequest,
+    InstanceAllocator, InstanceHandle, MemoryIndex, ResourceLimiter, TableIndex, VMContext, VMFunctionImport,
     VMGlobalDefinition, VMGlobalImport, VMMemoryImport, VMTableImport,
 };
 
@@ -26,7 +26,16 @@ pub struct OwnedImports {
     pub globals: Vec<VMGlobalImport>,
 }
 
-type Resolver = Arc<dyn Fn(FuncIndex) -> usize + Send + Sync>;
+type Resolver = Arc<dyn FuncResolver + Send>;
+
+/// The resolver without `func_resolver`: a function's word is its index plus one.
+struct IndexPlusOne;
+
+impl FuncResolver for IndexPlusOne {
+    fn resolve(&self, func: FuncIndex) -> usize {
+        func.as_u32() as usize + 1
+    }
+}
 
 /// Options for one instantiation; see [`Instance::builder`].
 pub struct InstanceBuilder<'m> {
@@ -85,7 +94,7 @@ impl<'m> InstanceBuilder<'m> {
         let inner = &self.module.inner;
         let engine = &inner.engine;
         let mut limiter = self.limiter;
-        let resolver = self.resolver.clone();
+        let resolver = self.resolver;
         let request = InstanceAllocationRequest {
             module: &inner.module,
             offsets: &inner.offsets,
@@ -149,7 +158,7 @@ impl Instance {
             imports: OwnedImports::default(),
             host_state: Box::new(()),
             limiter: None,
-            resolver: Arc::new(|f: FuncIndex| f.as_u32() as usize + 1),
+            resolver: Arc::new(IndexPlusOne),
         }
     }
 

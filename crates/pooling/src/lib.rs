@@ -122,19 +122,21 @@ impl PoolingInstanceAllocator {
         if jobs.is_empty() {
             return false;
         }
-        self.run(jobs);
+        self.run(&jobs);
         true
     }
 
-    fn run(&self, jobs: Vec<Reset>) {
+    /// Runs resets already counted in `in_flight` and returns their slots to the pools.
+    fn run(&self, jobs: &[Reset]) {
         let mut decommits = 0;
-        for job in &jobs {
+        for job in jobs {
             match job {
                 Reset::Memory(reset) => {
-                    let fail = self
-                        .fail_resets
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                        .is_ok();
+                    let fail = self.fail_resets.load(Ordering::Relaxed) > 0
+                        && self
+                            .fail_resets
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
                     let info = self.memories.reset(reset, fail, &mut decommits);
                     self.memories.finish(reset.slot, info);
                 }
@@ -145,11 +147,19 @@ impl PoolingInstanceAllocator {
             }
         }
         self.resets.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-        self.decommits.fetch_add(decommits, Ordering::Relaxed);
+        if decommits > 0 {
+            self.decommits.fetch_add(decommits, Ordering::Relaxed);
+        }
         self.in_flight.fetch_sub(jobs.len(), Ordering::AcqRel);
     }
 
     fn enqueue(&self, reset: Reset) {
+        if self.config.decommit_batch_size == 1 {
+            // No batching: reset at once, without the queue.
+            self.in_flight.fetch_add(1, Ordering::AcqRel);
+            self.run(std::slice::from_ref(&reset));
+            return;
+        }
         let batch = {
             let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
             queue.push(reset);
@@ -159,7 +169,7 @@ impl PoolingInstanceAllocator {
             self.in_flight.fetch_add(queue.len(), Ordering::AcqRel);
             std::mem::take(&mut *queue)
         };
-        self.run(batch);
+        self.run(&batch);
     }
 
     /// Takes a memory slot; if the pool is exhausted, runs the decommit queue (and waits for

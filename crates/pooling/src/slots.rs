@@ -9,7 +9,34 @@
 //! O(1) (each slot knows its position in its key's list).
 
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+
+/// A fast hasher for small keys of integers (module ids and indices), which need no
+/// protection against flooding: they are made by this process, not by tenants.
+#[derive(Default)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u32(&mut self, value: u32) {
+        self.write_u64(u64::from(value));
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0.rotate_left(5) ^ value).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
 
 /// A slot number.
 pub type SlotId = u32;
@@ -47,7 +74,7 @@ pub struct SlotAllocator<K> {
     lru_head: Option<SlotId>,
     /// Most recently freed warm slot.
     lru_tail: Option<SlotId>,
-    per_key: HashMap<K, Vec<SlotId>>,
+    per_key: FastMap<K, Vec<SlotId>>,
     warm: usize,
     max_warm: usize,
 }
@@ -60,7 +87,7 @@ impl<K: Copy + Eq + Hash> SlotAllocator<K> {
             cold: (0..slots).rev().collect(),
             lru_head: None,
             lru_tail: None,
-            per_key: HashMap::new(),
+            per_key: FastMap::default(),
             warm: 0,
             max_warm,
         }
