@@ -445,17 +445,20 @@ fn a_module_purged_while_its_slot_waits_for_reset_leaves_no_warm_slot() {
     let mut config = Config::new();
     config.memory_reservation(1 << 20).memory_guard_size(PAGE as u64);
     let mut pool = PoolingConfig::new();
-    pool.total_memories(2)
-        .total_tables(2)
+    pool.total_memories(4)
+        .total_tables(4)
         .max_memory_size(1 << 20)
-        .decommit_batch_size(2);
-    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        .decommit_batch_size(8);
+    let allocator =
+        std::sync::Arc::new(berth_engine::PoolingInstanceAllocator::new(&pool, config.tunables()).unwrap());
+    config.allocation_strategy(InstanceAllocationStrategy::Custom(allocator.clone()));
     let engine = Engine::new(&config).unwrap();
     let a = engine.load(data_module("a", 1, &[(0, vec![7; 4096])])).unwrap();
-    drop(Instance::new(&a).unwrap()); // queued: the batch holds two resets
+    drop(Instance::new(&a).unwrap()); // queued: the batch holds up to eight resets
     drop(a); // purged while its slot is in the queue
     let b = engine.load(data_module("b", 1, &[])).unwrap();
-    drop(Instance::new(&b).unwrap()); // fills the batch: both resets run
+    drop(Instance::new(&b).unwrap());
+    assert!(allocator.flush_decommits(), "both resets were queued");
     assert_eq!(
         engine.stats().warm_slots,
         1,

@@ -17,17 +17,19 @@ mod check;
 mod config;
 mod layout;
 mod memory_pool;
+mod shard;
 mod slots;
 mod table_pool;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use berth_core::{
     AllocatorStats, DefinedMemoryIndex, DefinedTableIndex, HostPtr, InstanceAllocationRequest,
-    InstanceAllocatorImpl, LimitExceeded, Memory, MemoryAllocationIndex, MemoryType, Module, ModuleId, Table,
-    TableAllocationIndex, TableType, Tunables, VMOffsets, sys,
+    InstanceAllocatorImpl, LimitExceeded, Memory, MemoryAllocationIndex, MemoryType, Mmap, Module, ModuleId,
+    Table, TableAllocationIndex, TableType, Tunables, VMOffsets, sys,
 };
 
 pub use check::check_module;
@@ -35,14 +37,8 @@ pub use config::PoolingConfig;
 pub use layout::PoolLayout;
 
 use memory_pool::{MemoryPool, MemoryReset, SlotInfo};
+use shard::{Reset, Shard};
 use table_pool::{TablePool, TableReset};
-
-/// A reset waiting in the decommit queue.
-#[derive(Debug, Clone)]
-enum Reset {
-    Memory(MemoryReset),
-    Table(TableReset),
-}
 
 /// The pooling backend. Build one per engine; share it with an `Arc`.
 #[derive(Debug)]
@@ -50,18 +46,14 @@ pub struct PoolingInstanceAllocator {
     config: PoolingConfig,
     tunables: Tunables,
     layout: PoolLayout,
-    memories: MemoryPool,
-    tables: TablePool,
-    queue: Mutex<Vec<Reset>>,
-    /// Resets taken out of the queue and not yet finished: their slots will come back.
-    in_flight: AtomicUsize,
+    /// Dropped before the mappings their slots live in.
+    shards: Box<[Shard]>,
+    memory_chunk: u32,
+    table_chunk: u32,
     instances: AtomicU64,
-    /// Memories and tables handed to tenants (not counting slots waiting for their reset).
-    live_memories: AtomicU64,
-    live_tables: AtomicU64,
-    resets: AtomicU64,
-    decommits: AtomicU64,
     fail_resets: AtomicU32,
+    _memory_mapping: Mmap,
+    _table_mapping: Mmap,
 }
 
 fn limit(limit: &'static str, value: u64, requested: u64) -> anyhow::Error {
@@ -77,20 +69,63 @@ impl PoolingInstanceAllocator {
     pub fn new(config: &PoolingConfig, tunables: &Tunables) -> Result<Self> {
         tunables.validate(sys::page_size())?;
         let layout = PoolLayout::new(config, tunables)?;
+        let mut memory_mapping = Mmap::reserve(layout.memory_pool_bytes).with_context(|| {
+            format!(
+                "failed to reserve {:#x} bytes for {} memory slots of {:#x} bytes",
+                layout.memory_pool_bytes, layout.memory_slots, layout.memory_stride
+            )
+        })?;
+        let table_bytes = layout.table_pool_bytes;
+        let mut table_mapping = Mmap::with_accessible(table_bytes, table_bytes).with_context(|| {
+            format!(
+                "failed to reserve {table_bytes:#x} bytes for {} table slots of {:#x} bytes",
+                layout.table_slots, layout.table_stride
+            )
+        })?;
+        let memory_base = NonNull::new(memory_mapping.as_mut_ptr().wrapping_add(layout.pre_guard))
+            .ok_or_else(|| anyhow::anyhow!("memory pool mapped at null"))?;
+        let table_base = NonNull::new(table_mapping.as_mut_ptr())
+            .ok_or_else(|| anyhow::anyhow!("table pool mapped at null"))?;
+        // One shard per core that can instantiate at once (at most 16).
+        let shards = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 16);
+        let count = u32::try_from(shards).unwrap_or(1);
+        let memory_chunk = shard::chunk(config.total_memories, shards);
+        let table_chunk = shard::chunk(config.total_tables, shards);
+        let warm = config.max_unused_warm_slots;
+        let shards: Box<[Shard]> = (0..shards)
+            .map(|i| {
+                let i32 = u32::try_from(i).unwrap_or(u32::MAX);
+                let range = |chunk: u32, total: u32| {
+                    let start = chunk.saturating_mul(i32).min(total);
+                    start..chunk.saturating_mul(i32 + 1).min(total)
+                };
+                let share = warm / count + u32::from(i32 < warm % count);
+                Shard::new(
+                    MemoryPool::new(
+                        &layout,
+                        memory_base,
+                        range(memory_chunk, config.total_memories),
+                        share,
+                        config.pagemap_scan,
+                    ),
+                    TablePool::new(&layout, table_base, range(table_chunk, config.total_tables)),
+                    config.decommit_batch_size,
+                )
+            })
+            .collect();
         Ok(PoolingInstanceAllocator {
-            memories: MemoryPool::new(&layout, config.max_unused_warm_slots, config.pagemap_scan)?,
-            tables: TablePool::new(&layout)?,
             config: config.clone(),
             tunables: *tunables,
             layout,
-            queue: Mutex::new(Vec::new()),
-            in_flight: AtomicUsize::new(0),
+            shards,
+            memory_chunk,
+            table_chunk,
             instances: AtomicU64::new(0),
-            live_memories: AtomicU64::new(0),
-            live_tables: AtomicU64::new(0),
-            resets: AtomicU64::new(0),
-            decommits: AtomicU64::new(0),
             fail_resets: AtomicU32::new(0),
+            _memory_mapping: memory_mapping,
+            _table_mapping: table_mapping,
         })
     }
 
@@ -114,91 +149,54 @@ impl PoolingInstanceAllocator {
     /// Runs every queued reset now and returns the slots to their pools. Returns whether
     /// anything was queued.
     pub fn flush_decommits(&self) -> bool {
-        let jobs = {
-            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            self.in_flight.fetch_add(queue.len(), Ordering::AcqRel);
-            std::mem::take(&mut *queue)
-        };
-        if jobs.is_empty() {
-            return false;
+        let mut any = false;
+        for shard in &*self.shards {
+            any |= shard.flush(&self.fail_resets);
         }
-        self.run(&jobs);
-        true
+        any
     }
 
-    /// Runs resets already counted in `in_flight` and returns their slots to the pools.
-    fn run(&self, jobs: &[Reset]) {
-        let mut decommits = 0;
-        for job in jobs {
-            match job {
-                Reset::Memory(reset) => {
-                    let fail = self.fail_resets.load(Ordering::Relaxed) > 0
-                        && self
-                            .fail_resets
-                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                            .is_ok();
-                    let info = self.memories.reset(reset, fail, &mut decommits);
-                    self.memories.finish(reset.slot, info);
-                }
-                Reset::Table(reset) => {
-                    let resident = self.tables.reset(reset, &mut decommits);
-                    self.tables.finish(reset.slot, resident);
-                }
-            }
-        }
-        self.resets.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-        if decommits > 0 {
-            self.decommits.fetch_add(decommits, Ordering::Relaxed);
-        }
-        self.in_flight.fetch_sub(jobs.len(), Ordering::AcqRel);
+    fn memory_shard(&self, slot: u32) -> &Shard {
+        &self.shards[(slot / self.memory_chunk) as usize]
     }
 
-    fn enqueue(&self, reset: Reset) {
-        if self.config.decommit_batch_size == 1 {
-            // No batching: reset at once, without the queue.
-            self.in_flight.fetch_add(1, Ordering::AcqRel);
-            self.run(std::slice::from_ref(&reset));
-            return;
-        }
-        let batch = {
-            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            queue.push(reset);
-            if queue.len() < self.config.decommit_batch_size {
-                return;
-            }
-            self.in_flight.fetch_add(queue.len(), Ordering::AcqRel);
-            std::mem::take(&mut *queue)
-        };
-        self.run(&batch);
+    fn table_shard(&self, slot: u32) -> &Shard {
+        &self.shards[(slot / self.table_chunk) as usize]
     }
 
-    /// Takes a memory slot; if the pool is exhausted, runs the decommit queue (and waits for
-    /// resets other threads are running) before it gives up.
-    fn take_memory(&self, key: memory_pool::MemoryKey) -> Result<(u32, SlotInfo)> {
-        self.retry(|| self.memories.take(key)).ok_or_else(|| {
-            let n = u64::from(self.config.total_memories);
-            limit("total_memories", n, n + 1)
-        })
-    }
-
-    /// Runs `take`; while it finds nothing and resets are queued or running, runs the queue or
-    /// waits for them, and tries again.
-    fn retry<T>(&self, mut take: impl FnMut() -> Option<T>) -> Option<T> {
+    /// Runs `take` on this thread's shard, then the others; if all are exhausted, runs the
+    /// reset queues (and waits for resets other threads are running) and tries again.
+    fn take<T>(&self, take: impl Fn(&Shard) -> Option<T>) -> Option<T> {
+        let n = self.shards.len();
+        let home = shard::home(n);
+        let any = || (0..n).find_map(|i| take(&self.shards[(home + i) % n]));
         loop {
-            if let Some(taken) = take() {
+            if let Some(taken) = any() {
                 return Some(taken);
             }
             if !self.flush_decommits() {
-                if self.in_flight.load(Ordering::Acquire) == 0 {
-                    return take();
+                if self
+                    .shards
+                    .iter()
+                    .all(|s| s.in_flight.load(Ordering::Acquire) == 0)
+                {
+                    return any();
                 }
                 std::thread::yield_now();
             }
         }
     }
 
+    /// Takes a memory slot for `key`.
+    fn take_memory(&self, key: memory_pool::MemoryKey) -> Result<(u32, SlotInfo)> {
+        self.take(|shard| shard.memories.take(key)).ok_or_else(|| {
+            let n = u64::from(self.config.total_memories);
+            limit("total_memories", n, n + 1)
+        })
+    }
+
     fn take_table(&self) -> Result<u32> {
-        self.retry(|| self.tables.take()).ok_or_else(|| {
+        self.take(|shard| shard.tables.take()).ok_or_else(|| {
             let n = u64::from(self.config.total_tables);
             limit("total_tables", n, n + 1)
         })
@@ -252,10 +250,10 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
             (None, _) => false,
         };
         if info.needs_remap || foreign_image {
-            match self.memories.remap(slot) {
+            match self.memory_shard(slot).memories.remap(slot) {
                 Ok(fresh) => info = fresh,
                 Err(error) => {
-                    self.memories.untake(
+                    self.memory_shard(slot).memories.untake(
                         slot,
                         SlotInfo {
                             needs_remap: true,
@@ -266,7 +264,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
                 }
             }
         }
-        let base = self.memories.slot_base(slot);
+        let base = self.memory_shard(slot).memories.slot_base(slot);
         // SAFETY: the slot is ours alone until deallocation (the slot allocator hands it out
         // once); its reservation is page-aligned inside the pool's mapping, which outlives every
         // memory; `info.accessible` bytes are readable and writable, reading as zeros or as
@@ -292,12 +290,14 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         });
         match memory {
             Ok(memory) => {
-                self.live_memories.fetch_add(1, Ordering::AcqRel);
+                self.memory_shard(slot)
+                    .live_memories
+                    .fetch_add(1, Ordering::Relaxed);
                 Ok((MemoryAllocationIndex::from_u32(slot), memory))
             }
             Err(error) => {
                 // Its protection may be half-changed: re-map it before its next use.
-                self.memories.untake(
+                self.memory_shard(slot).memories.untake(
                     slot,
                     SlotInfo {
                         needs_remap: true,
@@ -331,8 +331,9 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
             initial: initial.next_multiple_of(page),
         };
         drop(memory);
-        self.live_memories.fetch_sub(1, Ordering::AcqRel);
-        self.enqueue(Reset::Memory(reset));
+        let shard = self.memory_shard(reset.slot);
+        shard.live_memories.fetch_sub(1, Ordering::Relaxed);
+        shard.enqueue(Reset::Memory(reset), &self.fail_resets);
     }
 
     unsafe fn allocate_table(
@@ -342,24 +343,24 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         table_index: DefinedTableIndex,
     ) -> Result<(TableAllocationIndex, Table)> {
         let slot = self.take_table()?;
-        let capacity = self.tables.capacity().min(self.config.table_elements);
+        let capacity = self.shards[0].tables.capacity().min(self.config.table_elements);
         // SAFETY: the slot is ours alone until deallocation, zeroed (the pool's invariant),
         // and inside the slab, which outlives every table.
         let table = unsafe {
             Table::new_static(
                 ty,
-                self.tables.slot_base(slot),
+                self.table_shard(slot).tables.slot_base(slot),
                 capacity,
                 request.limiter.as_deref_mut(),
             )
         };
         match table {
             Ok(table) => {
-                self.live_tables.fetch_add(1, Ordering::AcqRel);
+                self.table_shard(slot).live_tables.fetch_add(1, Ordering::Relaxed);
                 Ok((TableAllocationIndex::from_u32(slot), table))
             }
             Err(error) => {
-                self.tables.finish(slot, 0);
+                self.table_shard(slot).tables.finish(slot, 0);
                 Err(error.context(format!(
                     "failed to allocate table {} of {} elements",
                     table_index.as_u32(),
@@ -380,26 +381,31 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
             dirty: table.size() * size_of::<usize>(),
         };
         drop(table);
-        self.live_tables.fetch_sub(1, Ordering::AcqRel);
-        self.enqueue(Reset::Table(reset));
+        let shard = self.table_shard(reset.slot);
+        shard.live_tables.fetch_sub(1, Ordering::Relaxed);
+        shard.enqueue(Reset::Table(reset), &self.fail_resets);
     }
 
     fn purge_module(&self, module: ModuleId) {
-        self.memories.purge(module);
+        for shard in &*self.shards {
+            shard.memories.purge(module);
+        }
     }
 
     fn stats(&self) -> AllocatorStats {
-        let (_, warm, memory_resident) = self.memories.counts();
-        let (_, table_resident) = self.tables.counts();
         let mut stats = AllocatorStats::default();
         stats.live_instances = self.instances.load(Ordering::Acquire);
-        stats.live_memories = self.live_memories.load(Ordering::Acquire);
-        stats.live_tables = self.live_tables.load(Ordering::Acquire);
         stats.reserved_bytes = self.layout.total_bytes() as u64;
-        stats.warm_slots = warm as u64;
-        stats.idle_resident_bytes = (memory_resident + table_resident) as u64;
-        stats.resets = self.resets.load(Ordering::Relaxed);
-        stats.decommits = self.decommits.load(Ordering::Relaxed);
+        for shard in &*self.shards {
+            let (_, warm, memory_resident) = shard.memories.counts();
+            let (_, table_resident) = shard.tables.counts();
+            stats.live_memories += shard.live_memories.load(Ordering::Relaxed);
+            stats.live_tables += shard.live_tables.load(Ordering::Relaxed);
+            stats.warm_slots += warm as u64;
+            stats.idle_resident_bytes += (memory_resident + table_resident) as u64;
+            stats.resets += shard.resets.load(Ordering::Relaxed);
+            stats.decommits += shard.decommits.load(Ordering::Relaxed);
+        }
         stats
     }
 }

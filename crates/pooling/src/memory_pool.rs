@@ -17,8 +17,8 @@ use std::ops::Range;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result, anyhow};
-use berth_core::{DefinedMemoryIndex, MemoryImage, Mmap, ModuleId, sys};
+use anyhow::{Context, Result};
+use berth_core::{DefinedMemoryIndex, MemoryImage, ModuleId, sys};
 
 use crate::layout::PoolLayout;
 use crate::slots::{SlotAllocator, SlotId};
@@ -92,43 +92,53 @@ struct State {
 /// that is not handed out.
 #[derive(Debug)]
 pub(crate) struct MemoryPool {
-    _mapping: Mmap,
+    /// Slot 0 of the whole pool (this shard's slots are `first..first + len`).
     first_slot: NonNull<u8>,
+    first: SlotId,
+    len: u32,
     layout: PoolLayout,
     use_page_map: bool,
     state: Mutex<State>,
 }
 
-// SAFETY: `first_slot` points into `_mapping`, owned by the pool; slot bytes are reached only
-// under the invariant above.
+// SAFETY: `first_slot` points into the allocator's mapping, which outlives every shard; slot
+// bytes are reached only under the invariant above.
 unsafe impl Send for MemoryPool {}
 // SAFETY: as above; shared state is behind a `Mutex`.
 unsafe impl Sync for MemoryPool {}
 
 impl MemoryPool {
-    pub fn new(layout: &PoolLayout, max_warm: u32, use_page_map: bool) -> Result<MemoryPool> {
-        let mut mapping = Mmap::reserve(layout.memory_pool_bytes).with_context(|| {
-            format!(
-                "failed to reserve {:#x} bytes for {} memory slots of {:#x} bytes",
-                layout.memory_pool_bytes, layout.memory_slots, layout.memory_stride
-            )
-        })?;
-        let first_slot = NonNull::new(mapping.as_mut_ptr().wrapping_add(layout.pre_guard))
-            .ok_or_else(|| anyhow!("memory pool mapped at null"))?;
-        Ok(MemoryPool {
-            _mapping: mapping,
+    /// A shard of the pool holding slots `slots` of the reservation whose slot 0 is at
+    /// `first_slot`.
+    pub fn new(
+        layout: &PoolLayout,
+        first_slot: NonNull<u8>,
+        slots: std::ops::Range<SlotId>,
+        max_warm: u32,
+        use_page_map: bool,
+    ) -> MemoryPool {
+        let len = slots.end - slots.start;
+        MemoryPool {
             first_slot,
+            first: slots.start,
+            len,
             layout: layout.clone(),
             use_page_map,
             state: Mutex::new(State {
-                slots: SlotAllocator::new(layout.memory_slots, max_warm as usize),
-                info: vec![SlotInfo::default(); layout.memory_slots as usize],
-                owner: vec![None; layout.memory_slots as usize],
-                orphaned: vec![false; layout.memory_slots as usize],
-                history: vec![History::default(); layout.memory_slots as usize],
+                slots: SlotAllocator::new(len, max_warm as usize),
+                info: vec![SlotInfo::default(); len as usize],
+                owner: vec![None; len as usize],
+                orphaned: vec![false; len as usize],
+                history: vec![History::default(); len as usize],
                 idle_resident: 0,
             }),
-        })
+        }
+    }
+
+    /// The index of global slot `slot` in this shard's arrays.
+    fn local(&self, slot: SlotId) -> usize {
+        debug_assert!((self.first..self.first + self.len).contains(&slot));
+        (slot - self.first) as usize
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -146,12 +156,13 @@ impl MemoryPool {
     /// Takes a slot for `key`, with what it holds.
     pub fn take(&self, key: MemoryKey) -> Option<(SlotId, SlotInfo)> {
         let mut state = self.lock();
-        let (slot, _choice) = state.slots.alloc(Some(key))?;
-        let info = std::mem::take(&mut state.info[slot as usize]);
+        let (local, _choice) = state.slots.alloc(Some(key))?;
+        let index = local as usize;
+        let info = std::mem::take(&mut state.info[index]);
         state.idle_resident -= info.resident;
-        state.owner[slot as usize] = Some(key);
-        state.orphaned[slot as usize] = false;
-        Some((slot, info))
+        state.owner[index] = Some(key);
+        state.orphaned[index] = false;
+        Some((self.first + local, info))
     }
 
     /// Makes a slot marked for re-mapping usable: a fresh `PROT_NONE` reservation.
@@ -161,7 +172,8 @@ impl MemoryPool {
         // inside the pool's mapping and no reference into it is live.
         unsafe { sys::reset_to_reserved(self.slot_base(slot), len) }
             .with_context(|| format!("failed to re-map memory slot {slot} of {len:#x} bytes"))?;
-        self.lock().history[slot as usize] = History::default();
+        let index = self.local(slot);
+        self.lock().history[index] = History::default();
         Ok(SlotInfo::default())
     }
 
@@ -186,7 +198,8 @@ impl MemoryPool {
         let image = job.image.as_ref().map_or(0..0, |i| {
             i.offset().min(accessible)..(i.offset() + i.len()).min(accessible)
         });
-        let mut history = self.lock().history[job.slot as usize];
+        let index = self.local(job.slot);
+        let mut history = self.lock().history[index];
         let Some(resident) = self.reset_pages(base, accessible, keep, &image, &mut history, decommits) else {
             return failed;
         };
@@ -323,24 +336,26 @@ impl MemoryPool {
     /// Returns a reset slot to the allocator, warm for the key it was handed out for. A slot pushed out of the warm
     /// set gives its pages back to the kernel here.
     pub fn finish(&self, slot: SlotId, info: SlotInfo) {
+        let index = self.local(slot);
+        let local = slot - self.first;
         let mut state = self.lock();
-        let key = state.owner[slot as usize].expect("a slot being finished was handed out");
+        let key = state.owner[index].expect("a slot being finished was handed out");
         if info.needs_remap {
-            state.info[slot as usize] = info;
-            state.history[slot as usize] = History::default();
-            state.slots.free_cold(slot);
+            state.info[index] = info;
+            state.history[index] = History::default();
+            state.slots.free_cold(local);
             return;
         }
         state.idle_resident += info.resident;
-        state.history[slot as usize] = info.history;
-        state.info[slot as usize] = info;
-        if std::mem::take(&mut state.orphaned[slot as usize]) {
-            state.slots.free_cold(slot);
+        state.history[index] = info.history;
+        state.info[index] = info;
+        if std::mem::take(&mut state.orphaned[index]) {
+            state.slots.free_cold(local);
             self.make_cold(&mut state, slot);
             return;
         }
-        if let Some((evicted, _)) = state.slots.free(slot, key) {
-            self.make_cold(&mut state, evicted);
+        if let Some((evicted, _)) = state.slots.free(local, key) {
+            self.make_cold(&mut state, self.first + evicted);
         }
     }
 
@@ -348,14 +363,15 @@ impl MemoryPool {
     /// over its reservation drops its resident pages and its image. Runs under the lock: a
     /// cold slot can be handed out as soon as the lock is released.
     fn make_cold(&self, state: &mut State, slot: SlotId) {
-        let info = std::mem::take(&mut state.info[slot as usize]);
+        let index = self.local(slot);
+        let info = std::mem::take(&mut state.info[index]);
         state.idle_resident -= info.resident;
         let len = self.layout.memory_reservation;
         // SAFETY: the slot is idle and the lock is held, so no one else touches it; its
         // reservation is inside the pool's mapping.
         let ok = unsafe { sys::reset_to_reserved(self.slot_base(slot), len) }.is_ok();
-        state.history[slot as usize] = History::default();
-        state.info[slot as usize] = SlotInfo {
+        state.history[index] = History::default();
+        state.info[index] = SlotInfo {
             needs_remap: !ok,
             ..SlotInfo::default()
         };
@@ -371,15 +387,15 @@ impl MemoryPool {
             .copied()
             .collect();
         for key in keys {
-            for slot in state.slots.purge(key) {
-                self.make_cold(&mut state, slot);
+            for local in state.slots.purge(key) {
+                self.make_cold(&mut state, self.first + local);
             }
         }
         // Slots of this module that are not idle (still queued for their reset) go cold when
         // they come back.
-        for slot in 0..self.layout.memory_slots {
-            if state.owner[slot as usize].is_some_and(|(m, _)| m == module) && state.slots.is_used(slot) {
-                state.orphaned[slot as usize] = true;
+        for local in 0..self.len {
+            if state.owner[local as usize].is_some_and(|(m, _)| m == module) && state.slots.is_used(local) {
+                state.orphaned[local as usize] = true;
             }
         }
     }

@@ -8,8 +8,7 @@
 use std::ptr::NonNull;
 use std::sync::Mutex;
 
-use anyhow::{Context, Result, anyhow};
-use berth_core::{Mmap, sys};
+use berth_core::sys;
 
 use crate::layout::PoolLayout;
 use crate::slots::SlotId;
@@ -35,39 +34,35 @@ struct State {
 /// while it is handed out and by the thread resetting it until `finish`.
 #[derive(Debug)]
 pub(crate) struct TablePool {
-    _mapping: Mmap,
+    /// Slot 0 of the whole slab (this shard's slots are `first..first + len`).
     first_slot: NonNull<u8>,
+    first: SlotId,
+    len: u32,
     layout: PoolLayout,
     state: Mutex<State>,
 }
 
-// SAFETY: `first_slot` points into `_mapping`, owned by the pool; slot words are reached only
-// under the invariant above.
+// SAFETY: `first_slot` points into the allocator's slab, which outlives every shard; slot words
+// are reached only under the invariant above.
 unsafe impl Send for TablePool {}
 // SAFETY: as above; shared state is behind a `Mutex`.
 unsafe impl Sync for TablePool {}
 
 impl TablePool {
-    pub fn new(layout: &PoolLayout) -> Result<TablePool> {
-        let bytes = layout.table_pool_bytes;
-        let mut mapping = Mmap::with_accessible(bytes, bytes).with_context(|| {
-            format!(
-                "failed to reserve {bytes:#x} bytes for {} table slots of {:#x} bytes",
-                layout.table_slots, layout.table_stride
-            )
-        })?;
-        let first_slot =
-            NonNull::new(mapping.as_mut_ptr()).ok_or_else(|| anyhow!("table pool mapped at null"))?;
-        Ok(TablePool {
-            _mapping: mapping,
+    /// A shard of the slab holding slots `slots` of the slab whose slot 0 is at `first_slot`.
+    pub fn new(layout: &PoolLayout, first_slot: NonNull<u8>, slots: std::ops::Range<SlotId>) -> TablePool {
+        let len = slots.end - slots.start;
+        TablePool {
             first_slot,
+            first: slots.start,
+            len,
             layout: layout.clone(),
             state: Mutex::new(State {
-                free: (0..layout.table_slots).rev().collect(),
-                resident: vec![0; layout.table_slots as usize],
+                free: slots.rev().collect(),
+                resident: vec![0; len as usize],
                 idle_resident: 0,
             }),
-        })
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -97,8 +92,9 @@ impl TablePool {
     pub fn take(&self) -> Option<SlotId> {
         let mut state = self.lock();
         let slot = state.free.pop()?;
-        state.idle_resident -= state.resident[slot as usize];
-        state.resident[slot as usize] = 0;
+        let index = (slot - self.first) as usize;
+        state.idle_resident -= state.resident[index];
+        state.resident[index] = 0;
         Some(slot)
     }
 
@@ -129,7 +125,7 @@ impl TablePool {
 
     pub fn finish(&self, slot: SlotId, resident: usize) {
         let mut state = self.lock();
-        state.resident[slot as usize] = resident;
+        state.resident[(slot - self.first) as usize] = resident;
         state.idle_resident += resident;
         state.free.push(slot);
     }
@@ -137,9 +133,6 @@ impl TablePool {
     /// Slots handed out, resident bytes in idle slots.
     pub fn counts(&self) -> (usize, usize) {
         let state = self.lock();
-        (
-            self.layout.table_slots as usize - state.free.len(),
-            state.idle_resident,
-        )
+        (self.len as usize - state.free.len(), state.idle_resident)
     }
 }
