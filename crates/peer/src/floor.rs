@@ -1,7 +1,6 @@
 //! The floor: what the operations a cycle cannot avoid cost on this machine, in the same run.
 
 use std::hint::black_box;
-use std::ptr::NonNull;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -31,6 +30,8 @@ pub fn measure(n: usize) -> Result<Vec<Floor>> {
     let mut madvise = Vec::with_capacity(n);
     let mut refault = Vec::with_capacity(n);
     let mut memset = Vec::with_capacity(n);
+    let mut memcpy = Vec::with_capacity(n);
+    let source = vec![0xA5u8; KIB64];
     let mut freelist = Vec::with_capacity(n);
 
     // A 64 KiB region to dirty, decommit and fault again.
@@ -62,6 +63,10 @@ pub fn measure(n: usize) -> Result<Vec<Floor>> {
             // SAFETY: inside the accessible, resident region.
             unsafe { black_box(region.as_ptr()).write_bytes(0, KIB64) };
         });
+        time(&mut memcpy, || {
+            // SAFETY: inside the accessible, resident region; `source` is a distinct buffer.
+            unsafe { black_box(region.as_ptr()).copy_from_nonoverlapping(black_box(source.as_ptr()), KIB64) };
+        });
         time(&mut freelist, || {
             let slot = list.lock().expect("lock").pop();
             list.lock().expect("lock").push(black_box(slot.unwrap_or(0)));
@@ -69,12 +74,12 @@ pub fn measure(n: usize) -> Result<Vec<Floor>> {
     }
     // SAFETY: our own mapping, no longer used.
     unsafe { sys::unmap(region, KIB64) }?;
-    let _ = NonNull::<u8>::dangling();
     Ok(vec![
         Floor { name: "mmap 6 GiB + mprotect 64 KiB + munmap", samples: reserve },
         Floor { name: "madvise(DONTNEED) of 64 KiB dirty", samples: madvise },
         Floor { name: "re-fault 16 pages (4 KiB each)", samples: refault },
         Floor { name: "memset 64 KiB (resident)", samples: memset },
+        Floor { name: "memcpy 64 KiB into resident memory (the tenant's write)", samples: memcpy },
         Floor { name: "locked free-list pop + push", samples: freelist },
     ])
 }

@@ -103,9 +103,18 @@ fn main() -> Result<()> {
 
     println!("\n## The floor on this machine: median (p99), microseconds\n");
     println!("| operation | time |\n|---|---|");
+    let mut medians = Vec::new();
     for mut floor in floor::measure(args.rounds * 50)? {
         let (median, p99) = summary(&mut floor.samples);
         println!("| {} | {} ({}) |", floor.name, us(median), us(p99));
+        medians.push(median);
+    }
+    // The dirty-64k floor: the tenant's write, a memset of the dirty bytes, a free-list pop + push.
+    let dirty_floor = medians[5] + medians[3] + medians[4];
+    println!("| dirty-64k floor: memcpy + memset 64 KiB + pop/push | {} |", us(dirty_floor));
+    if let Some(w) = workloads.iter().position(|w| w.name == "dirty-64k") {
+        let (median, _) = summary(&mut samples[w][4]);
+        println!("\nberth pooling on dirty-64k: {} us = {:.2}x the floor", us(median), median / dirty_floor);
     }
 
     if args.thread_cycles > 0 {
