@@ -76,7 +76,8 @@ fn grow(c: &mut Criterion) {
                     }
                     total += started.elapsed();
                 }
-                total.div_f64(16.0)
+                // `total` covers `16 * ceil(iterations / 16)` grows; scale it to `iterations`.
+                total.mul_f64(iterations as f64 / (16 * iterations.div_ceil(16)) as f64)
             })
         });
     }
@@ -86,7 +87,7 @@ fn grow(c: &mut Criterion) {
 fn reset_policy(c: &mut Criterion) {
     let mut group = c.benchmark_group("reset-policy-dirty-64k");
     for keep in [0usize, 64 << 10, 1 << 20] {
-        let engine = pooling(keep).unwrap();
+        let engine = pooling(Some(keep)).unwrap();
         let module = load(&engine, "(module (memory 1))").unwrap();
         let buffer = vec![0xA5u8; 65536];
         group.bench_function(format!("keep-resident-{}k", keep >> 10), |b| {

@@ -25,14 +25,14 @@ pub fn on_demand() -> Result<Engine> {
     Engine::new(&Config::new())
 }
 
-/// An engine with a pool of 64 slots, keeping `keep_resident` bytes of each memory slot
-/// resident (reset by `memset`).
-pub fn pooling(keep_resident: usize) -> Result<Engine> {
+/// An engine with a pool of 64 slots and otherwise default settings, or `keep_resident` bytes
+/// of each memory slot kept resident if given.
+pub fn pooling(keep_resident: Option<usize>) -> Result<Engine> {
     let mut pool = PoolingConfig::new();
-    pool.total_memories(64)
-        .total_tables(64)
-        .total_core_instances(64)
-        .linear_memory_keep_resident(keep_resident);
+    pool.total_memories(64).total_tables(64).total_core_instances(64);
+    if let Some(keep) = keep_resident {
+        pool.linear_memory_keep_resident(keep);
+    }
     let mut config = Config::new();
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&config)
