@@ -12,7 +12,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 fn engines() -> Vec<(&'static str, Engine)> {
     vec![
         ("on-demand", on_demand().unwrap()),
-        ("pooling", pooling(0).unwrap()),
+        ("pooling", pooling(None).unwrap()),
     ]
 }
 
