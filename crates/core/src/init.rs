@@ -9,11 +9,13 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 
 use crate::error::OutOfBounds;
-use crate::index::{GlobalIndex, MemoryIndex, TableIndex};
+use cranelift_entity::packed_option::PackedOption;
+
+use crate::index::{FuncIndex, GlobalIndex, MemoryIndex, TableIndex};
 use crate::instance::Instance;
 use crate::module::Module;
 use crate::resolver::FuncResolver;
-use crate::segments::{ConstExpr, DataKind, ElementItem, ElementKind};
+use crate::segments::{ConstExpr, DataKind, ElementKind};
 use crate::vmcontext::{VMGlobalImport, VMMemoryImport, VMTableImport};
 
 /// Applies `instance`'s active element and data segments. `resolver` turns a function
@@ -43,7 +45,7 @@ pub unsafe fn initialize(instance: Pin<&mut Instance>, resolver: &dyn FuncResolv
         let offset =
             unsafe { evaluate(instance, &offset) }.with_context(|| format!("element segment {i}"))?;
         // SAFETY: the caller's contract covers imported tables.
-        unsafe { write_table(instance, module, table, offset, &segment.items, resolver) }
+        unsafe { write_table(instance, module, table, offset, module.element_funcs(i), resolver) }
             .with_context(|| format!("element segment {i} of {} elements", segment.items.len()))?;
     }
     for (i, segment) in module.data_segments().iter().enumerate() {
@@ -123,7 +125,7 @@ unsafe fn write_table(
     module: &Module,
     table: TableIndex,
     offset: u64,
-    items: &[ElementItem],
+    items: &[PackedOption<FuncIndex>],
     resolver: &dyn FuncResolver,
 ) -> Result<()> {
     let name = || format!("table {}", table.as_u32());
@@ -134,11 +136,11 @@ unsafe fn write_table(
             .filter(|o| o.checked_add(items.len()).is_some_and(|e| e <= size));
         let start = start.ok_or_else(|| out_of_bounds(name(), offset, items.len(), size))?;
         let elements = instance.tables[defined].1.elements_mut();
-        resolver.resolve_items(items, &mut elements[start..start + items.len()]);
+        resolver.resolve_funcs(items, &mut elements[start..start + items.len()]);
         return Ok(());
     }
     let mut words = vec![0; items.len()];
-    resolver.resolve_items(items, &mut words);
+    resolver.resolve_funcs(items, &mut words);
     let name = name();
     let import: VMTableImport = instance.read_vmctx(instance.offsets().vmctx_vmtable_import(table));
     if import.from.is_null() {

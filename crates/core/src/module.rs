@@ -10,12 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result, bail};
+use cranelift_entity::packed_option::PackedOption;
 use cranelift_entity::{EntityRef, PrimaryMap};
 
 use crate::image::MemoryImage;
 use crate::index::{
-    DefinedGlobalIndex, DefinedMemoryIndex, DefinedTableIndex, GlobalIndex, MemoryIndex, OwnedMemoryIndex,
-    TableIndex,
+    DefinedGlobalIndex, DefinedMemoryIndex, DefinedTableIndex, FuncIndex, GlobalIndex, MemoryIndex,
+    OwnedMemoryIndex, TableIndex,
 };
 use crate::segments::{ConstExpr, DataKind, DataSegment, ElementItem, ElementKind, ElementSegment};
 use crate::types::{GlobalInit, GlobalType, MemoryType, TableType, ValType};
@@ -52,6 +53,9 @@ pub struct Module {
     global_inits: PrimaryMap<DefinedGlobalIndex, GlobalInit>,
     data: Vec<DataSegment>,
     elements: Vec<ElementSegment>,
+    /// Each element segment's items as packed function indices (null as the reserved value),
+    /// the form resolvers read in bulk.
+    element_funcs: Vec<Box<[PackedOption<FuncIndex>]>>,
     images: OnceLock<PrimaryMap<DefinedMemoryIndex, Option<Arc<MemoryImage>>>>,
 }
 
@@ -173,6 +177,12 @@ impl Module {
     /// The element segments, in module order.
     pub fn element_segments(&self) -> &[ElementSegment] {
         &self.elements
+    }
+
+    /// Element segment `index`'s items as packed function indices (null entries as
+    /// `PackedOption::default()`), in the form [`FuncResolver::resolve_funcs`](crate::FuncResolver::resolve_funcs) takes.
+    pub fn element_funcs(&self, index: usize) -> &[PackedOption<FuncIndex>] {
+        self.element_funcs.get(index).map_or(&[], |funcs| funcs)
     }
 
     /// The copy-on-write image of defined memory `index`'s initial data, built (for every
@@ -455,6 +465,20 @@ impl ModuleBuilder {
             globals,
             global_inits,
             data: self.data,
+            element_funcs: self
+                .elements
+                .iter()
+                .map(|segment| {
+                    segment
+                        .items
+                        .iter()
+                        .map(|item| match item {
+                            ElementItem::Func(func) => PackedOption::from(*func),
+                            ElementItem::Null => PackedOption::default(),
+                        })
+                        .collect()
+                })
+                .collect(),
             elements: self.elements,
             images: OnceLock::new(),
         })

@@ -4,6 +4,7 @@ use std::any::Any;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
+use berth_core::cranelift_entity::packed_option::PackedOption;
 use berth_core::{
     DefinedMemoryIndex, DefinedTableIndex, FuncIndex, FuncResolver, Imports, InstanceAllocationRequest,
     InstanceAllocator, InstanceHandle, MemoryIndex, ResourceLimiter, TableIndex, VMContext, VMFunctionImport,
@@ -34,6 +35,14 @@ struct IndexPlusOne;
 impl FuncResolver for IndexPlusOne {
     fn resolve(&self, func: FuncIndex) -> usize {
         func.as_u32() as usize + 1
+    }
+
+    fn resolve_funcs(&self, funcs: &[PackedOption<FuncIndex>], out: &mut [usize]) {
+        for (func, word) in funcs.iter().zip(out) {
+            // Branch-free, so the loop vectorizes: null (the reserved value) becomes 0.
+            let raw = func.expand().map_or(u32::MAX, |f| f.as_u32());
+            *word = if raw == u32::MAX { 0 } else { raw as usize + 1 };
+        }
     }
 }
 
