@@ -60,10 +60,12 @@ pub fn in_child(test_name: &str, body: impl FnOnce()) -> ChildEnd {
 ///
 /// # Safety
 ///
-/// None for memory safety of the test process as a whole is promised: this is meant to fault.
-/// Call it only inside [`in_child`].
+/// `ptr` is readable, or it points into memory Berth made inaccessible (a guard, the part of a
+/// reservation past a memory's size, an unmapped reservation) and the call runs inside
+/// [`in_child`], where the fault ends only that child process.
 pub unsafe fn touch(ptr: *const u8) -> u8 {
-    // SAFETY: the caller runs this in a child process where a fault is the expected outcome.
+    // SAFETY: per the caller, the read either succeeds or faults in a child process that is
+    // expected to die; it never reads memory some Rust value owns.
     unsafe { std::ptr::read_volatile(ptr) }
 }
 

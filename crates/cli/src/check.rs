@@ -7,28 +7,23 @@ use berth_core::{HostPtr, InstanceBlock, LimitExceeded, VMOffsets};
 use serde_json::json;
 
 use crate::Outcome;
-use crate::options::{PoolOptions, TunableOptions};
+use crate::options::PoolCommand;
 
 /// Options of `berth check`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The module (.wasm or .wat)
     file: PathBuf,
-    /// Print JSON instead of text
-    #[arg(long)]
-    json: bool,
     #[command(flatten)]
-    tunables: TunableOptions,
-    #[command(flatten)]
-    pool: PoolOptions,
+    common: PoolCommand,
 }
 
 pub fn run(args: &Args) -> Result<Outcome> {
     let module = berth_wasm::parse_file(&args.file)?;
-    let config = args.pool.config();
+    let config = args.common.pool.config();
     let offsets = VMOffsets::new(HostPtr, &module)?;
     let block = InstanceBlock::layout(&offsets)?.size();
-    let result = berth_engine::check_module(&config, &args.tunables.tunables(), &module);
+    let result = berth_engine::check_module(&config, &args.common.tunables.tunables(), &module);
     let name = args.file.display();
     let broken = result
         .as_ref()
@@ -38,7 +33,7 @@ pub fn run(args: &Args) -> Result<Outcome> {
         // Not a limit the module breaks: a configuration or module error.
         return Err(anyhow::anyhow!("{error:#}"));
     }
-    if args.json {
+    if args.common.json {
         let value = json!({
             "file": name.to_string(),
             "fits": result.is_ok(),

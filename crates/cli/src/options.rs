@@ -164,3 +164,15 @@ mod tests {
         assert!(parse_size("99999999999999T").is_err());
     }
 }
+
+/// The options every pool command takes: output format, engine tunables, pool knobs.
+#[derive(Debug, Clone, Args)]
+pub struct PoolCommand {
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub tunables: TunableOptions,
+    #[command(flatten)]
+    pub pool: PoolOptions,
+}

@@ -4,24 +4,19 @@ use anyhow::Result;
 use berth_engine::PoolLayout;
 use serde_json::json;
 
-use crate::options::{PoolOptions, TunableOptions};
+use crate::options::PoolCommand;
 use crate::{Outcome, human, machine};
 
 /// Options of `berth plan`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Print JSON instead of text
-    #[arg(long)]
-    json: bool,
     #[command(flatten)]
-    tunables: TunableOptions,
-    #[command(flatten)]
-    pool: PoolOptions,
+    common: PoolCommand,
 }
 
 pub fn run(args: &Args) -> Result<Outcome> {
-    let config = args.pool.config();
-    let tunables = args.tunables.tunables();
+    let config = args.common.pool.config();
+    let tunables = args.common.tunables.tunables();
     let layout = PoolLayout::new(&config, &tunables)?;
     let available = machine::available_address_space();
     let max_maps = machine::max_map_count();
@@ -43,7 +38,7 @@ pub fn run(args: &Args) -> Result<Outcome> {
             layout.max_mappings
         ));
     }
-    if args.json {
+    if args.common.json {
         let value = json!({
             "memory_slot": {
                 "reservation": layout.memory_reservation,

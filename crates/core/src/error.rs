@@ -27,6 +27,18 @@ impl fmt::Display for LimitExceeded {
 
 impl std::error::Error for LimitExceeded {}
 
+impl LimitExceeded {
+    /// The error for `requested` against a limit named `limit` of `value`, as an
+    /// [`anyhow::Error`] that callers can test with `err.is::<LimitExceeded>()`.
+    pub fn error(limit: &'static str, value: u64, requested: u64) -> anyhow::Error {
+        anyhow::Error::new(LimitExceeded {
+            limit,
+            value,
+            requested,
+        })
+    }
+}
+
 /// An access outside a memory's or table's current bounds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutOfBounds {

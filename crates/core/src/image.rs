@@ -11,7 +11,6 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
@@ -66,11 +65,7 @@ impl MemoryImage {
                 _ => return Ok(None),
             }
         }
-        let placed: Vec<(usize, Arc<[u8]>)> = placed
-            .into_iter()
-            .filter(|(_, data)| !data.is_empty())
-            .map(|(start, data)| (start, data.clone()))
-            .collect();
+        placed.retain(|(_, data)| !data.is_empty());
         let (Some(low), Some(high)) = (
             placed.iter().map(|(start, _)| *start).min(),
             placed.iter().map(|(start, data)| start + data.len()).max(),

@@ -47,11 +47,7 @@ pub(crate) fn admit_initial(
     if let Some(limit) = backend_max
         && minimum > limit
     {
-        return Err(anyhow::Error::new(LimitExceeded {
-            limit: limit_name,
-            value: limit as u64,
-            requested: minimum as u64,
-        }));
+        return Err(LimitExceeded::error(limit_name, limit as u64, minimum as u64));
     }
     if let Some(limiter) = limiter {
         let allowed = match resource {

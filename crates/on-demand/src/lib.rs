@@ -77,13 +77,7 @@ fn acquire(counter: &AtomicU64, limit: Option<u64>, name: &'static str) -> Resul
             _ => Some(n + 1),
         })
         .map(drop)
-        .map_err(|n| {
-            anyhow::Error::new(LimitExceeded {
-                limit: name,
-                value: limit.unwrap_or(u64::MAX),
-                requested: n + 1,
-            })
-        })
+        .map_err(|n| LimitExceeded::error(name, limit.unwrap_or(u64::MAX), n + 1))
 }
 
 fn release(counter: &AtomicU64) {

@@ -7,14 +7,6 @@ use berth_core::{HostPtr, InstanceBlock, LimitExceeded, Module, Tunables, VMOffs
 use crate::config::PoolingConfig;
 use crate::layout::PoolLayout;
 
-fn limit(limit: &'static str, value: u64, requested: u64) -> anyhow::Error {
-    anyhow::Error::new(LimitExceeded {
-        limit,
-        value,
-        requested,
-    })
-}
-
 /// Wraps a limit error with the module's name.
 fn for_module<T>(module: &Module, result: Result<T, anyhow::Error>) -> Result<T> {
     result.with_context(|| {
@@ -53,7 +45,7 @@ pub(crate) fn check(
     if memories > c.max_memories_per_module {
         return for_module(
             module,
-            Err(limit(
+            Err(LimitExceeded::error(
                 "max_memories_per_module",
                 c.max_memories_per_module.into(),
                 memories.into(),
@@ -63,14 +55,18 @@ pub(crate) fn check(
     if memories > c.total_memories {
         return for_module(
             module,
-            Err(limit("total_memories", c.total_memories.into(), memories.into())),
+            Err(LimitExceeded::error(
+                "total_memories",
+                c.total_memories.into(),
+                memories.into(),
+            )),
         );
     }
     let tables = module.num_defined_tables();
     if tables > c.max_tables_per_module {
         return for_module(
             module,
-            Err(limit(
+            Err(LimitExceeded::error(
                 "max_tables_per_module",
                 c.max_tables_per_module.into(),
                 tables.into(),
@@ -80,7 +76,11 @@ pub(crate) fn check(
     if tables > c.total_tables {
         return for_module(
             module,
-            Err(limit("total_tables", c.total_tables.into(), tables.into())),
+            Err(LimitExceeded::error(
+                "total_tables",
+                c.total_tables.into(),
+                tables.into(),
+            )),
         );
     }
     for (index, ty) in module.defined_memories() {
@@ -88,8 +88,10 @@ pub(crate) fn check(
         if minimum > layout.memory_capacity as u64 {
             return for_module(
                 module,
-                Err(limit("max_memory_size", layout.memory_capacity as u64, minimum)
-                    .context(format!("memory {} starts at {minimum:#x} bytes", index.as_u32()))),
+                Err(
+                    LimitExceeded::error("max_memory_size", layout.memory_capacity as u64, minimum)
+                        .context(format!("memory {} starts at {minimum:#x} bytes", index.as_u32())),
+                ),
             );
         }
     }
@@ -98,11 +100,9 @@ pub(crate) fn check(
             return for_module(
                 module,
                 Err(
-                    limit("table_elements", c.table_elements as u64, ty.minimum).context(format!(
-                        "table {} starts at {} elements",
-                        index.as_u32(),
-                        ty.minimum
-                    )),
+                    LimitExceeded::error("table_elements", c.table_elements as u64, ty.minimum).context(
+                        format!("table {} starts at {} elements", index.as_u32(), ty.minimum),
+                    ),
                 ),
             );
         }
@@ -111,7 +111,7 @@ pub(crate) fn check(
     if size > c.max_core_instance_size {
         return for_module(
             module,
-            Err(limit(
+            Err(LimitExceeded::error(
                 "max_core_instance_size",
                 c.max_core_instance_size as u64,
                 size as u64,

@@ -56,14 +56,6 @@ pub struct PoolingInstanceAllocator {
     _table_mapping: Mmap,
 }
 
-fn limit(limit: &'static str, value: u64, requested: u64) -> anyhow::Error {
-    anyhow::Error::new(LimitExceeded {
-        limit,
-        value,
-        requested,
-    })
-}
-
 impl PoolingInstanceAllocator {
     /// Reserves the pools for `config` under the engine's `tunables`.
     pub fn new(config: &PoolingConfig, tunables: &Tunables) -> Result<Self> {
@@ -191,14 +183,14 @@ impl PoolingInstanceAllocator {
     fn take_memory(&self, key: memory_pool::MemoryKey) -> Result<(u32, SlotInfo)> {
         self.take(|shard| shard.memories.take(key)).ok_or_else(|| {
             let n = u64::from(self.config.total_memories);
-            limit("total_memories", n, n + 1)
+            LimitExceeded::error("total_memories", n, n + 1)
         })
     }
 
     fn take_table(&self) -> Result<u32> {
         self.take(|shard| shard.tables.take()).ok_or_else(|| {
             let n = u64::from(self.config.total_tables);
-            limit("total_tables", n, n + 1)
+            LimitExceeded::error("total_tables", n, n + 1)
         })
     }
 }
@@ -219,7 +211,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
                 (n < max).then_some(n + 1)
             })
             .map(drop)
-            .map_err(|n| limit("total_core_instances", max, n + 1))
+            .map_err(|n| LimitExceeded::error("total_core_instances", max, n + 1))
     }
 
     fn decrement_core_instance_count(&self) {
@@ -253,7 +245,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
             match self.memory_shard(slot).memories.remap(slot) {
                 Ok(fresh) => info = fresh,
                 Err(error) => {
-                    self.memory_shard(slot).memories.untake(
+                    self.memory_shard(slot).memories.finish(
                         slot,
                         SlotInfo {
                             needs_remap: true,
@@ -297,7 +289,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
             }
             Err(error) => {
                 // Its protection may be half-changed: re-map it before its next use.
-                self.memory_shard(slot).memories.untake(
+                self.memory_shard(slot).memories.finish(
                     slot,
                     SlotInfo {
                         needs_remap: true,
@@ -397,8 +389,8 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         stats.live_instances = self.instances.load(Ordering::Acquire);
         stats.reserved_bytes = self.layout.total_bytes() as u64;
         for shard in &*self.shards {
-            let (_, warm, memory_resident) = shard.memories.counts();
-            let (_, table_resident) = shard.tables.counts();
+            let (warm, memory_resident) = shard.memories.counts();
+            let table_resident = shard.tables.idle_resident();
             stats.live_memories += shard.live_memories.load(Ordering::Relaxed);
             stats.live_tables += shard.live_tables.load(Ordering::Relaxed);
             stats.warm_slots += warm as u64;

@@ -1,12 +1,15 @@
 //! The memory pool: one reservation cut into slots (see [`crate::layout`] for the diagram),
 //! slots chosen by [`SlotAllocator`], reset when given back.
 //!
-//! Reset policy for a slot whose tenant left `accessible` bytes readable and writable:
+//! Reset policy for a slot whose tenant left `accessible` bytes readable and writable (see
+//! `reset_pages` for the details and docs/pooling.md for the reasons):
 //!
-//! - the first `keep_resident` bytes are zeroed with `memset` (their pages stay resident, so
-//!   the next tenant does not fault them in again);
-//! - the rest up to `accessible` is given back with `madvise(MADV_DONTNEED)`, so it reads as
-//!   zeros and costs no memory;
+//! - the slot's resident prefix of kept bytes (pages tenants wrote before, up to
+//!   `keep_resident`) is zeroed with `memset`, so the next tenant does not fault them in again;
+//! - the rest up to `accessible` is reset where the kernel says it was written
+//!   (`PAGEMAP_SCAN`): kept pages are zeroed and join the prefix, others decommitted; once scans
+//!   keep finding nothing, it is decommitted without asking (a periodic rescan notices change);
+//! - image pages are decommitted, which brings the image's bytes back from its file;
 //! - access above the memory's initial size is removed again (`mprotect`), so a warm slot is
 //!   left exactly as the same module will want it: a reuse by that module needs no system call.
 //!
@@ -34,8 +37,6 @@ pub(crate) struct SlotInfo {
     /// Bytes from the slot's start that are readable and writable (all reading as zeros, or
     /// as the image where one is mapped).
     pub accessible: usize,
-    /// Bytes from the slot's start that were reset by `memset` and so are resident.
-    pub resident: usize,
     /// The last reset failed: re-map before use.
     pub needs_remap: bool,
     /// The copy-on-write image mapped in the slot, as its last reset left it.
@@ -159,7 +160,7 @@ impl MemoryPool {
         let (local, _choice) = state.slots.alloc(Some(key))?;
         let index = local as usize;
         let info = std::mem::take(&mut state.info[index]);
-        state.idle_resident -= info.resident;
+        state.idle_resident -= info.history.resident;
         state.owner[index] = Some(key);
         state.orphaned[index] = false;
         Some((self.first + local, info))
@@ -175,11 +176,6 @@ impl MemoryPool {
         let index = self.local(slot);
         self.lock().history[index] = History::default();
         Ok(SlotInfo::default())
-    }
-
-    /// Gives back a slot that was taken but never reached a tenant.
-    pub fn untake(&self, slot: SlotId, info: SlotInfo) {
-        self.finish(slot, info);
     }
 
     /// Resets a slot a tenant gave back; touches only that slot, so it runs without the
@@ -213,7 +209,6 @@ impl MemoryPool {
         }
         SlotInfo {
             accessible: initial,
-            resident,
             needs_remap: false,
             image: job.image.clone(),
             history,
@@ -346,7 +341,7 @@ impl MemoryPool {
             state.slots.free_cold(local);
             return;
         }
-        state.idle_resident += info.resident;
+        state.idle_resident += info.history.resident;
         state.history[index] = info.history;
         state.info[index] = info;
         if std::mem::take(&mut state.orphaned[index]) {
@@ -365,7 +360,7 @@ impl MemoryPool {
     fn make_cold(&self, state: &mut State, slot: SlotId) {
         let index = self.local(slot);
         let info = std::mem::take(&mut state.info[index]);
-        state.idle_resident -= info.resident;
+        state.idle_resident -= info.history.resident;
         let len = self.layout.memory_reservation;
         // SAFETY: the slot is idle and the lock is held, so no one else touches it; its
         // reservation is inside the pool's mapping.
@@ -400,28 +395,25 @@ impl MemoryPool {
         }
     }
 
-    /// Slots handed out, warm slots, resident bytes in idle slots.
-    pub fn counts(&self) -> (usize, usize, usize) {
+    /// Warm slots and resident bytes in idle slots.
+    pub fn counts(&self) -> (usize, usize) {
         let state = self.lock();
-        (state.slots.used(), state.slots.warm(), state.idle_resident)
+        (state.slots.warm(), state.idle_resident)
     }
 }
 
-/// Whether every byte is zero. Reads whole 64-byte blocks without an early exit inside them,
-/// so the compiler can vectorize the check; stops at the first non-zero block.
-fn is_zero(bytes: &[u8]) -> bool {
-    let (blocks, rest) = bytes.as_chunks::<64>();
-    let word = |chunk: &[u8]| u64::from_ne_bytes(chunk.try_into().unwrap_or_default());
+/// Whether every byte of a page is zero. Reads whole 64-byte blocks without an early exit inside
+/// them, so the compiler can vectorize the check; stops at the first non-zero block.
+fn is_zero(page: &[u8]) -> bool {
+    let (blocks, rest) = page.as_chunks::<64>();
     blocks.iter().all(|block| {
         block
             .as_chunks::<8>()
             .0
             .iter()
-            .fold(0u64, |acc, w| acc | u64::from_ne_bytes(*w))
+            .fold(0, |acc, w| acc | u64::from_ne_bytes(*w))
             == 0
-    }) && rest
-        .chunks(8)
-        .all(|chunk| word(chunk) == 0 && chunk.iter().all(|&b| b == 0))
+    }) && rest.iter().all(|&b| b == 0)
 }
 
 /// At most two ranges to decommit: one over the image's pages, one over the rest (clean pages

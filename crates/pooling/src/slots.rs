@@ -99,6 +99,7 @@ impl<K: Copy + Eq + Hash> SlotAllocator<K> {
     }
 
     /// Slots handed out now.
+    #[cfg(test)]
     pub fn used(&self) -> usize {
         self.states.len() - self.warm - self.cold.len()
     }

@@ -34,10 +34,9 @@ struct State {
 /// while it is handed out and by the thread resetting it until `finish`.
 #[derive(Debug)]
 pub(crate) struct TablePool {
-    /// Slot 0 of the whole slab (this shard's slots are `first..first + len`).
+    /// Slot 0 of the whole slab (this shard's slots start at `first`).
     first_slot: NonNull<u8>,
     first: SlotId,
-    len: u32,
     layout: PoolLayout,
     state: Mutex<State>,
 }
@@ -55,7 +54,6 @@ impl TablePool {
         TablePool {
             first_slot,
             first: slots.start,
-            len,
             layout: layout.clone(),
             state: Mutex::new(State {
                 free: slots.rev().collect(),
@@ -130,9 +128,8 @@ impl TablePool {
         state.free.push(slot);
     }
 
-    /// Slots handed out, resident bytes in idle slots.
-    pub fn counts(&self) -> (usize, usize) {
-        let state = self.lock();
-        (self.len as usize - state.free.len(), state.idle_resident)
+    /// Resident bytes in idle slots.
+    pub fn idle_resident(&self) -> usize {
+        self.lock().idle_resident
     }
 }

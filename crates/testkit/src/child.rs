@@ -74,8 +74,11 @@ pub(crate) fn in_child(case: &str, probe: &str, body: impl FnOnce()) -> End {
 ///
 /// # Safety
 ///
-/// Only for a child process where a fault is the expected outcome.
+/// `ptr` is readable, or it points into memory a backend made inaccessible (a guard, bytes past
+/// a memory's size) and the call runs in a child process started by [`in_child`], where the
+/// fault ends only that process.
 pub(crate) unsafe fn touch(ptr: *const u8) -> u8 {
-    // SAFETY: the caller runs this where a fault is the expected outcome.
+    // SAFETY: per the caller, the read either succeeds or faults in a child process that is
+    // expected to die; it never reads memory some Rust value owns.
     unsafe { std::ptr::read_volatile(ptr) }
 }
