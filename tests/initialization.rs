@@ -448,17 +448,20 @@ fn a_module_purged_while_its_slot_waits_for_reset_leaves_no_warm_slot() {
     pool.total_memories(4)
         .total_tables(4)
         .max_memory_size(1 << 20)
+        .linear_memory_keep_resident(0)
         .decommit_batch_size(8);
     let allocator =
         std::sync::Arc::new(berth_engine::PoolingInstanceAllocator::new(&pool, config.tunables()).unwrap());
     config.allocation_strategy(InstanceAllocationStrategy::Custom(allocator.clone()));
     let engine = Engine::new(&config).unwrap();
     let a = engine.load(data_module("a", 1, &[(0, vec![7; 4096])])).unwrap();
-    drop(Instance::new(&a).unwrap()); // queued: the batch holds up to eight resets
-    drop(a); // purged while its slot is in the queue
+    let mut tenant = Instance::new(&a).unwrap();
+    tenant.write_memory(0, 0, &[1]).unwrap();
+    drop(tenant); // its written page waits in the queue: the batch holds up to eight ranges
+    drop(a); // purged while its slot waits
     let b = engine.load(data_module("b", 1, &[])).unwrap();
-    drop(Instance::new(&b).unwrap());
-    assert!(allocator.flush_decommits(), "both resets were queued");
+    drop(Instance::new(&b).unwrap()); // nothing to decommit: straight back to the pool
+    assert!(allocator.flush_decommits(), "a's decommit was queued");
     assert_eq!(
         engine.stats().warm_slots,
         1,

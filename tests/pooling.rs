@@ -139,7 +139,7 @@ fn keep_resident_resets_by_memset_without_decommits() {
     pooling
         .linear_memory_keep_resident(PAGE)
         .table_keep_resident(4096);
-    let (engine, _) = pool(&pooling);
+    let (engine, allocator) = pool(&pooling);
     let a = engine.load(module("a", 1)).unwrap();
     for round in 0..5u8 {
         let mut instance = Instance::new(&a).unwrap();
@@ -163,13 +163,18 @@ fn keep_resident_resets_by_memset_without_decommits() {
     // resident (kept pages are tracked as a prefix), and the table's first page.
     assert_eq!(stats.idle_resident_bytes, (PAGE + 4096) as u64);
 
-    // A tenant that grows past keep_resident costs one madvise, and its growth is undone.
+    // A tenant that grows past keep_resident costs one decommit (queued until its batch
+    // runs), and its growth is undone.
     let mut instance = Instance::new(&a).unwrap();
+    let slot = base(&instance);
     instance.grow_memory(0, 2).unwrap();
     instance.write_memory(0, 2 * PAGE as u64, &[9; 16]).unwrap();
     drop(instance);
+    assert_eq!(engine.stats().decommits, 0, "queued, not run yet");
+    assert!(allocator.flush_decommits());
     assert_eq!(engine.stats().decommits, 1);
     let instance = Instance::new(&a).unwrap();
+    assert_eq!(base(&instance), slot, "the warm slot again");
     assert_eq!(instance.memory_size(0).unwrap(), PAGE);
 }
 
@@ -310,4 +315,41 @@ fn pools_without_table_elements_still_serve_empty_tables() {
         .unwrap();
     let mut instance = Instance::new(&module).unwrap();
     assert_eq!(instance.table_grow(0, 1, 0).unwrap(), None);
+}
+
+#[test]
+fn the_instance_limit_stays_exact_when_instances_are_dropped_on_another_thread() {
+    // Each shard counts a share of the limit; instances made on one thread and dropped on
+    // another move counts between shards, never the sum.
+    let mut pooling = slots(8);
+    pooling.total_core_instances(5);
+    let (engine, _) = pool(&pooling);
+    let a = engine.load(module("a", 1)).unwrap();
+    for _ in 0..3 {
+        let made: Vec<Instance> = (0..5).map(|_| Instance::new(&a).unwrap()).collect();
+        let error = Instance::new(&a).expect_err("a sixth instance is over the limit");
+        let limit = error
+            .downcast_ref::<LimitExceeded>()
+            .expect("a typed limit error");
+        assert_eq!((limit.limit, limit.value), ("total_core_instances", 5));
+        assert_eq!(engine.stats().live_instances, 5);
+        std::thread::scope(|s| {
+            s.spawn(move || drop(made));
+        });
+        assert_eq!(engine.stats().live_instances, 0);
+    }
+    // Made on other threads, dropped here: the limit still holds at five.
+    let made: Vec<Instance> = std::thread::scope(|s| {
+        (0..5)
+            .map(|_| s.spawn(|| Instance::new(&a).unwrap()))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert!(Instance::new(&a).is_err(), "the limit holds across threads");
+    drop(made);
+    let again: Vec<Instance> = (0..5).map(|_| Instance::new(&a).unwrap()).collect();
+    assert_eq!(engine.stats().live_instances, 5);
+    drop(again);
 }

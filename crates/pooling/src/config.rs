@@ -37,8 +37,13 @@ pub struct PoolingConfig {
     /// accessible size) for a quick reuse by the same module. Default 100. Past it, the
     /// least recently used idle slot is given back to the kernel.
     pub max_unused_warm_slots: u32,
-    /// Slot resets queued before they run as one batch. Default 1 (reset at once). A queued
-    /// slot is not reused before its batch runs; an exhausted pool runs the queue and retries.
+    /// Ranges a shard collects before giving them back to the kernel in one system call
+    /// (`process_madvise`, one `madvise` each on kernels before 6.13). Default 16; 1 decommits
+    /// at once. A reset zeroes what it keeps at deallocation; a slot with pages left to
+    /// decommit is not reused before its batch runs (an exhausted pool runs the queues and
+    /// retries). Batching saves a system call and, with other threads running, a TLB shootdown
+    /// per reset; keep it well below each shard's share of `max_unused_warm_slots`, or held
+    /// slots push warm ones out.
     pub decommit_batch_size: usize,
     /// Bytes at the start of each memory slot kept resident between tenants: reset by
     /// zeroing (only the pages a tenant left non-zero) instead of `madvise`, so the next tenant
@@ -67,7 +72,7 @@ impl Default for PoolingConfig {
             max_tables_per_module: 1,
             max_core_instance_size: 1 << 20,
             max_unused_warm_slots: 100,
-            decommit_batch_size: 1,
+            decommit_batch_size: 16,
             linear_memory_keep_resident: 64 << 10,
             table_keep_resident: 16 << 10,
             pagemap_scan: true,

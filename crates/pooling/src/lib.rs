@@ -23,7 +23,7 @@ mod table_pool;
 
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result};
 use berth_core::{
@@ -50,7 +50,6 @@ pub struct PoolingInstanceAllocator {
     shards: Box<[Shard]>,
     memory_chunk: u32,
     table_chunk: u32,
-    instances: AtomicU64,
     fail_resets: AtomicU32,
     _memory_mapping: Mmap,
     _table_mapping: Mmap,
@@ -93,17 +92,18 @@ impl PoolingInstanceAllocator {
                     let start = chunk.saturating_mul(i32).min(total);
                     start..chunk.saturating_mul(i32 + 1).min(total)
                 };
-                let share = warm / count + u32::from(i32 < warm % count);
+                let share = |total: u32| total / count + u32::from(i32 < total % count);
                 Shard::new(
                     MemoryPool::new(
                         &layout,
                         memory_base,
                         range(memory_chunk, config.total_memories),
-                        share,
+                        share(warm),
                         config.pagemap_scan,
                     ),
                     TablePool::new(&layout, table_base, range(table_chunk, config.total_tables)),
                     config.decommit_batch_size,
+                    i64::from(share(config.total_core_instances)),
                 )
             })
             .collect();
@@ -114,7 +114,6 @@ impl PoolingInstanceAllocator {
             shards,
             memory_chunk,
             table_chunk,
-            instances: AtomicU64::new(0),
             fail_resets: AtomicU32::new(0),
             _memory_mapping: memory_mapping,
             _table_mapping: table_mapping,
@@ -143,9 +142,19 @@ impl PoolingInstanceAllocator {
     pub fn flush_decommits(&self) -> bool {
         let mut any = false;
         for shard in &*self.shards {
-            any |= shard.flush(&self.fail_resets);
+            any |= shard.flush();
         }
         any
+    }
+
+    /// Instances allocated and not yet deallocated.
+    fn live_instances(&self) -> u64 {
+        let sum: i64 = self
+            .shards
+            .iter()
+            .map(|s| s.instances.load(Ordering::Acquire))
+            .sum();
+        u64::try_from(sum).unwrap_or(0)
     }
 
     fn memory_shard(&self, slot: u32) -> &Shard {
@@ -166,14 +175,19 @@ impl PoolingInstanceAllocator {
             if let Some(taken) = any() {
                 return Some(taken);
             }
-            if !self.flush_decommits() {
-                if self
-                    .shards
-                    .iter()
-                    .all(|s| s.in_flight.load(Ordering::Acquire) == 0)
-                {
-                    return any();
-                }
+            if self.flush_decommits() {
+                continue;
+            }
+            // No reset running and (checked after that, since a running reset may queue its
+            // slot before it stops counting) nothing queued: what is idle is all there is.
+            let idle = self
+                .shards
+                .iter()
+                .all(|s| s.in_flight.load(Ordering::Acquire) == 0);
+            if idle && !self.flush_decommits() {
+                return any();
+            }
+            if !idle {
                 std::thread::yield_now();
             }
         }
@@ -205,17 +219,34 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
     }
 
     fn increment_core_instance_count(&self) -> Result<()> {
+        // Each shard holds a share of the limit: this thread's shard first, then the others,
+        // so the limit is exact and two threads rarely touch the same counter.
+        let n = self.shards.len();
+        let home = shard::home(n);
+        for i in 0..n {
+            let shard = &self.shards[(home + i) % n];
+            let counted = shard
+                .instances
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                    (c < shard.instance_share).then_some(c + 1)
+                });
+            if counted.is_ok() {
+                return Ok(());
+            }
+        }
         let max = u64::from(self.config.total_core_instances);
-        self.instances
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .map(drop)
-            .map_err(|n| LimitExceeded::error("total_core_instances", max, n + 1))
+        Err(LimitExceeded::error(
+            "total_core_instances",
+            max,
+            self.live_instances() + 1,
+        ))
     }
 
     fn decrement_core_instance_count(&self) {
-        self.instances.fetch_sub(1, Ordering::AcqRel);
+        // Whichever shard counted it: only the sum over shards means anything.
+        self.shards[shard::home(self.shards.len())]
+            .instances
+            .fetch_sub(1, Ordering::AcqRel);
     }
 
     unsafe fn allocate_memory(
@@ -325,7 +356,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         drop(memory);
         let shard = self.memory_shard(reset.slot);
         shard.live_memories.fetch_sub(1, Ordering::Relaxed);
-        shard.enqueue(Reset::Memory(reset), &self.fail_resets);
+        shard.release(Reset::Memory(reset), &self.fail_resets);
     }
 
     unsafe fn allocate_table(
@@ -352,7 +383,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
                 Ok((TableAllocationIndex::from_u32(slot), table))
             }
             Err(error) => {
-                self.table_shard(slot).tables.finish(slot, 0);
+                self.table_shard(slot).tables.finish(slot, 0, None);
                 Err(error.context(format!(
                     "failed to allocate table {} of {} elements",
                     table_index.as_u32(),
@@ -375,7 +406,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         drop(table);
         let shard = self.table_shard(reset.slot);
         shard.live_tables.fetch_sub(1, Ordering::Relaxed);
-        shard.enqueue(Reset::Table(reset), &self.fail_resets);
+        shard.release(Reset::Table(reset), &self.fail_resets);
     }
 
     fn purge_module(&self, module: ModuleId) {
@@ -386,7 +417,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
 
     fn stats(&self) -> AllocatorStats {
         let mut stats = AllocatorStats::default();
-        stats.live_instances = self.instances.load(Ordering::Acquire);
+        stats.live_instances = self.live_instances();
         stats.reserved_bytes = self.layout.total_bytes() as u64;
         for shard in &*self.shards {
             let (warm, memory_resident) = shard.memories.counts();

@@ -24,6 +24,7 @@ use anyhow::{Context, Result};
 use berth_core::{DefinedMemoryIndex, MemoryImage, ModuleId, sys};
 
 use crate::layout::PoolLayout;
+use crate::shard::Decommits;
 use crate::slots::{SlotAllocator, SlotId};
 
 /// Which module's memory last used a slot.
@@ -178,13 +179,17 @@ impl MemoryPool {
         Ok(SlotInfo::default())
     }
 
-    /// Resets a slot a tenant gave back; touches only that slot, so it runs without the
-    /// lock. `fail` injects a failure (for tests).
-    pub fn reset(&self, job: &MemoryReset, fail: bool, decommits: &mut u64) -> SlotInfo {
-        let failed = SlotInfo {
-            needs_remap: true,
-            ..SlotInfo::default()
-        };
+    /// Resets a slot a tenant gave back, all but the decommits, which it returns (addresses)
+    /// for the shard to run, alone or in a batch, before the slot is finished. Touches only
+    /// that slot, so it runs without the lock. `fail` injects a failure (for tests).
+    pub fn reset(&self, job: &MemoryReset, fail: bool) -> (SlotInfo, Decommits) {
+        let failed = (
+            SlotInfo {
+                needs_remap: true,
+                ..SlotInfo::default()
+            },
+            Decommits::default(),
+        );
         if fail {
             return failed;
         }
@@ -196,9 +201,7 @@ impl MemoryPool {
         });
         let index = self.local(job.slot);
         let mut history = self.lock().history[index];
-        let Some(resident) = self.reset_pages(base, accessible, keep, &image, &mut history, decommits) else {
-            return failed;
-        };
+        let (resident, decommits) = self.reset_pages(base, accessible, keep, &image, &mut history);
         history.resident = resident;
         let initial = job.initial.min(job.accessible);
         if job.accessible > initial {
@@ -207,12 +210,13 @@ impl MemoryPool {
                 return failed;
             }
         }
-        SlotInfo {
+        let info = SlotInfo {
             accessible: initial,
             needs_remap: false,
             image: job.image.clone(),
             history,
-        }
+        };
+        (info, decommits)
     }
 
     /// Brings `accessible` bytes at `base` back to zeros (and the image's bytes): the kept
@@ -221,7 +225,7 @@ impl MemoryPool {
     /// finding nothing, by decommitting it all without asking (one scan in [`RESCAN_EVERY`]
     /// notices tenants that start writing). Written kept pages join the resident prefix, so a
     /// module whose tenants write them pays a `memset`, never a page fault. Returns the new
-    /// resident prefix, or `None` if a decommit failed.
+    /// resident prefix and what is left to decommit.
     fn reset_pages(
         &self,
         base: NonNull<u8>,
@@ -229,8 +233,7 @@ impl MemoryPool {
         keep: usize,
         image: &Range<usize>,
         history: &mut History,
-        decommits: &mut u64,
-    ) -> Option<usize> {
+    ) -> (usize, Decommits) {
         let page = self.layout.page_size;
         let mut known = history.resident.min(keep);
         let mut decommit = Covers::default();
@@ -300,12 +303,12 @@ impl MemoryPool {
                 decommit.above = Some(keep..accessible);
             }
         }
+        let start = base.as_ptr().addr();
+        let mut decommits = Decommits::default();
         for range in decommit.ranges() {
-            *decommits += 1;
-            // SAFETY: as above; `range` is page-aligned and inside the accessible bytes.
-            unsafe { sys::decommit(base.add(range.start), range.len()) }.ok()?;
+            decommits.push(start + range.start..start + range.end);
         }
-        Some(known)
+        (known, decommits)
     }
 
     /// Zeroes the part of `part` below the image, or adds it to the image's decommit.

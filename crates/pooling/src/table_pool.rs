@@ -2,15 +2,16 @@
 //! first-out (the most recently reset slot is the most likely to be resident).
 //!
 //! Reset: the first `table_keep_resident` bytes by `memset`, the rest of what the tenant could
-//! have written by `madvise(MADV_DONTNEED)`; if that fails, by `memset` too. A table slot is
+//! have written by `madvise(MADV_DONTNEED)` (batched by the shard); if that fails, by `memset`
+//! too. A table slot is
 //! always entirely zero when handed out.
 
+use std::ops::Range;
 use std::ptr::NonNull;
 use std::sync::Mutex;
 
-use berth_core::sys;
-
 use crate::layout::PoolLayout;
+use crate::shard::Decommits;
 use crate::slots::SlotId;
 
 /// A table slot taken back from a tenant, to be reset.
@@ -96,32 +97,37 @@ impl TablePool {
         Some(slot)
     }
 
-    /// Zeroes what the tenant could have written; returns the resident bytes kept.
-    pub fn reset(&self, job: &TableReset, decommits: &mut u64) -> usize {
+    /// Zeroes the first `table_keep_resident` bytes the tenant could have written; returns the
+    /// resident bytes kept and the rest to decommit (addresses, page-aligned), if any.
+    pub fn reset(&self, job: &TableReset) -> (usize, Decommits) {
         let base = self.slot_base(job.slot).cast::<u8>();
         let page = self.layout.page_size;
         let dirty = job.dirty.min(self.layout.table_stride);
         let keep = self.layout.table_keep_resident;
+        let zeroed = dirty.min(keep);
+        // SAFETY: the slot was given back and is not in the free list, so this thread alone
+        // touches it; `zeroed` bytes are inside the read-write slot.
+        unsafe { base.as_ptr().write_bytes(0, zeroed) };
         if dirty <= keep {
-            // SAFETY: the slot was given back and is not in the free list, so this thread
-            // alone touches it; `dirty` bytes are inside the read-write slot.
-            unsafe { base.as_ptr().write_bytes(0, dirty) };
-            return dirty.next_multiple_of(page).min(keep);
+            return (dirty.next_multiple_of(page).min(keep), Decommits::default());
         }
-        // SAFETY: as above; `keep < dirty` bytes are inside the slot.
-        unsafe { base.as_ptr().write_bytes(0, keep) };
+        // `keep` is a multiple of the page size.
         let end = dirty.next_multiple_of(page).min(self.layout.table_stride);
-        *decommits += 1;
-        // SAFETY: as above; `keep..end` is page-aligned (`keep` is a multiple of the page
-        // size) and inside the slot.
-        if unsafe { sys::decommit(base.add(keep), end - keep) }.is_err() {
-            // SAFETY: as above.
-            unsafe { base.add(keep).as_ptr().write_bytes(0, dirty - keep) };
-        }
-        keep
+        let start = base.as_ptr().addr();
+        (keep, Decommits::one(start + keep..start + end))
     }
 
-    pub fn finish(&self, slot: SlotId, resident: usize) {
+    /// Returns a reset slot to the free list. `failed` is a range its decommit could not give
+    /// back: it is zeroed here instead.
+    pub fn finish(&self, slot: SlotId, resident: usize, failed: Option<Range<usize>>) {
+        if let Some(range) = failed {
+            let base = self.slot_base(slot).cast::<u8>();
+            let from = range.start - base.as_ptr().addr();
+            debug_assert!(from + range.len() <= self.layout.table_stride);
+            // SAFETY: the slot is still not in the free list, so this thread alone touches it;
+            // `range` came from `reset` for this slot, inside its read-write bytes.
+            unsafe { base.add(from).as_ptr().write_bytes(0, range.len()) };
+        }
         let mut state = self.lock();
         state.resident[(slot - self.first) as usize] = resident;
         state.idle_resident += resident;

@@ -1,0 +1,90 @@
+//! Many decommits in one system call: `process_madvise(MADV_DONTNEED)` on this process.
+//!
+//! One `madvise` per range costs a system call and, when other threads of the process run at
+//! the same time, often a TLB shootdown (an interrupt to every core running the process) each.
+//! The kernel takes up to [`PER_CALL`] ranges of one process in one `process_madvise` call and
+//! flushes the TLB once for all of them. Advising this process with `MADV_DONTNEED` that way
+//! needs Linux 6.13, and naming "this process" with `PIDFD_SELF_THREAD_GROUP` Linux 6.15; on
+//! older kernels this falls back to one `madvise` per range.
+
+use std::io;
+use std::ops::Range;
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::decommit;
+
+/// `PIDFD_SELF_THREAD_GROUP`: the calling process, whichever it is (in a forked child, the
+/// child), with no file descriptor to open or to go stale.
+const PIDFD_SELF: libc::c_int = -10001;
+/// Ranges given to one call (the kernel takes up to 1024; batches are smaller).
+const PER_CALL: usize = 64;
+/// Set once the kernel refuses `process_madvise` on this process for ranges `madvise`
+/// accepts: from then on, one `madvise` per range.
+static REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Gives every range of `ranges` (addresses) back to the kernel, as [`decommit`] does for
+/// one: their next read sees zeros (or the file's bytes, in a private file mapping). Uses one
+/// system call per 64 ranges where the kernel allows it. On error, some ranges may have been
+/// decommitted and others not.
+///
+/// # Safety
+///
+/// Every range is page-aligned and inside a private mapping made by [`reserve`](super::reserve)
+/// or [`map_image`](super::map_image), owned by the caller, with no Rust reference into it live.
+pub unsafe fn decommit_all(ranges: &[Range<usize>]) -> io::Result<()> {
+    let mut done = 0;
+    let mut refused = false;
+    if ranges.len() > 1 && !REFUSED.load(Ordering::Relaxed) {
+        let empty = libc::iovec {
+            iov_base: ptr::null_mut(),
+            iov_len: 0,
+        };
+        while done < ranges.len() {
+            let chunk = &ranges[done..ranges.len().min(done + PER_CALL)];
+            let mut iov = [empty; PER_CALL];
+            for (v, range) in iov.iter_mut().zip(chunk) {
+                v.iov_base = ptr::with_exposed_provenance_mut(range.start);
+                v.iov_len = range.len();
+            }
+            let wanted: usize = chunk.iter().map(Range::len).sum();
+            // SAFETY: `iov` holds `chunk.len()` initialized `iovec`s and outlives the call; the
+            // caller owns every range, so discarding their contents breaks no reference.
+            let advised = unsafe {
+                libc::syscall(
+                    libc::SYS_process_madvise,
+                    PIDFD_SELF,
+                    iov.as_ptr(),
+                    chunk.len(),
+                    libc::MADV_DONTNEED,
+                    0,
+                )
+            };
+            if usize::try_from(advised).ok() != Some(wanted) {
+                // Refused (an old kernel) or stopped part-way: the rest goes one range at a
+                // time, which either works or reports the error.
+                let errno = io::Error::last_os_error().raw_os_error();
+                refused = advised < 0
+                    && done == 0
+                    && matches!(
+                        errno,
+                        Some(libc::ENOSYS | libc::EBADF | libc::EINVAL | libc::EPERM)
+                    );
+                break;
+            }
+            done += chunk.len();
+        }
+    }
+    for range in &ranges[done..] {
+        let Some(start) = NonNull::new(ptr::with_exposed_provenance_mut::<u8>(range.start)) else {
+            return Err(io::Error::other("decommit of a range at address 0"));
+        };
+        // SAFETY: the caller owns the page-aligned range and holds no reference into it.
+        unsafe { decommit(start, range.len()) }?;
+    }
+    if refused {
+        // `madvise` took the very ranges `process_madvise` refused: the kernel lacks it.
+        REFUSED.store(true, Ordering::Relaxed);
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! The only place Berth makes system calls: through rustix, and through libc for the one call
+//! rustix does not wrap (`process_madvise`, in `decommit`).
+//!
+//! Everything else uses [`Mmap`](crate::Mmap) or these few functions. The unsafe ones take a
+//! range the caller must own: changing the protection or contents of memory someone else
+//! uses (a Rust allocation, another instance's slot) is undefined behaviour.
+
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::ptr::{self, NonNull};
+
+use rustix::fs;
+use rustix::mm::{self, Advice, MapFlags, MprotectFlags, ProtFlags};
+
+/// The host page size in bytes.
+pub fn page_size() -> usize {
+    rustix::param::page_size()
+}
+
+/// Reserves `len` bytes of fresh `PROT_NONE` address space (no memory committed).
+///
+/// `len` must be non-zero and a multiple of the page size.
+pub fn reserve(len: usize) -> io::Result<NonNull<u8>> {
+    // SAFETY: a fresh anonymous mapping at an address the kernel chooses cannot alias
+    // anything Rust knows about.
+    let ptr = unsafe {
+        mm::mmap_anonymous(
+            ptr::null_mut(),
+            len,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::NORESERVE,
+        )?
+    };
+    NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))
+}
+
+/// Unmaps `len` bytes at `ptr`.
+///
+/// # Safety
+///
+/// `ptr..ptr + len` was returned by [`reserve`] (or is part of such a range), is owned by
+/// the caller, and nothing will access it again.
+pub unsafe fn unmap(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range and promises it is no longer used.
+    unsafe {
+        mm::munmap(ptr.as_ptr().cast(), len)?;
+    }
+    Ok(())
+}
+
+/// Makes `len` bytes at `ptr` readable and writable. Untouched pages read as zero until
+/// written, unless they held data that was not [`decommit`]ted.
+///
+/// # Safety
+///
+/// `ptr..ptr + len` is page-aligned, inside a mapping made by [`reserve`], and owned by the
+/// caller.
+pub unsafe fn make_accessible(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the page-aligned range; adding access breaks no reference.
+    unsafe {
+        mm::mprotect(
+            ptr.as_ptr().cast(),
+            len,
+            MprotectFlags::READ | MprotectFlags::WRITE,
+        )?;
+    }
+    Ok(())
+}
+
+/// Makes `len` bytes at `ptr` inaccessible (`PROT_NONE`): any access faults.
+///
+/// # Safety
+///
+/// `ptr..ptr + len` is page-aligned, inside a mapping made by [`reserve`], owned by the
+/// caller, and no Rust reference into it is live.
+pub unsafe fn make_inaccessible(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range and holds no reference into it.
+    unsafe {
+        mm::mprotect(ptr.as_ptr().cast(), len, MprotectFlags::empty())?;
+    }
+    Ok(())
+}
+
+/// Gives `len` bytes at `ptr` back to the kernel: their next read sees zeros.
+///
+/// This is `madvise(MADV_DONTNEED)` (`Advice::LinuxDontNeed`), which on a private anonymous
+/// mapping discards the pages at once; POSIX `Advice::DontNeed` is a no-op on Linux and
+/// would leave the previous contents in place.
+///
+/// # Safety
+///
+/// `ptr..ptr + len` is page-aligned, inside a private anonymous mapping made by
+/// [`reserve`], owned by the caller, and no Rust reference into it is live.
+pub unsafe fn decommit(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range; discarding its contents breaks no reference.
+    unsafe {
+        mm::madvise(ptr.as_ptr().cast(), len, Advice::LinuxDontNeed)?;
+    }
+    Ok(())
+}
+
+/// Replaces `len` bytes at `ptr` with a fresh `PROT_NONE` anonymous mapping, discarding their
+/// contents and protections whatever state they were in. Used to recover a slot whose reset
+/// failed.
+///
+/// # Safety
+///
+/// `ptr..ptr + len` is page-aligned, inside a mapping made by [`reserve`], owned by the
+/// caller, and no Rust reference into it is live.
+pub unsafe fn reset_to_reserved(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: `MAP_FIXED` replaces only the caller's own range, which nothing references.
+    let new = unsafe {
+        mm::mmap_anonymous(
+            ptr.as_ptr().cast(),
+            len,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED,
+        )?
+    };
+    if new.cast::<u8>() != ptr.as_ptr() {
+        return Err(io::Error::other("MAP_FIXED mapped somewhere else"));
+    }
+    Ok(())
+}
+
+/// Creates a sealed in-memory file of `len` bytes holding each `(offset, bytes)` piece at its
+/// offset and zeros elsewhere (a copy-on-write memory image). Only the pieces are written, so
+/// the file stays sparse; afterwards its size, contents and seals can no longer change.
+pub fn create_image_file(len: usize, pieces: &[(usize, &[u8])]) -> io::Result<OwnedFd> {
+    let fd = fs::memfd_create(
+        "berth-memory-image",
+        fs::MemfdFlags::CLOEXEC | fs::MemfdFlags::ALLOW_SEALING,
+    )?;
+    fs::ftruncate(&fd, len as u64)?;
+    for &(offset, bytes) in pieces {
+        let mut written = 0;
+        while written < bytes.len() {
+            let n = rustix::io::pwrite(&fd, &bytes[written..], (offset + written) as u64)?;
+            if n == 0 {
+                return Err(io::Error::other("short write to a memory image file"));
+            }
+            written += n;
+        }
+    }
+    fs::fcntl_add_seals(
+        &fd,
+        fs::SealFlags::SHRINK | fs::SealFlags::GROW | fs::SealFlags::WRITE | fs::SealFlags::SEAL,
+    )?;
+    Ok(fd)
+}
+
+/// Maps `len` bytes of `fd` from its start at `ptr`, private and copy-on-write, readable
+/// and writable, replacing whatever was mapped there.
+///
+/// # Safety
+///
+/// `ptr..ptr + len` is page-aligned, inside a mapping made by [`reserve`], owned by the
+/// caller, and no Rust reference into it is live; `fd` holds at least `len` bytes.
+pub unsafe fn map_image(ptr: NonNull<u8>, len: usize, fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: `MAP_FIXED` replaces only the caller's own range, which nothing references.
+    let mapped = unsafe {
+        mm::mmap(
+            ptr.as_ptr().cast(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::FIXED,
+            fd,
+            0,
+        )?
+    };
+    if mapped.cast::<u8>() != ptr.as_ptr() {
+        return Err(io::Error::other("MAP_FIXED mapped somewhere else"));
+    }
+    Ok(())
+}
+
+mod decommit;
+mod page_map;
+
+pub use decommit::decommit_all;
+pub use page_map::{PageMap, page_map};
