@@ -1,7 +1,6 @@
 //! The safe instance handle embedders use.
 
 use std::any::Any;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use berth_core::cranelift_entity::packed_option::PackedOption;
@@ -27,7 +26,7 @@ pub struct OwnedImports {
     pub globals: Vec<VMGlobalImport>,
 }
 
-type Resolver = Arc<dyn FuncResolver + Send>;
+type Resolver = Box<dyn FuncResolver + Send>;
 
 /// The resolver without `func_resolver`: a function's word is its index plus one.
 struct IndexPlusOne;
@@ -94,7 +93,7 @@ impl<'m> InstanceBuilder<'m> {
     /// How a function index becomes a table element word (`ref.func`). Without one, a
     /// function's word is its index plus one, so it is never null.
     pub fn func_resolver(mut self, resolver: impl Fn(FuncIndex) -> usize + Send + Sync + 'static) -> Self {
-        self.resolver = Arc::new(resolver);
+        self.resolver = Box::new(resolver);
         self
     }
 
@@ -167,7 +166,7 @@ impl Instance {
             imports: OwnedImports::default(),
             host_state: Box::new(()),
             limiter: None,
-            resolver: Arc::new(IndexPlusOne),
+            resolver: Box::new(IndexPlusOne),
         }
     }
 

@@ -151,7 +151,11 @@ impl Shard {
             } else {
                 // Still in flight: counted once more for the batch, once less below.
                 self.in_flight.fetch_add(queue.held.len(), Ordering::AcqRel);
-                Some(std::mem::take(&mut *queue))
+                let next = Queue {
+                    held: Vec::with_capacity(self.batch),
+                    ranges: 0,
+                };
+                Some(std::mem::replace(&mut *queue, next))
             }
         };
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
