@@ -52,7 +52,9 @@ pub fn measure(n: usize) -> Result<Vec<Floor>> {
         // SAFETY: the region is ours and accessible; no reference into it is live.
         unsafe { region.as_ptr().write_bytes(0x5A, KIB64) };
         // SAFETY: as above.
-        time(&mut madvise, || unsafe { sys::decommit(region, KIB64) }.expect("madvise"));
+        time(&mut madvise, || {
+            unsafe { sys::decommit(region, KIB64) }.expect("madvise")
+        });
         time(&mut refault, || {
             for offset in (0..KIB64).step_by(page) {
                 // SAFETY: inside the accessible region.
@@ -75,11 +77,29 @@ pub fn measure(n: usize) -> Result<Vec<Floor>> {
     // SAFETY: our own mapping, no longer used.
     unsafe { sys::unmap(region, KIB64) }?;
     Ok(vec![
-        Floor { name: "mmap 6 GiB + mprotect 64 KiB + munmap", samples: reserve },
-        Floor { name: "madvise(DONTNEED) of 64 KiB dirty", samples: madvise },
-        Floor { name: "re-fault 16 pages (4 KiB each)", samples: refault },
-        Floor { name: "memset 64 KiB (resident)", samples: memset },
-        Floor { name: "memcpy 64 KiB into resident memory (the tenant's write)", samples: memcpy },
-        Floor { name: "locked free-list pop + push", samples: freelist },
+        Floor {
+            name: "mmap 6 GiB + mprotect 64 KiB + munmap",
+            samples: reserve,
+        },
+        Floor {
+            name: "madvise(DONTNEED) of 64 KiB dirty",
+            samples: madvise,
+        },
+        Floor {
+            name: "re-fault 16 pages (4 KiB each)",
+            samples: refault,
+        },
+        Floor {
+            name: "memset 64 KiB (resident)",
+            samples: memset,
+        },
+        Floor {
+            name: "memcpy 64 KiB into resident memory (the tenant's write)",
+            samples: memcpy,
+        },
+        Floor {
+            name: "locked free-list pop + push",
+            samples: freelist,
+        },
     ])
 }

@@ -27,6 +27,9 @@ struct Args {
     /// Cycles per thread for the one- and two-thread throughput runs (0 skips them).
     #[arg(long, default_value_t = 100_000)]
     thread_cycles: usize,
+    /// Alternating one- and two-thread runs per system; the medians are reported.
+    #[arg(long, default_value_t = 7)]
+    thread_rounds: usize,
     /// Cycles of the resident-memory soak on the dirty workload (0 skips it).
     #[arg(long, default_value_t = 0)]
     soak: usize,
@@ -55,11 +58,20 @@ fn main() -> Result<()> {
         .collect();
     let mut cycles = Vec::new();
     for workload in &workloads {
-        let row: Vec<_> = systems.iter().map(|s| s.prepare(workload)).collect::<Result<_>>()?;
+        let row: Vec<_> = systems
+            .iter()
+            .map(|s| s.prepare(workload))
+            .collect::<Result<_>>()?;
         cycles.push(row);
     }
     let mut samples = vec![vec![Vec::<f64>::new(); systems.len()]; workloads.len()];
-    eprintln!("{} rounds x {} cycles x {} systems x {} workloads", args.rounds, args.batch, systems.len(), workloads.len());
+    eprintln!(
+        "{} rounds x {} cycles x {} systems x {} workloads",
+        args.rounds,
+        args.batch,
+        systems.len(),
+        workloads.len()
+    );
     for round in 0..=args.rounds {
         for (w, row) in cycles.iter_mut().enumerate() {
             for (s, cycle) in row.iter_mut().enumerate() {
@@ -111,26 +123,67 @@ fn main() -> Result<()> {
     }
     // The dirty-64k floor: the tenant's write, a memset of the dirty bytes, a free-list pop + push.
     let dirty_floor = medians[5] + medians[3] + medians[4];
-    println!("| dirty-64k floor: memcpy + memset 64 KiB + pop/push | {} |", us(dirty_floor));
+    println!(
+        "| dirty-64k floor: memcpy + memset 64 KiB + pop/push | {} |",
+        us(dirty_floor)
+    );
     if let Some(w) = workloads.iter().position(|w| w.name == "dirty-64k") {
         let (median, _) = summary(&mut samples[w][4]);
-        println!("\nberth pooling on dirty-64k: {} us = {:.2}x the floor", us(median), median / dirty_floor);
+        println!(
+            "\nberth pooling on dirty-64k: {} us = {:.2}x the floor",
+            us(median),
+            median / dirty_floor
+        );
     }
 
     if args.thread_cycles > 0 {
-        println!("\n## Pooling throughput, {} cycles per thread of `untouched`\n", args.thread_cycles);
-        println!("| system | 1 thread (instances/s) | 2 threads (instances/s) | 2 threads / 1 thread |\n|---|---|---|---|");
-        let untouched = workloads::all().into_iter().find(|w| w.name == "untouched").expect("untouched exists");
-        for berth in [false, true] {
-            let system = systems::pooled(berth)?;
-            let one = throughput(&system, &untouched, 1, args.thread_cycles)?;
-            let two = throughput(&system, &untouched, 2, args.thread_cycles)?;
-            println!("| {} | {:.0} | {:.0} | {:.2} |", system.name, one, two, two / one);
+        println!(
+            "\n## Pooling throughput, {} cycles per thread of `untouched`\n",
+            args.thread_cycles
+        );
+        println!(
+            "Medians of {} alternating runs (one thread, then two); the ratio is the median of the rounds' ratios.\n",
+            args.thread_rounds
+        );
+        println!(
+            "| system | 1 thread (instances/s) | 2 threads (instances/s) | 2 threads / 1 thread | ratios, lowest to highest |\n|---|---|---|---|---|"
+        );
+        let untouched = workloads::all()
+            .into_iter()
+            .find(|w| w.name == "untouched")
+            .expect("untouched exists");
+        let systems = [systems::pooled(false)?, systems::pooled(true)?];
+        let mut runs = vec![(Vec::new(), Vec::new(), Vec::new()); systems.len()];
+        for _ in 0..args.thread_rounds.max(1) {
+            for (system, (ones, twos, ratios)) in systems.iter().zip(&mut runs) {
+                let one = throughput(system, &untouched, 1, args.thread_cycles)?;
+                let two = throughput(system, &untouched, 2, args.thread_cycles)?;
+                ones.push(one);
+                twos.push(two);
+                ratios.push(two / one);
+            }
+        }
+        for (system, (ones, twos, ratios)) in systems.iter().zip(&mut runs) {
+            let (one, _) = summary(ones);
+            let (two, _) = summary(twos);
+            let (ratio, _) = summary(ratios);
+            let all: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+            println!(
+                "| {} | {:.0} | {:.0} | {:.2} | {} |",
+                system.name,
+                one,
+                two,
+                ratio,
+                all.join(", ")
+            );
         }
     }
 
     if args.soak > 0 {
-        let dirty = workloads::all().into_iter().find(|w| w.name == "dirty-64k").expect("dirty exists");
+        let dirty = workloads::all()
+            .into_iter()
+            .find(|w| w.name == "dirty-64k")
+            .expect("dirty exists");
         let system = systems::pooled(true)?;
         let mut cycle = system.prepare(&dirty)?;
         let before = rss();
@@ -148,7 +201,12 @@ fn main() -> Result<()> {
 }
 
 /// Instances per second with `threads` threads running `cycles` cycles each.
-fn throughput(system: &systems::System, workload: &workloads::Workload, threads: usize, cycles: usize) -> Result<f64> {
+fn throughput(
+    system: &systems::System,
+    workload: &workloads::Workload,
+    threads: usize,
+    cycles: usize,
+) -> Result<f64> {
     let barrier = std::sync::Barrier::new(threads);
     let elapsed: Result<Duration> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
@@ -170,7 +228,11 @@ fn throughput(system: &systems::System, workload: &workloads::Workload, threads:
             .collect();
         let mut longest = Duration::ZERO;
         for handle in handles {
-            longest = longest.max(handle.join().map_err(|_| anyhow::anyhow!("a thread panicked"))??);
+            longest = longest.max(
+                handle
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a thread panicked"))??,
+            );
         }
         Ok(longest)
     });
@@ -181,6 +243,10 @@ fn throughput(system: &systems::System, workload: &workloads::Workload, threads:
 fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }

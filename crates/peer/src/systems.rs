@@ -56,8 +56,12 @@ fn wasmtime_system(name: &'static str, pooling: Option<bool>) -> Result<System> 
                 let mut store = wasmtime::Store::new(&engine, ());
                 let instance = wt(wasmtime::Instance::new(&mut store, &module, &[]))?;
                 if !buffer.is_empty() {
-                    let memory = instance.get_memory(&mut store, "memory").context("no exported memory")?;
-                    memory.write(&mut store, 0, &buffer).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let memory = instance
+                        .get_memory(&mut store, "memory")
+                        .context("no exported memory")?;
+                    memory
+                        .write(&mut store, 0, &buffer)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
                 }
                 drop(store);
                 Ok(())
@@ -106,5 +110,9 @@ pub fn all() -> Result<Vec<System>> {
 
 /// A pooled system for the thread and resident-memory runs.
 pub fn pooled(berth: bool) -> Result<System> {
-    if berth { berth_system("berth pooling", true) } else { wasmtime_system("wasmtime pooling", Some(false)) }
+    if berth {
+        berth_system("berth pooling", true)
+    } else {
+        wasmtime_system("wasmtime pooling", Some(false))
+    }
 }

@@ -26,7 +26,13 @@ fn escaped(bytes: impl Iterator<Item = u8>) -> String {
 pub fn all() -> Vec<Workload> {
     let data_64k = escaped((0..65536u32).map(|i| (i % 251) as u8 | 1));
     let sparse: String = (0..=16u32)
-        .map(|i| format!("(data (i32.const {}) \"{}\")\n", (i * 65536).min(1048576 - 16), escaped((0..16).map(|b| b + 1))))
+        .map(|i| {
+            format!(
+                "(data (i32.const {}) \"{}\")\n",
+                (i * 65536).min(1048576 - 16),
+                escaped((0..16).map(|b| b + 1))
+            )
+        })
         .collect();
     let elems = "$f ".repeat(1000);
     vec![
