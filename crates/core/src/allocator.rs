@@ -218,15 +218,8 @@ pub trait InstanceAllocator: InstanceAllocatorImpl {
         unsafe { self.allocate_memories(&mut request, &mut guard.memories)? };
         // SAFETY: as above.
         unsafe { self.allocate_tables(&mut request, &mut guard.tables)? };
-        let (block, memory_definitions, table_definitions) = InstanceBlock::new(request.offsets)?;
-        write_vmctx(
-            &block,
-            &request,
-            &guard.memories,
-            &guard.tables,
-            &memory_definitions,
-            &table_definitions,
-        )?;
+        let block = InstanceBlock::allocate(request.offsets)?;
+        write_vmctx(&block, &request, &guard.memories, &guard.tables)?;
         let (memories, tables) = guard.defuse();
         Ok(block.into_handle(module.clone(), memories, tables, request.host_state))
     }
@@ -390,8 +383,6 @@ fn write_vmctx(
     request: &InstanceAllocationRequest<'_>,
     memories: &MemoryMap,
     tables: &TableMap,
-    memory_definitions: &[std::ptr::NonNull<VMMemoryDefinition>],
-    table_definitions: &[std::ptr::NonNull<crate::VMTableDefinition>],
 ) -> Result<()> {
     let offsets = request.offsets;
     let module = request.module;
@@ -415,14 +406,14 @@ fn write_vmctx(
     for (i, import) in imports.globals.iter().enumerate() {
         put(block, offsets.vmctx_vmglobal_import(GlobalIndex::new(i)), *import);
     }
-    for ((_, (_, table)), location) in tables.iter().zip(table_definitions) {
-        // SAFETY: the location came from this block for this table.
-        unsafe { location.as_ptr().write(table.vmtable()) };
+    for (index, (_, table)) in tables.iter() {
+        put(block, offsets.vmctx_vmtable_definition(index), table.vmtable());
     }
     for (index, (_, memory)) in memories.iter() {
         if let Some(owned) = module.owned_memory_index(index) {
-            let location = memory_definitions[owned.as_u32() as usize];
-            // SAFETY: the location came from this block for this owned memory.
+            let location = block.vmctx_field::<VMMemoryDefinition>(offsets.vmctx_vmmemory_definition(owned));
+            // SAFETY: `vmctx_field` checked that the definition lies inside the block's vmctx
+            // and is aligned; the block is not shared yet.
             unsafe { location.as_ptr().write(memory.vmmemory()) };
             put(block, offsets.vmctx_vmmemory_pointer(index), location.as_ptr());
         }

@@ -334,20 +334,26 @@ impl InstanceBlock {
         Vec<NonNull<VMMemoryDefinition>>,
         Vec<NonNull<VMTableDefinition>>,
     )> {
+        let block = Self::allocate(offsets)?;
+        let memories = block.memory_definition_locations();
+        let tables = block.table_definition_locations();
+        Ok((block, memories, tables))
+    }
+
+    /// Allocates a zeroed block for `offsets` (what [`InstanceBlock::new`] does, without the
+    /// lists of definition locations: find them with [`InstanceBlock::vmctx_field`]).
+    pub fn allocate(offsets: &VMOffsets<HostPtr>) -> Result<Self> {
         let layout = Self::layout(offsets)?;
         // SAFETY: the layout's size is non-zero (it contains `Instance`, which is not a ZST).
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw.cast::<Instance>())
             .ok_or_else(|| anyhow!("failed to allocate an instance block of {} bytes", layout.size()))?;
-        let block = InstanceBlock {
+        Ok(InstanceBlock {
             ptr,
             layout,
             offsets: *offsets,
             consumed: false,
-        };
-        let memories = block.memory_definition_locations();
-        let tables = block.table_definition_locations();
-        Ok((block, memories, tables))
+        })
     }
 
     /// The vmctx of this block, for writing its fields before the instance is moved in.
