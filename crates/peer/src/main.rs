@@ -113,6 +113,28 @@ fn main() -> Result<()> {
         println!(" {:.2} | {:.2} | {:.2} |", ratio(3, 0), ratio(4, 1), ratio(4, 2));
     }
 
+    // Means too: a cost paid once in many cycles (a batch of decommits) hides from the median.
+    println!("\n## One instance cycle: mean, microseconds\n");
+    print!("| workload |");
+    for system in &systems {
+        print!(" {} |", system.name);
+    }
+    println!(" berth/wasmtime on-demand | berth/wasmtime pooling | berth/wasmtime tuned |");
+    print!("|---|");
+    for _ in 0..systems.len() + 3 {
+        print!("---|");
+    }
+    println!();
+    for (w, workload) in workloads.iter().enumerate() {
+        let means: Vec<f64> = samples[w].iter().map(|s| s.iter().sum::<f64>() / s.len().max(1) as f64).collect();
+        print!("| {} |", workload.name);
+        for mean in &means {
+            print!(" {} |", us(*mean));
+        }
+        let ratio = |a: usize, b: usize| means[a] / means[b];
+        println!(" {:.2} | {:.2} | {:.2} |", ratio(3, 0), ratio(4, 1), ratio(4, 2));
+    }
+
     println!("\n## The floor on this machine: median (p99), microseconds\n");
     println!("| operation | time |\n|---|---|");
     let mut medians = Vec::new();
