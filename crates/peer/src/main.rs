@@ -92,48 +92,24 @@ fn main() -> Result<()> {
     for workload in &workloads {
         println!("- `{}`: {}", workload.name, workload.about);
     }
-    println!("\n## One instance cycle: median (p99), microseconds\n");
-    print!("| workload |");
-    for system in &systems {
-        print!(" {} |", system.name);
-    }
-    println!(" berth/wasmtime on-demand | berth/wasmtime pooling | berth/wasmtime tuned |");
-    print!("|---|");
-    for _ in 0..systems.len() + 3 {
-        print!("---|");
-    }
-    println!();
-    for (w, workload) in workloads.iter().enumerate() {
-        let medians: Vec<(f64, f64)> = samples[w].iter_mut().map(|s| summary(s)).collect();
-        print!("| {} |", workload.name);
-        for (median, p99) in &medians {
-            print!(" {} ({}) |", us(*median), us(*p99));
-        }
-        let ratio = |a: usize, b: usize| medians[a].0 / medians[b].0;
-        println!(" {:.2} | {:.2} | {:.2} |", ratio(3, 0), ratio(4, 1), ratio(4, 2));
-    }
-
-    // Means too: a cost paid once in many cycles (a batch of decommits) hides from the median.
-    println!("\n## One instance cycle: mean, microseconds\n");
-    print!("| workload |");
-    for system in &systems {
-        print!(" {} |", system.name);
-    }
-    println!(" berth/wasmtime on-demand | berth/wasmtime pooling | berth/wasmtime tuned |");
-    print!("|---|");
-    for _ in 0..systems.len() + 3 {
-        print!("---|");
-    }
-    println!();
-    for (w, workload) in workloads.iter().enumerate() {
-        let means: Vec<f64> = samples[w].iter().map(|s| s.iter().sum::<f64>() / s.len().max(1) as f64).collect();
-        print!("| {} |", workload.name);
-        for mean in &means {
-            print!(" {} |", us(*mean));
-        }
-        let ratio = |a: usize, b: usize| means[a] / means[b];
-        println!(" {:.2} | {:.2} | {:.2} |", ratio(3, 0), ratio(4, 1), ratio(4, 2));
-    }
+    // Medians and p99s, then means: a cost paid once in many cycles (a batch of decommits)
+    // hides from the median.
+    let cells: Vec<Vec<(f64, f64, f64)>> = samples
+        .iter_mut()
+        .map(|row| {
+            row.iter_mut()
+                .map(|s| {
+                    let mean = s.iter().sum::<f64>() / s.len().max(1) as f64;
+                    let (median, p99) = summary(s);
+                    (median, p99, mean)
+                })
+                .collect()
+        })
+        .collect();
+    let median = |c: &(f64, f64, f64)| (c.0, format!("{} ({})", us(c.0), us(c.1)));
+    let mean = |c: &(f64, f64, f64)| (c.2, us(c.2));
+    table("median (p99)", &systems, &workloads, &cells, median);
+    table("mean", &systems, &workloads, &cells, mean);
 
     println!("\n## The floor on this machine: median (p99), microseconds\n");
     println!("| operation | time |\n|---|---|");
@@ -220,6 +196,33 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Prints one cycle table: a cell per (workload, system) and the ratios Berth / Wasmtime of the
+/// value `cell` gives.
+fn table(
+    what: &str,
+    systems: &[systems::System],
+    workloads: &[workloads::Workload],
+    cells: &[Vec<(f64, f64, f64)>],
+    cell: impl Fn(&(f64, f64, f64)) -> (f64, String),
+) {
+    println!("\n## One instance cycle: {what}, microseconds\n");
+    print!("| workload |");
+    for system in systems {
+        print!(" {} |", system.name);
+    }
+    println!(" berth/wasmtime on-demand | berth/wasmtime pooling | berth/wasmtime tuned |");
+    println!("|---|{}", "---|".repeat(systems.len() + 3));
+    for (workload, row) in workloads.iter().zip(cells) {
+        let values: Vec<(f64, String)> = row.iter().map(&cell).collect();
+        print!("| {} |", workload.name);
+        for (_, text) in &values {
+            print!(" {text} |");
+        }
+        let ratio = |a: usize, b: usize| values[a].0 / values[b].0;
+        println!(" {:.2} | {:.2} | {:.2} |", ratio(3, 0), ratio(4, 1), ratio(4, 2));
+    }
 }
 
 /// Instances per second with `threads` threads running `cycles` cycles each.

@@ -8,11 +8,14 @@ use crate::workloads::Workload;
 /// One prepared (system, workload) pair: calling it runs one cycle.
 pub type Cycle = Box<dyn FnMut() -> Result<()>>;
 
+/// Compiles or loads a workload once and returns its cycle.
+type Prepare = Box<dyn Fn(&Workload) -> Result<Cycle> + Send + Sync>;
+
 /// A system under comparison.
 pub struct System {
     /// Its label in the tables.
     pub name: &'static str,
-    prepare: Box<dyn Fn(&Workload) -> Result<Cycle> + Send + Sync>,
+    prepare: Prepare,
 }
 
 impl System {
