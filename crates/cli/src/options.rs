@@ -106,7 +106,7 @@ pub struct PoolOptions {
     /// Idle slots kept warm [default: 100]
     #[arg(long, help_heading = "Pool")]
     pub max_unused_warm_slots: Option<u32>,
-    /// Resets queued before a batch runs [default: 1]
+    /// Ranges a shard collects before decommitting them in one system call [default: 16]
     #[arg(long, help_heading = "Pool")]
     pub decommit_batch_size: Option<usize>,
     /// Bytes of each memory slot kept resident between tenants [default: 64K]
