@@ -411,10 +411,9 @@ fn write_vmctx(
     }
     for (index, (_, memory)) in memories.iter() {
         if let Some(owned) = module.owned_memory_index(index) {
-            let location = block.vmctx_field::<VMMemoryDefinition>(offsets.vmctx_vmmemory_definition(owned));
-            // SAFETY: `vmctx_field` checked that the definition lies inside the block's vmctx
-            // and is aligned; the block is not shared yet.
-            unsafe { location.as_ptr().write(memory.vmmemory()) };
+            let definition = offsets.vmctx_vmmemory_definition(owned);
+            put(block, definition, memory.vmmemory());
+            let location = block.vmctx_field::<VMMemoryDefinition>(definition);
             put(block, offsets.vmctx_vmmemory_pointer(index), location.as_ptr());
         }
     }

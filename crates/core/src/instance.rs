@@ -9,8 +9,9 @@
 //!
 //! The `Instance` is dynamically sized in effect: its last field is the zero-sized
 //! [`VMContext`] and the vmctx bytes extend past the nominal end of the type. So the block is
-//! made in two steps: [`InstanceBlock::new`] computes the layout from the offsets, allocates it
-//! zeroed and hands out where the memory and table definitions go; the caller writes them, then
+//! made in two steps: [`InstanceBlock::allocate`] computes the layout from the offsets and
+//! allocates it zeroed ([`InstanceBlock::new`] also hands out where the memory and table
+//! definitions go); the caller writes the vmctx through [`InstanceBlock::vmctx_field`], then
 //! `InstanceBlock::into_handle` (crate-private) moves the `Instance` in. A block dropped before that frees
 //! its buffer.
 

@@ -16,14 +16,14 @@ use crate::slots::SlotId;
 use crate::table_pool::{TablePool, TableReset};
 
 /// A slot given back by a tenant, to be reset.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) enum Reset {
     Memory(MemoryReset),
     Table(TableReset),
 }
 
 /// Up to two page-aligned address ranges a reset leaves to decommit.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub(crate) struct Decommits {
     ranges: [Range<usize>; 2],
     len: usize,

@@ -44,7 +44,8 @@ pub unsafe fn decommit_all(ranges: &[Range<usize>]) -> io::Result<()> {
             let chunk = &ranges[done..ranges.len().min(done + PER_CALL)];
             let mut iov = [empty; PER_CALL];
             for (v, range) in iov.iter_mut().zip(chunk) {
-                v.iov_base = ptr::with_exposed_provenance_mut(range.start);
+                // An address for the kernel only: never dereferenced here.
+                v.iov_base = ptr::without_provenance_mut(range.start);
                 v.iov_len = range.len();
             }
             let wanted: usize = chunk.iter().map(Range::len).sum();
@@ -76,10 +77,11 @@ pub unsafe fn decommit_all(ranges: &[Range<usize>]) -> io::Result<()> {
         }
     }
     for range in &ranges[done..] {
-        let Some(start) = NonNull::new(ptr::with_exposed_provenance_mut::<u8>(range.start)) else {
+        let Some(start) = NonNull::new(ptr::without_provenance_mut::<u8>(range.start)) else {
             return Err(io::Error::other("decommit of a range at address 0"));
         };
-        // SAFETY: the caller owns the page-aligned range and holds no reference into it.
+        // SAFETY: the caller owns the page-aligned range, inside a private mapping, and holds
+        // no reference into it (`decommit`'s obligations); `start` goes to the kernel only.
         unsafe { decommit(start, range.len()) }?;
     }
     if refused {

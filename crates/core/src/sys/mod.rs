@@ -81,16 +81,17 @@ pub unsafe fn make_inaccessible(ptr: NonNull<u8>, len: usize) -> io::Result<()> 
     Ok(())
 }
 
-/// Gives `len` bytes at `ptr` back to the kernel: their next read sees zeros.
+/// Gives `len` bytes at `ptr` back to the kernel: their next read sees zeros (in a private
+/// file mapping made by [`map_image`], the file's bytes again).
 ///
-/// This is `madvise(MADV_DONTNEED)` (`Advice::LinuxDontNeed`), which on a private anonymous
-/// mapping discards the pages at once; POSIX `Advice::DontNeed` is a no-op on Linux and
-/// would leave the previous contents in place.
+/// This is `madvise(MADV_DONTNEED)` (`Advice::LinuxDontNeed`), which on a private mapping
+/// discards the pages at once; POSIX `Advice::DontNeed` is a no-op on Linux and would leave
+/// the previous contents in place.
 ///
 /// # Safety
 ///
-/// `ptr..ptr + len` is page-aligned, inside a private anonymous mapping made by
-/// [`reserve`], owned by the caller, and no Rust reference into it is live.
+/// `ptr..ptr + len` is page-aligned, inside a private mapping made by [`reserve`] or
+/// [`map_image`], owned by the caller, and no Rust reference into it is live.
 pub unsafe fn decommit(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
     // SAFETY: the caller owns the range; discarding its contents breaks no reference.
     unsafe {
