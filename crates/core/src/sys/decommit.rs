@@ -6,10 +6,16 @@
 //! flushes the TLB once for all of them. Advising this process with `MADV_DONTNEED` that way
 //! needs Linux 6.13, and naming "this process" with `PIDFD_SELF_THREAD_GROUP` Linux 6.15; on
 //! older kernels this falls back to one `madvise` per range.
+//!
+//! Calls run one at a time in the process. A zap that finds another zap of the same process
+//! in progress flushes the TLB of every core the process runs on, even when it cleared nothing
+//! (it cannot rely on the other's deferred flush), so two threads decommitting at once make
+//! each other pay a shootdown; taking turns costs a short wait instead.
 
 use std::io;
 use std::ops::Range;
 use std::ptr::{self, NonNull};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::decommit;
@@ -22,17 +28,21 @@ const PER_CALL: usize = 64;
 /// Set once the kernel refuses `process_madvise` on this process for ranges `madvise`
 /// accepts: from then on, one `madvise` per range.
 static REFUSED: AtomicBool = AtomicBool::new(false);
+/// Held while a thread decommits: one decommit at a time per process.
+static TURN: Mutex<()> = Mutex::new(());
 
 /// Gives every range of `ranges` (addresses) back to the kernel, as [`decommit`] does for
 /// one: their next read sees zeros (or the file's bytes, in a private file mapping). Uses one
 /// system call per 64 ranges where the kernel allows it. On error, some ranges may have been
-/// decommitted and others not.
+/// decommitted and others not. Waits while another thread of the process is decommitting.
 ///
 /// # Safety
 ///
 /// Every range is page-aligned and inside a private mapping made by [`reserve`](super::reserve)
 /// or [`map_image`](super::map_image), owned by the caller, with no Rust reference into it live.
 pub unsafe fn decommit_all(ranges: &[Range<usize>]) -> io::Result<()> {
+    // Nothing the lock guards can be left half-done by a panic: carry on if poisoned.
+    let _turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut done = 0;
     let mut refused = false;
     if ranges.len() > 1 && !REFUSED.load(Ordering::Relaxed) {
