@@ -134,6 +134,36 @@ fn a_module_gets_its_own_slot_back_and_others_take_cold_ones() {
 }
 
 #[test]
+fn a_module_whose_slot_waits_for_a_decommit_batch_gets_it_back_rather_than_steal() {
+    // Every slot warm for `b` but `a`'s, which waits in the decommit queue (its tenant wrote
+    // above keep_resident 0). `a` must get its own slot back (the queue runs early), not take
+    // one of `b`'s, which would cost `b` its warm slot and `a` a slot set up again.
+    let n = 64;
+    let mut pooling = slots(n);
+    pooling
+        .max_unused_warm_slots(1000)
+        .decommit_batch_size(16)
+        .linear_memory_keep_resident(0);
+    let (engine, _) = pool(&pooling);
+    let a = engine.load(module("a", 1)).unwrap();
+    let b = engine.load(module("b", 1)).unwrap();
+    let mut first = Instance::new(&a).unwrap();
+    first.write_memory(0, 0, &[7; 8]).unwrap();
+    let slot_a = base(&first);
+    let others: Vec<Instance> = (1..n).map(|_| Instance::new(&b).unwrap()).collect();
+    drop(first);
+    drop(others);
+    let again = Instance::new(&a).unwrap();
+    assert_eq!(base(&again), slot_a, "a took another module's warm slot");
+    let mut buf = [1u8; 8];
+    again.read_memory(0, 0, &mut buf).unwrap();
+    assert_eq!(
+        buf, [0; 8],
+        "the queued decommit ran before the slot was handed out"
+    );
+}
+
+#[test]
 fn keep_resident_resets_by_memset_without_decommits() {
     let mut pooling = slots(2);
     pooling

@@ -193,9 +193,19 @@ impl PoolingInstanceAllocator {
         }
     }
 
-    /// Takes a memory slot for `key`.
+    /// Takes a memory slot for `key`. Before a shard hands out another module's warm slot, it
+    /// runs its queued decommits: the slots they hold may be this module's own, and a batch
+    /// run early costs less than a slot that must be set up again (and that its module will
+    /// miss in turn).
     fn take_memory(&self, key: memory_pool::MemoryKey) -> Result<(u32, SlotInfo)> {
-        self.take(|shard| shard.memories.take(key)).ok_or_else(|| {
+        let take = |shard: &Shard| {
+            shard
+                .memories
+                .take(key, false)
+                .or_else(|| shard.flush().then(|| shard.memories.take(key, false)).flatten())
+                .or_else(|| shard.memories.take(key, true))
+        };
+        self.take(take).ok_or_else(|| {
             let n = u64::from(self.config.total_memories);
             LimitExceeded::error("total_memories", n, n + 1)
         })

@@ -155,9 +155,13 @@ impl MemoryPool {
         unsafe { self.first_slot.add(slot as usize * self.layout.memory_stride) }
     }
 
-    /// Takes a slot for `key`, with what it holds.
-    pub fn take(&self, key: MemoryKey) -> Option<(SlotId, SlotInfo)> {
+    /// Takes a slot for `key`, with what it holds. Unless `steal`, gives `None` rather than
+    /// take another module's warm slot.
+    pub fn take(&self, key: MemoryKey, steal: bool) -> Option<(SlotId, SlotInfo)> {
         let mut state = self.lock();
+        if !steal && state.slots.would_steal(Some(key)) {
+            return None;
+        }
         let (local, _choice) = state.slots.alloc(Some(key))?;
         let index = local as usize;
         let info = std::mem::take(&mut state.info[index]);

@@ -128,6 +128,14 @@ impl<K: Copy + Eq + Hash> SlotAllocator<K> {
         Some((slot, Choice::Stolen(previous)))
     }
 
+    /// Whether [`alloc`](Self::alloc) for `key` would take another key's warm slot (or find
+    /// nothing): no slot of `key` is warm and no cold slot may be taken.
+    pub fn would_steal(&self, key: Option<K>) -> bool {
+        let affine = key.is_some_and(|key| self.per_key.get(&key).is_some_and(|list| !list.is_empty()));
+        let cold = !self.cold.is_empty() && (self.warm < self.max_warm || self.lru_head.is_none());
+        !affine && !cold
+    }
+
     /// Takes back `slot`, last used for `key`, as the most recently used warm slot. If that
     /// puts the warm slots over their cap, the least recently used one turns cold and is
     /// returned with its key, so the caller can give its pages back.
@@ -278,8 +286,10 @@ mod tests {
             let mut warm: HashMap<SlotId, u8> = HashMap::new();
             for op in ops {
                 match op {
-                    Op::Alloc(key) => match allocator.alloc(key) {
-                        Some((slot, choice)) => {
+                    Op::Alloc(key) => match (allocator.would_steal(key), allocator.alloc(key)) {
+                        (would_steal, Some((slot, choice))) => {
+                            let stolen = matches!(choice, Choice::Stolen(_));
+                            prop_assert_eq!(would_steal, stolen, "would_steal disagrees with alloc");
                             prop_assert!(slot < slots);
                             prop_assert!(live.insert(slot), "slot {} handed out twice", slot);
                             let had_affine = key.is_some_and(|k| warm.values().any(|&w| w == k));
@@ -291,7 +301,10 @@ mod tests {
                             prop_assert_eq!(had_affine, choice == Choice::Affine, "affinity not honoured");
                             warm.remove(&slot);
                         }
-                        None => prop_assert_eq!(live.len(), slots as usize, "refused with free slots"),
+                        (would_steal, None) => {
+                            prop_assert!(would_steal, "would_steal disagrees with alloc");
+                            prop_assert_eq!(live.len(), slots as usize, "refused with free slots");
+                        }
                     },
                     Op::Free(i, key) => {
                         if live.is_empty() { continue; }
