@@ -164,6 +164,43 @@ fn a_module_whose_slot_waits_for_a_decommit_batch_gets_it_back_rather_than_steal
 }
 
 #[test]
+fn a_new_slot_inherits_what_scans_learned_about_its_module() {
+    // Scans of a memory whose tenants write nothing stop after a few resets (the slot is then
+    // decommitted blindly, one decommit per reset). A slot new to that memory starts blind too,
+    // instead of scanning again from scratch.
+    if berth_core::sys::page_map().is_none() {
+        eprintln!("skipped: this kernel has no PAGEMAP_SCAN");
+        return;
+    }
+    let mut pooling = slots(8);
+    pooling.decommit_batch_size(1).linear_memory_keep_resident(0);
+    let (engine, _) = pool(&pooling);
+    let a = engine.load(module("a", 1)).unwrap();
+    for _ in 0..8 {
+        drop(Instance::new(&a).unwrap());
+    }
+    let before = engine.stats().decommits;
+    drop(Instance::new(&a).unwrap());
+    assert_eq!(
+        engine.stats().decommits,
+        before + 1,
+        "the warm slot resets blindly"
+    );
+    // Two at once: the second takes a slot `a` never used.
+    let first = Instance::new(&a).unwrap();
+    let second = Instance::new(&a).unwrap();
+    assert_ne!(base(&first), base(&second));
+    let before = engine.stats().decommits;
+    drop(second);
+    assert_eq!(
+        engine.stats().decommits,
+        before + 1,
+        "the new slot scanned instead of decommitting blindly"
+    );
+    drop(first);
+}
+
+#[test]
 fn keep_resident_resets_by_memset_without_decommits() {
     let mut pooling = slots(2);
     pooling

@@ -8,7 +8,8 @@
 //!   `keep_resident`) is zeroed with `memset`, so the next tenant does not fault them in again;
 //! - the rest up to `accessible` is reset where the kernel says it was written
 //!   (`PAGEMAP_SCAN`): kept pages are zeroed and join the prefix, others decommitted; once scans
-//!   keep finding nothing, it is decommitted without asking (a periodic rescan notices change);
+//!   keep finding nothing, it is decommitted without asking (a periodic rescan notices change;
+//!   a slot new to the module's memory starts from what its other slots learned);
 //! - image pages are decommitted, which brings the image's bytes back from its file;
 //! - access above the memory's initial size is removed again (`mprotect`), so a warm slot is
 //!   left exactly as the same module will want it: a reuse by that module needs no system call.
@@ -25,7 +26,7 @@ use berth_core::{DefinedMemoryIndex, MemoryImage, ModuleId, sys};
 
 use crate::layout::PoolLayout;
 use crate::shard::Decommits;
-use crate::slots::{SlotAllocator, SlotId};
+use crate::slots::{Choice, FastMap, SlotAllocator, SlotId};
 
 /// Which module's memory last used a slot.
 pub(crate) type MemoryKey = (ModuleId, DefinedMemoryIndex);
@@ -84,6 +85,10 @@ struct State {
     orphaned: Vec<bool>,
     /// What each slot's resets learned.
     history: Vec<History>,
+    /// Per module memory, how many scans in a row last found nothing its tenants wrote above
+    /// the resident prefix: a slot new to the memory starts from there, so a module whose
+    /// tenants write nothing does not pay a scan per reset on every slot it moves to.
+    clean_streak: FastMap<MemoryKey, u8>,
     idle_resident: usize,
 }
 
@@ -132,6 +137,7 @@ impl MemoryPool {
                 owner: vec![None; len as usize],
                 orphaned: vec![false; len as usize],
                 history: vec![History::default(); len as usize],
+                clean_streak: FastMap::default(),
                 idle_resident: 0,
             }),
         }
@@ -162,8 +168,13 @@ impl MemoryPool {
         if !steal && state.slots.would_steal(Some(key)) {
             return None;
         }
-        let (local, _choice) = state.slots.alloc(Some(key))?;
+        let (local, choice) = state.slots.alloc(Some(key))?;
         let index = local as usize;
+        if choice != Choice::Affine {
+            let streak = state.clean_streak.get(&key).copied().unwrap_or(0);
+            state.history[index].clean_scans = streak;
+            state.history[index].blind_resets = 0;
+        }
         let info = std::mem::take(&mut state.info[index]);
         state.idle_resident -= info.history.resident;
         state.owner[index] = Some(key);
@@ -349,12 +360,17 @@ impl MemoryPool {
             return;
         }
         state.idle_resident += info.history.resident;
+        let streak = info.history.clean_scans;
         state.history[index] = info.history;
         state.info[index] = info;
         if std::mem::take(&mut state.orphaned[index]) {
             state.slots.free_cold(local);
             self.make_cold(&mut state, slot);
             return;
+        }
+        // Not for a purged module (above), whose entry would never be removed.
+        if state.clean_streak.get(&key) != Some(&streak) {
+            state.clean_streak.insert(key, streak);
         }
         if let Some((evicted, _)) = state.slots.free(local, key) {
             self.make_cold(&mut state, self.first + evicted);
@@ -388,6 +404,7 @@ impl MemoryPool {
             .filter(|(m, _)| *m == module)
             .copied()
             .collect();
+        state.clean_streak.retain(|(m, _), _| *m != module);
         for key in keys {
             for local in state.slots.purge(key) {
                 self.make_cold(&mut state, self.first + local);
