@@ -5,7 +5,9 @@
 #![allow(clippy::cast_possible_truncation)] // Test models index with `as usize` on 64-bit hosts.
 
 use berth_core::{MemoryType, Module};
-use berth_engine::{Config, Engine, Instance};
+use std::sync::Arc;
+
+use berth_engine::{Config, Engine, Instance, InstanceAllocationStrategy, OnDemandInstanceAllocator};
 use berth_tests::{ChildEnd, in_child, touch};
 
 const PAGE: usize = 65536;
@@ -65,6 +67,38 @@ fn after_a_grow_the_new_end_faults_and_the_old_end_does_not() {
 }
 
 #[test]
+fn in_a_reused_reservation_the_bytes_past_the_new_size_fault() {
+    let end = in_child(
+        "in_a_reused_reservation_the_bytes_past_the_new_size_fault",
+        || {
+            let engine = Engine::new(&Config::new()).unwrap();
+            let load = |pages| {
+                engine
+                    .load(
+                        Module::builder()
+                            .memory(MemoryType::new(pages, None))
+                            .build()
+                            .unwrap(),
+                    )
+                    .unwrap()
+            };
+            let mut grown = Instance::new(&load(1)).unwrap();
+            assert_eq!(grown.grow_memory(0, 3).unwrap(), Some(1));
+            let (old_base, _) = memory0(&grown);
+            drop(grown);
+            let next = Instance::new(&load(2)).unwrap();
+            let (base, size) = memory0(&next);
+            assert_eq!((base, size), (old_base, 2 * PAGE), "the reservation is reused");
+            // SAFETY: in a child; the last byte is in bounds.
+            unsafe { touch(base.add(size - 1)) };
+            // SAFETY: in a child; a fault is the expected outcome (the last tenant's third page).
+            unsafe { touch(base.add(size)) };
+        },
+    );
+    assert_eq!(end, ChildEnd::Faulted);
+}
+
+#[test]
 fn after_a_move_the_new_end_faults() {
     let end = in_child("after_a_move_the_new_end_faults", || {
         let mut config = Config::new();
@@ -117,13 +151,49 @@ fn the_pre_guard_faults() {
 }
 
 #[test]
-fn a_dropped_instance_memory_is_gone() {
-    let end = in_child("a_dropped_instance_memory_is_gone", || {
-        let instance = instance(&Config::new(), MemoryType::new(1, None));
-        let (base, _) = memory0(&instance);
-        drop(instance);
-        // SAFETY: in a child; a fault is the expected outcome (the reservation was unmapped).
-        unsafe { touch(base) };
-    });
+fn a_dropped_instance_memory_is_gone_without_cached_reservations() {
+    let end = in_child(
+        "a_dropped_instance_memory_is_gone_without_cached_reservations",
+        || {
+            let mut config = Config::new();
+            let allocator = OnDemandInstanceAllocator::new().with_cached_reservations(0);
+            config.allocation_strategy(InstanceAllocationStrategy::Custom(Arc::new(allocator)));
+            let instance = instance(&config, MemoryType::new(1, None));
+            let (base, _) = memory0(&instance);
+            drop(instance);
+            // SAFETY: in a child; a fault is the expected outcome (the reservation was unmapped).
+            unsafe { touch(base) };
+        },
+    );
     assert_eq!(end, ChildEnd::Faulted);
+}
+
+#[test]
+fn a_dropped_instance_memory_kept_for_reuse_holds_none_of_its_bytes() {
+    // The default engine keeps a freed memory's address space for the next memory; its pages
+    // are given back when the instance goes, not when the next one comes.
+    let engine = Engine::new(&Config::new()).unwrap();
+    let module = engine
+        .load(
+            Module::builder()
+                .memory(MemoryType::new(2, None))
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+    let mut instance = Instance::new(&module).unwrap();
+    let ones = vec![0xa5; 2 * PAGE];
+    instance.write_memory(0, 0, &ones).unwrap();
+    let (base, size) = memory0(&instance);
+    drop(instance);
+    assert_eq!(engine.stats().warm_slots, 1);
+    // SAFETY: the reservation is kept by the engine's allocator, which is alive and idle, so
+    // its first `size` bytes are still mapped readable; nothing writes them while we read.
+    let left = unsafe { std::slice::from_raw_parts(base, size) };
+    assert!(
+        left.iter().all(|&b| b == 0),
+        "a freed memory's bytes were not discarded"
+    );
+    let next = Instance::new(&module).unwrap();
+    assert_eq!(memory0(&next).0, base, "the next memory reuses the reservation");
 }

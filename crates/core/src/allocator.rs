@@ -82,7 +82,8 @@ pub struct AllocatorStats {
     pub live_tables: u64,
     /// Address space held for memories and tables, guards included.
     pub reserved_bytes: u64,
-    /// Slots kept warm (holding a previous tenant's reset state) for reuse.
+    /// Slots kept warm (holding a previous tenant's reset state) for reuse; for the on-demand
+    /// backend, freed reservations kept (address space only).
     pub warm_slots: u64,
     /// Bytes kept resident in idle slots.
     pub idle_resident_bytes: u64,

@@ -7,7 +7,8 @@
 //!
 //! [`MemoryAllocationIndex`] and [`TableAllocationIndex`] are what a backend hands back with a
 //! memory or table so that it can find its slot again on deallocation; their meaning is the
-//! backend's own (a pooling backend stores a slot number, an on-demand one has nothing to find).
+//! backend's own (a pooling backend stores a slot number, the on-demand one what it learns about
+//! the module memory's writes).
 
 use cranelift_entity::entity_impl;
 
@@ -48,8 +49,8 @@ entity_impl!(FuncIndex, "func");
 
 /// What a backend returned with a memory, to find the memory's slot again.
 ///
-/// The on-demand backend returns [`MemoryAllocationIndex::default()`]; a pooling backend
-/// returns the slot number.
+/// A pooling backend returns the slot number; the on-demand backend a number of its own for
+/// the module memory.
 #[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct MemoryAllocationIndex(u32);
 entity_impl!(MemoryAllocationIndex, "memory_allocation");

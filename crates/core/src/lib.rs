@@ -51,7 +51,7 @@ pub use index::{
 pub use init::initialize;
 pub use instance::{Instance, InstanceBlock, InstanceHandle};
 pub use limiter::ResourceLimiter;
-pub use memory::Memory;
+pub use memory::{Memory, Reservation, ReservationLayout};
 pub use mmap::Mmap;
 pub use module::{Module, ModuleBuilder, ModuleId};
 pub use resolver::FuncResolver;

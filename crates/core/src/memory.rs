@@ -32,6 +32,10 @@ use crate::tunables::Tunables;
 use crate::types::MemoryType;
 use crate::vmcontext::VMMemoryDefinition;
 
+mod reuse;
+
+pub use reuse::{Reservation, ReservationLayout};
+
 /// A linear memory.
 ///
 /// Invariants: `byte_size` is a whole number of the type's pages and never above
@@ -105,40 +109,7 @@ impl Memory {
         backend_max: Option<usize>,
         limiter: Option<&mut (dyn ResourceLimiter + '_)>,
     ) -> Result<Memory> {
-        ty.validate()?;
-        let (byte_size, maximum) = initial_size(ty, backend_max, limiter)?;
-        let page = sys::page_size();
-        let reservation = to_usize("memory reservation", tunables.memory_reservation)?;
-        let growth = to_usize(
-            "memory growth reservation",
-            tunables.memory_reservation_for_growth,
-        )?;
-        let guard = to_usize("memory guard", tunables.memory_guard_size)?;
-        let pre_guard = to_usize("memory pre-guard", tunables.pre_guard_size())?;
-        let capacity = if byte_size <= reservation {
-            Some(reservation)
-        } else {
-            byte_size.checked_add(growth)
-        };
-        let capacity = capacity.and_then(|c| round_up(c, page)).ok_or_else(|| {
-            anyhow!("memory of {byte_size:#x} bytes plus {growth:#x} bytes to grow overflows")
-        })?;
-        let mmap = reserve(pre_guard, capacity, guard, byte_size)?;
-        Ok(Memory {
-            ty: *ty,
-            storage: Storage::Owned {
-                mmap,
-                pre_guard,
-                capacity,
-                guard,
-                growth_reserve: growth,
-                may_move: tunables.memory_may_move,
-            },
-            byte_size,
-            maximum,
-            reservation_counter: None,
-            image: None,
-        })
+        Memory::new_dynamic_reusing(ty, tunables, backend_max, limiter, |_| None)
     }
 
     /// A memory in `capacity` bytes at `base`, inside a mapping the caller owns (a pool

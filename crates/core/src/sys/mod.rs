@@ -124,6 +124,46 @@ pub unsafe fn reset_to_reserved(ptr: NonNull<u8>, len: usize) -> io::Result<()> 
     Ok(())
 }
 
+/// Replaces `len` bytes at `ptr` with a fresh readable and writable anonymous mapping: every
+/// byte reads as zero afterwards, whatever was mapped there (a copy-on-write image included).
+///
+/// # Safety
+///
+/// `ptr..ptr + len` is page-aligned, inside a mapping made by [`reserve`], owned by the
+/// caller, and no Rust reference into it is live.
+pub unsafe fn replace_with_zeros(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: `MAP_FIXED` replaces only the caller's own range, which nothing references.
+    let new = unsafe {
+        mm::mmap_anonymous(
+            ptr.as_ptr().cast(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED,
+        )?
+    };
+    if new.cast::<u8>() != ptr.as_ptr() {
+        return Err(io::Error::other("MAP_FIXED mapped somewhere else"));
+    }
+    Ok(())
+}
+
+/// Faults in the `len` accessible bytes at `ptr` for writing, in one system call
+/// (`MADV_POPULATE_WRITE`, Linux 5.14 and later) instead of one page fault per page as they are
+/// first written. Contents do not change: pages not yet present are zero (or, in a private file
+/// mapping, the file's bytes). Errors (an older kernel, no memory) change nothing: the pages are
+/// faulted in when first written, as without this call.
+///
+/// # Safety
+///
+/// `ptr..ptr + len` is page-aligned, readable and writable, and owned by the caller.
+pub unsafe fn prefault(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range; populating changes no byte of it.
+    unsafe {
+        mm::madvise(ptr.as_ptr().cast(), len, Advice::LinuxPopulateWrite)?;
+    }
+    Ok(())
+}
+
 /// Creates a sealed in-memory file of `len` bytes holding each `(offset, bytes)` piece at its
 /// offset and zeros elsewhere (a copy-on-write memory image). Only the pieces are written, so
 /// the file stays sparse; afterwards its size, contents and seals can no longer change.
