@@ -69,6 +69,15 @@ pub unsafe fn touch(ptr: *const u8) -> u8 {
     unsafe { std::ptr::read_volatile(ptr) }
 }
 
+/// The address of memory 0 of `instance`: which reservation or slot it got.
+pub fn memory_base(instance: &berth_engine::Instance) -> usize {
+    instance
+        .core()
+        .memory(berth_core::DefinedMemoryIndex::from_u32(0))
+        .expect("the instance has a memory 0")
+        .base() as usize
+}
+
 /// Which call a [`FailingAllocator`] fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailAt {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use berth_core::{ConstExpr, DataKind, DataSegment, MemoryIndex, MemoryType, Module};
 use berth_engine::{Config, Engine, Instance, InstanceAllocationStrategy, OnDemandInstanceAllocator};
+use berth_tests::memory_base;
 
 const PAGE: usize = 65536;
 
@@ -32,14 +33,6 @@ fn memory_module(name: &str, pages: u64, data: Option<(u32, &[u8])>) -> Module {
     builder.build().unwrap()
 }
 
-fn base(instance: &Instance) -> usize {
-    instance
-        .core()
-        .memory(berth_core::DefinedMemoryIndex::from_u32(0))
-        .unwrap()
-        .base() as usize
-}
-
 fn contents(instance: &Instance) -> Vec<u8> {
     let mut bytes = vec![0xee; instance.memory_size(0).unwrap()];
     instance.read_memory(0, 0, &mut bytes).unwrap();
@@ -60,11 +53,15 @@ fn a_reused_reservation_holds_nothing_of_its_last_tenant() {
     assert_eq!(&contents(&first)[8..19], b"image bytes");
     assert_eq!(first.grow_memory(0, 2).unwrap(), Some(1));
     first.write_memory(0, 0, &vec![0x5a; 3 * PAGE]).unwrap();
-    let reservation = base(&first);
+    let reservation = memory_base(&first);
     drop(first);
 
     let mut second = Instance::new(&plain).unwrap();
-    assert_eq!(base(&second), reservation, "the freed reservation was reused");
+    assert_eq!(
+        memory_base(&second),
+        reservation,
+        "the freed reservation was reused"
+    );
     assert_eq!(
         second.memory_size(0).unwrap(),
         2 * PAGE,
@@ -84,7 +81,7 @@ fn a_reused_reservation_holds_nothing_of_its_last_tenant() {
 
     // The image module gets its image back, and zeros elsewhere.
     let third = Instance::new(&with_image).unwrap();
-    assert_eq!(base(&third), reservation);
+    assert_eq!(memory_base(&third), reservation);
     let bytes = contents(&third);
     assert_eq!(bytes.len(), PAGE);
     assert_eq!(&bytes[8..19], b"image bytes");
@@ -112,7 +109,7 @@ fn the_cache_of_freed_reservations_is_bounded() {
 fn resident(instance: &Instance) -> Option<Vec<std::ops::Range<usize>>> {
     let map = berth_core::sys::page_map()?;
     let mut runs = Vec::new();
-    let base = NonNull::new(base(instance) as *mut u8).unwrap();
+    let base = NonNull::new(memory_base(instance) as *mut u8).unwrap();
     map.written(base, instance.memory_size(0).unwrap(), &mut runs)
         .unwrap();
     Some(runs)

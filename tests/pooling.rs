@@ -8,6 +8,7 @@ use berth_core::{GlobalInit, GlobalType, LimitExceeded, MemoryType, Module, Tabl
 use berth_engine::{
     Config, Engine, Instance, InstanceAllocationStrategy, PoolingConfig, PoolingInstanceAllocator,
 };
+use berth_tests::memory_base;
 
 const PAGE: usize = 65536;
 
@@ -47,14 +48,6 @@ fn module(name: &str, pages: u64) -> Module {
         .unwrap()
 }
 
-fn base(instance: &Instance) -> usize {
-    instance
-        .core()
-        .memory(berth_core::DefinedMemoryIndex::from_u32(0))
-        .unwrap()
-        .base() as usize
-}
-
 #[test]
 fn two_threads_never_share_a_slot_and_leave_nothing_behind() {
     let mut pooling = PoolingConfig::new();
@@ -77,7 +70,7 @@ fn two_threads_never_share_a_slot_and_leave_nothing_behind() {
             std::thread::spawn(move || {
                 for i in 0..1500u32 {
                     let mut instance = Instance::new(&modules[(i % 2) as usize]).unwrap();
-                    let slot = base(&instance);
+                    let slot = memory_base(&instance);
                     assert!(
                         owners.lock().unwrap().insert(slot),
                         "slot {slot:#x} handed out twice"
@@ -121,15 +114,15 @@ fn a_module_gets_its_own_slot_back_and_others_take_cold_ones() {
     let (engine, _) = pool(&pooling);
     let a = engine.load(module("a", 1)).unwrap();
     let b = engine.load(module("b", 1)).unwrap();
-    let slot_a = base(&Instance::new(&a).unwrap());
-    let slot_b = base(&Instance::new(&b).unwrap());
+    let slot_a = memory_base(&Instance::new(&a).unwrap());
+    let slot_b = memory_base(&Instance::new(&b).unwrap());
     assert_ne!(slot_a, slot_b, "b took a cold slot rather than a's warm one");
     assert_eq!(
-        base(&Instance::new(&a).unwrap()),
+        memory_base(&Instance::new(&a).unwrap()),
         slot_a,
         "a got its warm slot back"
     );
-    assert_eq!(base(&Instance::new(&b).unwrap()), slot_b);
+    assert_eq!(memory_base(&Instance::new(&b).unwrap()), slot_b);
     assert_eq!(engine.stats().warm_slots, 2);
 }
 
@@ -149,12 +142,12 @@ fn a_module_whose_slot_waits_for_a_decommit_batch_gets_it_back_rather_than_steal
     let b = engine.load(module("b", 1)).unwrap();
     let mut first = Instance::new(&a).unwrap();
     first.write_memory(0, 0, &[7; 8]).unwrap();
-    let slot_a = base(&first);
+    let slot_a = memory_base(&first);
     let others: Vec<Instance> = (1..n).map(|_| Instance::new(&b).unwrap()).collect();
     drop(first);
     drop(others);
     let again = Instance::new(&a).unwrap();
-    assert_eq!(base(&again), slot_a, "a took another module's warm slot");
+    assert_eq!(memory_base(&again), slot_a, "a took another module's warm slot");
     let mut buf = [1u8; 8];
     again.read_memory(0, 0, &mut buf).unwrap();
     assert_eq!(
@@ -189,7 +182,7 @@ fn a_new_slot_inherits_what_scans_learned_about_its_module() {
     // Two at once: the second takes a slot `a` never used.
     let first = Instance::new(&a).unwrap();
     let second = Instance::new(&a).unwrap();
-    assert_ne!(base(&first), base(&second));
+    assert_ne!(memory_base(&first), memory_base(&second));
     let before = engine.stats().decommits;
     drop(second);
     assert_eq!(
@@ -233,7 +226,7 @@ fn keep_resident_resets_by_memset_without_decommits() {
     // A tenant that grows past keep_resident costs one decommit (queued until its batch
     // runs), and its growth is undone.
     let mut instance = Instance::new(&a).unwrap();
-    let slot = base(&instance);
+    let slot = memory_base(&instance);
     instance.grow_memory(0, 2).unwrap();
     instance.write_memory(0, 2 * PAGE as u64, &[9; 16]).unwrap();
     drop(instance);
@@ -241,7 +234,7 @@ fn keep_resident_resets_by_memset_without_decommits() {
     assert!(allocator.flush_decommits());
     assert_eq!(engine.stats().decommits, 1);
     let instance = Instance::new(&a).unwrap();
-    assert_eq!(base(&instance), slot, "the warm slot again");
+    assert_eq!(memory_base(&instance), slot, "the warm slot again");
     assert_eq!(instance.memory_size(0).unwrap(), PAGE);
 }
 
@@ -251,13 +244,13 @@ fn a_slot_whose_reset_failed_is_remapped_before_reuse() {
     let (engine, allocator) = pool(&pooling);
     let a = engine.load(module("a", 2)).unwrap();
     let mut tenant = Instance::new(&a).unwrap();
-    let slot = base(&tenant);
+    let slot = memory_base(&tenant);
     tenant.write_memory(0, 0, &[0xAB; 4096]).unwrap();
     tenant.write_memory(0, PAGE as u64 + 100, &[0xCD; 100]).unwrap();
     allocator.fail_next_resets(1);
     drop(tenant);
     let next = Instance::new(&a).unwrap();
-    assert_eq!(base(&next), slot, "the only slot is reused");
+    assert_eq!(memory_base(&next), slot, "the only slot is reused");
     let mut bytes = vec![0xffu8; 2 * PAGE];
     next.read_memory(0, 0, &mut bytes).unwrap();
     assert!(
