@@ -165,7 +165,11 @@ impl Memory {
             // into it is live.
             unsafe { sys::replace_with_zeros(base, accessible) }.is_ok()
         } else {
-            mmap.decommit(layout.pre_guard, accessible).is_ok()
+            let start = mmap.as_ptr().addr() + layout.pre_guard;
+            // SAFETY: `start..start + accessible` is page-aligned inside our own private
+            // anonymous mapping, and `self` is consumed, so no reference into it is live.
+            // Through `decommit_all`, this zap takes its turn with the process's others.
+            unsafe { sys::decommit_all(&[start..start + accessible]) }.is_ok()
         };
         if !reset {
             return None;
