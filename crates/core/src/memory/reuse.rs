@@ -166,10 +166,11 @@ impl Memory {
             unsafe { sys::replace_with_zeros(base, accessible) }.is_ok()
         } else {
             let start = mmap.as_ptr().addr() + layout.pre_guard;
-            // SAFETY: `start..start + accessible` is page-aligned inside our own private
-            // anonymous mapping, and `self` is consumed, so no reference into it is live.
-            // Through `decommit_all`, this zap takes its turn with the process's others.
-            unsafe { sys::decommit_all(&[start..start + accessible]) }.is_ok()
+            let range = start..start + accessible;
+            // SAFETY: `range` is page-aligned inside our own private anonymous mapping, and
+            // `self` is consumed, so no reference into it is live. Through `decommit_all`, this
+            // zap takes its turn with the process's others.
+            unsafe { sys::decommit_all(std::slice::from_ref(&range)) }.is_ok()
         };
         if !reset {
             return None;
