@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use berth_core::{
     DefinedMemoryIndex, Memory, MemoryAllocationIndex, ModuleId, Reservation, ReservationLayout,
@@ -31,7 +30,6 @@ const SCAN_BIT: u32 = 1 << 31;
 pub(crate) struct Reservations {
     capacity: usize,
     free: Mutex<Vec<Reservation>>,
-    bytes: AtomicU64,
 }
 
 impl Reservations {
@@ -53,9 +51,7 @@ impl Reservations {
         }
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         let at = free.iter().rposition(|r| r.layout() == layout)?;
-        let taken = free.swap_remove(at);
-        self.bytes.fetch_sub(taken.len() as u64, Ordering::Relaxed);
-        Some(taken)
+        Some(free.swap_remove(at))
     }
 
     /// Keeps `memory`'s reservation, its contents discarded; when full, the oldest kept one
@@ -70,11 +66,7 @@ impl Reservations {
         };
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         let evicted = (free.len() >= self.capacity).then(|| free.remove(0));
-        self.bytes.fetch_add(reservation.len() as u64, Ordering::Relaxed);
         free.push(reservation);
-        if let Some(evicted) = &evicted {
-            self.bytes.fetch_sub(evicted.len() as u64, Ordering::Relaxed);
-        }
         drop(free);
         drop(evicted);
     }
@@ -82,7 +74,8 @@ impl Reservations {
     /// How many are kept, and their bytes.
     pub(crate) fn kept(&self) -> (u64, u64) {
         let free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        (free.len() as u64, self.bytes.load(Ordering::Relaxed))
+        let bytes = free.iter().map(|r| r.len() as u64).sum();
+        (free.len() as u64, bytes)
     }
 }
 

@@ -158,7 +158,8 @@ impl Memory {
             guard: *guard,
         };
         let reset = if had_image {
-            // SAFETY: the pre-guard lies inside our own mapping.
+            // SAFETY: `pre_guard <= mmap.len()` (the mapping is pre-guard, capacity, guard), so
+            // the offset stays within our mapping, whose address is not null.
             let base = unsafe { NonNull::new_unchecked(mmap.as_mut_ptr().add(layout.pre_guard)) };
             // SAFETY: `base..base + accessible` lies inside our own page-aligned mapping (the
             // accessible bytes never pass the capacity), and `self` is consumed, so no reference
