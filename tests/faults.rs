@@ -7,7 +7,9 @@
 use berth_core::{MemoryType, Module};
 use std::sync::Arc;
 
-use berth_engine::{Config, Engine, Instance, InstanceAllocationStrategy, OnDemandInstanceAllocator};
+use berth_engine::{
+    Config, Engine, Instance, InstanceAllocationStrategy, OnDemandInstanceAllocator, PoolingConfig,
+};
 use berth_tests::{ChildEnd, in_child, touch};
 
 const PAGE: usize = 65536;
@@ -92,6 +94,49 @@ fn in_a_reused_reservation_the_bytes_past_the_new_size_fault() {
             // SAFETY: in a child; the last byte is in bounds.
             unsafe { touch(base.add(size - 1)) };
             // SAFETY: in a child; a fault is the expected outcome (the last tenant's third page).
+            unsafe { touch(base.add(size)) };
+        },
+    );
+    assert_eq!(end, ChildEnd::Faulted);
+}
+
+#[test]
+fn in_a_pool_slot_pushed_out_of_the_warm_set_the_bytes_past_the_next_size_fault() {
+    let end = in_child(
+        "in_a_pool_slot_pushed_out_of_the_warm_set_the_bytes_past_the_next_size_fault",
+        || {
+            let mut pooling = PoolingConfig::new();
+            // No warm slots: a slot given back turns cold at once, keeping its accessible size.
+            pooling
+                .total_memories(1)
+                .max_memory_size(1 << 20)
+                .max_unused_warm_slots(0)
+                .decommit_batch_size(1);
+            let mut config = Config::new();
+            config
+                .memory_reservation(1 << 20)
+                .memory_reservation_for_growth(0)
+                .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+            let engine = Engine::new(&config).unwrap();
+            let load = |pages| {
+                engine
+                    .load(
+                        Module::builder()
+                            .memory(MemoryType::new(pages, None))
+                            .build()
+                            .unwrap(),
+                    )
+                    .unwrap()
+            };
+            let (wide, narrow) = (load(3), load(1));
+            let (old_base, _) = memory0(&Instance::new(&wide).unwrap());
+            assert_eq!(engine.stats().warm_slots, 0);
+            let next = Instance::new(&narrow).unwrap();
+            let (base, size) = memory0(&next);
+            assert_eq!((base, size), (old_base, PAGE), "the one slot is reused");
+            // SAFETY: in a child; the last byte is in bounds.
+            unsafe { touch(base.add(size - 1)) };
+            // SAFETY: in a child; a fault is the expected outcome (the last tenant's second page).
             unsafe { touch(base.add(size)) };
         },
     );

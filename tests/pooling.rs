@@ -413,3 +413,95 @@ fn the_instance_limit_stays_exact_when_instances_are_dropped_on_another_thread()
     assert_eq!(engine.stats().live_instances, 5);
     drop(again);
 }
+
+#[test]
+fn one_thread_keeps_the_whole_warm_cap_whatever_the_shards() {
+    // The cap is the pool's, not a shard's: a thread working alone may keep all of it warm.
+    let mut pooling = slots(16);
+    pooling.max_unused_warm_slots(4).decommit_batch_size(1);
+    let (engine, _) = pool(&pooling);
+    let modules: Vec<_> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|name| engine.load(module(name, 1)).unwrap())
+        .collect();
+    let bases: Vec<usize> = modules
+        .iter()
+        .map(|m| memory_base(&Instance::new(m).unwrap()))
+        .collect();
+    assert_eq!(engine.stats().warm_slots, 4);
+    for (m, base) in modules.iter().zip(&bases) {
+        assert_eq!(
+            memory_base(&Instance::new(m).unwrap()),
+            *base,
+            "a module lost its warm slot"
+        );
+    }
+}
+
+#[test]
+fn a_thread_gets_its_share_of_the_warm_cap_back_from_one_that_kept_it_all() {
+    let mut pooling = slots(16);
+    pooling.max_unused_warm_slots(4).decommit_batch_size(1);
+    let (engine, _) = pool(&pooling);
+    let load = |name| engine.load(module(name, 1)).unwrap();
+    let first: Vec<_> = ["a", "b", "c", "d"].into_iter().map(load).collect();
+    let bases: Vec<usize> = std::thread::scope(|s| {
+        s.spawn(|| {
+            first
+                .iter()
+                .map(|m| memory_base(&Instance::new(m).unwrap()))
+                .collect()
+        })
+        .join()
+        .unwrap()
+    });
+    let second = [load("e"), load("f")];
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..3 {
+                for m in &second {
+                    drop(Instance::new(m).unwrap());
+                }
+            }
+        });
+    });
+    assert_eq!(engine.stats().warm_slots, 4, "the cap holds across threads");
+    // The least recently used slots (a's and b's) made room; c and d kept theirs.
+    for (m, base) in first.iter().zip(&bases).skip(2) {
+        assert_eq!(memory_base(&Instance::new(m).unwrap()), *base);
+    }
+}
+
+#[test]
+fn a_slot_pushed_out_of_the_warm_set_shows_nothing_to_its_next_tenant() {
+    // No warm slots: every slot turns cold when given back, keeping its accessible size but
+    // none of its resident pages.
+    let mut pooling = slots(4);
+    pooling
+        .max_unused_warm_slots(0)
+        .linear_memory_keep_resident(PAGE)
+        .table_keep_resident(0)
+        .decommit_batch_size(1);
+    let (engine, _) = pool(&pooling);
+    let a = engine.load(module("a", 2)).unwrap();
+    let b = engine.load(module("b", 1)).unwrap();
+    let mut first = Instance::new(&a).unwrap();
+    let base = memory_base(&first);
+    first.write_memory(0, 0, &[7; 2 * PAGE]).unwrap();
+    drop(first);
+    assert_eq!(engine.stats().warm_slots, 0);
+    assert_eq!(
+        engine.stats().idle_resident_bytes,
+        0,
+        "the cold slot keeps no page"
+    );
+    let next = Instance::new(&b).unwrap();
+    assert_eq!(memory_base(&next), base, "the cold slot is reused");
+    assert_eq!(next.memory_size(0).unwrap(), PAGE);
+    let mut bytes = vec![1u8; PAGE];
+    next.read_memory(0, 0, &mut bytes).unwrap();
+    assert!(
+        bytes.iter().all(|&b| b == 0),
+        "a byte of the last tenant is visible"
+    );
+}

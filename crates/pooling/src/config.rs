@@ -34,16 +34,17 @@ pub struct PoolingConfig {
     /// module over it is rejected at load, with the vmctx's region breakdown.
     pub max_core_instance_size: usize,
     /// Idle slots that keep their last tenant's reset state (resident pages, the module's
-    /// accessible size) for a quick reuse by the same module. Default 100. Past it, the
-    /// least recently used idle slot is given back to the kernel.
+    /// accessible size) for a quick reuse by the same module. Default 100, for the whole pool:
+    /// each shard may keep its share, and more while the others leave theirs unused. Past it,
+    /// the least recently used idle slot gives its pages back to the kernel.
     pub max_unused_warm_slots: u32,
     /// Ranges a shard collects before giving them back to the kernel in one system call
     /// (`process_madvise`, one `madvise` each on kernels before 6.13). Default 16; 1 decommits
     /// at once. A reset zeroes what it keeps at deallocation; a slot with pages left to
     /// decommit is not reused before its batch runs (an exhausted pool runs the queues and
     /// retries). Batching saves a system call and, with other threads running, a TLB shootdown
-    /// per reset; keep it well below each shard's share of `max_unused_warm_slots`, or held
-    /// slots push warm ones out.
+    /// per reset; keep it well below `max_unused_warm_slots`, or held slots push warm ones
+    /// out.
     pub decommit_batch_size: usize,
     /// Bytes at the start of each memory slot kept resident between tenants: reset by
     /// zeroing (only the pages a tenant left non-zero) instead of `madvise`, so the next tenant

@@ -20,6 +20,7 @@ mod memory_pool;
 mod shard;
 mod slots;
 mod table_pool;
+mod warm;
 
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ pub use layout::PoolLayout;
 use memory_pool::{MemoryPool, MemoryReset, SlotInfo};
 use shard::{Reset, Shard};
 use table_pool::{TablePool, TableReset};
+use warm::WarmBudget;
 
 /// The pooling backend. Build one per engine; share it with an `Arc`.
 #[derive(Debug)]
@@ -48,6 +50,8 @@ pub struct PoolingInstanceAllocator {
     layout: PoolLayout,
     /// Dropped before the mappings their slots live in.
     shards: Box<[Shard]>,
+    /// The cap on warm memory slots, shared by the shards.
+    warm: Arc<WarmBudget>,
     memory_chunk: u32,
     table_chunk: u32,
     fail_resets: AtomicU32,
@@ -84,7 +88,7 @@ impl PoolingInstanceAllocator {
         let count = u32::try_from(shards).unwrap_or(1);
         let memory_chunk = shard::chunk(config.total_memories, shards);
         let table_chunk = shard::chunk(config.total_tables, shards);
-        let warm = config.max_unused_warm_slots;
+        let warm = Arc::new(WarmBudget::new(config.max_unused_warm_slots as usize, shards));
         let shards: Box<[Shard]> = (0..shards)
             .map(|i| {
                 let i32 = u32::try_from(i).unwrap_or(u32::MAX);
@@ -98,7 +102,8 @@ impl PoolingInstanceAllocator {
                         &layout,
                         memory_base,
                         range(memory_chunk, config.total_memories),
-                        share(warm),
+                        warm.clone(),
+                        i,
                         config.pagemap_scan,
                     ),
                     TablePool::new(&layout, table_base, range(table_chunk, config.total_tables)),
@@ -112,6 +117,7 @@ impl PoolingInstanceAllocator {
             tunables: *tunables,
             layout,
             shards,
+            warm,
             memory_chunk,
             table_chunk,
             fail_resets: AtomicU32::new(0),
@@ -144,7 +150,19 @@ impl PoolingInstanceAllocator {
         for shard in &*self.shards {
             any |= shard.flush();
         }
+        self.rebalance_warm();
         any
+    }
+
+    /// While the shards keep more warm slots than the cap (one grew within its share while
+    /// another kept more than its own), has the borrowing shards give their least recently
+    /// used ones back.
+    fn rebalance_warm(&self) {
+        while self.warm.over() {
+            if !self.shards.iter().any(|shard| shard.memories.give_back()) {
+                return;
+            }
+        }
     }
 
     /// Instances allocated and not yet deallocated.
@@ -193,11 +211,19 @@ impl PoolingInstanceAllocator {
         }
     }
 
-    /// Takes a memory slot for `key`. Before a shard hands out another module's warm slot, it
-    /// runs its queued decommits: the slots they hold may be this module's own, and a batch
-    /// run early costs less than a slot that must be set up again (and that its module will
-    /// miss in turn).
+    /// Takes a memory slot for `key`: the module's own warm slot or a cold one, from this
+    /// thread's shard or another (a module instantiated from several threads keeps its slots
+    /// wherever they are). Only then does a shard hand out another module's warm slot, and
+    /// before that it runs its queued decommits: the slots they hold may be this module's own,
+    /// and a batch run early costs less than a slot that must be set up again (and that its
+    /// module will miss in turn).
     fn take_memory(&self, key: memory_pool::MemoryKey) -> Result<(u32, SlotInfo)> {
+        let n = self.shards.len();
+        let home = shard::home(n);
+        let own_or_cold = (0..n).find_map(|i| self.shards[(home + i) % n].memories.take(key, false));
+        if let Some(taken) = own_or_cold {
+            return Ok(taken);
+        }
         let take = |shard: &Shard| {
             shard
                 .memories
@@ -367,6 +393,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         let shard = self.memory_shard(reset.slot);
         shard.live_memories.fetch_sub(1, Ordering::Relaxed);
         shard.release(Reset::Memory(reset), &self.fail_resets);
+        self.rebalance_warm();
     }
 
     unsafe fn allocate_table(

@@ -27,6 +27,7 @@ use berth_core::{DefinedMemoryIndex, MemoryImage, ModuleId, sys};
 use crate::layout::PoolLayout;
 use crate::shard::Decommits;
 use crate::slots::{Choice, FastMap, SlotAllocator, SlotId};
+use crate::warm::WarmBudget;
 
 /// Which module's memory last used a slot.
 pub(crate) type MemoryKey = (ModuleId, DefinedMemoryIndex);
@@ -58,8 +59,20 @@ pub(crate) struct History {
 
 /// Clean scans after which a slot's resets stop scanning (and decommit blindly instead).
 const CLEAN_SCANS_BEFORE_BLIND: u8 = 4;
-/// While blind, one reset in this many scans again, to notice tenants that start writing.
+/// While blind, one reset in this many scans again, to notice tenants that start writing;
+/// each clean rescan doubles the interval, up to [`RESCAN_EVERY_MAX`].
 const RESCAN_EVERY: u8 = 16;
+/// The longest interval between rescans of a slot whose rescans keep finding nothing.
+const RESCAN_EVERY_MAX: u8 = 128;
+
+impl History {
+    /// Whether this reset asks the kernel what was written, rather than decommit blindly.
+    fn scans(&self) -> bool {
+        let rescans = self.clean_scans.saturating_sub(CLEAN_SCANS_BEFORE_BLIND).min(3);
+        let every = (RESCAN_EVERY << rescans).min(RESCAN_EVERY_MAX);
+        self.clean_scans < CLEAN_SCANS_BEFORE_BLIND || self.blind_resets >= every
+    }
+}
 
 /// A slot taken back from a tenant, to be reset.
 #[derive(Debug, Clone)]
@@ -105,6 +118,9 @@ pub(crate) struct MemoryPool {
     len: u32,
     layout: PoolLayout,
     use_page_map: bool,
+    /// The pool-wide cap on warm slots, and this shard's number in it.
+    budget: Arc<WarmBudget>,
+    shard: usize,
     state: Mutex<State>,
 }
 
@@ -115,13 +131,14 @@ unsafe impl Send for MemoryPool {}
 unsafe impl Sync for MemoryPool {}
 
 impl MemoryPool {
-    /// A shard of the pool holding slots `slots` of the reservation whose slot 0 is at
-    /// `first_slot`.
+    /// Shard `shard` of the pool, holding slots `slots` of the reservation whose slot 0 is at
+    /// `first_slot`, keeping warm what `budget` allows it.
     pub fn new(
         layout: &PoolLayout,
         first_slot: NonNull<u8>,
         slots: std::ops::Range<SlotId>,
-        max_warm: u32,
+        budget: Arc<WarmBudget>,
+        shard: usize,
         use_page_map: bool,
     ) -> MemoryPool {
         let len = slots.end - slots.start;
@@ -132,7 +149,7 @@ impl MemoryPool {
             layout: layout.clone(),
             use_page_map,
             state: Mutex::new(State {
-                slots: SlotAllocator::new(len, max_warm as usize),
+                slots: SlotAllocator::new(len, budget.share(shard)),
                 info: vec![SlotInfo::default(); len as usize],
                 owner: vec![None; len as usize],
                 orphaned: vec![false; len as usize],
@@ -140,6 +157,8 @@ impl MemoryPool {
                 clean_streak: FastMap::default(),
                 idle_resident: 0,
             }),
+            budget,
+            shard,
         }
     }
 
@@ -165,10 +184,15 @@ impl MemoryPool {
     /// take another module's warm slot.
     pub fn take(&self, key: MemoryKey, steal: bool) -> Option<(SlotId, SlotInfo)> {
         let mut state = self.lock();
+        let before = state.slots.warm();
+        state.slots.set_max_warm(self.budget.allowed(self.shard, before));
         if !steal && state.slots.would_steal(Some(key)) {
             return None;
         }
         let (local, choice) = state.slots.alloc(Some(key))?;
+        if choice != Choice::Cold {
+            self.budget.publish(self.shard, before, state.slots.warm());
+        }
         let index = local as usize;
         if choice != Choice::Affine {
             let streak = state.clean_streak.get(&key).copied().unwrap_or(0);
@@ -237,10 +261,11 @@ impl MemoryPool {
     /// Brings `accessible` bytes at `base` back to zeros (and the image's bytes): the kept
     /// resident prefix by zeroing, the image by decommitting (its pages come back from the file),
     /// and the rest by what the kernel says was written (`PAGEMAP_SCAN`), or, once scans keep
-    /// finding nothing, by decommitting it all without asking (one scan in [`RESCAN_EVERY`]
-    /// notices tenants that start writing). Written kept pages join the resident prefix, so a
-    /// module whose tenants write them pays a `memset`, never a page fault. Returns the new
-    /// resident prefix and what is left to decommit.
+    /// finding nothing, by decommitting it all without asking (a scan every [`RESCAN_EVERY`]
+    /// resets, less often while those find nothing, notices tenants that start writing).
+    /// Written kept pages join the resident prefix, so a module whose tenants write them pays a
+    /// `memset`, never a page fault. Returns the new resident prefix and what is left to
+    /// decommit.
     fn reset_pages(
         &self,
         base: NonNull<u8>,
@@ -258,9 +283,7 @@ impl MemoryPool {
         }
         let unknown = known..accessible;
         let map = sys::page_map().filter(|_| self.use_page_map);
-        let scan = map.filter(|_| {
-            history.clean_scans < CLEAN_SCANS_BEFORE_BLIND || history.blind_resets >= RESCAN_EVERY
-        });
+        let scan = map.filter(|_| history.scans());
         let mut written = Vec::new();
         let scanned = !unknown.is_empty()
             && scan.is_some_and(|map| {
@@ -346,8 +369,8 @@ impl MemoryPool {
         }
     }
 
-    /// Returns a reset slot to the allocator, warm for the key it was handed out for. A slot pushed out of the warm
-    /// set gives its pages back to the kernel here.
+    /// Returns a reset slot to the allocator, warm for the key it was handed out for. A slot
+    /// pushed out of the warm set gives its pages back to the kernel here.
     pub fn finish(&self, slot: SlotId, info: SlotInfo) {
         let index = self.local(slot);
         let local = slot - self.first;
@@ -372,23 +395,63 @@ impl MemoryPool {
         if state.clean_streak.get(&key) != Some(&streak) {
             state.clean_streak.insert(key, streak);
         }
+        let before = state.slots.warm();
+        state.slots.set_max_warm(self.budget.allowed(self.shard, before));
         if let Some((evicted, _)) = state.slots.free(local, key) {
             self.make_cold(&mut state, self.first + evicted);
         }
+        self.budget.publish(self.shard, before, state.slots.warm());
     }
 
-    /// Gives a slot that just turned cold back to the kernel: one fresh `PROT_NONE` mapping
-    /// over its reservation drops its resident pages and its image. Runs under the lock: a
+    /// If this shard keeps more warm slots than its share, turns its least recently used one
+    /// cold (for a shard that needs its share back). Returns whether it did.
+    pub fn give_back(&self) -> bool {
+        let mut state = self.lock();
+        if !self.budget.is_borrowing(self.shard) {
+            return false;
+        }
+        let before = state.slots.warm();
+        let Some((evicted, _)) = state.slots.evict() else {
+            return false;
+        };
+        self.make_cold(&mut state, self.first + evicted);
+        self.budget.publish(self.shard, before, state.slots.warm());
+        true
+    }
+
+    /// Gives what a slot that just turned cold holds back to the kernel: its resident pages
+    /// (one decommit of the kept prefix, none if its tenants wrote nothing), or, if it holds an
+    /// image, its whole reservation (one fresh `PROT_NONE` mapping, which also unmaps the image).
+    /// The accessible size of a slot without an image stays: it reads as zeros, and the next
+    /// tenant, of any module, adjusts it as it would a stolen slot's. Runs under the lock: a
     /// cold slot can be handed out as soon as the lock is released.
     fn make_cold(&self, state: &mut State, slot: SlotId) {
         let index = self.local(slot);
         let info = std::mem::take(&mut state.info[index]);
         state.idle_resident -= info.history.resident;
+        state.history[index] = History::default();
+        let base = self.slot_base(slot);
+        if info.image.is_none() && !info.needs_remap {
+            let resident = info.history.resident;
+            let start = base.as_ptr().addr();
+            let range = start..start + resident;
+            let decommitted = resident == 0
+                // SAFETY: the slot is idle and the lock is held, so no one else touches it;
+                // its resident prefix is page-aligned and inside its reservation, in the
+                // pool's private mapping.
+                || unsafe { sys::decommit_all(std::slice::from_ref(&range)) }.is_ok();
+            if decommitted {
+                state.info[index] = SlotInfo {
+                    accessible: info.accessible,
+                    ..SlotInfo::default()
+                };
+                return;
+            }
+        }
         let len = self.layout.memory_reservation;
         // SAFETY: the slot is idle and the lock is held, so no one else touches it; its
         // reservation is inside the pool's mapping.
-        let ok = unsafe { sys::reset_to_reserved(self.slot_base(slot), len) }.is_ok();
-        state.history[index] = History::default();
+        let ok = unsafe { sys::reset_to_reserved(base, len) }.is_ok();
         state.info[index] = SlotInfo {
             needs_remap: !ok,
             ..SlotInfo::default()
@@ -405,11 +468,13 @@ impl MemoryPool {
             .copied()
             .collect();
         state.clean_streak.retain(|(m, _), _| *m != module);
+        let before = state.slots.warm();
         for key in keys {
             for local in state.slots.purge(key) {
                 self.make_cold(&mut state, self.first + local);
             }
         }
+        self.budget.publish(self.shard, before, state.slots.warm());
         // Slots of this module that are not idle (still queued for their reset) go cold when
         // they come back.
         for local in 0..self.len {

@@ -2,8 +2,8 @@
 //! under their cap, else the least recently used warm slot.
 //!
 //! A slot is *used* (handed out), *warm* (idle, keeping what its last tenant left after the
-//! reset: its accessible size, resident pages, later its image) or *cold* (idle, holding
-//! nothing). Warm slots sit in two structures at once: an LRU list of all warm slots, and a
+//! reset: its accessible size, resident pages, its image) or *cold* (idle, kept for no key:
+//! the pool gave its resident pages back). Warm slots sit in two structures at once: an LRU list of all warm slots, and a
 //! list per affinity key (module and memory index), so both "a slot this module used" and "the
 //! least recently used slot" are found without a search, and a slot is unlinked from either in
 //! O(1) (each slot knows its position in its key's list).
@@ -46,7 +46,7 @@ pub type SlotId = u32;
 pub enum Choice<K> {
     /// It was last used by the same key: nothing of its state needs to change.
     Affine,
-    /// It was never used (or was given back to the kernel).
+    /// It was never used, or was pushed out of the warm set (its pages given back).
     Cold,
     /// It was the least recently used warm slot, last used by this other key.
     Stolen(K),
@@ -166,7 +166,18 @@ impl<K: Copy + Eq + Hash> SlotAllocator<K> {
         if self.warm <= self.max_warm {
             return None;
         }
-        let evicted = self.lru_head.expect("over the cap means a warm slot exists");
+        self.evict()
+    }
+
+    /// Changes the cap on warm slots, for the next [`alloc`](Self::alloc) and
+    /// [`free`](Self::free) (warm slots over a lowered cap stay until freed or evicted).
+    pub fn set_max_warm(&mut self, max_warm: usize) {
+        self.max_warm = max_warm;
+    }
+
+    /// Turns the least recently used warm slot cold and returns it with its key, if any.
+    pub fn evict(&mut self) -> Option<(SlotId, K)> {
+        let evicted = self.lru_head?;
         let State::Warm { key: evicted_key, .. } = self.states[evicted as usize] else {
             unreachable!("the LRU list holds only warm slots")
         };
