@@ -150,7 +150,11 @@ fn main() -> Result<()> {
             .into_iter()
             .find(|w| w.name == "untouched")
             .expect("untouched exists");
-        let systems = [systems::pooled(false)?, systems::pooled(true)?];
+        let systems = [
+            systems::pooled(false)?,
+            systems::pooled(true)?,
+            systems::control(),
+        ];
         let mut runs = vec![(Vec::new(), Vec::new(), Vec::new()); systems.len()];
         for _ in 0..args.thread_rounds.max(1) {
             for (system, (ones, twos, ratios)) in systems.iter().zip(&mut runs) {

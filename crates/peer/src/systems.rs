@@ -119,3 +119,23 @@ pub fn pooled(berth: bool) -> Result<System> {
         wasmtime_system("wasmtime pooling", Some(false))
     }
 }
+
+/// Not an allocator: a user-space loop of about the length of a pooled cycle (a 2 KiB heap
+/// block zeroed, filled, summed and freed), sharing nothing between threads. Its two-thread
+/// ratio is what this machine gives a workload with no contention at all, in the same run.
+pub fn control() -> System {
+    System {
+        name: "control: user-space loop, nothing shared",
+        prepare: Box::new(|_: &Workload| -> Result<Cycle> {
+            let mut seed = 1u64;
+            Ok(Box::new(move || {
+                let mut block = vec![0u64; 256];
+                for (i, word) in block.iter_mut().enumerate() {
+                    *word = seed.wrapping_mul(i as u64 + 1);
+                }
+                seed = std::hint::black_box(block.iter().fold(0, |a, &w| a ^ w)) | 1;
+                Ok(())
+            }))
+        }),
+    }
+}
