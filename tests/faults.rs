@@ -8,7 +8,8 @@ use berth_core::{MemoryType, Module};
 use std::sync::Arc;
 
 use berth_engine::{
-    Config, Engine, Instance, InstanceAllocationStrategy, OnDemandInstanceAllocator, PoolingConfig,
+    Config, Engine, Instance, InstanceAllocationStrategy, LoadedModule, OnDemandInstanceAllocator,
+    PoolingConfig,
 };
 use berth_tests::{ChildEnd, in_child, touch};
 
@@ -20,6 +21,18 @@ fn instance(config: &Config, ty: MemoryType) -> Instance {
         .load(Module::builder().memory(ty).build().unwrap())
         .unwrap();
     Instance::new(&module).unwrap()
+}
+
+/// A module with one memory of `pages` pages, loaded into `engine`.
+fn memory_module(engine: &Engine, pages: u64) -> LoadedModule {
+    engine
+        .load(
+            Module::builder()
+                .memory(MemoryType::new(pages, None))
+                .build()
+                .unwrap(),
+        )
+        .unwrap()
 }
 
 /// Base and size of memory 0.
@@ -74,16 +87,7 @@ fn in_a_reused_reservation_the_bytes_past_the_new_size_fault() {
         "in_a_reused_reservation_the_bytes_past_the_new_size_fault",
         || {
             let engine = Engine::new(&Config::new()).unwrap();
-            let load = |pages| {
-                engine
-                    .load(
-                        Module::builder()
-                            .memory(MemoryType::new(pages, None))
-                            .build()
-                            .unwrap(),
-                    )
-                    .unwrap()
-            };
+            let load = |pages| memory_module(&engine, pages);
             let mut grown = Instance::new(&load(1)).unwrap();
             assert_eq!(grown.grow_memory(0, 3).unwrap(), Some(1));
             let (old_base, _) = memory0(&grown);
@@ -118,16 +122,7 @@ fn in_a_pool_slot_pushed_out_of_the_warm_set_the_bytes_past_the_next_size_fault(
                 .memory_reservation_for_growth(0)
                 .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
             let engine = Engine::new(&config).unwrap();
-            let load = |pages| {
-                engine
-                    .load(
-                        Module::builder()
-                            .memory(MemoryType::new(pages, None))
-                            .build()
-                            .unwrap(),
-                    )
-                    .unwrap()
-            };
+            let load = |pages| memory_module(&engine, pages);
             let (wide, narrow) = (load(3), load(1));
             let (old_base, _) = memory0(&Instance::new(&wide).unwrap());
             assert_eq!(engine.stats().warm_slots, 0);
