@@ -184,14 +184,14 @@ impl MemoryPool {
     /// take another module's warm slot.
     pub fn take(&self, key: MemoryKey, steal: bool) -> Option<(SlotId, SlotInfo)> {
         let mut state = self.lock();
-        let before = state.slots.warm();
-        state.slots.set_max_warm(self.budget.allowed(self.shard, before));
+        let warm = state.slots.warm();
+        state.slots.set_max_warm(self.budget.allowed(self.shard, warm));
         if !steal && state.slots.would_steal(Some(key)) {
             return None;
         }
         let (local, choice) = state.slots.alloc(Some(key))?;
         if choice != Choice::Cold {
-            self.budget.publish(self.shard, before, state.slots.warm());
+            self.budget.publish(self.shard, state.slots.warm());
         }
         let index = local as usize;
         if choice != Choice::Affine {
@@ -395,12 +395,12 @@ impl MemoryPool {
         if state.clean_streak.get(&key) != Some(&streak) {
             state.clean_streak.insert(key, streak);
         }
-        let before = state.slots.warm();
-        state.slots.set_max_warm(self.budget.allowed(self.shard, before));
+        let warm = state.slots.warm();
+        state.slots.set_max_warm(self.budget.allowed(self.shard, warm));
         if let Some((evicted, _)) = state.slots.free(local, key) {
             self.make_cold(&mut state, self.first + evicted);
         }
-        self.budget.publish(self.shard, before, state.slots.warm());
+        self.budget.publish(self.shard, state.slots.warm());
     }
 
     /// If this shard keeps more warm slots than its share, turns its least recently used one
@@ -410,12 +410,11 @@ impl MemoryPool {
         if !self.budget.is_borrowing(self.shard) {
             return false;
         }
-        let before = state.slots.warm();
         let Some((evicted, _)) = state.slots.evict() else {
             return false;
         };
         self.make_cold(&mut state, self.first + evicted);
-        self.budget.publish(self.shard, before, state.slots.warm());
+        self.budget.publish(self.shard, state.slots.warm());
         true
     }
 
@@ -468,13 +467,12 @@ impl MemoryPool {
             .copied()
             .collect();
         state.clean_streak.retain(|(m, _), _| *m != module);
-        let before = state.slots.warm();
         for key in keys {
             for local in state.slots.purge(key) {
                 self.make_cold(&mut state, self.first + local);
             }
         }
-        self.budget.publish(self.shard, before, state.slots.warm());
+        self.budget.publish(self.shard, state.slots.warm());
         // Slots of this module that are not idle (still queued for their reset) go cold when
         // they come back.
         for local in 0..self.len {

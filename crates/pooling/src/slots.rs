@@ -3,10 +3,10 @@
 //!
 //! A slot is *used* (handed out), *warm* (idle, keeping what its last tenant left after the
 //! reset: its accessible size, resident pages, its image) or *cold* (idle, kept for no key:
-//! the pool gave its resident pages back). Warm slots sit in two structures at once: an LRU list of all warm slots, and a
-//! list per affinity key (module and memory index), so both "a slot this module used" and "the
-//! least recently used slot" are found without a search, and a slot is unlinked from either in
-//! O(1) (each slot knows its position in its key's list).
+//! the pool gave its resident pages back). Warm slots sit in two structures at once: an LRU
+//! list of all warm slots, and a list per affinity key (module and memory index), so both "a
+//! slot this module used" and "the least recently used slot" are found without a search, and a
+//! slot is unlinked from either in O(1) (each slot knows its position in its key's list).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};

@@ -61,9 +61,11 @@ impl WarmBudget {
         share.max(self.cap.saturating_sub(others))
     }
 
-    /// Records that shard `shard` now keeps `warm` warm slots (it kept `before`).
-    pub fn publish(&self, shard: usize, before: usize, warm: usize) {
+    /// Records that shard `shard` now keeps `warm` warm slots. Called by that shard alone,
+    /// under its lock, after every change.
+    pub fn publish(&self, shard: usize, warm: usize) {
         let share = self.shares[shard];
+        let before = self.counts[shard].0.load(Ordering::SeqCst);
         if before <= share && warm > share {
             self.borrowing.fetch_add(1, Ordering::SeqCst);
         }
@@ -100,17 +102,17 @@ mod tests {
         assert_eq!(budget.allowed(0, 3), 5);
         // Past it, it may take what shard 1 leaves unused.
         assert_eq!(budget.allowed(0, 5), 10);
-        budget.publish(0, 5, 9);
+        budget.publish(0, 9);
         assert!(budget.is_borrowing(0));
         assert!(!budget.over());
         // Shard 1 keeps its share anyway: the total passes the cap, and shard 0 must shrink.
         assert_eq!(budget.allowed(1, 4), 5);
-        budget.publish(1, 0, 3);
+        budget.publish(1, 3);
         assert!(budget.over());
         assert_eq!(budget.allowed(0, 9), 7);
-        budget.publish(0, 9, 7);
+        budget.publish(0, 7);
         assert!(!budget.over());
-        budget.publish(0, 7, 5);
+        budget.publish(0, 5);
         assert!(!budget.is_borrowing(0));
         assert_eq!(budget.borrowing.load(Ordering::SeqCst), 0);
     }
