@@ -35,6 +35,7 @@ mod cases;
 mod child;
 mod harness;
 mod modules;
+pub mod page_states;
 mod program;
 
 use std::sync::Arc;

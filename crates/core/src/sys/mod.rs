@@ -1,5 +1,6 @@
-//! The only place Berth makes system calls: through rustix, and through libc for the one call
-//! rustix does not wrap (`process_madvise`, in `decommit`).
+//! The only place Berth makes system calls: through rustix, and through libc for what rustix
+//! does not wrap (`process_madvise` in `decommit`; `MADV_COLLAPSE` and `fork` in `page_state`,
+//! which only tests use).
 //!
 //! Everything else uses [`Mmap`](crate::Mmap) or these few functions. The unsafe ones take a
 //! range the caller must own: changing the protection or contents of memory someone else
@@ -217,6 +218,8 @@ pub unsafe fn map_image(ptr: NonNull<u8>, len: usize, fd: BorrowedFd<'_>) -> io:
 
 mod decommit;
 mod page_map;
+mod page_state;
 
 pub use decommit::decommit_all;
-pub use page_map::{PageMap, page_map};
+pub use page_map::{PageMap, PageState, page_map};
+pub use page_state::{Forked, PageEvent, fork, provoke};

@@ -1,4 +1,23 @@
-//! `PAGEMAP_SCAN`: asking the kernel which pages of a range this process wrote.
+//! `PAGEMAP_SCAN`: asking the kernel which pages of a range may hold what this process wrote.
+//!
+//! A reset may skip a page only where the kernel proves it clean. The kernel holds a page of a
+//! private mapping in one of these states, and [`PageMap::written`] reports every one that is
+//! not proved clean:
+//!
+//! | state | what the page table holds | reported |
+//! | --- | --- | --- |
+//! | never touched, or decommitted | nothing (no entry, or no page table) | no: reads as zeros, or as the file |
+//! | read, never written (anonymous) | the shared zero page | no: reads as zeros |
+//! | read, never written (file) | the file's own page | no: reads as the file (images are sealed) |
+//! | written (a private page, or a private copy of a file page) | a present page | yes |
+//! | written, then pushed to swap by reclaim | a swap entry | yes |
+//! | written, being migrated (compaction, NUMA) | a migration entry | yes |
+//! | written, in a transparent huge page | a present huge entry | yes, all of it |
+//! | anything else the kernel may add (markers, device entries) | a non-present entry | yes |
+//!
+//! So the question asked is "present or swapped (which covers every non-present entry), and
+//! neither the zero page nor a file's page", not "written": whether the kernel calls a page
+//! written is a property of present pages, and asking for it alone missed swapped ones.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -37,10 +56,12 @@ struct PmScanArg {
     return_mask: u64,
 }
 
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
 const PAGE_IS_FILE: u64 = 1 << 2;
 const PAGE_IS_PRESENT: u64 = 1 << 3;
+/// Any non-present, non-empty entry: swapped, under migration, a marker, a device entry.
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
 const PAGE_IS_PFNZERO: u64 = 1 << 5;
+const PAGE_IS_HUGE: u64 = 1 << 6;
 const PAGEMAP_SCAN: rustix::ioctl::Opcode = rustix::ioctl::opcode::read_write::<PmScanArg>(b'f', 16);
 
 /// This process's page map, for asking the kernel which pages were written
@@ -120,15 +141,56 @@ fn open_page_map() -> Option<PageMap> {
     let map = PageMap { file };
     // Probe: a scan of the marker page must work.
     let mut probe = Vec::new();
-    map.scan(marker.addr(), marker.addr() + page_size(), &mut probe)
-        .ok()?;
+    map.scan(
+        marker.addr(),
+        marker.addr() + page_size(),
+        NOT_PROVED_CLEAN,
+        &mut probe,
+    )
+    .ok()?;
     // SAFETY: the marker page is ours and writable.
     unsafe { marker.write_volatile(1) };
     Some(map)
 }
 
+/// Which pages a scan reports, in `PAGEMAP_SCAN`'s terms: a page is reported when, after
+/// flipping the `inverted` categories, it has every category of `all` and, if `any` is not
+/// empty, one of `any`.
+#[derive(Clone, Copy)]
+struct Filter {
+    inverted: u64,
+    all: u64,
+    any: u64,
+}
+
+/// Pages that may hold what this process wrote: present or swapped (every non-present entry),
+/// and neither the shared zero page nor a file's own page.
+const NOT_PROVED_CLEAN: Filter = Filter {
+    inverted: PAGE_IS_PFNZERO | PAGE_IS_FILE,
+    all: PAGE_IS_PFNZERO | PAGE_IS_FILE,
+    any: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+};
+
+/// A state the kernel can hold a page in, for [`PageMap::count`] (tests use it to check that a
+/// change they asked the kernel for took place).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageState {
+    /// Present in memory.
+    Present,
+    /// Not present, but not empty either: in swap, or under migration.
+    Swapped,
+    /// Part of a transparent huge page.
+    Huge,
+}
+
 impl PageMap {
-    fn scan(&self, start: usize, end: usize, out: &mut Vec<std::ops::Range<usize>>) -> io::Result<()> {
+    fn scan(
+        &self,
+        start: usize,
+        end: usize,
+        filter: Filter,
+        out: &mut Vec<std::ops::Range<usize>>,
+    ) -> io::Result<()> {
         let mut regions = [PageRegion::default(); 32];
         let mut from = start;
         while from < end {
@@ -138,10 +200,9 @@ impl PageMap {
                 end: end as u64,
                 vec: regions.as_mut_ptr().addr() as u64,
                 vec_len: regions.len() as u64,
-                // Present pages this process wrote: not the shared zero page, not a file page
-                // still as the file has it.
-                category_inverted: PAGE_IS_PFNZERO | PAGE_IS_FILE,
-                category_mask: PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_PFNZERO | PAGE_IS_FILE,
+                category_inverted: filter.inverted,
+                category_mask: filter.all,
+                category_anyof_mask: filter.any,
                 ..PmScanArg::default()
             };
             // SAFETY: `PAGEMAP_SCAN` takes a `pm_scan_arg`, which `PmScanArg` mirrors; the kernel
@@ -174,9 +235,10 @@ impl PageMap {
         Ok(())
     }
 
-    /// Appends to `out` the runs of pages of `ptr..ptr + len` that hold data this process wrote
-    /// (present, private, not the shared zero page), as offsets from `ptr`. Pages it does not
-    /// report read as the mapping's initial contents (zeros, or the file's bytes).
+    /// Appends to `out` the runs of pages of `ptr..ptr + len` that may hold data this process
+    /// wrote, as offsets from `ptr`: every page the kernel does not prove clean (see the module
+    /// docs), whether present, swapped out, under migration or in a huge page. Pages it does
+    /// not report read as the mapping's initial contents (zeros, or the file's bytes).
     pub fn written(
         &self,
         ptr: NonNull<u8>,
@@ -185,10 +247,30 @@ impl PageMap {
     ) -> io::Result<()> {
         let start = ptr.as_ptr().addr();
         let first = out.len();
-        self.scan(start, start + len, out)?;
+        self.scan(start, start + len, NOT_PROVED_CLEAN, out)?;
         for range in &mut out[first..] {
             *range = range.start - start..range.end - start;
         }
         Ok(())
+    }
+}
+
+impl PageMap {
+    /// How many pages of `ptr..ptr + len` the kernel holds in `state` now.
+    pub fn count(&self, ptr: NonNull<u8>, len: usize, state: PageState) -> io::Result<usize> {
+        let category = match state {
+            PageState::Present => PAGE_IS_PRESENT,
+            PageState::Swapped => PAGE_IS_SWAPPED,
+            PageState::Huge => PAGE_IS_HUGE,
+        };
+        let filter = Filter {
+            inverted: 0,
+            all: category,
+            any: 0,
+        };
+        let start = ptr.as_ptr().addr();
+        let mut runs = Vec::new();
+        self.scan(start, start + len, filter, &mut runs)?;
+        Ok(runs.iter().map(|r| r.len()).sum::<usize>() / page_size())
     }
 }
