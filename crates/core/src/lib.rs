@@ -36,6 +36,7 @@ pub mod sys;
 mod table;
 mod tunables;
 mod types;
+mod units;
 mod vmcontext;
 pub mod vmoffsets;
 
@@ -61,6 +62,7 @@ pub use tunables::{MAX_RESERVATION, Tunables};
 pub use types::{
     GlobalInit, GlobalType, MemoryType, TableElementType, TableType, ValType, WASM_PAGE_SIZE_LOG2,
 };
+pub use units::human_bytes;
 pub use vmcontext::{
     VMContext, VMFunctionImport, VMGlobalDefinition, VMGlobalImport, VMMemoryDefinition, VMMemoryImport,
     VMTableDefinition, VMTableImport,

@@ -5,8 +5,8 @@
 //! slot in O(1), preferring the slot the same module used last (already in the right state:
 //! no system call), and deallocation resets what the tenant could have written before any
 //! other instance can see it. See [`PoolingConfig`] for the knobs and [`PoolLayout`] for what a
-//! configuration costs, and the module docs of `layout`, `memory_pool` and `table_pool` in the
-//! source for the slot layout and the reset policy.
+//! configuration costs, and the module docs in the source: `layout` for the slot layout, `slots`
+//! for a slot's states, `reset` for the reset policy, `decommit` for batched decommits.
 //!
 //! What it will not do: move a memory (a pooled memory grows in its slot up to
 //! `max_memory_size`, then `memory.grow` returns -1), or grow the pools.
@@ -15,30 +15,37 @@
 
 mod check;
 mod config;
+mod decommit;
 mod layout;
 mod memory_pool;
+mod reset;
 mod shard;
+mod slot_bytes;
 mod slots;
 mod table_pool;
+#[cfg(test)]
+mod tests;
 mod warm;
 
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 use berth_core::{
     AllocatorStats, DefinedMemoryIndex, DefinedTableIndex, HostPtr, InstanceAllocationRequest,
-    InstanceAllocatorImpl, LimitExceeded, Memory, MemoryAllocationIndex, MemoryType, Mmap, Module, ModuleId,
-    Table, TableAllocationIndex, TableType, Tunables, VMOffsets, sys,
+    InstanceAllocatorImpl, LimitExceeded, Memory, MemoryAllocationIndex, MemoryImage, MemoryType, Mmap,
+    Module, ModuleId, Table, TableAllocationIndex, TableType, Tunables, VMOffsets, human_bytes, sys,
 };
 
 pub use check::check_module;
 pub use config::PoolingConfig;
 pub use layout::PoolLayout;
 
-use memory_pool::{MemoryPool, MemoryReset, SlotInfo};
-use shard::{Reset, Shard};
+use memory_pool::{Lease, MemoryKey, MemoryPool};
+use reset::MemoryReset;
+use shard::{Release, Shard};
+use slot_bytes::Region;
 use table_pool::{TablePool, TableReset};
 use warm::WarmBudget;
 
@@ -54,7 +61,6 @@ pub struct PoolingInstanceAllocator {
     warm: Arc<WarmBudget>,
     memory_chunk: u32,
     table_chunk: u32,
-    fail_resets: AtomicU32,
     _memory_mapping: Mmap,
     _table_mapping: Mmap,
 }
@@ -81,6 +87,12 @@ impl PoolingInstanceAllocator {
             .ok_or_else(|| anyhow::anyhow!("memory pool mapped at null"))?;
         let table_base = NonNull::new(table_mapping.as_mut_ptr())
             .ok_or_else(|| anyhow::anyhow!("table pool mapped at null"))?;
+        // SAFETY: `memory_slots` strides after the pre-guard are the memory mapping (its size is
+        // computed from exactly that), which the allocator keeps until its shards are dropped;
+        // the pre-guard and the stride are page multiples (`PoolLayout`), as is the mapping.
+        let memories = unsafe { Region::new(memory_base, layout.memory_stride, layout.memory_slots) };
+        // SAFETY: as above, for the table slab of `table_slots` strides.
+        let tables = unsafe { Region::new(table_base, layout.table_stride, layout.table_slots) };
         // One shard per core that can instantiate at once (at most 16).
         let shards = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
@@ -89,7 +101,11 @@ impl PoolingInstanceAllocator {
         let memory_chunk = shard::chunk(config.total_memories, shards);
         let table_chunk = shard::chunk(config.total_tables, shards);
         let warm = Arc::new(WarmBudget::new(config.max_unused_warm_slots as usize, shards));
-        let shards: Box<[Shard]> = (0..shards)
+        let too_big = |knob: &str, slots: u32, bytes: u64| {
+            let bytes = human_bytes(bytes);
+            format!("{knob} of {slots} needs {bytes} of bookkeeping, more than this machine gives")
+        };
+        let shards = (0..shards)
             .map(|i| {
                 let i32 = u32::try_from(i).unwrap_or(u32::MAX);
                 let range = |chunk: u32, total: u32| {
@@ -97,21 +113,31 @@ impl PoolingInstanceAllocator {
                     start..chunk.saturating_mul(i32 + 1).min(total)
                 };
                 let share = |total: u32| total / count + u32::from(i32 < total % count);
-                Shard::new(
-                    MemoryPool::new(
-                        &layout,
-                        memory_base,
-                        range(memory_chunk, config.total_memories),
-                        warm.clone(),
-                        i,
-                        config.pagemap_scan,
-                    ),
-                    TablePool::new(&layout, table_base, range(table_chunk, config.total_tables)),
+                let memory_pool = MemoryPool::new(
+                    &layout,
+                    memories,
+                    range(memory_chunk, config.total_memories),
+                    warm.clone(),
+                    i,
+                    config.pagemap_scan,
+                );
+                let memory_pool = memory_pool.with_context(|| {
+                    let bytes = memory_pool::bookkeeping_bytes(config.total_memories);
+                    too_big("total_memories", config.total_memories, bytes)
+                })?;
+                let table_pool = TablePool::new(&layout, tables, range(table_chunk, config.total_tables));
+                let table_pool = table_pool.with_context(|| {
+                    let bytes = table_pool::bookkeeping_bytes(config.total_tables);
+                    too_big("total_tables", config.total_tables, bytes)
+                })?;
+                Ok(Shard::new(
+                    memory_pool,
+                    table_pool,
                     config.decommit_batch_size,
                     i64::from(share(config.total_core_instances)),
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<Box<[Shard]>>>()?;
         Ok(PoolingInstanceAllocator {
             config: config.clone(),
             tunables: *tunables,
@@ -120,7 +146,6 @@ impl PoolingInstanceAllocator {
             warm,
             memory_chunk,
             table_chunk,
-            fail_resets: AtomicU32::new(0),
             _memory_mapping: memory_mapping,
             _table_mapping: table_mapping,
         })
@@ -136,11 +161,20 @@ impl PoolingInstanceAllocator {
         &self.layout
     }
 
-    /// Makes the next `n` memory slot resets fail, as if `madvise` had failed, so tests can
-    /// check that such a slot is re-mapped before its next use. Not for production use.
-    #[doc(hidden)]
-    pub fn fail_next_resets(&self, n: u32) {
-        self.fail_resets.store(n, Ordering::SeqCst);
+    /// Makes the next `n` memory slot resets fail, as if the kernel had refused them.
+    #[cfg(test)]
+    fn fail_next_resets(&self, n: u32) {
+        for shard in &*self.shards {
+            shard.memories.fail_resets.store(n, Ordering::SeqCst);
+        }
+    }
+
+    /// Makes the next `n` decommits of each shard fail, as if the kernel had refused them.
+    #[cfg(test)]
+    fn fail_next_decommits(&self, n: u32) {
+        for shard in &*self.shards {
+            shard.fail_decommits.store(n, Ordering::SeqCst);
+        }
     }
 
     /// Runs every queued reset now and returns the slots to their pools. Returns whether
@@ -152,6 +186,15 @@ impl PoolingInstanceAllocator {
         }
         self.rebalance_warm();
         any
+    }
+
+    /// Resets a slot a tenant gave back, in the shard it belongs to. The reset (or a batch of
+    /// decommits it completes) may add warm slots to a shard that is not borrowing while another
+    /// is, so the warm set is brought back under its cap before this returns, whether a memory
+    /// or a table was released.
+    fn release(&self, shard: &Shard, release: Release) {
+        shard.release(release);
+        self.rebalance_warm();
     }
 
     /// While the shards keep more warm slots than the cap (one grew within its share while
@@ -211,29 +254,34 @@ impl PoolingInstanceAllocator {
         }
     }
 
-    /// Takes a memory slot for `key`: the module's own warm slot or a cold one, from this
-    /// thread's shard or another (a module instantiated from several threads keeps its slots
-    /// wherever they are). Only then does a shard hand out another module's warm slot, and
-    /// before that it runs its queued decommits: the slots they hold may be this module's own,
-    /// and a batch run early costs less than a slot that must be set up again (and that its
-    /// module will miss in turn).
-    fn take_memory(&self, key: memory_pool::MemoryKey) -> Result<(u32, SlotInfo)> {
+    /// Takes a memory slot for `key`, ready for `wanted`: the module's own warm slot or a cold
+    /// one, from this thread's shard or another (a module instantiated from several threads
+    /// keeps its slots wherever they are). Only then does a shard hand out another module's
+    /// warm slot, and before that it runs its queued decommits: the slots they hold may be this
+    /// module's own, and a batch run early costs less than a slot that must be set up again
+    /// (and that its module will miss in turn).
+    fn take_memory(&self, key: MemoryKey, wanted: Option<&Arc<MemoryImage>>) -> Result<Lease> {
         let n = self.shards.len();
         let home = shard::home(n);
-        let own_or_cold = (0..n).find_map(|i| self.shards[(home + i) % n].memories.take(key, false));
+        let own_or_cold = (0..n).find_map(|i| self.shards[(home + i) % n].memories.take(key, wanted, false));
         if let Some(taken) = own_or_cold {
-            return Ok(taken);
+            return taken;
         }
         let take = |shard: &Shard| {
             shard
                 .memories
-                .take(key, false)
-                .or_else(|| shard.flush().then(|| shard.memories.take(key, false)).flatten())
-                .or_else(|| shard.memories.take(key, true))
+                .take(key, wanted, false)
+                .or_else(|| {
+                    shard
+                        .flush()
+                        .then(|| shard.memories.take(key, wanted, false))
+                        .flatten()
+                })
+                .or_else(|| shard.memories.take(key, wanted, true))
         };
-        self.take(take).ok_or_else(|| {
+        self.take(take).unwrap_or_else(|| {
             let n = u64::from(self.config.total_memories);
-            LimitExceeded::error("total_memories", n, n + 1)
+            Err(LimitExceeded::error("total_memories", n, n + 1))
         })
     }
 
@@ -300,47 +348,26 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         } else {
             None
         };
-        let (slot, mut info) = self.take_memory(key)?;
-        // A slot holding another module's image (or one this memory must not see) starts
-        // again from a fresh reservation, as does one whose last reset failed.
-        let foreign_image = match (&info.image, &wanted) {
-            (Some(have), Some(want)) => !Arc::ptr_eq(have, want),
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        if info.needs_remap || foreign_image {
-            match self.memory_shard(slot).memories.remap(slot) {
-                Ok(fresh) => info = fresh,
-                Err(error) => {
-                    self.memory_shard(slot).memories.finish(
-                        slot,
-                        SlotInfo {
-                            needs_remap: true,
-                            ..SlotInfo::default()
-                        },
-                    );
-                    return Err(error);
-                }
-            }
-        }
-        let base = self.memory_shard(slot).memories.slot_base(slot);
-        // SAFETY: the slot is ours alone until deallocation (the slot allocator hands it out
+        let lease = self.take_memory(key, wanted.as_ref())?;
+        let pool = &self.memory_shard(lease.slot).memories;
+        // SAFETY: the slot is ours alone until deallocation (`Held`: the pool hands it out
         // once); its reservation is page-aligned inside the pool's mapping, which outlives every
-        // memory; `info.accessible` bytes are readable and writable, reading as zeros or as
-        // `info.image` (which this memory wants), the rest `PROT_NONE` and zero.
+        // memory; `lease.accessible` bytes are readable and writable, reading as zeros or as
+        // `lease.image` (which this memory wants), the rest `PROT_NONE` and zero.
         let memory = unsafe {
             Memory::new_static(
                 ty,
-                base,
+                pool.slot_base(lease.slot),
                 self.layout.memory_capacity,
-                info.accessible,
+                lease.accessible,
                 request.limiter.as_deref_mut(),
             )
         };
         let memory = memory.and_then(|mut memory| {
-            match (info.image, wanted) {
-                // SAFETY: the slot kept this very image mapped, and its reset brought back
-                // the image's bytes; it lies within the initial size, now accessible.
+            match (lease.image, wanted) {
+                // SAFETY: the slot kept this very image mapped (`ready_for` checked it is the
+                // one wanted), and its reset brought back the image's bytes; it lies within the
+                // initial size, now accessible.
                 (Some(kept), Some(_)) => unsafe { memory.assume_image(kept) },
                 (None, Some(image)) => memory.map_image(image)?,
                 _ => {}
@@ -349,24 +376,19 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         });
         match memory {
             Ok(memory) => {
-                self.memory_shard(slot)
+                self.memory_shard(lease.slot)
                     .live_memories
                     .fetch_add(1, Ordering::Relaxed);
-                Ok((MemoryAllocationIndex::from_u32(slot), memory))
+                Ok((MemoryAllocationIndex::from_u32(lease.slot), memory))
             }
             Err(error) => {
-                // Its protection may be half-changed: re-map it before its next use.
-                self.memory_shard(slot).memories.finish(
-                    slot,
-                    SlotInfo {
-                        needs_remap: true,
-                        ..SlotInfo::default()
-                    },
-                );
+                // Its protection may be half-changed: re-mapped before its next use.
+                pool.abandon(lease.slot);
                 Err(error.context(format!(
-                    "failed to allocate memory {} of {:#x} bytes in pool slot {slot}",
+                    "failed to allocate memory {} of {} in pool slot {}",
                     memory_index.as_u32(),
-                    ty.minimum_bytes().unwrap_or(u64::MAX)
+                    ty.minimum_bytes().map_or("more than 16 EiB".into(), human_bytes),
+                    lease.slot
                 )))
             }
         }
@@ -392,8 +414,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         drop(memory);
         let shard = self.memory_shard(reset.slot);
         shard.live_memories.fetch_sub(1, Ordering::Relaxed);
-        shard.release(Reset::Memory(reset), &self.fail_resets);
-        self.rebalance_warm();
+        self.release(shard, Release::Memory(reset));
     }
 
     unsafe fn allocate_table(
@@ -420,7 +441,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
                 Ok((TableAllocationIndex::from_u32(slot), table))
             }
             Err(error) => {
-                self.table_shard(slot).tables.finish(slot, 0, None);
+                self.table_shard(slot).tables.abandon(slot);
                 Err(error.context(format!(
                     "failed to allocate table {} of {} elements",
                     table_index.as_u32(),
@@ -443,7 +464,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         drop(table);
         let shard = self.table_shard(reset.slot);
         shard.live_tables.fetch_sub(1, Ordering::Relaxed);
-        shard.release(Reset::Table(reset), &self.fail_resets);
+        self.release(shard, Release::Table(reset));
     }
 
     fn purge_module(&self, module: ModuleId) {

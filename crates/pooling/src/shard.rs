@@ -1,73 +1,29 @@
-//! One shard of a pool: some of its memory and table slots, their reset queue and counters.
+//! One shard of a pool: some of its memory and table slots, their decommit queue and counters.
 //!
 //! Each thread works in its own shard first (threads are spread over shards round-robin), so
 //! two threads instantiating at once rarely touch the same lock or counter; a shard that runs
 //! out of slots borrows from the others. A slot always belongs to one shard, which resets it.
 
 use std::cell::Cell;
-use std::ops::Range;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
-use berth_core::sys;
-
-use crate::memory_pool::{MemoryPool, MemoryReset, SlotInfo};
-use crate::slots::SlotId;
-use crate::table_pool::{TablePool, TableReset};
+use crate::decommit::{self, DecommitQueue, Pending};
+use crate::memory_pool::{self, MemoryPool};
+use crate::reset::MemoryReset;
+use crate::table_pool::{TableDone, TablePool, TableReset};
 
 /// A slot given back by a tenant, to be reset.
 #[derive(Debug)]
-pub(crate) enum Reset {
+pub(crate) enum Release {
     Memory(MemoryReset),
     Table(TableReset),
 }
 
-/// Up to two page-aligned address ranges a reset leaves to decommit.
-#[derive(Debug, Default)]
-pub(crate) struct Decommits {
-    ranges: [Range<usize>; 2],
-    len: usize,
-}
-
-impl Decommits {
-    pub fn one(range: Range<usize>) -> Decommits {
-        let mut decommits = Decommits::default();
-        decommits.push(range);
-        decommits
-    }
-
-    /// Adds a range (an empty one is ignored).
-    pub fn push(&mut self, range: Range<usize>) {
-        if !range.is_empty() {
-            self.ranges[self.len] = range;
-            self.len += 1;
-        }
-    }
-
-    pub fn as_slice(&self) -> &[Range<usize>] {
-        &self.ranges[..self.len]
-    }
-}
-
-/// A reset slot whose decommits have not run yet: it is not handed out until they have.
+/// A reset slot waiting for its decommits.
 #[derive(Debug)]
-struct Held {
-    slot: HeldSlot,
-    decommits: Decommits,
-}
-
-#[derive(Debug)]
-enum HeldSlot {
-    Memory(SlotId, SlotInfo),
-    /// A table slot and the resident bytes its reset kept.
-    Table(SlotId, usize),
-}
-
-/// Reset slots waiting for a batch of decommits.
-#[derive(Debug, Default)]
-struct Queue {
-    held: Vec<Held>,
-    ranges: usize,
+enum Done {
+    Memory(memory_pool::Reset),
+    Table(TableDone),
 }
 
 /// A shard, on its own cache lines.
@@ -76,9 +32,8 @@ struct Queue {
 pub(crate) struct Shard {
     pub memories: MemoryPool,
     pub tables: TablePool,
-    batch: usize,
-    queue: Mutex<Queue>,
-    /// Resets running (between deallocation and `finish` or the queue).
+    queue: DecommitQueue<Done>,
+    /// Resets running (between deallocation and `finish`, or in the queue).
     pub in_flight: AtomicUsize,
     /// Instances counted against this shard's share of `total_core_instances` (the sum over
     /// shards is exact; one shard's count may go below zero when its instances are dropped
@@ -91,6 +46,9 @@ pub(crate) struct Shard {
     pub live_tables: AtomicU64,
     pub resets: AtomicU64,
     pub decommits: AtomicU64,
+    /// Decommits to fail, as if the kernel had refused them (tests only).
+    #[cfg(test)]
+    pub fail_decommits: std::sync::atomic::AtomicU32,
 }
 
 impl Shard {
@@ -98,8 +56,7 @@ impl Shard {
         Shard {
             memories,
             tables,
-            batch,
-            queue: Mutex::new(Queue::default()),
+            queue: DecommitQueue::new(batch),
             in_flight: AtomicUsize::new(0),
             instances: AtomicI64::new(0),
             instance_share,
@@ -107,138 +64,84 @@ impl Shard {
             live_tables: AtomicU64::new(0),
             resets: AtomicU64::new(0),
             decommits: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_decommits: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
     /// Resets a slot a tenant gave back. What must be given back to the kernel is decommitted
     /// at once when not batching, else queued: the batch runs (one system call for all its
-    /// ranges) once it holds `batch` ranges, and the slots go back to their pools after it.
-    /// `fail` counts down injected reset failures (tests).
-    pub fn release(&self, reset: Reset, fail: &AtomicU32) {
+    /// ranges) once it holds enough ranges, and the slots go back to their pools after it.
+    pub fn release(&self, release: Release) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let held = match reset {
-            Reset::Memory(reset) => {
-                let fail = fail.load(Ordering::Relaxed) > 0
-                    && fail
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                        .is_ok();
-                let (info, decommits) = self.memories.reset(&reset, fail);
-                Held {
-                    slot: HeldSlot::Memory(reset.slot, info),
-                    decommits,
-                }
-            }
-            Reset::Table(reset) => {
-                let (resident, decommits) = self.tables.reset(&reset);
-                Held {
-                    slot: HeldSlot::Table(reset.slot, resident),
-                    decommits,
-                }
+        self.resets.fetch_add(1, Ordering::Relaxed);
+        let pending = match release {
+            Release::Memory(job) => self
+                .memories
+                .reset(job)
+                .map(|(reset, decommits)| (Done::Memory(reset), decommits)),
+            Release::Table(job) => {
+                let (done, decommits) = self.tables.reset(job);
+                Some((Done::Table(done), decommits))
             }
         };
-        self.resets.fetch_add(1, Ordering::Relaxed);
-        let ranges = held.decommits.as_slice().len();
-        if ranges == 0 || self.batch <= 1 {
-            self.run_one(held);
+        let Some(pending) = pending else {
+            // The reset failed and already left its slot stale.
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return;
+        };
+        if pending.1.is_empty() || !self.queue.batches() {
+            self.run(vec![pending], 0);
             return;
         }
-        let full = {
-            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            queue.held.push(held);
-            queue.ranges += ranges;
-            if queue.ranges < self.batch {
-                None
-            } else {
-                // Still in flight: counted once more for the batch, once less below.
-                self.in_flight.fetch_add(queue.held.len(), Ordering::AcqRel);
-                let next = Queue {
-                    held: Vec::with_capacity(self.batch),
-                    ranges: 0,
-                };
-                Some(std::mem::replace(&mut *queue, next))
-            }
+        // Slots leaving in a full batch stay counted in flight until it has run.
+        let full = self.queue.push(pending, |n| {
+            self.in_flight.fetch_add(n, Ordering::AcqRel);
+        });
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let Some(batch) = full {
+            let n = batch.len();
+            self.run(batch, n);
+        }
+    }
+
+    /// Decommits what `batch` leaves to decommit and finishes its slots; `counted` of them
+    /// were counted in flight for the batch (a single release counts itself).
+    fn run(&self, batch: Vec<Pending<Done>>, counted: usize) {
+        // Each slot with whether its decommit is made to fail (tests only).
+        let batch = batch.into_iter().map(|(done, decommits)| {
+            #[cfg(test)]
+            let fail = !decommits.is_empty()
+                && self
+                    .fail_decommits
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+            #[cfg(not(test))]
+            let fail = false;
+            ((done, fail), decommits)
+        });
+        let finish = |(done, fail): (Done, bool), decommitted: bool| match done {
+            Done::Memory(reset) => self.memories.finish(reset, decommitted && !fail),
+            Done::Table(done) => self.tables.finish(done, decommitted && !fail),
         };
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if let Some(queue) = full {
-            self.run_batch(queue);
-        }
+        // SAFETY: every range came from the reset of a slot of this shard, through its
+        // `SlotBytes`; the slot stays `Resetting` (handed to no one, touched by no one) until
+        // `finish` is called for it here.
+        let calls = unsafe { decommit::run(batch.collect(), finish) };
+        self.decommits.fetch_add(calls, Ordering::Relaxed);
+        self.in_flight.fetch_sub(counted.max(1), Ordering::AcqRel);
     }
 
-    /// Decommits the ranges of one held slot (already counted in `in_flight`) and returns the
-    /// slot to its pool.
-    fn run_one(&self, held: Held) {
-        let decommitted = self.decommit(held.decommits.as_slice());
-        self.finish(held, decommitted);
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    /// Decommits the ranges of a batch (its slots already counted in `in_flight`) in one
-    /// system call and returns the slots to their pools. If the call fails, each slot's ranges
-    /// are tried again on their own, so one bad range costs only its own slot.
-    fn run_batch(&self, queue: Queue) {
-        let all: Vec<Range<usize>> = queue
-            .held
-            .iter()
-            .flat_map(|held| held.decommits.as_slice().iter().cloned())
-            .collect();
-        let decommitted = self.decommit(&all);
-        let count = queue.held.len();
-        for held in queue.held {
-            let decommitted = decommitted || self.decommit(held.decommits.as_slice());
-            self.finish(held, decommitted);
-        }
-        self.in_flight.fetch_sub(count, Ordering::AcqRel);
-    }
-
-    /// Gives `ranges` back to the kernel; whether that worked.
-    fn decommit(&self, ranges: &[Range<usize>]) -> bool {
-        if ranges.is_empty() {
-            return true;
-        }
-        self.decommits.fetch_add(ranges.len() as u64, Ordering::Relaxed);
-        // SAFETY: every range came from the reset of a slot of this shard that is held (in no
-        // free list, handed to no tenant), so this thread alone owns its bytes; resets return
-        // page-aligned ranges inside the slot's private mappings.
-        unsafe { sys::decommit_all(ranges) }.is_ok()
-    }
-
-    /// Returns a held slot to its pool: a memory slot whose decommit failed is re-mapped
-    /// before its next use, a table slot's bytes are zeroed instead.
-    fn finish(&self, held: Held, decommitted: bool) {
-        match held.slot {
-            HeldSlot::Memory(slot, info) => {
-                let info = if decommitted {
-                    info
-                } else {
-                    SlotInfo {
-                        needs_remap: true,
-                        ..SlotInfo::default()
-                    }
-                };
-                self.memories.finish(slot, info);
-            }
-            HeldSlot::Table(slot, resident) => {
-                let failed = if decommitted {
-                    None
-                } else {
-                    held.decommits.as_slice().first().cloned()
-                };
-                self.tables.finish(slot, resident, failed);
-            }
-        }
-    }
-
-    /// Runs every queued batch now. Returns whether anything was queued.
+    /// Runs every queued decommit now. Returns whether anything was queued.
     pub fn flush(&self) -> bool {
-        let queue = {
-            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            self.in_flight.fetch_add(queue.held.len(), Ordering::AcqRel);
-            std::mem::take(&mut *queue)
-        };
-        if queue.held.is_empty() {
+        let batch = self.queue.take_all(|n| {
+            self.in_flight.fetch_add(n, Ordering::AcqRel);
+        });
+        if batch.is_empty() {
             return false;
         }
-        self.run_batch(queue);
+        let n = batch.len();
+        self.run(batch, n);
         true
     }
 }

@@ -1,15 +1,32 @@
-//! Slot choice in O(1): the same module's last slot, else a cold slot while the warm ones are
-//! under their cap, else the least recently used warm slot.
+//! The memory slots of one shard: each slot's state, its transitions, and slot choice in O(1).
 //!
-//! A slot is *used* (handed out), *warm* (idle, keeping what its last tenant left after the
-//! reset: its accessible size, resident pages, its image) or *cold* (idle, kept for no key:
-//! the pool gave its resident pages back). Warm slots sit in two structures at once: an LRU
-//! list of all warm slots, and a list per affinity key (module and memory index), so both "a
-//! slot this module used" and "the least recently used slot" are found without a search, and a
-//! slot is unlinked from either in O(1) (each slot knows its position in its key's list).
+//! ```text
+//!            take                         release                 finish (reset done)
+//!   Cold ─────────────┐          Held ─────────────> Resetting ──────────────> Warm
+//!   Stale ── take ────┼───────>  │                       │                       │
+//!   Warm ─── take ────┘          │ abandon               │ finish (reset failed) │ evict, purge
+//!     ^                          v                       v                       v
+//!     │                        Stale <───────────────────┘     Stale, then cooled: Cold
+//!     └── (reset done, kept warm)
+//! ```
+//!
+//! Choice: the same key's most recently freed warm slot (nothing about it needs to change),
+//! else a cold or stale slot while the warm ones are under their cap, else the least recently
+//! used warm slot. Warm slots sit in two lists at once, an LRU list of all of them and a list
+//! per key, and each knows its place in both, so every transition is O(1).
+//!
+//! Bookkeeping is reserved when the shard is built (so a pool too large for it fails then, with
+//! an error, rather than aborting later) and filled as slots are first used: a slot never used
+//! is cold with nothing accessible, and costs nothing until then.
 
 use std::collections::HashMap;
+use std::collections::TryReserveError;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::Arc;
+
+use berth_core::MemoryImage;
+
+use crate::reset::History;
 
 /// A fast hasher for small keys of integers (module ids and indices), which need no
 /// protection against flooding: they are made by this process, not by tenants.
@@ -38,37 +55,110 @@ impl Hasher for KeyHasher {
 
 pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
 
-/// A slot number.
+/// A slot's number in its shard.
 pub type SlotId = u32;
+
+/// A memory slot reset for `key` and idle: exactly as the next tenant of `key` wants it.
+#[derive(Debug)]
+pub(crate) struct Warm<K> {
+    /// The module memory it was reset for.
+    pub key: K,
+    /// Bytes from the slot's start that are readable and writable (the module's initial size):
+    /// they read as zeros, or as `image` where it is mapped. The rest is `PROT_NONE` and zero.
+    pub accessible: usize,
+    /// The copy-on-write image mapped in the slot, its bytes as the image has them.
+    pub image: Option<Arc<MemoryImage>>,
+    /// What its resets learned; `history.resident` bytes from the start may be resident.
+    pub history: History,
+    links: Links,
+}
+
+impl<K> Warm<K> {
+    /// A slot reset for `key`.
+    pub fn new(key: K, accessible: usize, image: Option<Arc<MemoryImage>>, history: History) -> Self {
+        Warm {
+            key,
+            accessible,
+            image,
+            history,
+            links: Links::default(),
+        }
+    }
+}
+
+/// A slot out of the pool's idle set: handed to a tenant of `key`, or given back and being
+/// reset.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Taken<K> {
+    pub key: K,
+    /// What the slot's resets learned, carried to its next reset.
+    pub history: History,
+    /// `key`'s module was dropped meanwhile: the slot turns cold, not warm, when reset.
+    purged: bool,
+}
+
+/// What an idle slot holds, as [`MemorySlots::take`] hands it over.
+#[derive(Debug)]
+pub(crate) enum Idle<K> {
+    /// Its first `accessible` bytes are readable and writable and read as zeros, no page of
+    /// a tenant is resident, no image is mapped, the rest is `PROT_NONE`.
+    Cold { accessible: usize },
+    /// Nothing is known about its mapping (a set-up, reset or decommit failed part-way, or it
+    /// still maps an image it was reset for): it is re-mapped before its next use.
+    Stale,
+    /// Reset for a module memory.
+    Warm(Warm<K>),
+}
+
+/// One memory slot's state.
+///
+/// Invariant: a slot is in the cold list iff it is `Cold` or `Stale`, and in the LRU list and
+/// its key's list iff it is `Warm`; only `Held` slots are a tenant's, and only `Resetting` ones
+/// are being reset (or wait for their decommits); every other state is idle, its bytes as its
+/// [`Idle`] variant says.
+#[derive(Debug)]
+enum SlotState<K> {
+    Idle(Idle<K>),
+    Held(Taken<K>),
+    Resetting(Taken<K>),
+}
+
+/// A warm slot's places in the LRU list and in its key's list.
+#[derive(Debug, Clone, Copy, Default)]
+struct Links {
+    prev: Option<SlotId>,
+    next: Option<SlotId>,
+    key_pos: usize,
+}
+
+/// How a reset ended, for [`MemorySlots::finish`]'s caller.
+#[derive(Debug)]
+pub(crate) struct Finished<K> {
+    /// The slot's module was purged while it was taken: it went out, not warm.
+    pub purged: bool,
+    /// A slot pushed out (this one if purged, or the least recently used warm one), `Stale`
+    /// until its pages are given back and it is [`cooled`](MemorySlots::cooled).
+    pub out: Option<(SlotId, Warm<K>)>,
+}
 
 /// How a slot was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Choice<K> {
     /// It was last used by the same key: nothing of its state needs to change.
     Affine,
-    /// It was never used, or was pushed out of the warm set (its pages given back).
+    /// It was cold or stale (never used, pushed out of the warm set, or failed).
     Cold,
     /// It was the least recently used warm slot, last used by this other key.
     Stolen(K),
 }
 
-#[derive(Debug, Clone, Copy)]
-enum State<K> {
-    Cold,
-    Used,
-    Warm {
-        key: K,
-        prev: Option<SlotId>,
-        next: Option<SlotId>,
-        key_pos: usize,
-    },
-}
-
-/// The slot allocator. Not thread-safe by itself: the pools keep it behind a lock.
+/// A shard's memory slots. Not thread-safe by itself: the pool keeps it behind a lock.
 #[derive(Debug)]
-pub struct SlotAllocator<K> {
-    states: Vec<State<K>>,
-    /// Cold slots; popped from the end, so slot 0 goes first.
+pub(crate) struct MemorySlots<K> {
+    /// Slots `states.len()..len` have never been used: cold with nothing accessible.
+    states: Vec<SlotState<K>>,
+    len: u32,
+    /// Used slots that are cold or stale; the last one goes first.
     cold: Vec<SlotId>,
     /// Least recently freed warm slot.
     lru_head: Option<SlotId>,
@@ -79,188 +169,293 @@ pub struct SlotAllocator<K> {
     max_warm: usize,
 }
 
-impl<K: Copy + Eq + Hash> SlotAllocator<K> {
-    /// `slots` cold slots; at most `max_warm` kept warm.
-    pub fn new(slots: u32, max_warm: usize) -> Self {
-        SlotAllocator {
-            states: vec![State::Cold; slots as usize],
-            cold: (0..slots).rev().collect(),
+impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
+    /// `len` slots, all cold; at most `max_warm` kept warm. Fails if the bookkeeping for `len`
+    /// slots cannot be reserved.
+    pub fn new(len: u32, max_warm: usize) -> Result<Self, TryReserveError> {
+        let mut states = Vec::new();
+        states.try_reserve_exact(len as usize)?;
+        let mut cold = Vec::new();
+        cold.try_reserve_exact(len as usize)?;
+        Ok(MemorySlots {
+            states,
+            len,
+            cold,
             lru_head: None,
             lru_tail: None,
             per_key: FastMap::default(),
             warm: 0,
             max_warm,
-        }
+        })
     }
+
+    /// Bytes of bookkeeping one slot costs.
+    pub const SLOT_BYTES: usize = size_of::<SlotState<K>>() + size_of::<SlotId>();
 
     /// Warm slots now.
     pub fn warm(&self) -> usize {
         self.warm
     }
 
-    /// Slots handed out now.
+    /// The warm slots.
+    pub fn warm_slots(&self) -> impl Iterator<Item = &Warm<K>> {
+        self.states.iter().filter_map(|state| match state {
+            SlotState::Idle(Idle::Warm(warm)) => Some(warm),
+            _ => None,
+        })
+    }
+
+    /// Slots handed out or being reset.
     #[cfg(test)]
-    pub fn used(&self) -> usize {
-        self.states.len() - self.warm - self.cold.len()
+    pub fn taken(&self) -> usize {
+        self.states
+            .iter()
+            .filter(|s| matches!(s, SlotState::Held(_) | SlotState::Resetting(_)))
+            .count()
     }
 
-    /// Hands out a slot for `key`, or `None` if every slot is used.
-    pub fn alloc(&mut self, key: Option<K>) -> Option<(SlotId, Choice<K>)> {
-        if let Some(key) = key
-            && let Some(slot) = self.per_key.get(&key).and_then(|list| list.last().copied())
-        {
-            self.unlink(slot);
-            self.states[slot as usize] = State::Used;
-            return Some((slot, Choice::Affine));
-        }
-        if (self.warm < self.max_warm || self.lru_head.is_none())
-            && let Some(slot) = self.cold.pop()
-        {
-            self.states[slot as usize] = State::Used;
-            return Some((slot, Choice::Cold));
-        }
-        let slot = self.lru_head?;
-        let State::Warm { key: previous, .. } = self.states[slot as usize] else {
-            unreachable!("the LRU list holds only warm slots")
-        };
-        self.unlink(slot);
-        self.states[slot as usize] = State::Used;
-        Some((slot, Choice::Stolen(previous)))
-    }
-
-    /// Whether [`alloc`](Self::alloc) for `key` would take another key's warm slot (or find
-    /// nothing): no slot of `key` is warm and no cold slot may be taken.
-    pub fn would_steal(&self, key: Option<K>) -> bool {
-        let affine = key.is_some_and(|key| self.per_key.get(&key).is_some_and(|list| !list.is_empty()));
-        let cold = !self.cold.is_empty() && (self.warm < self.max_warm || self.lru_head.is_none());
-        !affine && !cold
-    }
-
-    /// Takes back `slot`, last used for `key`, as the most recently used warm slot. If that
-    /// puts the warm slots over their cap, the least recently used one turns cold and is
-    /// returned with its key, so the caller can give its pages back.
-    ///
-    /// # Panics
-    ///
-    /// If `slot` is not handed out: a pool bug (double free), never bad input.
-    pub fn free(&mut self, slot: SlotId, key: K) -> Option<(SlotId, K)> {
-        assert!(
-            matches!(self.states[slot as usize], State::Used),
-            "slot {slot} freed twice"
-        );
-        let list = self.per_key.entry(key).or_default();
-        let key_pos = list.len();
-        list.push(slot);
-        self.states[slot as usize] = State::Warm {
-            key,
-            prev: self.lru_tail,
-            next: None,
-            key_pos,
-        };
-        match self.lru_tail {
-            Some(tail) => self.set_next(tail, Some(slot)),
-            None => self.lru_head = Some(slot),
-        }
-        self.lru_tail = Some(slot);
-        self.warm += 1;
-        if self.warm <= self.max_warm {
-            return None;
-        }
-        self.evict()
-    }
-
-    /// Changes the cap on warm slots, for the next [`alloc`](Self::alloc) and
-    /// [`free`](Self::free) (warm slots over a lowered cap stay until freed or evicted).
+    /// Changes the cap on warm slots, for the next [`take`](Self::take) and
+    /// [`finish`](Self::finish) (warm slots over a lowered cap stay until then).
     pub fn set_max_warm(&mut self, max_warm: usize) {
         self.max_warm = max_warm;
     }
 
-    /// Turns the least recently used warm slot cold and returns it with its key, if any.
-    pub fn evict(&mut self) -> Option<(SlotId, K)> {
-        let evicted = self.lru_head?;
-        let State::Warm { key: evicted_key, .. } = self.states[evicted as usize] else {
-            unreachable!("the LRU list holds only warm slots")
+    fn may_take_cold(&self) -> bool {
+        let any_cold = !self.cold.is_empty() || self.states.len() < self.len as usize;
+        any_cold && (self.warm < self.max_warm || self.lru_head.is_none())
+    }
+
+    /// Whether [`take`](Self::take) for `key` would take another key's warm slot (or find
+    /// nothing): no slot of `key` is warm and no cold one may be taken.
+    pub fn would_steal(&self, key: K) -> bool {
+        !self.per_key.contains_key(&key) && !self.may_take_cold()
+    }
+
+    /// Hands a slot to a tenant of `key` (it becomes `Held`) with what it held, or `None` if
+    /// every slot is taken. A slot that was not `key`'s starts its history from `streak()`
+    /// clean scans (what `key`'s other slots learned), keeping only its resident prefix.
+    pub fn take(&mut self, key: K, streak: impl FnOnce() -> u8) -> Option<(SlotId, Choice<K>, Idle<K>)> {
+        let affine = self.per_key.get(&key).and_then(|list| list.last().copied());
+        let (slot, choice) = if let Some(slot) = affine {
+            self.unlink(slot);
+            (slot, Choice::Affine)
+        } else if self.may_take_cold() {
+            let slot = match self.cold.pop() {
+                Some(slot) => slot,
+                None => {
+                    let fresh = SlotId::try_from(self.states.len()).ok()?;
+                    // Within the capacity reserved in `new`: no allocation.
+                    self.states.push(SlotState::Idle(Idle::Cold { accessible: 0 }));
+                    fresh
+                }
+            };
+            (slot, Choice::Cold)
+        } else {
+            let slot = self.lru_head?;
+            let previous = self.warm_at(slot).key;
+            self.unlink(slot);
+            (slot, Choice::Stolen(previous))
         };
-        self.unlink(evicted);
-        self.states[evicted as usize] = State::Cold;
-        self.cold.push(evicted);
-        Some((evicted, evicted_key))
+        let taken = Taken {
+            key,
+            history: History::default(),
+            purged: false,
+        };
+        let idle = match std::mem::replace(&mut self.states[slot as usize], SlotState::Held(taken)) {
+            SlotState::Idle(idle) => idle,
+            other => unreachable!("slot {slot} chosen while {other:?}"),
+        };
+        let history = match (&idle, choice) {
+            (Idle::Warm(warm), Choice::Affine) => warm.history,
+            (Idle::Warm(warm), _) => warm.history.for_new_key(streak()),
+            _ => History::default().for_new_key(streak()),
+        };
+        if let SlotState::Held(taken) = &mut self.states[slot as usize] {
+            taken.history = history;
+        }
+        Some((slot, choice, idle))
     }
 
-    /// Whether `slot` is handed out (or being reset: not yet given back).
-    pub fn is_used(&self, slot: SlotId) -> bool {
-        matches!(self.states.get(slot as usize), Some(State::Used))
+    fn warm_at(&self, slot: SlotId) -> &Warm<K> {
+        match &self.states[slot as usize] {
+            SlotState::Idle(Idle::Warm(warm)) => warm,
+            other => unreachable!("slot {slot} in a warm list while {other:?}"),
+        }
     }
 
-    /// Takes back `slot` as cold (its state is gone, for example after a failed reset).
-    pub fn free_cold(&mut self, slot: SlotId) {
+    fn links(&mut self, slot: SlotId) -> &mut Links {
+        match &mut self.states[slot as usize] {
+            SlotState::Idle(Idle::Warm(warm)) => &mut warm.links,
+            other => unreachable!("slot {slot} in a warm list while {other:?}"),
+        }
+    }
+
+    /// The tenant gave `slot` back: it is being reset (`Held` to `Resetting`). Returns its
+    /// key and history for the reset.
+    ///
+    /// # Panics
+    ///
+    /// If `slot` is not held: a pool bug (a double free), never bad input.
+    pub fn release(&mut self, slot: SlotId) -> Taken<K> {
+        let state = &mut self.states[slot as usize];
+        let SlotState::Held(taken) = *state else {
+            panic!("slot {slot} given back while {state:?}");
+        };
+        *state = SlotState::Resetting(taken);
+        taken
+    }
+
+    /// Setting up `slot` for its tenant failed part-way: it is `Stale` (re-mapped before its
+    /// next use).
+    ///
+    /// # Panics
+    ///
+    /// If `slot` is not held.
+    pub fn abandon(&mut self, slot: SlotId) {
+        let state = &mut self.states[slot as usize];
         assert!(
-            matches!(self.states[slot as usize], State::Used),
-            "slot {slot} freed twice"
+            matches!(state, SlotState::Held(_)),
+            "slot {slot} abandoned while {state:?}"
         );
-        self.states[slot as usize] = State::Cold;
+        *state = SlotState::Idle(Idle::Stale);
         self.cold.push(slot);
     }
 
-    /// Removes a warm slot from the LRU list and its key's list.
-    fn unlink(&mut self, slot: SlotId) {
-        let State::Warm {
-            key,
+    /// Ends `slot`'s reset: `Warm` for its key with what `reset` says, or `Stale` if the reset
+    /// failed (`None`). A warm slot that puts the warm set over its cap pushes the least
+    /// recently used one out, and a slot whose module was purged meanwhile goes straight out:
+    /// what is pushed out is returned, `Stale` until [`cooled`](Self::cooled) (the caller
+    /// gives its pages back first).
+    ///
+    /// # Panics
+    ///
+    /// If `slot` is not being reset.
+    pub fn finish(&mut self, slot: SlotId, reset: Option<Warm<K>>) -> Finished<K> {
+        let state = &mut self.states[slot as usize];
+        let SlotState::Resetting(taken) = *state else {
+            panic!("slot {slot} finished while {state:?}");
+        };
+        let purged = taken.purged;
+        let Some(warm) = reset else {
+            *state = SlotState::Idle(Idle::Stale);
+            self.cold.push(slot);
+            return Finished { purged, out: None };
+        };
+        debug_assert!(warm.key == taken.key, "slot {slot} reset for another key");
+        if purged {
+            *state = SlotState::Idle(Idle::Stale);
+            self.cold.push(slot);
+            return Finished {
+                purged,
+                out: Some((slot, warm)),
+            };
+        }
+        *state = SlotState::Idle(Idle::Warm(warm));
+        self.link(slot);
+        let out = if self.warm > self.max_warm {
+            self.evict()
+        } else {
+            None
+        };
+        Finished { purged, out }
+    }
+
+    /// Pushes the least recently used warm slot out, if any: it is `Stale` until
+    /// [`cooled`](Self::cooled), and returned with what it held.
+    pub fn evict(&mut self) -> Option<(SlotId, Warm<K>)> {
+        let slot = self.lru_head?;
+        self.unlink(slot);
+        Some((slot, self.make_stale(slot)))
+    }
+
+    /// `slot`, pushed out, holds nothing any more (its pages were given back, no image is
+    /// mapped): it is `Cold` with `accessible` bytes readable and writable.
+    ///
+    /// # Panics
+    ///
+    /// If `slot` is not stale.
+    pub fn cooled(&mut self, slot: SlotId, accessible: usize) {
+        let state = &mut self.states[slot as usize];
+        assert!(
+            matches!(state, SlotState::Idle(Idle::Stale)),
+            "slot {slot} cooled while {state:?}"
+        );
+        *state = SlotState::Idle(Idle::Cold { accessible });
+    }
+
+    /// Forgets the module whose keys `matches`: its warm slots are pushed out (returned, as by
+    /// [`evict`](Self::evict)), its held ones turn cold rather than warm when reset.
+    pub fn purge(&mut self, matches: impl Fn(&K) -> bool) -> Vec<(SlotId, Warm<K>)> {
+        let keys: Vec<K> = self.per_key.keys().filter(|k| matches(k)).copied().collect();
+        let mut out = Vec::new();
+        for key in keys {
+            while let Some(slot) = self.per_key.get(&key).and_then(|list| list.last().copied()) {
+                self.unlink(slot);
+                out.push((slot, self.make_stale(slot)));
+            }
+        }
+        for state in &mut self.states {
+            if let SlotState::Held(taken) | SlotState::Resetting(taken) = state
+                && matches(&taken.key)
+            {
+                taken.purged = true;
+            }
+        }
+        out
+    }
+
+    /// Turns an unlinked warm slot stale, returning what it held.
+    fn make_stale(&mut self, slot: SlotId) -> Warm<K> {
+        self.cold.push(slot);
+        match std::mem::replace(&mut self.states[slot as usize], SlotState::Idle(Idle::Stale)) {
+            SlotState::Idle(Idle::Warm(warm)) => warm,
+            other => unreachable!("slot {slot} pushed out while {other:?}"),
+        }
+    }
+
+    /// Adds a slot that just turned warm to the tail of the LRU list and to its key's list.
+    fn link(&mut self, slot: SlotId) {
+        let key = self.warm_at(slot).key;
+        let list = self.per_key.entry(key).or_default();
+        let key_pos = list.len();
+        list.push(slot);
+        let prev = self.lru_tail;
+        *self.links(slot) = Links {
             prev,
-            next,
+            next: None,
             key_pos,
-        } = self.states[slot as usize]
-        else {
-            unreachable!("only warm slots are unlinked")
         };
         match prev {
-            Some(prev) => self.set_next(prev, next),
+            Some(tail) => self.links(tail).next = Some(slot),
+            None => self.lru_head = Some(slot),
+        }
+        self.lru_tail = Some(slot);
+        self.warm += 1;
+    }
+
+    /// Removes a warm slot from the LRU list and its key's list (its state stays `Warm` until
+    /// the caller changes it).
+    fn unlink(&mut self, slot: SlotId) {
+        let key = self.warm_at(slot).key;
+        let Links { prev, next, key_pos } = *self.links(slot);
+        match prev {
+            Some(prev) => self.links(prev).next = next,
             None => self.lru_head = next,
         }
         match next {
-            Some(next) => self.set_prev(next, prev),
+            Some(next) => self.links(next).prev = prev,
             None => self.lru_tail = prev,
         }
         let list = self.per_key.get_mut(&key).expect("a warm slot's key has a list");
         list.swap_remove(key_pos);
-        if let Some(&moved) = list.get(key_pos)
-            && let State::Warm { key_pos: pos, .. } = &mut self.states[moved as usize]
-        {
-            *pos = key_pos;
-        }
+        let moved = list.get(key_pos).copied();
         if list.is_empty() {
             self.per_key.remove(&key);
         }
+        if let Some(moved) = moved {
+            self.links(moved).key_pos = key_pos;
+        }
         self.warm -= 1;
-    }
-
-    fn set_next(&mut self, slot: SlotId, value: Option<SlotId>) {
-        if let State::Warm { next, .. } = &mut self.states[slot as usize] {
-            *next = value;
-        }
-    }
-
-    fn set_prev(&mut self, slot: SlotId, value: Option<SlotId>) {
-        if let State::Warm { prev, .. } = &mut self.states[slot as usize] {
-            *prev = value;
-        }
-    }
-
-    /// Forgets `key`: its warm slots turn cold and are returned, so the caller can give their
-    /// pages back.
-    pub fn purge(&mut self, key: K) -> Vec<SlotId> {
-        let slots = self.per_key.get(&key).cloned().unwrap_or_default();
-        for &slot in &slots {
-            self.unlink(slot);
-            self.states[slot as usize] = State::Cold;
-            self.cold.push(slot);
-        }
-        slots
-    }
-
-    /// The keys that have warm slots (for purging every memory index of a module).
-    pub fn keys(&self) -> impl Iterator<Item = &K> {
-        self.per_key.keys()
     }
 }
 
@@ -274,96 +469,158 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Alloc(Option<u8>),
-        Free(usize, u8),
+        Take(u8),
+        /// Give back the `n`th taken slot (modulo), its reset succeeding or not.
+        Give(usize, bool),
         Purge(u8),
     }
 
     fn ops() -> impl Strategy<Value = Vec<Op>> {
         let op = prop_oneof![
-            3 => proptest::option::weighted(0.9, 0u8..5).prop_map(Op::Alloc),
-            3 => (any::<usize>(), 0u8..5).prop_map(|(i, k)| Op::Free(i, k)),
+            3 => (0u8..5).prop_map(Op::Take),
+            3 => (any::<usize>(), proptest::bool::weighted(0.9)).prop_map(|(i, ok)| Op::Give(i, ok)),
             1 => (0u8..5).prop_map(Op::Purge),
         ];
         proptest::collection::vec(op, 1..200)
     }
 
+    fn warm(key: u8) -> Warm<u8> {
+        Warm::new(key, 4096, None, History::default())
+    }
+
     proptest! {
         #[test]
-        fn allocation_is_exhaustive_unique_affine_and_capped(slots in 1u32..12, max_warm in 0usize..6, ops in ops()) {
-            let mut allocator = SlotAllocator::<u8>::new(slots, max_warm);
-            let mut live: HashSet<SlotId> = HashSet::new();
-            // The model of which key last used each idle slot still warm.
-            let mut warm: HashMap<SlotId, u8> = HashMap::new();
+        fn slots_are_exhaustive_unique_affine_and_capped(len in 1u32..12, max_warm in 0usize..6, ops in ops()) {
+            let mut slots = MemorySlots::<u8>::new(len, max_warm).unwrap();
+            // The model: who holds each taken slot, which key each warm slot is warm for.
+            let mut taken: HashMap<SlotId, u8> = HashMap::new();
+            let mut warm_for: HashMap<SlotId, u8> = HashMap::new();
+            // Taken slots whose key was purged meanwhile.
+            let mut purged: HashSet<SlotId> = HashSet::new();
             for op in ops {
                 match op {
-                    Op::Alloc(key) => match (allocator.would_steal(key), allocator.alloc(key)) {
-                        (would_steal, Some((slot, choice))) => {
-                            let stolen = matches!(choice, Choice::Stolen(_));
-                            prop_assert_eq!(would_steal, stolen, "would_steal disagrees with alloc");
-                            prop_assert!(slot < slots);
-                            prop_assert!(live.insert(slot), "slot {} handed out twice", slot);
-                            let had_affine = key.is_some_and(|k| warm.values().any(|&w| w == k));
-                            match choice {
-                                Choice::Affine => prop_assert_eq!(warm.get(&slot).copied(), key),
-                                Choice::Cold => prop_assert!(!warm.contains_key(&slot)),
-                                Choice::Stolen(previous) => prop_assert_eq!(warm.get(&slot).copied(), Some(previous)),
+                    Op::Take(key) => {
+                        let would_steal = slots.would_steal(key);
+                        match slots.take(key, || 0) {
+                            Some((slot, choice, idle)) => {
+                                prop_assert_eq!(would_steal, matches!(choice, Choice::Stolen(_)), "would_steal disagrees with take");
+                                prop_assert!(slot < len);
+                                prop_assert!(taken.insert(slot, key).is_none(), "slot {} handed out twice", slot);
+                                let had_affine = warm_for.values().any(|&k| k == key);
+                                prop_assert_eq!(had_affine, choice == Choice::Affine, "affinity not honoured");
+                                match (choice, &idle) {
+                                    (Choice::Affine, Idle::Warm(w)) => prop_assert_eq!(w.key, key),
+                                    (Choice::Stolen(previous), Idle::Warm(w)) => prop_assert_eq!(w.key, previous),
+                                    (Choice::Cold, Idle::Cold { .. } | Idle::Stale) => {}
+                                    other => prop_assert!(false, "{:?} handed over {:?}", other.0, other.1),
+                                }
+                                if let Idle::Warm(w) = idle {
+                                    prop_assert_eq!(warm_for.remove(&slot), Some(w.key));
+                                } else {
+                                    prop_assert!(!warm_for.contains_key(&slot));
+                                }
                             }
-                            prop_assert_eq!(had_affine, choice == Choice::Affine, "affinity not honoured");
-                            warm.remove(&slot);
+                            None => {
+                                prop_assert!(would_steal, "would_steal disagrees with take");
+                                prop_assert_eq!(taken.len(), len as usize, "refused with free slots");
+                            }
                         }
-                        (would_steal, None) => {
-                            prop_assert!(would_steal, "would_steal disagrees with alloc");
-                            prop_assert_eq!(live.len(), slots as usize, "refused with free slots");
-                        }
-                    },
-                    Op::Free(i, key) => {
-                        if live.is_empty() { continue; }
-                        let mut sorted: Vec<_> = live.iter().copied().collect();
+                    }
+                    Op::Give(i, ok) => {
+                        if taken.is_empty() { continue; }
+                        let mut sorted: Vec<_> = taken.keys().copied().collect();
                         sorted.sort_unstable();
                         let slot = sorted[i % sorted.len()];
-                        live.remove(&slot);
-                        warm.insert(slot, key);
-                        if let Some((evicted, evicted_key)) = allocator.free(slot, key) {
-                            prop_assert_eq!(warm.remove(&evicted), Some(evicted_key));
+                        let key = taken.remove(&slot).unwrap();
+                        let released = slots.release(slot);
+                        prop_assert_eq!(released.key, key);
+                        let out = slots.finish(slot, ok.then(|| warm(key))).out;
+                        let was_purged = purged.remove(&slot);
+                        if ok && !was_purged {
+                            warm_for.insert(slot, key);
+                        }
+                        if let Some((evicted, w)) = out {
+                            // A purged slot goes out without ever being warm; any other was
+                            // warm (if only for a moment, at a cap of 0).
+                            if !(evicted == slot && was_purged) {
+                                prop_assert_eq!(warm_for.remove(&evicted), Some(w.key));
+                            }
+                            slots.cooled(evicted, w.accessible);
                         }
                     }
                     Op::Purge(key) => {
-                        for slot in allocator.purge(key) {
-                            prop_assert_eq!(warm.remove(&slot), Some(key));
+                        for (slot, w) in slots.purge(|k| *k == key) {
+                            prop_assert_eq!(warm_for.remove(&slot), Some(key));
+                            slots.cooled(slot, w.accessible);
                         }
-                        prop_assert!(!warm.values().any(|&k| k == key));
+                        prop_assert!(!warm_for.values().any(|&k| k == key));
+                        purged.extend(taken.iter().filter(|&(_, &k)| k == key).map(|(&slot, _)| slot));
                     }
                 }
-                prop_assert!(allocator.warm() <= max_warm, "warm cap exceeded");
-                prop_assert_eq!(allocator.warm(), warm.len());
-                prop_assert_eq!(allocator.used(), live.len());
+                prop_assert!(slots.warm() <= max_warm, "warm cap exceeded");
+                prop_assert_eq!(slots.warm(), warm_for.len());
+                prop_assert_eq!(slots.warm_slots().count(), warm_for.len());
+                prop_assert_eq!(slots.taken(), taken.len());
             }
         }
     }
 
-    #[test]
-    fn the_least_recently_used_warm_slot_is_stolen_at_the_cap() {
-        let mut allocator = SlotAllocator::<u8>::new(3, 2);
-        let (a, _) = allocator.alloc(Some(1)).unwrap();
-        let (b, _) = allocator.alloc(Some(2)).unwrap();
-        assert_eq!(allocator.free(a, 1), None);
-        assert_eq!(allocator.free(b, 2), None);
-        // Two warm slots: at the cap, so key 3 takes the LRU one (a) rather than the cold one.
-        assert_eq!(allocator.alloc(Some(3)), Some((a, Choice::Stolen(1))));
-        // Under the cap again: key 4 takes the cold slot.
-        assert_eq!(allocator.alloc(Some(4)).map(|(_, c)| c), Some(Choice::Cold));
-        assert_eq!(allocator.alloc(Some(2)), Some((b, Choice::Affine)));
-        assert_eq!(allocator.alloc(Some(2)), None);
+    fn give(slots: &mut MemorySlots<u8>, slot: SlotId, key: u8) -> Option<(SlotId, Warm<u8>)> {
+        slots.release(slot);
+        slots.finish(slot, Some(warm(key))).out
     }
 
     #[test]
-    fn freeing_over_the_cap_evicts_the_least_recently_used() {
-        let mut allocator = SlotAllocator::<u8>::new(3, 1);
-        let (a, _) = allocator.alloc(Some(1)).unwrap();
-        let (b, _) = allocator.alloc(Some(2)).unwrap();
-        assert_eq!(allocator.free(a, 1), None);
-        assert_eq!(allocator.free(b, 2), Some((a, 1)));
-        assert_eq!(allocator.warm(), 1);
+    fn the_least_recently_used_warm_slot_is_stolen_at_the_cap() {
+        let mut slots = MemorySlots::<u8>::new(3, 2).unwrap();
+        let (a, ..) = slots.take(1, || 0).unwrap();
+        let (b, ..) = slots.take(2, || 0).unwrap();
+        assert!(give(&mut slots, a, 1).is_none());
+        assert!(give(&mut slots, b, 2).is_none());
+        // Two warm slots: at the cap, so key 3 takes the LRU one (a) rather than the cold one.
+        let (slot, choice, _) = slots.take(3, || 0).unwrap();
+        assert_eq!((slot, choice), (a, Choice::Stolen(1)));
+        // Under the cap again: key 4 takes the cold slot.
+        assert_eq!(slots.take(4, || 0).map(|t| t.1), Some(Choice::Cold));
+        assert_eq!(slots.take(2, || 0).map(|t| (t.0, t.1)), Some((b, Choice::Affine)));
+        assert!(slots.take(2, || 0).is_none());
+    }
+
+    #[test]
+    fn finishing_over_the_cap_pushes_the_least_recently_used_out_stale() {
+        let mut slots = MemorySlots::<u8>::new(3, 1).unwrap();
+        let (a, ..) = slots.take(1, || 0).unwrap();
+        let (b, ..) = slots.take(2, || 0).unwrap();
+        assert!(give(&mut slots, a, 1).is_none());
+        let (evicted, warm) = give(&mut slots, b, 2).unwrap();
+        assert_eq!((evicted, warm.key), (a, 1));
+        assert_eq!(slots.warm(), 1);
+        // Stale until cooled: taken cold (under a higher cap), holding nothing known.
+        slots.set_max_warm(2);
+        let (c, choice, idle) = slots.take(3, || 0).unwrap();
+        assert_eq!((c, choice), (a, Choice::Cold));
+        assert!(matches!(idle, Idle::Stale));
+    }
+
+    #[test]
+    fn a_slot_new_to_a_key_starts_from_the_keys_streak_and_keeps_its_resident_prefix() {
+        let mut slots = MemorySlots::<u8>::new(2, 1).unwrap();
+        let (a, ..) = slots.take(1, || 0).unwrap();
+        slots.release(a);
+        let learned = History::default().with_resident(8192);
+        assert!(
+            slots
+                .finish(a, Some(Warm::new(1, 4096, None, learned)))
+                .out
+                .is_none()
+        );
+        // At a cap of 0, key 2 takes key 1's warm slot rather than the one never used.
+        slots.set_max_warm(0);
+        let (stolen, choice, _) = slots.take(2, || 7).unwrap();
+        assert_eq!((stolen, choice), (a, Choice::Stolen(1)));
+        let taken = slots.release(stolen);
+        assert_eq!(taken.history, learned.for_new_key(7));
+        assert_eq!(taken.history.resident, 8192);
+        assert_eq!(taken.history.streak(), 7);
     }
 }

@@ -1,86 +1,154 @@
-//! The table pool: one read-write slab of equal table slots, free slots reused last-in
+//! A shard's table slots: one read-write slab of equal slots, free slots reused last-in
 //! first-out (the most recently reset slot is the most likely to be resident).
 //!
-//! Reset: the first `table_keep_resident` bytes by `memset`, the rest of what the tenant could
-//! have written by `madvise(MADV_DONTNEED)` (batched by the shard); if that fails, by `memset`
-//! too. A table slot is
-//! always entirely zero when handed out.
+//! Reset: the first `table_keep_resident` bytes of what the tenant could have written (its
+//! final size) by `memset`, the rest by a decommit (batched by the shard); if that fails, by
+//! `memset` too. A free slot is always entirely zero.
 
+use std::collections::TryReserveError;
 use std::ops::Range;
 use std::ptr::NonNull;
 use std::sync::Mutex;
 
+use anyhow::{Result, anyhow};
+use berth_core::human_bytes;
+
+use crate::decommit::Decommits;
 use crate::layout::PoolLayout;
-use crate::shard::Decommits;
+use crate::slot_bytes::{Region, SlotBytes};
 use crate::slots::SlotId;
 
-/// A table slot taken back from a tenant, to be reset.
+/// One table slot's state.
+///
+/// Invariant: a `Free` slot is in the free list and every word of it is zero, its first
+/// `resident` bytes possibly resident; a `Held` slot's words are its tenant's; a `Resetting`
+/// slot's are the resetting thread's until it is finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TableSlot {
+    Free { resident: usize },
+    Held,
+    Resetting,
+}
+
+/// A table slot given back by its tenant.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TableReset {
-    pub slot: SlotId,
+    /// The slot's global number.
+    pub slot: u32,
     /// Bytes the tenant could have written (its size at deallocation, in bytes).
     pub dirty: usize,
 }
 
+/// A reset table slot waiting for its decommit.
 #[derive(Debug)]
-struct State {
-    free: Vec<SlotId>,
-    resident: Vec<usize>,
-    idle_resident: usize,
+pub(crate) struct TableDone {
+    slot: u32,
+    /// Bytes kept resident (zeroed).
+    resident: usize,
+    /// Offsets left to decommit, zeroed instead if that fails.
+    rest: Range<usize>,
 }
 
-/// The table pool.
-///
-/// Invariant: every word of a free slot is zero; a slot's words are touched only by its tenant
-/// while it is handed out and by the thread resetting it until `finish`.
+/// Bytes of bookkeeping `slots` table slots need (reserved when the pool is built).
+pub(crate) fn bookkeeping_bytes(slots: u32) -> u64 {
+    u64::from(slots).saturating_mul((size_of::<TableSlot>() + size_of::<SlotId>()) as u64)
+}
+
+#[derive(Debug)]
+struct State {
+    /// Slots `slots.len()..len` were never used: free, zero, nothing resident.
+    slots: Vec<TableSlot>,
+    len: u32,
+    /// Used slots that are free; the last one goes first, then the never-used ones in order.
+    free: Vec<SlotId>,
+}
+
+impl State {
+    fn new(len: u32) -> Result<State, TryReserveError> {
+        let mut slots = Vec::new();
+        slots.try_reserve_exact(len as usize)?;
+        let mut free = Vec::new();
+        free.try_reserve_exact(len as usize)?;
+        Ok(State { slots, len, free })
+    }
+
+    fn take(&mut self) -> Option<SlotId> {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None if self.slots.len() < self.len as usize => {
+                // Within the capacity reserved in `new`: no allocation.
+                self.slots.push(TableSlot::Free { resident: 0 });
+                SlotId::try_from(self.slots.len() - 1).ok()?
+            }
+            None => return None,
+        };
+        let state = &mut self.slots[slot as usize];
+        assert!(
+            matches!(state, TableSlot::Free { .. }),
+            "table slot {slot} taken while {state:?}"
+        );
+        *state = TableSlot::Held;
+        Some(slot)
+    }
+
+    fn release(&mut self, slot: SlotId) {
+        let state = &mut self.slots[slot as usize];
+        assert_eq!(
+            *state,
+            TableSlot::Held,
+            "table slot {slot} given back while not held"
+        );
+        *state = TableSlot::Resetting;
+    }
+
+    fn free(&mut self, slot: SlotId, resident: usize, from: TableSlot) {
+        let state = &mut self.slots[slot as usize];
+        assert_eq!(*state, from, "table slot {slot} freed while {state:?}");
+        *state = TableSlot::Free { resident };
+        self.free.push(slot);
+    }
+}
+
+/// One shard's table slots.
 #[derive(Debug)]
 pub(crate) struct TablePool {
-    /// Slot 0 of the whole slab (this shard's slots start at `first`).
-    first_slot: NonNull<u8>,
-    first: SlotId,
+    /// Every slot of the slab (this shard's are `first..`).
+    region: Region,
+    first: u32,
     layout: PoolLayout,
     state: Mutex<State>,
 }
 
-// SAFETY: `first_slot` points into the allocator's slab, which outlives every shard; slot words
-// are reached only under the invariant above.
-unsafe impl Send for TablePool {}
-// SAFETY: as above; shared state is behind a `Mutex`.
-unsafe impl Sync for TablePool {}
-
 impl TablePool {
-    /// A shard of the slab holding slots `slots` of the slab whose slot 0 is at `first_slot`.
-    pub fn new(layout: &PoolLayout, first_slot: NonNull<u8>, slots: std::ops::Range<SlotId>) -> TablePool {
+    /// A shard of the slab holding slots `slots` of `region`. Fails if the slots' bookkeeping
+    /// cannot be allocated.
+    pub fn new(layout: &PoolLayout, region: Region, slots: Range<u32>) -> Result<TablePool> {
         let len = slots.end - slots.start;
-        TablePool {
-            first_slot,
+        let state = State::new(len).map_err(|_| {
+            let bytes = human_bytes(bookkeeping_bytes(len));
+            anyhow!("failed to allocate {bytes} of bookkeeping for {len} table slots")
+        })?;
+        Ok(TablePool {
+            region,
             first: slots.start,
             layout: layout.clone(),
-            state: Mutex::new(State {
-                free: slots.rev().collect(),
-                resident: vec![0; len as usize],
-                idle_resident: 0,
-            }),
-        }
+            state: Mutex::new(state),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every update under the lock is a field write and a push: carry on after a panic.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The first word of `slot`.
-    pub fn slot_base(&self, slot: SlotId) -> NonNull<usize> {
+    /// The first word of `slot` (global number).
+    pub fn slot_base(&self, slot: u32) -> NonNull<usize> {
         if self.layout.table_stride == 0 {
             // Slots of no elements: nothing is ever read or written through this.
             return NonNull::dangling();
         }
-        // SAFETY: `slot < table_slots`, so the offset is inside the mapping; slots are
-        // page-aligned, so word-aligned.
-        unsafe {
-            self.first_slot
-                .add(slot as usize * self.layout.table_stride)
-                .cast()
-        }
+        // Slots are page-aligned, so word-aligned.
+        self.region.base(slot).cast()
     }
 
     /// Elements a slot holds.
@@ -88,54 +156,69 @@ impl TablePool {
         self.layout.table_stride / size_of::<usize>()
     }
 
-    pub fn take(&self) -> Option<SlotId> {
-        let mut state = self.lock();
-        let slot = state.free.pop()?;
-        let index = (slot - self.first) as usize;
-        state.idle_resident -= state.resident[index];
-        state.resident[index] = 0;
-        Some(slot)
+    /// Takes a free slot (all zero) for a tenant.
+    pub fn take(&self) -> Option<u32> {
+        Some(self.first + self.lock().take()?)
     }
 
-    /// Zeroes the first `table_keep_resident` bytes the tenant could have written; returns the
-    /// resident bytes kept and the rest to decommit (addresses, page-aligned), if any.
-    pub fn reset(&self, job: &TableReset) -> (usize, Decommits) {
-        let base = self.slot_base(job.slot).cast::<u8>();
-        let page = self.layout.page_size;
-        let dirty = job.dirty.min(self.layout.table_stride);
+    /// Setting up a table in `slot` failed before anything was written: it is free again.
+    pub fn abandon(&self, slot: u32) {
+        self.lock().free(slot - self.first, 0, TableSlot::Held);
+    }
+
+    fn bytes(&self, slot: u32) -> SlotBytes {
+        let stride = self.layout.table_stride;
+        // SAFETY: the caller holds the slot (`Resetting`: its tenant is gone, no other thread
+        // touches it until `finish`); the slab is read-write, so all `stride` bytes are
+        // accessible.
+        unsafe { self.region.bytes(slot, stride, stride) }
+    }
+
+    /// Zeroes the first `table_keep_resident` bytes the tenant could have written; returns
+    /// the slot and the rest to decommit (addresses, page-aligned), if any.
+    pub fn reset(&self, job: TableReset) -> (TableDone, Decommits) {
+        self.lock().release(job.slot - self.first);
+        let stride = self.layout.table_stride;
+        let dirty = job.dirty.min(stride);
         let keep = self.layout.table_keep_resident;
-        let zeroed = dirty.min(keep);
-        // SAFETY: the slot was given back and is not in the free list, so this thread alone
-        // touches it; `zeroed` bytes are inside the read-write slot.
-        unsafe { base.as_ptr().write_bytes(0, zeroed) };
-        if dirty <= keep {
-            return (dirty.next_multiple_of(page).min(keep), Decommits::default());
-        }
-        // `keep` is a multiple of the page size.
-        let end = dirty.next_multiple_of(page).min(self.layout.table_stride);
-        let start = base.as_ptr().addr();
-        (keep, Decommits::one(start + keep..start + end))
+        let mut bytes = self.bytes(job.slot);
+        bytes.zero(0..dirty.min(keep));
+        let end = dirty.next_multiple_of(self.layout.page_size).min(stride);
+        let (resident, rest) = if dirty <= keep {
+            (end.min(keep), 0..0)
+        } else {
+            // `keep` is a multiple of the page size.
+            (keep, keep..end)
+        };
+        let decommits = Decommits::one(bytes.address_range(rest.clone()));
+        let done = TableDone {
+            slot: job.slot,
+            resident,
+            rest,
+        };
+        (done, decommits)
     }
 
-    /// Returns a reset slot to the free list. `failed` is a range its decommit could not give
-    /// back: it is zeroed here instead.
-    pub fn finish(&self, slot: SlotId, resident: usize, failed: Option<Range<usize>>) {
-        if let Some(range) = failed {
-            let base = self.slot_base(slot).cast::<u8>();
-            let from = range.start - base.as_ptr().addr();
-            debug_assert!(from + range.len() <= self.layout.table_stride);
-            // SAFETY: the slot is still not in the free list, so this thread alone touches it;
-            // `range` came from `reset` for this slot, inside its read-write bytes.
-            unsafe { base.add(from).as_ptr().write_bytes(0, range.len()) };
+    /// Returns a reset slot to the free list; if its decommit failed (`decommitted` false),
+    /// the bytes it was to give back are zeroed here instead.
+    pub fn finish(&self, done: TableDone, decommitted: bool) {
+        if !decommitted {
+            self.bytes(done.slot).zero(done.rest.clone());
         }
-        let mut state = self.lock();
-        state.resident[(slot - self.first) as usize] = resident;
-        state.idle_resident += resident;
-        state.free.push(slot);
+        self.lock()
+            .free(done.slot - self.first, done.resident, TableSlot::Resetting);
     }
 
-    /// Resident bytes in idle slots.
+    /// Resident bytes in free slots.
     pub fn idle_resident(&self) -> usize {
-        self.lock().idle_resident
+        let state = self.lock();
+        state
+            .slots
+            .iter()
+            .map(|slot| match slot {
+                TableSlot::Free { resident } => *resident,
+                _ => 0,
+            })
+            .sum()
     }
 }

@@ -1,0 +1,243 @@
+//! What needs the pool's insides to set up: failures the kernel rarely gives (injected here),
+//! and threads placed in chosen shards.
+
+use std::sync::Arc;
+
+use berth_core::{
+    DefinedMemoryIndex, DefinedTableIndex, HostPtr, Imports, InstanceAllocationRequest, InstanceAllocator,
+    InstanceAllocatorImpl, InstanceHandle, MemoryType, Module, TableType, Tunables, VMOffsets,
+};
+
+use crate::{PoolingConfig, PoolingInstanceAllocator, shard};
+
+const PAGE: usize = 65536;
+
+fn tunables() -> Tunables {
+    Tunables {
+        memory_reservation: 1 << 20,
+        memory_guard_size: PAGE as u64,
+        memory_reservation_for_growth: 0,
+        ..Tunables::default()
+    }
+}
+
+fn pool(configure: impl FnOnce(&mut PoolingConfig)) -> PoolingInstanceAllocator {
+    let mut config = PoolingConfig::new();
+    config
+        .total_memories(4)
+        .total_tables(4)
+        .max_memory_size(1 << 20)
+        .table_elements(1024);
+    configure(&mut config);
+    PoolingInstanceAllocator::new(&config, &tunables()).unwrap()
+}
+
+struct Loaded {
+    module: Arc<Module>,
+    offsets: VMOffsets<HostPtr>,
+}
+
+fn load(pool: &PoolingInstanceAllocator, name: &str, pages: u64, elements: u64) -> Loaded {
+    let module = Module::builder()
+        .name(name)
+        .memory(MemoryType::new(pages, Some(8)))
+        .table(TableType::new(elements, Some(1024)))
+        .build()
+        .unwrap();
+    let offsets = VMOffsets::new(HostPtr, &module).unwrap();
+    pool.validate_module(&module, &offsets).unwrap();
+    Loaded {
+        module: Arc::new(module),
+        offsets,
+    }
+}
+
+fn instantiate(pool: &PoolingInstanceAllocator, loaded: &Loaded) -> InstanceHandle {
+    let resolver = |f: berth_core::FuncIndex| f.as_u32() as usize + 1;
+    let tunables = tunables();
+    let request = InstanceAllocationRequest {
+        module: &loaded.module,
+        offsets: &loaded.offsets,
+        tunables: &tunables,
+        imports: Imports::default(),
+        host_state: Box::new(()),
+        limiter: None,
+        func_resolver: &resolver,
+    };
+    // SAFETY: `loaded` was validated by this pool, with these offsets.
+    unsafe { pool.allocate_module(request) }.unwrap()
+}
+
+fn deallocate(pool: &PoolingInstanceAllocator, mut handle: InstanceHandle) {
+    // SAFETY: the handle came from this pool's `allocate_module` and is not used again.
+    unsafe { pool.deallocate_module(&mut handle) };
+}
+
+fn memory() -> DefinedMemoryIndex {
+    DefinedMemoryIndex::from_u32(0)
+}
+
+fn table() -> DefinedTableIndex {
+    DefinedTableIndex::from_u32(0)
+}
+
+/// Every byte of memory 0 and every element of table 0 of a new instance.
+fn contents(pool: &PoolingInstanceAllocator, loaded: &Loaded) -> (Vec<u8>, Vec<usize>, usize) {
+    let mut handle = instantiate(pool, loaded);
+    let instance = handle.instance_mut();
+    let base = instance.memory(memory()).unwrap().base() as usize;
+    let bytes = instance.memory(memory()).unwrap().as_slice().to_vec();
+    let elements = instance.table(table()).unwrap().elements().to_vec();
+    deallocate(pool, handle);
+    (bytes, elements, base)
+}
+
+#[test]
+fn a_slot_whose_reset_failed_is_remapped_before_reuse() {
+    let pool = pool(|c| {
+        c.total_memories(1);
+    });
+    let a = load(&pool, "a", 2, 4);
+    let mut tenant = instantiate(&pool, &a);
+    let base = tenant.instance().memory(memory()).unwrap().base() as usize;
+    tenant
+        .instance_mut()
+        .memory_write(memory(), 0, &[0xAB; 4096])
+        .unwrap();
+    tenant
+        .instance_mut()
+        .memory_write(memory(), PAGE as u64 + 100, &[0xCD; 100])
+        .unwrap();
+    pool.fail_next_resets(1);
+    deallocate(&pool, tenant);
+    let (bytes, _, again) = contents(&pool, &a);
+    assert_eq!(again, base, "the only slot is reused");
+    assert!(
+        bytes.iter().all(|&b| b == 0),
+        "a failed reset leaked the previous tenant's bytes"
+    );
+}
+
+#[test]
+fn a_memory_slot_whose_decommit_failed_is_remapped_before_reuse() {
+    let pool = pool(|c| {
+        c.total_memories(1)
+            .decommit_batch_size(1)
+            .linear_memory_keep_resident(0);
+    });
+    let a = load(&pool, "a", 2, 4);
+    let mut tenant = instantiate(&pool, &a);
+    tenant
+        .instance_mut()
+        .memory_write(memory(), 70_000, &[0xEF; 64])
+        .unwrap();
+    pool.fail_next_decommits(1);
+    deallocate(&pool, tenant);
+    let (bytes, ..) = contents(&pool, &a);
+    assert!(
+        bytes.iter().all(|&b| b == 0),
+        "a failed decommit leaked the previous tenant's bytes"
+    );
+}
+
+#[test]
+fn a_table_slot_whose_decommit_failed_is_zeroed() {
+    let pool = pool(|c| {
+        c.total_tables(1).decommit_batch_size(1).table_keep_resident(0);
+    });
+    let a = load(&pool, "a", 1, 1024);
+    let mut tenant = instantiate(&pool, &a);
+    tenant
+        .instance_mut()
+        .table_fill(table(), 0, 0xBEEF, 1024)
+        .unwrap();
+    pool.fail_next_decommits(1);
+    deallocate(&pool, tenant);
+    assert_eq!(
+        pool.stats().decommits,
+        1,
+        "the table's pages were to be decommitted"
+    );
+    let (_, elements, _) = contents(&pool, &a);
+    assert!(
+        elements.iter().all(|&e| e == 0),
+        "a failed decommit left the previous tenant's elements"
+    );
+}
+
+/// Runs `f` on a new thread whose home is shard `home` of `shards` (threads are given homes
+/// round-robin, so a few tries find one).
+fn on_shard(shards: usize, home: usize, f: impl Fn() + Sync) {
+    std::thread::scope(|s| {
+        for _ in 0..1000 {
+            let ran = s
+                .spawn(|| {
+                    let here = shard::home(shards) == home;
+                    if here {
+                        f();
+                    }
+                    here
+                })
+                .join()
+                .unwrap();
+            if ran {
+                return;
+            }
+        }
+        panic!("no thread was homed in shard {home}");
+    });
+}
+
+#[test]
+fn a_table_release_that_runs_a_batch_keeps_the_warm_cap() {
+    // Shard 0 keeps more than its share of warm slots while shard 1 keeps none. Shard 1 then
+    // finishes a memory slot within its share inside a batch that a table's release runs: the
+    // pool is over its cap until someone gives back, and the release must see to it.
+    let probe = pool(|_| {});
+    let shards = probe.shards.len();
+    if shards < 2 {
+        eprintln!("skipped: one shard on this machine");
+        return;
+    }
+    let cap = 2 * shards;
+    let pool = pool(|c| {
+        c.total_memories(u32::try_from(4 * cap).unwrap())
+            .total_tables(u32::try_from(4 * cap).unwrap())
+            .max_unused_warm_slots(u32::try_from(cap).unwrap())
+            .decommit_batch_size(2)
+            .linear_memory_keep_resident(0)
+            .table_keep_resident(0)
+            .pagemap_scan(false);
+    });
+    let modules: Vec<Loaded> = (0..cap).map(|i| load(&pool, &format!("m{i}"), 1, 0)).collect();
+    on_shard(shards, 0, || {
+        for module in &modules {
+            let handle = instantiate(&pool, module);
+            deallocate(&pool, handle);
+        }
+        pool.flush_decommits();
+    });
+    assert_eq!(
+        pool.stats().warm_slots,
+        cap as u64,
+        "shard 0 borrowed the whole cap"
+    );
+    let other = load(&pool, "other", 1, 16);
+    let before = pool.stats().decommits;
+    on_shard(shards, 1, || {
+        // Its memory's decommit waits for a batch; its table's completes the batch.
+        let handle = instantiate(&pool, &other);
+        deallocate(&pool, handle);
+    });
+    assert_eq!(
+        pool.stats().decommits - before,
+        2,
+        "one batch of the memory's and the table's ranges"
+    );
+    let stats = pool.stats();
+    assert!(
+        stats.warm_slots <= cap as u64,
+        "{} warm slots over a cap of {cap}",
+        stats.warm_slots
+    );
+}
