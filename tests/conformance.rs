@@ -14,8 +14,8 @@ fn pool_config() -> PoolingConfig {
         .total_core_instances(16)
         .total_memories(16)
         .total_tables(16)
-        .max_memory_size(1 << 20)
-        .table_elements(64)
+        .max_memory_size(4 << 20)
+        .table_elements(1024)
         .max_memories_per_module(2)
         .max_tables_per_module(2)
         .max_unused_warm_slots(8);

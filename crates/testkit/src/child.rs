@@ -31,8 +31,14 @@ pub(crate) enum End {
 /// probe).
 pub(crate) fn expect(case: &str, probe: &str, expected: End, body: impl FnOnce()) {
     let end = in_child(case, probe, body);
-    if end != End::Skipped {
-        assert_eq!(end, expected, "probe `{probe}`");
+    match (&expected, &end) {
+        (_, End::Skipped) => {}
+        (expected, end) if expected == end => {}
+        (End::Faulted, End::Finished) => {
+            panic!("reading {probe} did not fault: the backend left it readable")
+        }
+        (End::Finished, End::Faulted) => panic!("{probe}: the child process faulted"),
+        (_, end) => panic!("{probe}: the child process ended with {end:?}"),
     }
 }
 

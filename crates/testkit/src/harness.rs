@@ -58,7 +58,7 @@ impl Harness {
         })
     }
 
-    /// Instantiates `loaded` (no imports), with an optional limiter.
+    /// Instantiates `loaded` (no imports), with an optional limiter, and initializes it.
     pub fn instantiate(&self, loaded: &Loaded, limiter: Option<&mut dyn ResourceLimiter>) -> Result<Live> {
         let resolver = |f: berth_core::FuncIndex| f.as_u32() as usize + 1;
         let request = InstanceAllocationRequest {
@@ -72,10 +72,15 @@ impl Harness {
         };
         // SAFETY: `loaded` was validated by this allocator in `load`, with these offsets.
         let handle = unsafe { self.allocator.allocate_module(request)? };
-        Ok(Live {
+        let mut live = Live {
             harness: self.clone(),
             handle,
-        })
+        };
+        // Data segments a copy-on-write image did not put in place (from here on, a failure
+        // deallocates the instance).
+        // SAFETY: the instance has no imports, so nothing outside it is read or written.
+        unsafe { berth_core::initialize(live.instance_mut(), &resolver)? };
+        Ok(live)
     }
 }
 

@@ -1,16 +1,16 @@
-//! Programs of random operations checked against a model: what every memory and table holds,
-//! how many resources are live, when a limit must refuse, and that live memories never
-//! overlap.
+//! Programs of random operations checked against a model: what every memory and table holds
+//! (also after the kernel moved their pages to swap or the inactive list), how many resources
+//! are live, when a limit must refuse, and that live memories never overlap.
 
+use berth_core::sys::PageEvent;
 use berth_core::{DefinedMemoryIndex, DefinedTableIndex, LimitExceeded};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-use crate::cases::{assert_exact, assert_fresh, assert_idle};
-use crate::modules::{self, Shape};
+use crate::checks::{assert_apart, assert_exact, assert_fresh, assert_idle};
+use crate::modules::{self, PAGE, Shape};
+use crate::reuse::disturb_all;
 use crate::{Ctx, Live};
-
-const PAGE: usize = 65536;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -38,6 +38,9 @@ enum Op {
     GrowTable { inst: usize, table: usize, delta: u64 },
     /// Deallocate instance `inst`.
     Drop(usize),
+    /// Ask the kernel to move instance `inst`'s pages (to swap if `swap`, else to the inactive
+    /// list): nothing it holds may change, and nothing of it may reach a later tenant.
+    Disturb { inst: usize, swap: bool },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -50,6 +53,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(inst, table, elem, value)| Op::Set { inst, table, elem, value }),
         1 => (any::<usize>(), any::<usize>(), 0u64..4).prop_map(|(inst, table, delta)| Op::GrowTable { inst, table, delta }),
         2 => any::<usize>().prop_map(Op::Drop),
+        1 => (any::<usize>(), any::<bool>()).prop_map(|(inst, swap)| Op::Disturb { inst, swap }),
     ]
 }
 
@@ -107,11 +111,7 @@ fn run_program(ctx: &Ctx<'_>, ops: Vec<Op>) {
                         assert!(fits, "an instantiation over a declared limit succeeded");
                         assert_fresh(&instance, shape);
                         live.push(Modeled {
-                            memories: shape
-                                .memories
-                                .iter()
-                                .map(|&(min, _)| vec![0; min as usize * PAGE])
-                                .collect(),
+                            memories: (0..shape.memories.len()).map(|i| shape.fresh_memory(i)).collect(),
                             tables: shape
                                 .tables
                                 .iter()
@@ -218,6 +218,15 @@ fn run_program(ctx: &Ctx<'_>, ops: Vec<Op>) {
                     live.swap_remove(i);
                 }
             }
+            Op::Disturb { inst, swap } => {
+                let Some(m) = pick(&mut live, inst) else { continue };
+                let event = if swap {
+                    PageEvent::SwapOut
+                } else {
+                    PageEvent::Deactivate
+                };
+                disturb_all(&m.live, event);
+            }
         }
         check(&harness, &live);
     }
@@ -235,20 +244,17 @@ fn pick(live: &mut [Modeled], inst: usize) -> Option<&mut Modeled> {
 
 /// Everything the model knows, checked against the allocator.
 fn check(harness: &crate::Harness, live: &[Modeled]) {
-    let mut ranges = Vec::new();
     for m in live {
         for (i, expected) in m.memories.iter().enumerate() {
-            assert!(
-                m.live.memory(i as u32) == &expected[..],
-                "memory {i} differs from the model"
-            );
-            let memory = m
-                .live
-                .instance()
-                .memory(DefinedMemoryIndex::from_u32(i as u32))
-                .unwrap();
-            let start = memory.base() as usize;
-            ranges.push((start, start + memory.byte_capacity().max(memory.byte_size())));
+            let bytes = m.live.memory(i as u32);
+            if bytes != &expected[..] {
+                let at = bytes.iter().zip(expected).position(|(a, b)| a != b);
+                panic!(
+                    "memory {i} differs from the model (sizes {} and {}, first difference at {at:?})",
+                    bytes.len(),
+                    expected.len()
+                );
+            }
         }
         for (i, expected) in m.tables.iter().enumerate() {
             assert_eq!(
@@ -259,21 +265,13 @@ fn check(harness: &crate::Harness, live: &[Modeled]) {
         }
         assert_exact(&m.live, &m.shape);
     }
-    ranges.sort_unstable();
-    for pair in ranges.windows(2) {
-        assert!(
-            pair[0].1 <= pair[1].0,
-            "two live memories overlap: {:x?} and {:x?}",
-            pair[0],
-            pair[1]
-        );
-    }
+    assert_apart(live.iter().map(|m| &m.live));
     let stats = harness.allocator.stats();
     let memories: usize = live.iter().map(|m| m.memories.len()).sum();
     let tables: usize = live.iter().map(|m| m.tables.len()).sum();
     assert_eq!(
         (stats.live_instances, stats.live_memories, stats.live_tables),
         (live.len() as u64, memories as u64, tables as u64),
-        "the backend's counts differ from the model"
+        "the backend's counts of live (instances, memories, tables) differ from the model"
     );
 }
