@@ -112,12 +112,30 @@ impl<T> DecommitQueue<T> {
         Some(std::mem::replace(&mut *queue, next).pending)
     }
 
-    /// Takes everything queued, to run now; `queued` as in [`push`](Self::push).
+    /// Takes everything queued, to run now; `queued` as in [`push`](Self::push) (not called
+    /// when nothing is queued).
     pub fn take_all(&self, queued: impl FnOnce(usize)) -> Vec<Pending<T>> {
         let mut queue = self.lock();
+        if queue.pending.is_empty() {
+            return Vec::new();
+        }
         queued(queue.pending.len());
         std::mem::take(&mut *queue).pending
     }
+}
+
+/// Decommits the ranges of one held slot (none: no system call) and hands the slot to
+/// `finish` with whether that worked. Returns how many ranges were given to the kernel.
+///
+/// # Safety
+///
+/// As for [`run`].
+pub(crate) unsafe fn run_one<T>((slot, decommits): Pending<T>, finish: impl FnOnce(T, bool)) -> u64 {
+    let ranges = decommits.as_slice();
+    // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping.
+    let done = ranges.is_empty() || unsafe { sys::decommit_all(ranges) }.is_ok();
+    finish(slot, done);
+    ranges.len() as u64
 }
 
 /// Decommits the ranges of `batch` in one system call (per 64 ranges) and hands each slot to

@@ -101,10 +101,27 @@ impl PoolingInstanceAllocator {
         let memory_chunk = shard::chunk(config.total_memories, shards);
         let table_chunk = shard::chunk(config.total_tables, shards);
         let warm = Arc::new(WarmBudget::new(config.max_unused_warm_slots as usize, shards));
-        let too_big = |knob: &str, slots: u32, bytes: u64| {
-            let bytes = human_bytes(bytes);
-            format!("{knob} of {slots} needs {bytes} of bookkeeping, more than this machine gives")
+        // Bookkeeping is reserved now and filled as slots are used. A pool whose bookkeeping
+        // alone passes the machine's memory can never be used, whatever the allocator lets us
+        // reserve (with overcommit, it may let us reserve anything).
+        let needs = |knob: &str, slots: u32, bytes: u64| {
+            format!("{knob} of {slots} needs {} of bookkeeping", human_bytes(bytes))
         };
+        let memory_bookkeeping = memory_pool::bookkeeping_bytes(config.total_memories);
+        let table_bookkeeping = table_pool::bookkeeping_bytes(config.total_tables);
+        let physical = sys::physical_memory();
+        for (knob, slots, bytes) in [
+            ("total_memories", config.total_memories, memory_bookkeeping),
+            ("total_tables", config.total_tables, table_bookkeeping),
+        ] {
+            if bytes > physical {
+                anyhow::bail!(
+                    "{}, more than this machine's {} of memory: lower {knob}",
+                    needs(knob, slots, bytes),
+                    human_bytes(physical)
+                );
+            }
+        }
         let shards = (0..shards)
             .map(|i| {
                 let i32 = u32::try_from(i).unwrap_or(u32::MAX);
@@ -121,15 +138,11 @@ impl PoolingInstanceAllocator {
                     i,
                     config.pagemap_scan,
                 );
-                let memory_pool = memory_pool.with_context(|| {
-                    let bytes = memory_pool::bookkeeping_bytes(config.total_memories);
-                    too_big("total_memories", config.total_memories, bytes)
-                })?;
+                let memory_pool = memory_pool
+                    .with_context(|| needs("total_memories", config.total_memories, memory_bookkeeping))?;
                 let table_pool = TablePool::new(&layout, tables, range(table_chunk, config.total_tables));
-                let table_pool = table_pool.with_context(|| {
-                    let bytes = table_pool::bookkeeping_bytes(config.total_tables);
-                    too_big("total_tables", config.total_tables, bytes)
-                })?;
+                let table_pool = table_pool
+                    .with_context(|| needs("total_tables", config.total_tables, table_bookkeeping))?;
                 Ok(Shard::new(
                     memory_pool,
                     table_pool,
@@ -161,7 +174,8 @@ impl PoolingInstanceAllocator {
         &self.layout
     }
 
-    /// Makes the next `n` memory slot resets fail, as if the kernel had refused them.
+    /// Makes the next `n` memory slot resets of each shard fail, as if the kernel had refused
+    /// them.
     #[cfg(test)]
     fn fail_next_resets(&self, n: u32) {
         for shard in &*self.shards {
@@ -169,7 +183,8 @@ impl PoolingInstanceAllocator {
         }
     }
 
-    /// Makes the next `n` decommits of each shard fail, as if the kernel had refused them.
+    /// Makes the next `n` decommits of each shard fail, as if the kernel had refused them (they
+    /// are not run at all, so what they were to give back stays for the failure path to reset).
     #[cfg(test)]
     fn fail_next_decommits(&self, n: u32) {
         for shard in &*self.shards {

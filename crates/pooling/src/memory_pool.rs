@@ -175,11 +175,15 @@ impl MemoryPool {
             .remap()
             .with_context(|| format!("failed to re-map memory slot {slot} of {} MiB", len >> 20));
         Some(match remapped {
-            Ok(()) => Ok(Lease {
-                slot,
-                accessible: 0,
-                image: None,
-            }),
+            Ok(()) => {
+                // Nothing of what the slot kept resident survives a re-map.
+                self.lock().slots.remapped(local);
+                Ok(Lease {
+                    slot,
+                    accessible: 0,
+                    image: None,
+                })
+            }
             Err(error) => {
                 self.lock().slots.abandon(local);
                 Err(error)
@@ -299,9 +303,8 @@ impl MemoryPool {
         let cooled = if warm.image.is_some() {
             bytes.remap().is_ok()
         } else {
-            bytes
-                .decommit(0..warm.history.resident.min(warm.accessible))
-                .is_ok()
+            // The whole prefix: pages kept resident above the accessible size too.
+            bytes.decommit(0..warm.history.resident).is_ok()
         };
         if cooled {
             slots.cooled(local, bytes.accessible());
@@ -322,7 +325,6 @@ impl MemoryPool {
     /// Warm slots, and the resident bytes they keep.
     pub fn counts(&self) -> (usize, usize) {
         let state = self.lock();
-        let resident = state.slots.warm_slots().map(|w| w.history.resident).sum();
-        (state.slots.warm(), resident)
+        (state.slots.warm(), state.slots.warm_resident())
     }
 }

@@ -174,7 +174,9 @@ pub(crate) fn reset(
             decommit.above = Some(keep..accessible);
         }
     }
-    history.resident = known;
+    // Pages kept resident above what this tenant could reach stay so (zeroed by the reset
+    // that last reached them), for a later tenant or the slot's cooling to find.
+    history.resident = known.max(history.resident);
     let mut decommits = Decommits::default();
     for range in decommit.ranges() {
         decommits.push(bytes.address_range(range));

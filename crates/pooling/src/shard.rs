@@ -7,7 +7,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
-use crate::decommit::{self, DecommitQueue, Pending};
+use crate::decommit::{self, DecommitQueue, Decommits, Pending};
 use crate::memory_pool::{self, MemoryPool};
 use crate::reset::MemoryReset;
 use crate::table_pool::{TableDone, TablePool, TableReset};
@@ -26,14 +26,37 @@ enum Done {
     Table(TableDone),
 }
 
+/// A reset slot the shard holds until its decommits ran.
+#[derive(Debug)]
+struct Held {
+    done: Done,
+    /// Its decommit is made to fail, and not run (tests only).
+    #[cfg(test)]
+    injected: bool,
+}
+
+/// Counts resets in flight until dropped, also when a reset panics, so that a thread waiting
+/// for resets to end (an exhausted pool) never waits for one that will not.
+struct InFlight<'a> {
+    count: &'a AtomicUsize,
+    n: usize,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
+
 /// A shard, on its own cache lines.
 #[derive(Debug)]
 #[repr(align(128))]
 pub(crate) struct Shard {
     pub memories: MemoryPool,
     pub tables: TablePool,
-    queue: DecommitQueue<Done>,
-    /// Resets running (between deallocation and `finish`, or in the queue).
+    queue: DecommitQueue<Held>,
+    /// Resets running (between deallocation and `finish`, or in a batch being run; not those
+    /// waiting in the queue, which a flush runs).
     pub in_flight: AtomicUsize,
     /// Instances counted against this shard's share of `total_core_instances` (the sum over
     /// shards is exact; one shard's count may go below zero when its instances are dropped
@@ -69,79 +92,104 @@ impl Shard {
         }
     }
 
+    fn count_in_flight(&self, n: usize) -> InFlight<'_> {
+        self.in_flight.fetch_add(n, Ordering::AcqRel);
+        InFlight {
+            count: &self.in_flight,
+            n,
+        }
+    }
+
     /// Resets a slot a tenant gave back. What must be given back to the kernel is decommitted
     /// at once when not batching, else queued: the batch runs (one system call for all its
     /// ranges) once it holds enough ranges, and the slots go back to their pools after it.
     pub fn release(&self, release: Release) {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let counted = self.count_in_flight(1);
         self.resets.fetch_add(1, Ordering::Relaxed);
-        let pending = match release {
-            Release::Memory(job) => self
-                .memories
-                .reset(job)
-                .map(|(reset, decommits)| (Done::Memory(reset), decommits)),
-            Release::Table(job) => {
-                let (done, decommits) = self.tables.reset(job);
-                Some((Done::Table(done), decommits))
-            }
+        let (done, mut decommits) = match release {
+            Release::Memory(job) => match self.memories.reset(job) {
+                Some((reset, decommits)) => (Done::Memory(reset), decommits),
+                // The reset failed and already left its slot stale.
+                None => return,
+            },
+            Release::Table(job) => match self.tables.reset(job) {
+                Some((done, decommits)) => (Done::Table(done), decommits),
+                // Nothing to decommit: already free.
+                None => return,
+            },
         };
-        let Some(pending) = pending else {
-            // The reset failed and already left its slot stale.
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return;
-        };
-        if pending.1.is_empty() || !self.queue.batches() {
-            self.run(vec![pending], 0);
+        let held = self.hold(done, &mut decommits);
+        if decommits.is_empty() || !self.queue.batches() {
+            // SAFETY: the ranges came from this slot's reset, through its `SlotBytes`; the
+            // slot stays `Resetting` (handed to no one, touched by no one) until `finish`.
+            let calls = unsafe { decommit::run_one((held, decommits), |held, ok| self.finish(held, ok)) };
+            self.decommits.fetch_add(calls, Ordering::Relaxed);
             return;
         }
         // Slots leaving in a full batch stay counted in flight until it has run.
-        let full = self.queue.push(pending, |n| {
-            self.in_flight.fetch_add(n, Ordering::AcqRel);
+        let mut batch_counted = None;
+        let full = self.queue.push((held, decommits), |n| {
+            batch_counted = Some(self.count_in_flight(n));
         });
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        drop(counted);
         if let Some(batch) = full {
-            let n = batch.len();
-            self.run(batch, n);
+            self.run(batch);
         }
+        drop(batch_counted);
     }
 
-    /// Decommits what `batch` leaves to decommit and finishes its slots; `counted` of them
-    /// were counted in flight for the batch (a single release counts itself).
-    fn run(&self, batch: Vec<Pending<Done>>, counted: usize) {
-        // Each slot with whether its decommit is made to fail (tests only).
-        let batch = batch.into_iter().map(|(done, decommits)| {
-            #[cfg(test)]
-            let fail = !decommits.is_empty()
+    /// The slot `done` describes, held until its `decommits` ran; in tests, an injected
+    /// failure empties them (so nothing is decommitted) and fails the slot's finish.
+    #[cfg_attr(not(test), allow(clippy::unused_self))]
+    fn hold(&self, done: Done, decommits: &mut Decommits) -> Held {
+        #[cfg(test)]
+        {
+            let injected = !decommits.is_empty()
                 && self
                     .fail_decommits
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                     .is_ok();
-            #[cfg(not(test))]
-            let fail = false;
-            ((done, fail), decommits)
-        });
-        let finish = |(done, fail): (Done, bool), decommitted: bool| match done {
-            Done::Memory(reset) => self.memories.finish(reset, decommitted && !fail),
-            Done::Table(done) => self.tables.finish(done, decommitted && !fail),
-        };
+            if injected {
+                *decommits = Decommits::default();
+            }
+            Held { done, injected }
+        }
+        #[cfg(not(test))]
+        {
+            let _ = decommits;
+            Held { done }
+        }
+    }
+
+    /// Returns a held slot to its pool: warm (or free), or, if its decommit failed, stale (a
+    /// memory slot) or zeroed (a table slot).
+    fn finish(&self, held: Held, decommitted: bool) {
+        #[cfg(test)]
+        let decommitted = decommitted && !held.injected;
+        match held.done {
+            Done::Memory(reset) => self.memories.finish(reset, decommitted),
+            Done::Table(done) => self.tables.finish(done, decommitted),
+        }
+    }
+
+    /// Decommits a batch's ranges and finishes its slots (counted in flight by the caller).
+    fn run(&self, batch: Vec<Pending<Held>>) {
         // SAFETY: every range came from the reset of a slot of this shard, through its
         // `SlotBytes`; the slot stays `Resetting` (handed to no one, touched by no one) until
         // `finish` is called for it here.
-        let calls = unsafe { decommit::run(batch.collect(), finish) };
+        let calls = unsafe { decommit::run(batch, |held, ok| self.finish(held, ok)) };
         self.decommits.fetch_add(calls, Ordering::Relaxed);
-        self.in_flight.fetch_sub(counted.max(1), Ordering::AcqRel);
     }
 
     /// Runs every queued decommit now. Returns whether anything was queued.
     pub fn flush(&self) -> bool {
-        let batch = self.queue.take_all(|n| {
-            self.in_flight.fetch_add(n, Ordering::AcqRel);
-        });
+        let mut counted = None;
+        let batch = self.queue.take_all(|n| counted = Some(self.count_in_flight(n)));
         if batch.is_empty() {
             return false;
         }
-        let n = batch.len();
-        self.run(batch, n);
+        self.run(batch);
+        drop(counted);
         true
     }
 }

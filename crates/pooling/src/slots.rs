@@ -10,7 +10,7 @@
 //!     └── (reset done, kept warm)
 //! ```
 //!
-//! Choice: the same key's most recently freed warm slot (nothing about it needs to change),
+//! Choice: a warm slot of the same key (nothing about it needs to change),
 //! else a cold or stale slot while the warm ones are under their cap, else the least recently
 //! used warm slot. Warm slots sit in two lists at once, an LRU list of all of them and a list
 //! per key, and each knows its place in both, so every transition is O(1).
@@ -112,10 +112,19 @@ pub(crate) enum Idle<K> {
 
 /// One memory slot's state.
 ///
-/// Invariant: a slot is in the cold list iff it is `Cold` or `Stale`, and in the LRU list and
-/// its key's list iff it is `Warm`; only `Held` slots are a tenant's, and only `Resetting` ones
-/// are being reset (or wait for their decommits); every other state is idle, its bytes as its
-/// [`Idle`] variant says.
+/// Invariants: a used slot is in the cold list iff it is `Cold` or `Stale`, and in the LRU list
+/// and its key's list iff it is `Warm`; only `Held` slots are a tenant's, and only `Resetting`
+/// ones are being reset (or wait for their decommits); every other state is idle, its bytes as
+/// its [`Idle`] variant says.
+///
+/// What a reset must cover before a slot leaves `Resetting` for `Warm`: every page its tenant
+/// could have written (its accessible bytes at deallocation, growth included), whatever state
+/// the kernel holds the page in: present, swapped out, under migration, in a transparent huge
+/// page, a private copy of an image page. A page may be skipped only where the kernel proves it
+/// clean (never touched since the last decommit, the shared zero page, the image file's own
+/// page); anything it cannot classify is reset. [`crate::reset`] does this; a reset or
+/// decommit that fails makes the slot `Stale` instead, and a stale slot is re-mapped before
+/// its next use.
 #[derive(Debug)]
 enum SlotState<K> {
     Idle(Idle<K>),
@@ -166,6 +175,8 @@ pub(crate) struct MemorySlots<K> {
     lru_tail: Option<SlotId>,
     per_key: FastMap<K, Vec<SlotId>>,
     warm: usize,
+    /// The resident bytes of the warm slots, summed.
+    warm_resident: usize,
     max_warm: usize,
 }
 
@@ -185,6 +196,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
             lru_tail: None,
             per_key: FastMap::default(),
             warm: 0,
+            warm_resident: 0,
             max_warm,
         })
     }
@@ -197,12 +209,9 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
         self.warm
     }
 
-    /// The warm slots.
-    pub fn warm_slots(&self) -> impl Iterator<Item = &Warm<K>> {
-        self.states.iter().filter_map(|state| match state {
-            SlotState::Idle(Idle::Warm(warm)) => Some(warm),
-            _ => None,
-        })
+    /// The resident bytes the warm slots keep.
+    pub fn warm_resident(&self) -> usize {
+        self.warm_resident
     }
 
     /// Slots handed out or being reset.
@@ -303,6 +312,18 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
         };
         *state = SlotState::Resetting(taken);
         taken
+    }
+
+    /// `slot`, held, was re-mapped before its tenant got it: nothing it kept resident is left.
+    ///
+    /// # Panics
+    ///
+    /// If `slot` is not held.
+    pub fn remapped(&mut self, slot: SlotId) {
+        match &mut self.states[slot as usize] {
+            SlotState::Held(taken) => taken.history.resident = 0,
+            other => panic!("slot {slot} re-mapped while {other:?}"),
+        }
     }
 
     /// Setting up `slot` for its tenant failed part-way: it is `Stale` (re-mapped before its
@@ -431,12 +452,14 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
         }
         self.lru_tail = Some(slot);
         self.warm += 1;
+        self.warm_resident += self.warm_at(slot).history.resident;
     }
 
     /// Removes a warm slot from the LRU list and its key's list (its state stays `Warm` until
     /// the caller changes it).
     fn unlink(&mut self, slot: SlotId) {
         let key = self.warm_at(slot).key;
+        self.warm_resident -= self.warm_at(slot).history.resident;
         let Links { prev, next, key_pos } = *self.links(slot);
         match prev {
             Some(prev) => self.links(prev).next = next,
@@ -469,17 +492,21 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Take(u8),
-        /// Give back the `n`th taken slot (modulo), its reset succeeding or not.
-        Give(usize, bool),
-        Purge(u8),
+        /// Take a slot for a key; abandon it at once (its set-up failed) if the flag says so.
+        Take(u8, bool),
+        /// Give back the `n`th taken slot (modulo), its reset succeeding or not, and cool what
+        /// is pushed out (give its pages back) successfully or not.
+        Give(usize, bool, bool),
+        /// Purge a key, cooling what is pushed out successfully or not.
+        Purge(u8, bool),
     }
 
     fn ops() -> impl Strategy<Value = Vec<Op>> {
+        let ok = || proptest::bool::weighted(0.9);
         let op = prop_oneof![
-            3 => (0u8..5).prop_map(Op::Take),
-            3 => (any::<usize>(), proptest::bool::weighted(0.9)).prop_map(|(i, ok)| Op::Give(i, ok)),
-            1 => (0u8..5).prop_map(Op::Purge),
+            3 => (0u8..5, proptest::bool::weighted(0.1)).prop_map(|(k, abandon)| Op::Take(k, abandon)),
+            3 => (any::<usize>(), ok(), ok()).prop_map(|(i, reset, cool)| Op::Give(i, reset, cool)),
+            1 => (0u8..5, ok()).prop_map(|(k, cool)| Op::Purge(k, cool)),
         ];
         proptest::collection::vec(op, 1..200)
     }
@@ -497,9 +524,11 @@ mod tests {
             let mut warm_for: HashMap<SlotId, u8> = HashMap::new();
             // Taken slots whose key was purged meanwhile.
             let mut purged: HashSet<SlotId> = HashSet::new();
+            // Idle slots in no known state: they must come back stale, never cold.
+            let mut stale: HashSet<SlotId> = HashSet::new();
             for op in ops {
                 match op {
-                    Op::Take(key) => {
+                    Op::Take(key, abandon) => {
                         let would_steal = slots.would_steal(key);
                         match slots.take(key, || 0) {
                             Some((slot, choice, idle)) => {
@@ -511,13 +540,19 @@ mod tests {
                                 match (choice, &idle) {
                                     (Choice::Affine, Idle::Warm(w)) => prop_assert_eq!(w.key, key),
                                     (Choice::Stolen(previous), Idle::Warm(w)) => prop_assert_eq!(w.key, previous),
-                                    (Choice::Cold, Idle::Cold { .. } | Idle::Stale) => {}
+                                    (Choice::Cold, Idle::Stale) => prop_assert!(stale.remove(&slot), "a slot came back stale for nothing"),
+                                    (Choice::Cold, Idle::Cold { .. }) => prop_assert!(!stale.contains(&slot), "a stale slot came back cold"),
                                     other => prop_assert!(false, "{:?} handed over {:?}", other.0, other.1),
                                 }
                                 if let Idle::Warm(w) = idle {
                                     prop_assert_eq!(warm_for.remove(&slot), Some(w.key));
                                 } else {
                                     prop_assert!(!warm_for.contains_key(&slot));
+                                }
+                                if abandon {
+                                    slots.abandon(slot);
+                                    taken.remove(&slot);
+                                    stale.insert(slot);
                                 }
                             }
                             None => {
@@ -526,7 +561,7 @@ mod tests {
                             }
                         }
                     }
-                    Op::Give(i, ok) => {
+                    Op::Give(i, ok, cool) => {
                         if taken.is_empty() { continue; }
                         let mut sorted: Vec<_> = taken.keys().copied().collect();
                         sorted.sort_unstable();
@@ -539,19 +574,30 @@ mod tests {
                         if ok && !was_purged {
                             warm_for.insert(slot, key);
                         }
+                        if !ok {
+                            stale.insert(slot);
+                        }
                         if let Some((evicted, w)) = out {
                             // A purged slot goes out without ever being warm; any other was
                             // warm (if only for a moment, at a cap of 0).
                             if !(evicted == slot && was_purged) {
                                 prop_assert_eq!(warm_for.remove(&evicted), Some(w.key));
                             }
-                            slots.cooled(evicted, w.accessible);
+                            if cool {
+                                slots.cooled(evicted, w.accessible);
+                            } else {
+                                stale.insert(evicted);
+                            }
                         }
                     }
-                    Op::Purge(key) => {
+                    Op::Purge(key, cool) => {
                         for (slot, w) in slots.purge(|k| *k == key) {
                             prop_assert_eq!(warm_for.remove(&slot), Some(key));
-                            slots.cooled(slot, w.accessible);
+                            if cool {
+                                slots.cooled(slot, w.accessible);
+                            } else {
+                                stale.insert(slot);
+                            }
                         }
                         prop_assert!(!warm_for.values().any(|&k| k == key));
                         purged.extend(taken.iter().filter(|&(_, &k)| k == key).map(|(&slot, _)| slot));
@@ -559,7 +605,6 @@ mod tests {
                 }
                 prop_assert!(slots.warm() <= max_warm, "warm cap exceeded");
                 prop_assert_eq!(slots.warm(), warm_for.len());
-                prop_assert_eq!(slots.warm_slots().count(), warm_for.len());
                 prop_assert_eq!(slots.taken(), taken.len());
             }
         }

@@ -61,6 +61,8 @@ struct State {
     len: u32,
     /// Used slots that are free; the last one goes first, then the never-used ones in order.
     free: Vec<SlotId>,
+    /// The resident bytes of free slots, summed.
+    idle_resident: usize,
 }
 
 impl State {
@@ -69,7 +71,12 @@ impl State {
         slots.try_reserve_exact(len as usize)?;
         let mut free = Vec::new();
         free.try_reserve_exact(len as usize)?;
-        Ok(State { slots, len, free })
+        Ok(State {
+            slots,
+            len,
+            free,
+            idle_resident: 0,
+        })
     }
 
     fn take(&mut self) -> Option<SlotId> {
@@ -83,10 +90,10 @@ impl State {
             None => return None,
         };
         let state = &mut self.slots[slot as usize];
-        assert!(
-            matches!(state, TableSlot::Free { .. }),
-            "table slot {slot} taken while {state:?}"
-        );
+        let TableSlot::Free { resident } = *state else {
+            panic!("table slot {slot} taken while {state:?}");
+        };
+        self.idle_resident -= resident;
         *state = TableSlot::Held;
         Some(slot)
     }
@@ -105,6 +112,7 @@ impl State {
         let state = &mut self.slots[slot as usize];
         assert_eq!(*state, from, "table slot {slot} freed while {state:?}");
         *state = TableSlot::Free { resident };
+        self.idle_resident += resident;
         self.free.push(slot);
     }
 }
@@ -166,44 +174,55 @@ impl TablePool {
         self.lock().free(slot - self.first, 0, TableSlot::Held);
     }
 
-    fn bytes(&self, slot: u32) -> SlotBytes {
+    /// The bytes of `slot`.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds `slot`: its tenant is gone (or it was never handed out) and no other
+    /// thread touches it until the returned value is dropped.
+    unsafe fn bytes(&self, slot: u32) -> SlotBytes {
         let stride = self.layout.table_stride;
-        // SAFETY: the caller holds the slot (`Resetting`: its tenant is gone, no other thread
-        // touches it until `finish`); the slab is read-write, so all `stride` bytes are
-        // accessible.
+        // SAFETY: per the caller, the slot is held; the slab is read-write, so all `stride`
+        // bytes are accessible.
         unsafe { self.region.bytes(slot, stride, stride) }
     }
 
-    /// Zeroes the first `table_keep_resident` bytes the tenant could have written; returns
-    /// the slot and the rest to decommit (addresses, page-aligned), if any.
-    pub fn reset(&self, job: TableReset) -> (TableDone, Decommits) {
-        self.lock().release(job.slot - self.first);
+    /// Zeroes the first `table_keep_resident` bytes the tenant could have written. If that is
+    /// all it could have written, the slot is free again at once and this returns `None`; else
+    /// the slot is `Resetting` and this returns it with the rest to decommit (addresses,
+    /// page-aligned), for [`finish`](Self::finish) once that ran.
+    pub fn reset(&self, job: TableReset) -> Option<(TableDone, Decommits)> {
         let stride = self.layout.table_stride;
         let dirty = job.dirty.min(stride);
         let keep = self.layout.table_keep_resident;
-        let mut bytes = self.bytes(job.slot);
+        // SAFETY: the tenant gave the slot back (`deallocate_table`'s contract): it is `Held`
+        // by this call until it is freed or marked `Resetting` below.
+        let mut bytes = unsafe { self.bytes(job.slot) };
         bytes.zero(0..dirty.min(keep));
         let end = dirty.next_multiple_of(self.layout.page_size).min(stride);
-        let (resident, rest) = if dirty <= keep {
-            (end.min(keep), 0..0)
-        } else {
-            // `keep` is a multiple of the page size.
-            (keep, keep..end)
-        };
+        let local = job.slot - self.first;
+        if dirty <= keep {
+            self.lock().free(local, end.min(keep), TableSlot::Held);
+            return None;
+        }
+        self.lock().release(local);
+        // `keep` is a multiple of the page size.
+        let rest = keep..end;
         let decommits = Decommits::one(bytes.address_range(rest.clone()));
         let done = TableDone {
             slot: job.slot,
-            resident,
+            resident: keep,
             rest,
         };
-        (done, decommits)
+        Some((done, decommits))
     }
 
     /// Returns a reset slot to the free list; if its decommit failed (`decommitted` false),
     /// the bytes it was to give back are zeroed here instead.
     pub fn finish(&self, done: TableDone, decommitted: bool) {
         if !decommitted {
-            self.bytes(done.slot).zero(done.rest.clone());
+            // SAFETY: the slot is `Resetting` until it is freed below: ours alone.
+            unsafe { self.bytes(done.slot) }.zero(done.rest.clone());
         }
         self.lock()
             .free(done.slot - self.first, done.resident, TableSlot::Resetting);
@@ -211,14 +230,6 @@ impl TablePool {
 
     /// Resident bytes in free slots.
     pub fn idle_resident(&self) -> usize {
-        let state = self.lock();
-        state
-            .slots
-            .iter()
-            .map(|slot| match slot {
-                TableSlot::Free { resident } => *resident,
-                _ => 0,
-            })
-            .sum()
+        self.lock().idle_resident
     }
 }

@@ -153,11 +153,8 @@ fn a_table_slot_whose_decommit_failed_is_zeroed() {
         .unwrap();
     pool.fail_next_decommits(1);
     deallocate(&pool, tenant);
-    assert_eq!(
-        pool.stats().decommits,
-        1,
-        "the table's pages were to be decommitted"
-    );
+    // The failed decommit was not run: the elements are still there for the failure path.
+    assert_eq!(pool.stats().decommits, 0);
     let (_, elements, _) = contents(&pool, &a);
     assert!(
         elements.iter().all(|&e| e == 0),
@@ -200,9 +197,11 @@ fn a_table_release_that_runs_a_batch_keeps_the_warm_cap() {
         return;
     }
     let cap = 2 * shards;
+    // Each shard can hold the whole cap and more.
+    let slots = u32::try_from(shards * (cap + 2)).unwrap();
     let pool = pool(|c| {
-        c.total_memories(u32::try_from(4 * cap).unwrap())
-            .total_tables(u32::try_from(4 * cap).unwrap())
+        c.total_memories(slots)
+            .total_tables(slots)
             .max_unused_warm_slots(u32::try_from(cap).unwrap())
             .decommit_batch_size(2)
             .linear_memory_keep_resident(0)

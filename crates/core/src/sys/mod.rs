@@ -18,6 +18,12 @@ pub fn page_size() -> usize {
     rustix::param::page_size()
 }
 
+/// Bytes of physical memory this machine has (`sysinfo`).
+pub fn physical_memory() -> u64 {
+    let info = rustix::system::sysinfo();
+    info.totalram.saturating_mul(u64::from(info.mem_unit.max(1)))
+}
+
 /// Reserves `len` bytes of fresh `PROT_NONE` address space (no memory committed).
 ///
 /// `len` must be non-zero and a multiple of the page size.

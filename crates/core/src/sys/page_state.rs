@@ -35,6 +35,10 @@ pub enum PageEvent {
 /// The contents of every page stay as they are, which is why this is safe to call on any
 /// mapped range; the kernel reports an error for a range that is not mapped, and may refuse a
 /// huge page (no memory to compact, transparent huge pages off), which is an error too.
+///
+/// For tests: `HugePage` also marks the range fit for huge pages for good (`MADV_HUGEPAGE` is
+/// a flag of the mapping, which the kernel may split in two or three to set it, each piece
+/// counting against `vm.max_map_count`).
 pub fn provoke(ptr: *const u8, len: usize, event: PageEvent) -> io::Result<()> {
     let page = page_size();
     let (start, end) = match event {
@@ -79,18 +83,23 @@ pub struct Forked {
     reaped: bool,
 }
 
-/// Forks this process. The child runs `child` and exits at once (no destructors, no `atexit`
-/// handlers, no flush of the parent's buffered output): with status 0 if `child` returned
-/// `true`, 1 if it returned `false` or panicked. The parent gets the child to wait for. Every
-/// private page is then shared copy-on-write by the two processes until one of them writes it.
+/// Forks this process. The child runs `child` and exits at once through `_exit` (no
+/// destructors, no `atexit` handlers, no flush of output buffered before the fork): with status
+/// 0 if `child` returned `true`, 1 if it returned `false` or panicked (with `panic = "abort"`, a
+/// panic kills it with `SIGABRT`, which also reads as failure). The parent gets the child to
+/// wait for. Every private page is then shared copy-on-write by the two processes until one of
+/// them writes it.
 ///
 /// # Safety
 ///
-/// No other thread of this process holds a lock, or is inside the allocator, that `child`
-/// will need: the child is a copy of the calling thread alone, and a lock held by another
-/// thread at the fork stays held in the child forever. Call it from a process whose other
-/// threads are idle (blocked waiting for this one), such as a test re-run in a child process
-/// with one test thread.
+/// The child is a copy of the calling thread alone, so:
+///
+/// - no other thread of this process may hold, at the call, a lock that `child` will take,
+///   the allocator's included: such a lock stays held in the child forever. Call it from a
+///   process whose other threads are idle (blocked waiting for this one), such as a test re-run
+///   in a child process with one test thread;
+/// - `child` must not leave through `std::process::exit` or anything else that runs the
+///   parent's `atexit` handlers or flushes buffers the parent also holds.
 pub unsafe fn fork(child: impl FnOnce() -> bool) -> io::Result<Forked> {
     // SAFETY: the caller promises no lock the child needs is held by another thread; the
     // child leaves only through `_exit`, so it never returns into the parent's stack frames.
