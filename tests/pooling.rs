@@ -489,17 +489,24 @@ fn a_slot_pushed_out_of_the_warm_set_shows_nothing_to_its_next_tenant() {
 #[test]
 fn an_absurd_but_valid_pool_is_an_error_that_names_the_knob() {
     // 4 KiB slots and a 4 KiB reservation: the address space (16 TiB) can be reserved, the
-    // bookkeeping for 4 294 967 295 slots cannot be had; that is an error, not an abort.
+    // bookkeeping for 4 294 967 295 slots cannot be had; that is an error, not an abort. The
+    // same for tables.
     for guard in [0, 4096] {
-        let mut config = Config::new();
-        config
-            .memory_reservation(4096)
-            .memory_guard_size(guard)
-            .memory_reservation_for_growth(0);
-        let mut pooling = PoolingConfig::new();
-        pooling.total_memories(u32::MAX).max_memory_size(4096);
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
-        let error = format!("{:#}", Engine::new(&config).unwrap_err());
-        assert!(error.contains("total_memories"), "{error}");
+        for (knob, memories, tables) in [("total_memories", u32::MAX, 1), ("total_tables", 1, u32::MAX)] {
+            let mut config = Config::new();
+            config
+                .memory_reservation(4096)
+                .memory_guard_size(guard)
+                .memory_reservation_for_growth(0);
+            let mut pooling = PoolingConfig::new();
+            pooling
+                .total_memories(memories)
+                .total_tables(tables)
+                .max_memory_size(4096)
+                .table_elements(16);
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+            let error = format!("{:#}", Engine::new(&config).unwrap_err());
+            assert!(error.contains(knob), "{error}");
+        }
     }
 }

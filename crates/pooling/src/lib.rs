@@ -70,17 +70,41 @@ impl PoolingInstanceAllocator {
     pub fn new(config: &PoolingConfig, tunables: &Tunables) -> Result<Self> {
         tunables.validate(sys::page_size())?;
         let layout = PoolLayout::new(config, tunables)?;
+        // Bookkeeping is reserved when the shards are built and filled as slots are used. A
+        // pool whose bookkeeping alone passes the machine's memory can never be used, whatever
+        // the allocator lets us reserve (with overcommit, it may let us reserve anything).
+        let memory_bookkeeping = memory_pool::bookkeeping_bytes(config.total_memories);
+        let table_bookkeeping = table_pool::bookkeeping_bytes(config.total_tables);
+        let physical = sys::physical_memory();
+        for (knob, slots, bytes) in [
+            ("total_memories", config.total_memories, memory_bookkeeping),
+            ("total_tables", config.total_tables, table_bookkeeping),
+        ] {
+            if bytes > physical {
+                anyhow::bail!(
+                    "{knob} of {slots} needs {} of bookkeeping, more than this machine's {} of \
+                     memory: lower {knob}",
+                    human_bytes(bytes),
+                    human_bytes(physical)
+                );
+            }
+        }
+        let space = |bytes: usize| human_bytes(bytes as u64);
         let mut memory_mapping = Mmap::reserve(layout.memory_pool_bytes).with_context(|| {
             format!(
-                "failed to reserve {:#x} bytes for {} memory slots of {:#x} bytes",
-                layout.memory_pool_bytes, layout.memory_slots, layout.memory_stride
+                "failed to reserve {} of address space for {} memory slots of {} (total_memories)",
+                space(layout.memory_pool_bytes),
+                layout.memory_slots,
+                space(layout.memory_stride)
             )
         })?;
         let table_bytes = layout.table_pool_bytes;
         let mut table_mapping = Mmap::with_accessible(table_bytes, table_bytes).with_context(|| {
             format!(
-                "failed to reserve {table_bytes:#x} bytes for {} table slots of {:#x} bytes",
-                layout.table_slots, layout.table_stride
+                "failed to reserve {} for {} table slots of {} (total_tables)",
+                space(table_bytes),
+                layout.table_slots,
+                space(layout.table_stride)
             )
         })?;
         let memory_base = NonNull::new(memory_mapping.as_mut_ptr().wrapping_add(layout.pre_guard))
@@ -101,27 +125,9 @@ impl PoolingInstanceAllocator {
         let memory_chunk = shard::chunk(config.total_memories, shards);
         let table_chunk = shard::chunk(config.total_tables, shards);
         let warm = Arc::new(WarmBudget::new(config.max_unused_warm_slots as usize, shards));
-        // Bookkeeping is reserved now and filled as slots are used. A pool whose bookkeeping
-        // alone passes the machine's memory can never be used, whatever the allocator lets us
-        // reserve (with overcommit, it may let us reserve anything).
         let needs = |knob: &str, slots: u32, bytes: u64| {
             format!("{knob} of {slots} needs {} of bookkeeping", human_bytes(bytes))
         };
-        let memory_bookkeeping = memory_pool::bookkeeping_bytes(config.total_memories);
-        let table_bookkeeping = table_pool::bookkeeping_bytes(config.total_tables);
-        let physical = sys::physical_memory();
-        for (knob, slots, bytes) in [
-            ("total_memories", config.total_memories, memory_bookkeeping),
-            ("total_tables", config.total_tables, table_bookkeeping),
-        ] {
-            if bytes > physical {
-                anyhow::bail!(
-                    "{}, more than this machine's {} of memory: lower {knob}",
-                    needs(knob, slots, bytes),
-                    human_bytes(physical)
-                );
-            }
-        }
         let shards = (0..shards)
             .map(|i| {
                 let i32 = u32::try_from(i).unwrap_or(u32::MAX);
