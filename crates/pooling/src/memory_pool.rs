@@ -171,9 +171,12 @@ impl MemoryPool {
         // SAFETY: the slot is `Held` by this call (taken above, not yet leased), so no one else
         // touches it; its reservation is `len` bytes; nothing of it is known to be accessible.
         let mut bytes = unsafe { self.region.bytes(slot, len, 0) };
-        let remapped = bytes
-            .remap()
-            .with_context(|| format!("failed to re-map memory slot {slot} of {} MiB", len >> 20));
+        let remapped = bytes.remap().with_context(|| {
+            format!(
+                "failed to re-map memory slot {slot} of {}",
+                human_bytes(len as u64)
+            )
+        });
         Some(match remapped {
             Ok(()) => {
                 // Nothing of what the slot kept resident survives a re-map.
