@@ -24,12 +24,20 @@ struct Args {
     /// Only workloads whose name contains this.
     #[arg(long)]
     only: Option<String>,
-    /// Cycles per thread for the one- and two-thread throughput runs (0 skips them).
-    #[arg(long, default_value_t = 100_000)]
-    thread_cycles: usize,
-    /// Alternating one- and two-thread runs per system; the medians are reported.
-    #[arg(long, default_value_t = 7)]
+    /// Milliseconds of each one- and two-thread throughput run, per workload and system (0
+    /// skips them).
+    #[arg(long, default_value_t = 200)]
+    thread_ms: u64,
+    /// Alternating one- and two-thread runs per workload and system; the medians are reported.
+    #[arg(long, default_value_t = 5)]
     thread_rounds: usize,
+    /// Threads of the many-thread run (besides one and two), e.g. `4,8,16` on a larger machine.
+    #[arg(long, value_delimiter = ',')]
+    threads: Vec<usize>,
+    /// Only run the cycles of the systems whose name contains this, `rounds x batch` of each
+    /// selected workload, and print nothing but totals: for a profiler.
+    #[arg(long)]
+    profile: Option<String>,
     /// Cycles of the resident-memory soak on the dirty workload (0 skips it).
     #[arg(long, default_value_t = 0)]
     soak: usize,
@@ -56,11 +64,26 @@ fn main() -> Result<()> {
         .into_iter()
         .filter(|w| args.only.as_deref().is_none_or(|o| w.name.contains(o)))
         .collect();
+    if let Some(name) = &args.profile {
+        for system in systems.iter().filter(|s| s.name.contains(name.as_str())) {
+            for workload in &workloads {
+                let mut cycle = system.prepare(workload)?(0);
+                let started = Instant::now();
+                let n = args.rounds * args.batch;
+                for _ in 0..n {
+                    cycle()?;
+                }
+                let each = started.elapsed().as_nanos() as f64 / n as f64;
+                println!("{} on {}: {} cycles, {} us each", system.name, workload.name, n, us(each));
+            }
+        }
+        return Ok(());
+    }
     let mut cycles = Vec::new();
     for workload in &workloads {
         let row: Vec<_> = systems
             .iter()
-            .map(|s| s.prepare(workload))
+            .map(|s| Ok(s.prepare(workload)?(0)))
             .collect::<Result<_>>()?;
         cycles.push(row);
     }
@@ -108,8 +131,8 @@ fn main() -> Result<()> {
         .collect();
     let median = |c: &(f64, f64, f64)| (c.0, format!("{} ({})", us(c.0), us(c.1)));
     let mean = |c: &(f64, f64, f64)| (c.2, us(c.2));
-    table("median (p99)", &systems, &workloads, &cells, median);
-    table("mean", &systems, &workloads, &cells, mean);
+    table("median (p99)", true, &systems, &workloads, &cells, median);
+    table("mean", false, &systems, &workloads, &cells, mean);
 
     println!("\n## The floor on this machine: median (p99), microseconds\n");
     println!("| operation | time |\n|---|---|");
@@ -134,51 +157,8 @@ fn main() -> Result<()> {
         );
     }
 
-    if args.thread_cycles > 0 {
-        println!(
-            "\n## Pooling throughput, {} cycles per thread of `untouched`\n",
-            args.thread_cycles
-        );
-        println!(
-            "Medians of {} alternating runs (one thread, then two); the ratio is the median of the rounds' ratios.\n",
-            args.thread_rounds
-        );
-        println!(
-            "| system | 1 thread (instances/s) | 2 threads (instances/s) | 2 threads / 1 thread | ratios, lowest to highest |\n|---|---|---|---|---|"
-        );
-        let untouched = workloads::all()
-            .into_iter()
-            .find(|w| w.name == "untouched")
-            .expect("untouched exists");
-        let systems = [
-            systems::pooled(false)?,
-            systems::pooled(true)?,
-            systems::control(),
-        ];
-        let mut runs = vec![(Vec::new(), Vec::new(), Vec::new()); systems.len()];
-        for _ in 0..args.thread_rounds.max(1) {
-            for (system, (ones, twos, ratios)) in systems.iter().zip(&mut runs) {
-                let one = throughput(system, &untouched, 1, args.thread_cycles)?;
-                let two = throughput(system, &untouched, 2, args.thread_cycles)?;
-                ones.push(one);
-                twos.push(two);
-                ratios.push(two / one);
-            }
-        }
-        for (system, (ones, twos, ratios)) in systems.iter().zip(&mut runs) {
-            let (one, _) = summary(ones);
-            let (two, _) = summary(twos);
-            let (ratio, _) = summary(ratios);
-            let all: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-            println!(
-                "| {} | {:.0} | {:.0} | {:.2} | {} |",
-                system.name,
-                one,
-                two,
-                ratio,
-                all.join(", ")
-            );
-        }
+    if args.thread_ms > 0 {
+        threads_table(&args, &workloads)?;
     }
 
     if args.soak > 0 {
@@ -187,7 +167,7 @@ fn main() -> Result<()> {
             .find(|w| w.name == "dirty-64k")
             .expect("dirty exists");
         let system = systems::pooled(true)?;
-        let mut cycle = system.prepare(&dirty)?;
+        let mut cycle = system.prepare(&dirty)?(0);
         let before = rss();
         for _ in 0..args.soak {
             cycle()?;
@@ -206,6 +186,7 @@ fn main() -> Result<()> {
 /// value `cell` gives.
 fn table(
     what: &str,
+    p99: bool,
     systems: &[systems::System],
     workloads: &[workloads::Workload],
     cells: &[Vec<(f64, f64, f64)>],
@@ -216,8 +197,8 @@ fn table(
     for system in systems {
         print!(" {} |", system.name);
     }
-    println!(" berth/wasmtime on-demand | berth/wasmtime pooling | berth/wasmtime tuned |");
-    println!("|---|{}", "---|".repeat(systems.len() + 3));
+    println!(" berth/wasmtime on-demand | berth/wasmtime pooling | berth/wasmtime tuned |{}", if p99 { " p99: berth/wasmtime tuned |" } else { "" });
+    println!("|---|{}", "---|".repeat(systems.len() + 3 + usize::from(p99)));
     for (workload, row) in workloads.iter().zip(cells) {
         let values: Vec<(f64, String)> = row.iter().map(&cell).collect();
         print!("| {} |", workload.name);
@@ -225,47 +206,100 @@ fn table(
             print!(" {text} |");
         }
         let ratio = |a: usize, b: usize| values[a].0 / values[b].0;
-        println!(" {:.2} | {:.2} | {:.2} |", ratio(3, 0), ratio(4, 1), ratio(4, 2));
+        print!(" {:.2} | {:.2} | {:.2} |", ratio(3, 0), ratio(4, 1), ratio(4, 2));
+        if p99 {
+            print!(" {:.2} |", row[4].1 / row[2].1);
+        }
+        println!();
     }
 }
 
-/// Instances per second with `threads` threads running `cycles` cycles each.
-fn throughput(
-    system: &systems::System,
-    workload: &workloads::Workload,
-    threads: usize,
-    cycles: usize,
-) -> Result<f64> {
+/// The throughput table: for every workload, one and two threads (and `--threads`) of Berth's
+/// pool, Wasmtime's tuned pool and the control loop, alternating.
+fn threads_table(args: &Args, workloads: &[workloads::Workload]) -> Result<()> {
+    let systems = [systems::pooled(true)?, systems::pooled(false)?, systems::control()];
+    let more: Vec<usize> = args.threads.iter().copied().filter(|&t| t > 2).collect();
+    println!(
+        "\n## Pooling throughput: one and two threads, {} ms a run\n",
+        args.thread_ms
+    );
+    println!(
+        "Medians of {} alternating runs (one thread, then two); a ratio is the median of the rounds' ratios. Instances per second, in thousands.\n",
+        args.thread_rounds
+    );
+    print!("| workload |");
+    for system in &systems {
+        print!(" {0}: 1 thread | {0}: 2 threads | {0}: 2 / 1 |", system.name);
+    }
+    for t in &more {
+        print!(" berth pooling: {t} threads / 1 |");
+    }
+    println!("\n|---|{}", "---|".repeat(3 * systems.len() + more.len()));
+    let duration = Duration::from_millis(args.thread_ms);
+    for workload in workloads {
+        print!("| {} |", workload.name);
+        let prepared: Vec<_> = systems.iter().map(|s| s.prepare(workload)).collect::<Result<_>>()?;
+        let mut ones = Vec::new();
+        for (s, cycles) in prepared.iter().enumerate() {
+            let (mut one, mut two, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..args.thread_rounds.max(1) {
+                let a = throughput(cycles, 1, duration)?;
+                let b = throughput(cycles, 2, duration)?;
+                one.push(a);
+                two.push(b);
+                ratio.push(b / a);
+            }
+            let (one, _) = summary(&mut one);
+            let (two, _) = summary(&mut two);
+            let (ratio, _) = summary(&mut ratio);
+            print!(" {:.0} | {:.0} | {:.2} |", one / 1000.0, two / 1000.0, ratio);
+            if s == 0 {
+                ones.push(one);
+            }
+        }
+        for &t in &more {
+            let many = throughput(&prepared[0], t, duration)?;
+            print!(" {:.2} |", many / ones[0]);
+        }
+        println!();
+    }
+    Ok(())
+}
+
+/// Instances per second with `threads` threads running cycles for `duration`.
+fn throughput(cycles: &systems::Cycles, threads: usize, duration: Duration) -> Result<f64> {
     let barrier = std::sync::Barrier::new(threads);
-    let elapsed: Result<Duration> = std::thread::scope(|scope| {
+    let done: Result<Vec<(usize, Duration)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
-            .map(|_| {
+            .map(|t| {
                 let barrier = &barrier;
-                scope.spawn(move || -> Result<Duration> {
-                    let mut cycle = system.prepare(workload)?;
-                    for _ in 0..1000 {
+                scope.spawn(move || -> Result<(usize, Duration)> {
+                    let mut cycle = cycles(t);
+                    for _ in 0..200 {
                         cycle()?;
                     }
                     barrier.wait();
                     let started = Instant::now();
-                    for _ in 0..cycles {
-                        cycle()?;
+                    let mut n = 0;
+                    while started.elapsed() < duration {
+                        for _ in 0..16 {
+                            cycle()?;
+                        }
+                        n += 16;
                     }
-                    Ok(started.elapsed())
+                    Ok((n, started.elapsed()))
                 })
             })
             .collect();
-        let mut longest = Duration::ZERO;
-        for handle in handles {
-            longest = longest.max(
-                handle
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("a thread panicked"))??,
-            );
-        }
-        Ok(longest)
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a thread panicked"))?)
+            .collect()
     });
-    Ok((threads * cycles) as f64 / elapsed?.as_secs_f64())
+    let done = done?;
+    let cycles: usize = done.iter().map(|d| d.0).sum();
+    let longest = done.iter().map(|d| d.1).max().unwrap_or(duration);
+    Ok(cycles as f64 / longest.as_secs_f64())
 }
 
 /// Resident set size now, in KiB.

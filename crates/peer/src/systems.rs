@@ -1,15 +1,21 @@
 //! The systems compared: Wasmtime 48 (on-demand, pooling with defaults, pooling tuned) and
 //! Berth (on-demand, pooling with defaults). One cycle of each is one instance's whole life.
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 
 use crate::workloads::Workload;
 
-/// One prepared (system, workload) pair: calling it runs one cycle.
-pub type Cycle = Box<dyn FnMut() -> Result<()>>;
+/// One thread's loop over a prepared (system, workload) pair: calling it runs one cycle.
+pub type Cycle = Box<dyn FnMut() -> Result<()> + Send>;
 
-/// Compiles or loads a workload once and returns its cycle.
-type Prepare = Box<dyn Fn(&Workload) -> Result<Cycle> + Send + Sync>;
+/// A prepared (system, workload) pair, its modules compiled or loaded once: makes the cycle of
+/// thread `t` (threads share the modules, and start at different ones).
+pub type Cycles = Box<dyn Fn(usize) -> Cycle + Send + Sync>;
+
+/// Compiles or loads a workload once.
+type Prepare = Box<dyn Fn(&Workload) -> Result<Cycles> + Send + Sync>;
 
 /// A system under comparison.
 pub struct System {
@@ -19,8 +25,8 @@ pub struct System {
 }
 
 impl System {
-    /// Compiles or loads `workload` once and returns its cycle.
-    pub fn prepare(&self, workload: &Workload) -> Result<Cycle> {
+    /// Compiles or loads `workload` once, for cycles on any number of threads.
+    pub fn prepare(&self, workload: &Workload) -> Result<Cycles> {
         (self.prepare)(workload).with_context(|| format!("{} cannot run {}", self.name, workload.name))
     }
 }
@@ -46,34 +52,69 @@ fn wt<T>(result: wasmtime::Result<T>) -> Result<T> {
     result.map_err(|e| anyhow::anyhow!("{e:?}"))
 }
 
-/// One Wasmtime cycle: `Store::new` + instantiate (+ write) + drop.
+/// Where thread `t` starts in a workload of `n` modules: spread out, so threads rarely
+/// instantiate the same module at once.
+fn start(thread: usize, n: usize) -> usize {
+    (thread * n.div_ceil(2)) % n.max(1)
+}
+
+/// The bytes a tenant writes, enough for its longest run.
+fn buffer(workload: &Workload) -> Vec<u8> {
+    let longest = workload
+        .modules
+        .iter()
+        .flat_map(|m| m.tenant.writes.iter().map(|w| w.1))
+        .max()
+        .unwrap_or(0);
+    vec![0xA5u8; longest]
+}
+
+/// One Wasmtime cycle: `Store::new` + instantiate (+ grow and write) + drop, each cycle the
+/// next module of the workload.
 fn wasmtime_system(name: &'static str, pooling: Option<bool>) -> Result<System> {
     let engine = wasmtime_engine(pooling)?;
     Ok(System {
         name,
-        prepare: Box::new(move |workload: &Workload| -> Result<Cycle> {
+        prepare: Box::new(move |workload: &Workload| -> Result<Cycles> {
             let engine = engine.clone();
-            let module = wt(wasmtime::Module::new(&engine, &workload.wat))?;
-            let buffer = vec![0xA5u8; workload.dirty];
-            Ok(Box::new(move || {
+            let modules = workload
+                .modules
+                .iter()
+                .map(|m| Ok((wt(wasmtime::Module::new(&engine, &m.wat))?, m.tenant.clone())))
+                .collect::<Result<Vec<_>>>()?;
+            let modules = Arc::new(modules);
+            let buffer = buffer(workload);
+            Ok(Box::new(move |thread| {
+                let (engine, modules, buffer) = (engine.clone(), modules.clone(), buffer.clone());
+                let mut next = start(thread, modules.len());
+                Box::new(move || {
+                let (module, tenant) = &modules[next];
+                next = (next + 1) % modules.len();
                 let mut store = wasmtime::Store::new(&engine, ());
-                let instance = wt(wasmtime::Instance::new(&mut store, &module, &[]))?;
-                if !buffer.is_empty() {
+                let instance = wt(wasmtime::Instance::new(&mut store, module, &[]))?;
+                if tenant.grow > 0 || !tenant.writes.is_empty() {
                     let memory = instance
                         .get_memory(&mut store, "memory")
                         .context("no exported memory")?;
-                    memory
-                        .write(&mut store, 0, &buffer)
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    if tenant.grow > 0 {
+                        wt(memory.grow(&mut store, tenant.grow))?;
+                    }
+                    for &(offset, len) in &tenant.writes {
+                        memory
+                            .write(&mut store, offset, &buffer[..len])
+                            .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    }
                 }
                 drop(store);
                 Ok(())
+                })
             }))
         }),
     })
 }
 
-/// One Berth cycle: instantiate through the engine (+ write) + drop.
+/// One Berth cycle: instantiate through the engine (+ grow and write) + drop, each cycle the
+/// next module of the workload.
 fn berth_system(name: &'static str, pooling: bool) -> Result<System> {
     let mut config = berth_engine::Config::new();
     if pooling {
@@ -85,16 +126,32 @@ fn berth_system(name: &'static str, pooling: bool) -> Result<System> {
     let engine = berth_engine::Engine::new(&config)?;
     Ok(System {
         name,
-        prepare: Box::new(move |workload: &Workload| -> Result<Cycle> {
-            let module = engine.load(berth_wasm::parse(workload.wat.as_bytes())?)?;
-            let buffer = vec![0xA5u8; workload.dirty];
-            Ok(Box::new(move || {
-                let mut instance = berth_engine::Instance::new(&module)?;
-                if !buffer.is_empty() {
-                    instance.write_memory(0, 0, &buffer)?;
+        prepare: Box::new(move |workload: &Workload| -> Result<Cycles> {
+            let modules = workload
+                .modules
+                .iter()
+                .map(|m| Ok((engine.load(berth_wasm::parse(m.wat.as_bytes())?)?, m.tenant.clone())))
+                .collect::<Result<Vec<_>>>()?;
+            let modules = Arc::new(modules);
+            let buffer = buffer(workload);
+            Ok(Box::new(move |thread| {
+                let (modules, buffer) = (modules.clone(), buffer.clone());
+                let mut next = start(thread, modules.len());
+                Box::new(move || {
+                let (module, tenant) = &modules[next];
+                next = (next + 1) % modules.len();
+                let mut instance = berth_engine::Instance::new(module)?;
+                if tenant.grow > 0 {
+                    instance
+                        .grow_memory(0, tenant.grow)?
+                        .context("memory.grow failed")?;
+                }
+                for &(offset, len) in &tenant.writes {
+                    instance.write_memory(0, offset as u64, &buffer[..len])?;
                 }
                 drop(instance);
                 Ok(())
+                })
             }))
         }),
     })
@@ -126,15 +183,17 @@ pub fn pooled(berth: bool) -> Result<System> {
 pub fn control() -> System {
     System {
         name: "control: user-space loop, nothing shared",
-        prepare: Box::new(|_: &Workload| -> Result<Cycle> {
-            let mut seed = 1u64;
-            Ok(Box::new(move || {
-                let mut block = vec![0u64; 256];
-                for (i, word) in block.iter_mut().enumerate() {
-                    *word = seed.wrapping_mul(i as u64 + 1);
-                }
-                seed = std::hint::black_box(block.iter().fold(0, |a, &w| a ^ w)) | 1;
-                Ok(())
+        prepare: Box::new(|_: &Workload| -> Result<Cycles> {
+            Ok(Box::new(|_| {
+                let mut seed = 1u64;
+                Box::new(move || {
+                    let mut block = vec![0u64; 256];
+                    for (i, word) in block.iter_mut().enumerate() {
+                        *word = seed.wrapping_mul(i as u64 + 1);
+                    }
+                    seed = std::hint::black_box(block.iter().fold(0, |a, &w| a ^ w)) | 1;
+                    Ok(())
+                })
             }))
         }),
     }

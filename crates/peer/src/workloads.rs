@@ -1,30 +1,99 @@
-//! The modules both systems instantiate, as WebAssembly text, and what each cycle does.
+//! The modules both systems instantiate, as WebAssembly text, and what each tenant does.
 
 use std::fmt::Write;
 
-/// One benchmarked module and what a cycle does with it.
+/// What a tenant does between instantiation and drop.
+#[derive(Debug, Clone, Default)]
+pub struct Tenant {
+    /// Pages (64 KiB) it grows memory 0 by first.
+    pub grow: u64,
+    /// Then (offset, length) runs it writes into memory 0 (exported as `memory`).
+    pub writes: Vec<(usize, usize)>,
+}
+
+impl Tenant {
+    /// A tenant that does nothing.
+    pub fn idle() -> Tenant {
+        Tenant::default()
+    }
+}
+
+/// One module of a workload and its tenants' behaviour.
+#[derive(Debug, Clone)]
+pub struct Module {
+    pub wat: String,
+    pub tenant: Tenant,
+}
+
+/// One benchmarked workload: its modules are instantiated in turn, one per cycle.
 pub struct Workload {
     /// Short name for the table.
     pub name: &'static str,
     /// What it is, for the docs.
-    pub about: &'static str,
-    /// The module, as text.
-    pub wat: String,
-    /// Bytes the tenant writes to memory 0 before the instance is dropped.
-    pub dirty: usize,
+    pub about: String,
+    pub modules: Vec<Module>,
+}
+
+impl Workload {
+    fn one(name: &'static str, about: &str, wat: String, tenant: Tenant) -> Workload {
+        Workload {
+            name,
+            about: about.into(),
+            modules: vec![Module { wat, tenant }],
+        }
+    }
 }
 
 fn escaped(bytes: impl Iterator<Item = u8>) -> String {
-    let mut text = String::new();
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = Vec::new();
     for byte in bytes {
-        let _ = write!(text, "\\{byte:02x}");
+        text.extend_from_slice(&[b'\\', HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 15)]]);
     }
-    text
+    String::from_utf8(text).unwrap_or_default()
 }
 
-/// The seven workloads of the comparison.
+/// `len` bytes of data that is not zero, varied by `seed`.
+fn data(len: usize, seed: u32) -> String {
+    escaped((0..len as u32).map(|i| (i.wrapping_mul(7).wrapping_add(seed) % 251) as u8 | 1))
+}
+
+const KIB: usize = 1024;
+const PAGE: usize = 64 * KIB;
+
+/// A module shaped like a compiled program: a memory of `pages` with `low` bytes of data near
+/// its start and `high` bytes near its top, a table of `elements` filled by an element
+/// segment, `globals` mutable globals, and `funcs` functions.
+fn program(pages: usize, low: usize, high: usize, elements: usize, globals: usize, seed: u32) -> String {
+    let funcs = 8;
+    let mut wat = format!("(module (memory (export \"memory\") {pages})\n");
+    for f in 0..funcs {
+        let _ = writeln!(wat, "(func $f{f} (result i32) i32.const {f})");
+    }
+    let _ = writeln!(wat, "(table {elements} funcref)");
+    let names: String = (0..elements).map(|i| format!("$f{} ", i % funcs)).collect();
+    let _ = writeln!(wat, "(elem (i32.const 0) func {names})");
+    for g in 0..globals {
+        let _ = writeln!(wat, "(global (mut i64) (i64.const {g}))");
+    }
+    let _ = writeln!(wat, "(data (i32.const 1024) \"{}\")", data(low, seed));
+    let top = pages * PAGE - high - 4 * KIB;
+    let _ = writeln!(wat, "(data (i32.const {top}) \"{}\")", data(high, seed + 1));
+    wat.push(')');
+    wat
+}
+
+/// A small module, different for each `seed`: one page with a little data, a small table.
+fn small(seed: u32) -> String {
+    format!(
+        "(module (memory 1) (func $f) (table 8 funcref) (elem (i32.const 0) func $f $f) (data (i32.const {}) \"{}\"))",
+        64 * (seed % 512),
+        data(48 + (seed as usize % 32), seed)
+    )
+}
+
+/// The workloads of the comparison.
 pub fn all() -> Vec<Workload> {
-    let data_64k = escaped((0..65536u32).map(|i| (i % 251) as u8 | 1));
     let sparse: String = (0..=16u32)
         .map(|i| {
             format!(
@@ -35,48 +104,142 @@ pub fn all() -> Vec<Workload> {
         })
         .collect();
     let elems = "$f ".repeat(1000);
+    let scattered = |runs: &[(usize, usize)]| Tenant {
+        grow: 0,
+        writes: runs.to_vec(),
+    };
+    // Grows by `grow` pages and writes `each` bytes at the start of every page it then has.
+    let growing = |initial: u64, grow: u64, each: usize| Tenant {
+        grow,
+        writes: (0..(initial + grow) as usize).map(|p| (p * PAGE, each)).collect(),
+    };
+    let program_1m = program(16, 4 * KIB, 100 * KIB, 300, 10, 1);
+    let program_2m = program(32, 2 * KIB, 160 * KIB, 500, 12, 2);
+    let image_4m = format!("(module (memory (export \"memory\") 256) (data (i32.const 0) \"{}\"))", data(4 << 20, 3));
+    let image_1m = format!(
+        "(module (memory (export \"memory\") 128) (data (i32.const {}) \"{}\"))",
+        2 << 20,
+        data(1 << 20, 4)
+    );
+    let many = |n: u32| Workload {
+        name: if n == 64 { "many-64" } else { "many-150" },
+        about: format!("{n} small distinct modules (a page with a little data, a table of 8), instantiated in turn"),
+        modules: (0..n)
+            .map(|i| Module {
+                wat: small(i),
+                tenant: Tenant::idle(),
+            })
+            .collect(),
+    };
+    let program_1m_tenant = scattered(&[(64 * KIB, 4 * KIB), (400 * KIB, 4 * KIB), (960 * KIB, 4 * KIB)]);
+    let grow_15 = growing(1, 15, KIB);
+    let image_1m_tenant = scattered(&[(2 << 20, 4 * KIB), (2560 * KIB, 8 * KIB), (3 << 20, 4 * KIB)]);
     vec![
+        Workload::one(
+            "untouched",
+            "one 64 KiB memory, not written (an idle tenant)",
+            "(module (memory 1))".into(),
+            Tenant::idle(),
+        ),
+        Workload::one(
+            "dirty-64k",
+            "one 64 KiB memory, all 64 KiB written before deallocation",
+            "(module (memory (export \"memory\") 1))".into(),
+            scattered(&[(0, PAGE)]),
+        ),
+        Workload::one(
+            "data-64k",
+            "one memory initialized by a 64 KiB data segment",
+            format!("(module (memory 1) (data (i32.const 0) \"{}\"))", data(PAGE, 0)),
+            Tenant::idle(),
+        ),
+        Workload::one(
+            "sparse-1m",
+            "a 2 MiB memory with 17 small data segments spread over its first 1 MiB",
+            format!("(module (memory 32)\n{sparse})"),
+            Tenant::idle(),
+        ),
+        Workload::one(
+            "table-1000",
+            "a 1000-element table filled by an element segment",
+            format!("(module (func $f) (table 1000 funcref) (elem (i32.const 0) func {elems}))"),
+            Tenant::idle(),
+        ),
+        Workload::one(
+            "multi-4x4",
+            "four memories and four tables",
+            "(module (memory 1) (memory 1) (memory 1) (memory 1) (table 10 funcref) (table 10 funcref) (table 10 funcref) (table 10 funcref))".into(),
+            Tenant::idle(),
+        ),
+        Workload::one(
+            "memory-64m",
+            "one 64 MiB memory, not written",
+            "(module (memory 1024))".into(),
+            Tenant::idle(),
+        ),
+        Workload::one(
+            "program-1m",
+            "a compiled program's shape: a 1 MiB memory with 4 KiB of data low and 100 KiB near its top, a 300-entry table filled by an element segment, 10 mutable globals; the tenant writes three scattered 4 KiB runs (one inside the high data)",
+            program_1m.clone(),
+            program_1m_tenant.clone(),
+        ),
+        Workload::one(
+            "program-2m",
+            "the same shape at 2 MiB: 2 KiB of data low, 160 KiB near the top, a 500-entry table, 12 globals; the tenant writes four runs of 2 to 8 KiB (one inside the high data)",
+            program_2m,
+            scattered(&[(16 * KIB, 8 * KIB), (700 * KIB, 4 * KIB), (1536 * KIB, 4 * KIB), (1950 * KIB, 2 * KIB)]),
+        ),
+        Workload::one(
+            "grow-15",
+            "a one-page memory the tenant grows by 15 pages, writing 1 KiB into each of its 16 pages",
+            "(module (memory (export \"memory\") 1 64))".into(),
+            grow_15.clone(),
+        ),
+        Workload::one(
+            "grow-40",
+            "a two-page memory the tenant grows by 40 pages, writing 4 KiB into each of its 42 pages",
+            "(module (memory (export \"memory\") 2 64))".into(),
+            growing(2, 40, 4 * KIB),
+        ),
+        Workload::one(
+            "image-4m",
+            "a 16 MiB memory with a dense 4 MiB data image; the tenant writes 64 KiB inside the image",
+            image_4m,
+            scattered(&[(1 << 20, PAGE)]),
+        ),
+        Workload::one(
+            "image-1m",
+            "an 8 MiB memory with a 1 MiB image at 2 MiB; the tenant writes three runs of 4 to 8 KiB inside it",
+            image_1m.clone(),
+            image_1m_tenant.clone(),
+        ),
+        many(64),
+        many(150),
         Workload {
-            name: "untouched",
-            about: "one 64 KiB memory, not written",
-            wat: "(module (memory 1))".into(),
-            dirty: 0,
-        },
-        Workload {
-            name: "dirty-64k",
-            about: "one 64 KiB memory, all 64 KiB written before deallocation",
-            wat: "(module (memory (export \"memory\") 1))".into(),
-            dirty: 65536,
-        },
-        Workload {
-            name: "data-64k",
-            about: "one memory initialized by a 64 KiB data segment",
-            wat: format!("(module (memory 1) (data (i32.const 0) \"{data_64k}\"))"),
-            dirty: 0,
-        },
-        Workload {
-            name: "sparse-1m",
-            about: "a 2 MiB memory with 17 small data segments spread over its first 1 MiB",
-            wat: format!("(module (memory 32)\n{sparse})"),
-            dirty: 0,
-        },
-        Workload {
-            name: "table-1000",
-            about: "a 1000-element table filled by an element segment",
-            wat: format!("(module (func $f) (table 1000 funcref) (elem (i32.const 0) func {elems}))"),
-            dirty: 0,
-        },
-        Workload {
-            name: "multi-4x4",
-            about: "four memories and four tables",
-            wat: "(module (memory 1) (memory 1) (memory 1) (memory 1) (table 10 funcref) (table 10 funcref) (table 10 funcref) (table 10 funcref))".into(),
-            dirty: 0,
-        },
-        Workload {
-            name: "memory-64m",
-            about: "one 64 MiB memory, not written",
-            wat: "(module (memory 1024))".into(),
-            dirty: 0,
+            name: "mixed",
+            about: "five shapes in turn: program-1m, grow-15, image-1m, untouched, a small module".into(),
+            modules: vec![
+                Module {
+                    wat: program_1m,
+                    tenant: program_1m_tenant,
+                },
+                Module {
+                    wat: "(module (memory (export \"memory\") 1 64))".into(),
+                    tenant: grow_15,
+                },
+                Module {
+                    wat: image_1m,
+                    tenant: image_1m_tenant,
+                },
+                Module {
+                    wat: "(module (memory 1))".into(),
+                    tenant: Tenant::idle(),
+                },
+                Module {
+                    wat: small(999),
+                    tenant: Tenant::idle(),
+                },
+            ],
         },
     ]
 }
