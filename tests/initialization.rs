@@ -449,6 +449,7 @@ fn a_module_purged_while_its_slot_waits_for_reset_leaves_no_warm_slot() {
         .total_tables(4)
         .max_memory_size(1 << 20)
         .linear_memory_keep_resident(0)
+        .pagemap_scan(false)
         .decommit_batch_size(8);
     let allocator =
         std::sync::Arc::new(berth_engine::PoolingInstanceAllocator::new(&pool, config.tunables()).unwrap());
@@ -457,7 +458,7 @@ fn a_module_purged_while_its_slot_waits_for_reset_leaves_no_warm_slot() {
     let a = engine.load(data_module("a", 1, &[(0, vec![7; 4096])])).unwrap();
     let mut tenant = Instance::new(&a).unwrap();
     tenant.write_memory(0, 0, &[1]).unwrap();
-    drop(tenant); // its written page waits in the queue: the batch holds up to eight ranges
+    drop(tenant); // its pages wait in the queue (a blind decommit): the batch holds up to eight ranges
     drop(a); // purged while its slot waits
     let b = engine.load(data_module("b", 1, &[])).unwrap();
     drop(Instance::new(&b).unwrap()); // nothing to decommit: straight back to the pool

@@ -106,10 +106,10 @@ pub struct PoolOptions {
     /// Idle slots kept warm [default: 100]
     #[arg(long, help_heading = "Pool")]
     pub max_unused_warm_slots: Option<u32>,
-    /// Ranges a shard collects before decommitting them in one system call [default: 16]
+    /// Ranges of idle slots a shard collects before decommitting them in one system call [default: 4]
     #[arg(long, help_heading = "Pool")]
     pub decommit_batch_size: Option<usize>,
-    /// Bytes of each memory slot kept resident between tenants [default: 64K]
+    /// Bytes of each memory slot kept resident between tenants (pages tenants wrote) [default: 1M]
     #[arg(long, value_parser = usize_size, help_heading = "Pool")]
     pub linear_memory_keep_resident: Option<usize>,
     /// Bytes of each table slot reset by memset [default: 16K]

@@ -11,6 +11,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 
@@ -29,6 +30,30 @@ pub struct MemoryImage {
     fd: OwnedFd,
     offset: usize,
     len: usize,
+    /// A read-only view of the file, mapped the first time a backend asks for the bytes.
+    view: OnceLock<Option<View>>,
+}
+
+/// A read-only shared mapping of an image's sealed file.
+#[derive(Debug)]
+struct View {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the view is read-only and the file sealed against writes: its bytes never change,
+// so any thread may read them.
+unsafe impl Send for View {}
+// SAFETY: as above.
+unsafe impl Sync for View {}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr + len` came from `map_file_readonly`, is owned by this view, and
+        // the only references into it (from `MemoryImage::bytes`) borrow the image, which is
+        // being dropped.
+        let _ = unsafe { sys::unmap(self.ptr, self.len) };
+    }
 }
 
 impl MemoryImage {
@@ -85,6 +110,7 @@ impl MemoryImage {
             fd,
             offset,
             len: end - offset,
+            view: OnceLock::new(),
         }))
     }
 
@@ -96,6 +122,20 @@ impl MemoryImage {
     /// Bytes the image covers (page-aligned).
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// The image's bytes (`len` of them, to be placed at `offset` in a memory), through a
+    /// read-only view of its file mapped on first use; `None` if that mapping fails. A pool
+    /// restores the image pages a tenant wrote by copying from here.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        let view = self.view.get_or_init(|| {
+            let ptr = sys::map_file_readonly(self.fd.as_fd(), self.len).ok()?;
+            Some(View { ptr, len: self.len })
+        });
+        // SAFETY: the view maps `len` readable bytes of the sealed file, which never change,
+        // and lives as long as the image (the returned slice borrows it).
+        view.as_ref()
+            .map(|v| unsafe { std::slice::from_raw_parts(v.ptr.as_ptr(), v.len) })
     }
 
     /// Whether the image is empty (never: empty images are not built).

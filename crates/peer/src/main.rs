@@ -21,9 +21,9 @@ struct Args {
     /// Cycles per batch.
     #[arg(long, default_value_t = 250)]
     batch: usize,
-    /// Only workloads whose name contains this.
-    #[arg(long)]
-    only: Option<String>,
+    /// Only workloads whose name contains one of these (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Milliseconds of each one- and two-thread throughput run, per workload and system (0
     /// skips them).
     #[arg(long, default_value_t = 200)]
@@ -62,7 +62,7 @@ fn main() -> Result<()> {
     let systems = systems::all()?;
     let workloads: Vec<_> = workloads::all()
         .into_iter()
-        .filter(|w| args.only.as_deref().is_none_or(|o| w.name.contains(o)))
+        .filter(|w| args.only.is_empty() || args.only.iter().any(|o| w.name.contains(o.as_str())))
         .collect();
     if let Some(name) = &args.profile {
         for system in systems.iter().filter(|s| s.name.contains(name.as_str())) {

@@ -6,8 +6,8 @@
 /// The defaults reserve, with the engine's default tunables (4 GiB reservation and 2 GiB
 /// guard per memory), 1000 memory slots of 6 GiB: about 6 TiB of address space, under 5% of a
 /// 47-bit (128 TiB) user address space, plus 1000 table slots of 20 000 words (about 156 MiB).
-/// Nothing is resident until used; afterwards idle slots keep at most 100 × 64 KiB of memory
-/// pages and 16 KiB per used table slot. [`PoolLayout`](crate::PoolLayout) computes the cost of a
+/// Nothing is resident until used; afterwards idle slots keep at most 100 × 1 MiB of memory
+/// pages (only pages tenants wrote) and 16 KiB per used table slot. [`PoolLayout`](crate::PoolLayout) computes the cost of a
 /// configuration before it is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -40,20 +40,23 @@ pub struct PoolingConfig {
     pub max_unused_warm_slots: u32,
     /// Ranges a shard collects before giving them back to the kernel in one system call
     /// (`process_madvise`, one `madvise` each on kernels before 6.13). Default 16; 1 decommits
-    /// at once. A reset zeroes what it keeps at deallocation; a slot with pages left to
-    /// decommit is not reused before its batch runs (an exhausted pool runs the queues and
-    /// retries). Batching saves a system call and, with other threads running, a TLB shootdown
-    /// per reset; keep it well below `max_unused_warm_slots`, or held slots push warm ones
-    /// out.
+    /// at once. Only ranges a reset gives back without knowing them written are batched (they
+    /// are usually empty); pages a reset found written are given back at once, by the
+    /// deallocation that left them. A slot with pages left to decommit is not reused before its
+    /// batch runs (an exhausted pool runs the queues and retries). Batching saves a system call
+    /// and, with other threads running, a TLB shootdown per reset; keep it well below
+    /// `max_unused_warm_slots`, or held slots push warm ones out.
     pub decommit_batch_size: usize,
-    /// Bytes at the start of each memory slot kept resident between tenants: reset by
-    /// zeroing (only the pages a tenant left non-zero) instead of `madvise`, so the next tenant
-    /// does not fault them in again. Default 64 KiB (one WebAssembly page). Costs up to this
-    /// much resident memory per warm slot, and a read of these bytes per reset.
+    /// Bytes of each memory slot kept resident between tenants: the pages tenants write,
+    /// wherever they lie (in up to 64 runs), are reset in place (zeroed, or the image's bytes
+    /// copied back) instead of given back to the kernel, so the next tenant writes them without
+    /// a page fault. Default 1 MiB. Costs up to this much resident memory per warm slot, and a
+    /// `memset` of the kept pages per reset; pages a tenant writes past it are given back.
     pub linear_memory_keep_resident: usize,
     /// Whether resets ask the kernel which pages a tenant wrote (`PAGEMAP_SCAN`, Linux 6.7+)
     /// and touch only those. Default `true` (used when the kernel has it). Without it, a reset
-    /// reads every kept byte to find the non-zero pages and decommits all the rest.
+    /// reads the first 64 KiB (at most `linear_memory_keep_resident`) to find the written pages
+    /// and decommits all the rest.
     pub pagemap_scan: bool,
     /// Bytes at the start of each table slot reset with `memset` instead of `madvise`.
     /// Default 16 KiB (2048 elements). Costs up to this much resident memory per table slot
@@ -73,8 +76,8 @@ impl Default for PoolingConfig {
             max_tables_per_module: 1,
             max_core_instance_size: 1 << 20,
             max_unused_warm_slots: 100,
-            decommit_batch_size: 16,
-            linear_memory_keep_resident: 64 << 10,
+            decommit_batch_size: 4,
+            linear_memory_keep_resident: 1 << 20,
             table_keep_resident: 16 << 10,
             pagemap_scan: true,
         }

@@ -12,27 +12,42 @@ use std::sync::Mutex;
 
 use berth_core::sys;
 
-/// Up to two page-aligned address ranges a reset leaves to decommit (one over an image, one
-/// over the rest).
+use crate::reset::BLIND_RUNS;
+
+/// The page-aligned address ranges a reset leaves to decommit: the gaps around a blind slot's
+/// kept runs (at most [`BLIND_RUNS`] of them), or everything from where the budget ran out.
+///
+/// Whether they are expected to hold pages decides who pays: ranges a blind reset gives back
+/// are usually empty, and cheap to give back in a batch; ranges a scan found written are not,
+/// and the deallocation that leaves them pays for them at once, so that no other deallocation
+/// pays for many.
 #[derive(Debug, Default)]
 pub(crate) struct Decommits {
-    ranges: [Range<usize>; 2],
+    ranges: [Range<usize>; BLIND_RUNS + 1],
     len: usize,
+    /// The ranges hold pages a tenant wrote.
+    dirty: bool,
 }
 
 impl Decommits {
-    /// One range (none if it is empty).
-    pub fn one(range: Range<usize>) -> Decommits {
-        let mut decommits = Decommits::default();
-        decommits.push(range);
-        decommits
+    /// Ranges a blind reset gives back (batched).
+    pub fn blind() -> Decommits {
+        Decommits::default()
+    }
+
+    /// Ranges a scan found written (given back at once).
+    pub fn dirty() -> Decommits {
+        Decommits {
+            dirty: true,
+            ..Decommits::default()
+        }
     }
 
     /// Adds a range (an empty one is ignored).
     ///
     /// # Panics
     ///
-    /// On a third non-empty range: resets produce at most two.
+    /// On more ranges than a blind slot's kept runs leave gaps: resets produce no more.
     pub fn push(&mut self, range: Range<usize>) {
         if !range.is_empty() {
             self.ranges[self.len] = range;
@@ -46,6 +61,17 @@ impl Decommits {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Whether the ranges hold pages a tenant wrote, to be given back at once.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty && self.len > 0
+    }
+
+    /// Forgets the ranges (tests inject a failed decommit this way).
+    #[cfg(test)]
+    pub fn clear(&mut self) {
+        self.len = 0;
     }
 }
 

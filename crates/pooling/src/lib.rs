@@ -16,6 +16,7 @@
 mod check;
 mod config;
 mod decommit;
+mod kept;
 mod layout;
 mod memory_pool;
 mod reset;
@@ -42,7 +43,7 @@ pub use check::check_module;
 pub use config::PoolingConfig;
 pub use layout::PoolLayout;
 
-use memory_pool::{Lease, MemoryKey, MemoryPool};
+use memory_pool::{Choose, Lease, MemoryKey, MemoryPool};
 use reset::MemoryReset;
 use shard::{Release, Shard};
 use slot_bytes::Region;
@@ -218,12 +219,12 @@ impl PoolingInstanceAllocator {
         self.rebalance_warm();
     }
 
-    /// While the shards keep more warm slots than the cap (one grew within its share while
-    /// another kept more than its own), has the borrowing shards give their least recently
-    /// used ones back.
+    /// While the shards keep more warm slots than the cap (one kept more than its share), has
+    /// the shard holding the pool's least recently used warm slot push it out.
     fn rebalance_warm(&self) {
         while self.warm.over() {
-            if !self.shards.iter().any(|shard| shard.memories.give_back()) {
+            let Some(oldest) = self.warm.oldest() else { return };
+            if !self.shards[oldest].memories.give_back() {
                 return;
             }
         }
@@ -284,21 +285,22 @@ impl PoolingInstanceAllocator {
     fn take_memory(&self, key: MemoryKey, wanted: Option<&Arc<MemoryImage>>) -> Result<Lease> {
         let n = self.shards.len();
         let home = shard::home(n);
-        let own_or_cold = (0..n).find_map(|i| self.shards[(home + i) % n].memories.take(key, wanted, false));
-        if let Some(taken) = own_or_cold {
+        let in_turn =
+            |choose| (0..n).find_map(|i| self.shards[(home + i) % n].memories.take(key, wanted, choose));
+        if let Some(taken) = in_turn(Choose::Own).or_else(|| in_turn(Choose::OwnOrCold)) {
             return taken;
         }
         let take = |shard: &Shard| {
             shard
                 .memories
-                .take(key, wanted, false)
+                .take(key, wanted, Choose::OwnOrCold)
                 .or_else(|| {
                     shard
                         .flush()
-                        .then(|| shard.memories.take(key, wanted, false))
+                        .then(|| shard.memories.take(key, wanted, Choose::OwnOrCold))
                         .flatten()
                 })
-                .or_else(|| shard.memories.take(key, wanted, true))
+                .or_else(|| shard.memories.take(key, wanted, Choose::Any))
         };
         self.take(take).unwrap_or_else(|| {
             let n = u64::from(self.config.total_memories);

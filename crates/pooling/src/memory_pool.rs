@@ -6,6 +6,7 @@
 //! thread holding this pool's lock while it is idle (pushing it out). Every such touch goes
 //! through [`SlotBytes`](crate::slot_bytes::SlotBytes).
 
+use std::ops::Range;
 #[cfg(test)]
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,13 +16,24 @@ use berth_core::{DefinedMemoryIndex, MemoryImage, ModuleId, human_bytes, sys};
 
 use crate::decommit::Decommits;
 use crate::layout::PoolLayout;
-use crate::reset::{self, MemoryReset, Policy};
+use crate::reset::{self, Learned, MemoryReset, Policy};
 use crate::slot_bytes::Region;
 use crate::slots::{Choice, FastMap, Idle, MemorySlots, SlotId, Warm};
 use crate::warm::WarmBudget;
 
 /// Which module's memory a slot serves.
 pub(crate) type MemoryKey = (ModuleId, DefinedMemoryIndex);
+
+/// Which slots [`MemoryPool::take`] may hand out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Choose {
+    /// Only one warm for the same module memory.
+    Own,
+    /// That, or a cold one while the pool keeps fewer warm slots than its cap.
+    OwnOrCold,
+    /// Anything: also another module memory's least recently used warm slot.
+    Any,
+}
 
 /// A slot taken for a memory, ready to build it on.
 #[derive(Debug)]
@@ -41,19 +53,43 @@ pub(crate) struct Reset {
     warm: Warm<MemoryKey>,
 }
 
+/// How an idle slot is made ready for a memory.
+enum Setup {
+    /// It is ready as it is: `accessible` bytes readable and writable (zeros or `image`).
+    Ready {
+        accessible: usize,
+        image: Option<Arc<MemoryImage>>,
+    },
+    /// It maps an image the memory must not see: replace `range` (that image, inside the
+    /// `accessible` bytes) with fresh zero pages, and it is ready with no image.
+    Unmap { accessible: usize, range: Range<usize> },
+    /// Its state is unknown: re-map the whole slot.
+    Remap,
+}
+
 impl Idle<MemoryKey> {
-    /// What an idle slot offers a memory that wants `wanted` mapped: its accessible bytes and
-    /// the image already in place, or `None` if it must be re-mapped first (its state is
-    /// unknown, or it maps an image the memory must not see). This is the one place that
-    /// decides a re-map.
-    fn ready_for(self, wanted: Option<&Arc<MemoryImage>>) -> Option<(usize, Option<Arc<MemoryImage>>)> {
+    /// What it takes to make this idle slot ready for a memory that wants `wanted` mapped.
+    /// This is the one place that decides what a slot's mapping needs.
+    fn setup_for(self, wanted: Option<&Arc<MemoryImage>>) -> Setup {
         match self {
-            Idle::Cold { accessible } => Some((accessible, None)),
-            Idle::Stale => None,
+            Idle::Cold { accessible } => Setup::Ready {
+                accessible,
+                image: None,
+            },
+            Idle::Stale => Setup::Remap,
             Idle::Warm(warm) => match (warm.image, wanted) {
-                (None, _) => Some((warm.accessible, None)),
-                (Some(have), Some(want)) if Arc::ptr_eq(&have, want) => Some((warm.accessible, Some(have))),
-                (Some(_), _) => None,
+                (None, _) => Setup::Ready {
+                    accessible: warm.accessible,
+                    image: None,
+                },
+                (Some(have), Some(want)) if Arc::ptr_eq(&have, want) => Setup::Ready {
+                    accessible: warm.accessible,
+                    image: Some(have),
+                },
+                (Some(have), _) => Setup::Unmap {
+                    accessible: warm.accessible,
+                    range: have.offset()..have.offset() + have.len(),
+                },
             },
         }
     }
@@ -67,10 +103,11 @@ pub(crate) fn bookkeeping_bytes(slots: u32) -> u64 {
 #[derive(Debug)]
 struct State {
     slots: MemorySlots<MemoryKey>,
-    /// Per module memory, the clean-scan streak its slots' last resets left: a slot new to the
-    /// memory starts from there, so a module whose tenants write nothing does not pay a scan
-    /// per reset on every slot it moves to.
-    clean_streak: FastMap<MemoryKey, u8>,
+    /// Per module memory, what its slots' last resets learned: a slot new to the memory starts
+    /// from there, so a module whose tenants write nothing does not pay a scan per reset on
+    /// every slot it moves to (and one whose tenants write does not go blind before its new
+    /// slot has learned their pages).
+    learned: FastMap<MemoryKey, Learned>,
 }
 
 /// One shard's memory slots.
@@ -102,7 +139,7 @@ impl MemoryPool {
         use_page_map: bool,
     ) -> Result<MemoryPool> {
         let len = slots.end - slots.start;
-        let memory_slots = MemorySlots::new(len, budget.share(shard)).map_err(|_| {
+        let memory_slots = MemorySlots::new(len, budget.cap()).map_err(|_| {
             let bytes = human_bytes(bookkeeping_bytes(len));
             anyhow!("failed to allocate {bytes} of bookkeeping for {len} memory slots")
         })?;
@@ -113,7 +150,7 @@ impl MemoryPool {
             use_page_map,
             state: Mutex::new(State {
                 slots: memory_slots,
-                clean_streak: FastMap::default(),
+                learned: FastMap::default(),
             }),
             budget,
             shard,
@@ -138,55 +175,74 @@ impl MemoryPool {
     }
 
     /// Takes a slot for `key`'s memory, which wants `wanted` mapped, and makes it ready: `None`
-    /// if no slot is free, or if `steal` is false and the only one is another module's warm
-    /// slot. A slot that is not ready for the memory as it is gets re-mapped.
+    /// if no slot of the kind `choose` allows is free. A slot that is not ready for the memory as
+    /// it is gets its mapping fixed.
     pub fn take(
         &self,
         key: MemoryKey,
         wanted: Option<&Arc<MemoryImage>>,
-        steal: bool,
+        choose: Choose,
     ) -> Option<Result<Lease>> {
         let (local, idle) = {
             let mut state = self.lock();
-            let State { slots, clean_streak } = &mut *state;
-            slots.set_max_warm(self.budget.allowed(self.shard, slots.warm()));
-            if !steal && slots.would_steal(key) {
+            let State { slots, learned } = &mut *state;
+            let refused = match choose {
+                Choose::Own => !slots.has_warm(key),
+                Choose::OwnOrCold => slots.would_steal(key),
+                Choose::Any => false,
+            };
+            if refused {
                 return None;
             }
-            let (local, choice, idle) = slots.take(key, || clean_streak.get(&key).copied().unwrap_or(0))?;
+            let (local, choice, idle) = slots.take(key, || learned.get(&key).copied().unwrap_or_default())?;
             if choice != Choice::Cold {
-                self.budget.publish(self.shard, slots.warm());
+                self.budget
+                    .publish(self.shard, slots.warm(), slots.oldest_stamp());
             }
             (local, idle)
         };
         let slot = self.first + local;
-        if let Some((accessible, image)) = idle.ready_for(wanted) {
-            return Some(Ok(Lease {
-                slot,
-                accessible,
-                image,
-            }));
-        }
         let len = self.layout.memory_reservation;
-        // SAFETY: the slot is `Held` by this call (taken above, not yet leased), so no one else
-        // touches it; its reservation is `len` bytes; nothing of it is known to be accessible.
-        let mut bytes = unsafe { self.region.bytes(slot, len, 0) };
-        let remapped = bytes.remap().with_context(|| {
-            format!(
-                "failed to re-map memory slot {slot} of {}",
-                human_bytes(len as u64)
-            )
-        });
-        Some(match remapped {
-            Ok(()) => {
-                // Nothing of what the slot kept resident survives a re-map.
-                self.lock().slots.remapped(local);
-                Ok(Lease {
+        let done = match idle.setup_for(wanted) {
+            Setup::Ready { accessible, image } => {
+                return Some(Ok(Lease {
                     slot,
-                    accessible: 0,
-                    image: None,
+                    accessible,
+                    image,
+                }));
+            }
+            Setup::Unmap { accessible, range } => {
+                // SAFETY: the slot is `Held` by this call (taken above, not yet leased), so no
+                // one else touches it; a warm slot's first `accessible` bytes are readable and
+                // writable.
+                let mut bytes = unsafe { self.region.bytes(slot, len, accessible) };
+                bytes
+                    .replace_with_zeros(range)
+                    .map(|()| accessible)
+                    .with_context(|| format!("failed to unmap an image from memory slot {slot}"))
+            }
+            Setup::Remap => {
+                // SAFETY: as above; nothing of it is known to be accessible.
+                let mut bytes = unsafe { self.region.bytes(slot, len, 0) };
+                let remapped = bytes.remap().map(|()| 0);
+                if remapped.is_ok() {
+                    // Nothing of what the slot kept resident survives a re-map.
+                    self.lock().slots.remapped(local);
+                }
+                remapped.with_context(|| {
+                    format!(
+                        "failed to re-map memory slot {slot} of {}",
+                        human_bytes(len as u64)
+                    )
                 })
             }
+        };
+        Some(match done {
+            Ok(accessible) => Ok(Lease {
+                slot,
+                accessible,
+                image: None,
+            }),
             Err(error) => {
                 self.lock().slots.abandon(local);
                 Err(error)
@@ -206,8 +262,7 @@ impl MemoryPool {
     /// stale (finished here: it is re-mapped before its next use), and returns `None`.
     pub fn reset(&self, job: MemoryReset) -> Option<(Reset, Decommits)> {
         let local = self.local(job.slot);
-        let taken = self.lock().slots.release(local);
-        let mut history = taken.history;
+        let (key, mut history) = self.lock().slots.release(local);
         let policy = Policy {
             keep: self.layout.memory_keep_resident,
             map: sys::page_map().filter(|_| self.use_page_map),
@@ -235,7 +290,7 @@ impl MemoryPool {
         match done {
             Ok(decommits) => {
                 let initial = job.initial.min(job.accessible);
-                let warm = Warm::new(taken.key, initial, job.image, history);
+                let warm = Warm::new(key, initial, job.image, history);
                 Some((Reset { slot: job.slot, warm }, decommits))
             }
             Err(_) => {
@@ -252,47 +307,45 @@ impl MemoryPool {
         if !decommitted {
             return self.finish_stale(reset.slot);
         }
-        let Reset { slot, warm } = reset;
+        let Reset { slot, mut warm } = reset;
+        warm.stamp = self.budget.now();
         let mut state = self.lock();
-        let State { slots, clean_streak } = &mut *state;
-        let streak = warm.history.streak();
+        let State { slots, learned } = &mut *state;
+        let lesson = warm.history.learned();
         let key = warm.key;
-        slots.set_max_warm(self.budget.allowed(self.shard, slots.warm()));
         let finished = slots.finish(self.local(slot), Some(warm));
         // Not for a purged module, whose entry would never be removed.
-        if !finished.purged && clean_streak.get(&key) != Some(&streak) {
-            clean_streak.insert(key, streak);
+        if !finished.purged && learned.get(&key) != Some(&lesson) {
+            learned.insert(key, lesson);
         }
         if let Some((local, warm)) = finished.out {
             self.cool(slots, local, warm);
         }
-        self.budget.publish(self.shard, slots.warm());
+        self.budget
+            .publish(self.shard, slots.warm(), slots.oldest_stamp());
     }
 
     fn finish_stale(&self, slot: u32) {
         self.lock().slots.finish(self.local(slot), None);
     }
 
-    /// If this shard keeps more warm slots than its share, pushes its least recently used one
-    /// out (for a shard that needs its share back). Returns whether it did.
+    /// Pushes this shard's least recently used warm slot out (the pool is over its cap, and
+    /// this slot is the oldest in it). Returns whether there was one.
     pub fn give_back(&self) -> bool {
         let mut state = self.lock();
-        if !self.budget.is_borrowing(self.shard) {
-            return false;
-        }
         let Some((local, warm)) = state.slots.evict() else {
             return false;
         };
         self.cool(&mut state.slots, local, warm);
-        self.budget.publish(self.shard, state.slots.warm());
+        self.budget
+            .publish(self.shard, state.slots.warm(), state.slots.oldest_stamp());
         true
     }
 
-    /// Gives what a slot pushed out of the warm set holds back to the kernel: its resident
-    /// prefix (one decommit, none if its tenants wrote nothing), or, if it maps an image, the
-    /// whole slot (one fresh `PROT_NONE` mapping, which also unmaps the image). It is then cold:
-    /// without an image it keeps its accessible size, which reads as zeros. If that fails it
-    /// stays stale, and is re-mapped before its next use. Runs under the lock, since a cold slot
+    /// Gives what a slot pushed out of the warm set holds back to the kernel: its kept pages
+    /// (one decommit, none if its tenants wrote nothing) and its image (replaced with fresh
+    /// zero pages). It is then cold, keeping its accessible size, which reads as zeros. If that
+    /// fails it stays stale, and is re-mapped before its next use. Runs under the lock, since a cold slot
     /// can be taken as soon as the lock is released.
     fn cool(&self, slots: &mut MemorySlots<MemoryKey>, local: SlotId, warm: Warm<MemoryKey>) {
         let slot = self.first + local;
@@ -303,12 +356,14 @@ impl MemoryPool {
             self.region
                 .bytes(slot, self.layout.memory_reservation, warm.accessible)
         };
-        let cooled = if warm.image.is_some() {
-            bytes.remap().is_ok()
-        } else {
-            // The whole prefix: pages kept resident above the accessible size too.
-            bytes.decommit(0..warm.history.resident).is_ok()
-        };
+        // Its image (replaced with zero pages) and every kept page, those above the accessible
+        // size too.
+        let unmapped = warm.image.as_ref().is_none_or(|image| {
+            bytes
+                .replace_with_zeros(image.offset()..image.offset() + image.len())
+                .is_ok()
+        });
+        let cooled = unmapped && bytes.decommit(warm.history.kept.runs()).is_ok();
         if cooled {
             slots.cooled(local, bytes.accessible());
         }
@@ -317,12 +372,13 @@ impl MemoryPool {
     /// Forgets the warm slots of `module`; its slots not idle go cold when they come back.
     pub fn purge(&self, module: ModuleId) {
         let mut state = self.lock();
-        let State { slots, clean_streak } = &mut *state;
-        clean_streak.retain(|(m, _), _| *m != module);
+        let State { slots, learned } = &mut *state;
+        learned.retain(|(m, _), _| *m != module);
         for (local, warm) in slots.purge(|(m, _)| *m == module) {
             self.cool(slots, local, warm);
         }
-        self.budget.publish(self.shard, slots.warm());
+        self.budget
+            .publish(self.shard, slots.warm(), slots.oldest_stamp());
     }
 
     /// Warm slots, and the resident bytes they keep.

@@ -4,19 +4,22 @@
 //! whatever state the kernel holds it in; a page is skipped only where the kernel proves it
 //! clean.** What the tenant could write is its accessible bytes at deallocation. Within them:
 //!
-//! - the slot's resident prefix (pages tenants wrote before, up to `keep_resident`) is zeroed
-//!   with `memset`, which reaches a page in any state, so the next tenant does not fault it in;
-//! - the rest is reset where the kernel does not prove it clean ([`PageMap::written`]: present
-//!   or swapped or migrating, not the zero page, not the image file's own page): kept pages are
-//!   zeroed and join the prefix, the others decommitted. Once scans keep finding nothing, it
-//!   is all decommitted without asking (a periodic rescan notices tenants that start writing);
-//! - without a page map, kept pages are read and zeroed where not zero, the rest decommitted;
-//! - image pages are decommitted, which brings the image's bytes back from its file;
+//! - the slot's kept pages ([`Kept`]: pages tenants wrote before, up to `keep_resident` bytes,
+//!   wherever they lie) are reset in place: zeroed, or, inside the image, the image's bytes
+//!   copied back. They stay resident, so the next tenant writes them without a page fault;
+//! - every other page is reset where the kernel does not prove it clean ([`PageMap::written`]:
+//!   present or swapped or migrating, not the zero page, not the image file's own page): pages
+//!   written for the first time are kept and reset in place while the budget lasts, the rest are
+//!   decommitted (the image's come back from its file). Once scans keep finding nothing new,
+//!   all of them are decommitted without asking (a periodic rescan notices tenants that start
+//!   writing elsewhere);
+//! - without a page map, pages near the start are read (and kept where a tenant wrote them),
+//!   the rest decommitted;
 //! - access above the memory's initial size is removed again, so the slot is left exactly as
-//!   the same module will want it.
+//!   the same module will want it (kept pages above it stay resident, inaccessible, reset).
 //!
-//! What the policy learns (a [`History`]) can choose between zeroing and decommitting, and
-//! whether to ask the kernel, never whether a page is reset.
+//! What the policy learns (a [`History`]) chooses between resetting in place and
+//! decommitting, and whether to ask the kernel; never whether a page is reset.
 
 use std::io;
 use std::ops::Range;
@@ -26,6 +29,7 @@ use berth_core::MemoryImage;
 use berth_core::sys::PageMap;
 
 use crate::decommit::Decommits;
+use crate::kept::{Kept, MAX_RUNS};
 use crate::slot_bytes::SlotBytes;
 
 /// Clean scans after which a slot's resets stop scanning (and decommit blindly instead).
@@ -35,13 +39,19 @@ const CLEAN_SCANS_BEFORE_BLIND: u8 = 4;
 const RESCAN_EVERY: u8 = 16;
 /// The longest interval between rescans of a slot whose rescans keep finding nothing.
 const RESCAN_EVERY_MAX: u8 = 128;
+/// Kept runs a slot may have for its resets to go blind (their gaps, one more, are what a blind
+/// reset decommits).
+pub(crate) const BLIND_RUNS: usize = 8;
+/// Without a page map, the bytes from a slot's start that a reset reads to find written pages
+/// (at most the keep budget); the rest is decommitted.
+const READ_WINDOW: usize = 64 << 10;
 
 /// What the resets of one slot have learned about its tenants, kept across tenants.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct History {
-    /// Bytes `0..resident` may be resident and are reset by zeroing (some tenant wrote them).
-    pub resident: usize,
-    /// Consecutive scans that found nothing written above `resident`.
+    /// Pages kept resident and reset in place (some tenant wrote them).
+    pub kept: Kept,
+    /// Consecutive scans that found nothing written outside the kept pages.
     clean_scans: u8,
     /// Resets since the last scan while scans are skipped.
     blind_resets: u8,
@@ -49,32 +59,50 @@ pub(crate) struct History {
 
 impl History {
     /// Whether this reset asks the kernel what was written, rather than decommit blindly.
+    /// A blind reset decommits the gaps between the kept runs, so it is for slots that keep at
+    /// most [`BLIND_RUNS`]; with more, one scan costs less than their gaps' decommits.
     fn scans(&self) -> bool {
         let rescans = self.clean_scans.saturating_sub(CLEAN_SCANS_BEFORE_BLIND).min(3);
         let every = (RESCAN_EVERY << rescans).min(RESCAN_EVERY_MAX);
-        self.clean_scans < CLEAN_SCANS_BEFORE_BLIND || self.blind_resets >= every
+        self.clean_scans < CLEAN_SCANS_BEFORE_BLIND
+            || self.blind_resets >= every
+            || self.kept.runs().len() > BLIND_RUNS
     }
 
-    /// The clean-scan streak, which a slot new to the same module memory starts from.
-    pub fn streak(&self) -> u8 {
-        self.clean_scans
+    /// What a slot new to the same module memory starts from.
+    pub fn learned(&self) -> Learned {
+        Learned {
+            streak: self.clean_scans,
+            kept: self.kept.bytes(),
+        }
     }
 
-    /// This history for a slot that changes module memory: its resident prefix stays (those
-    /// pages are still there), what it learned about its tenants gives way to `streak`, what
-    /// the new module memory's other slots learned.
-    pub fn for_new_key(self, streak: u8) -> History {
+    /// This history for a slot that changes module memory: its kept pages stay (they are
+    /// still there, and reset like any page), what it learned about its tenants gives way to
+    /// what the new module memory's other slots learned. A slot that keeps less than they do
+    /// scans until it has learned the module's pages, whatever their streak: going blind at
+    /// once would give those pages back at every reset.
+    pub fn for_new_key(self, learned: Learned) -> History {
+        let streak = if self.kept.bytes() < learned.kept {
+            0
+        } else {
+            learned.streak
+        };
         History {
-            resident: self.resident,
+            kept: self.kept,
             clean_scans: streak,
             blind_resets: 0,
         }
     }
+}
 
-    #[cfg(test)]
-    pub fn with_resident(self, resident: usize) -> History {
-        History { resident, ..self }
-    }
+/// What the slots of one module memory learned about its tenants, for a slot new to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Learned {
+    /// Scans in a row that found nothing new.
+    pub streak: u8,
+    /// Bytes a slot keeps for it.
+    pub kept: usize,
 }
 
 /// A memory slot given back by its tenant.
@@ -93,11 +121,82 @@ pub(crate) struct MemoryReset {
 /// What a reset needs besides the slot.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Policy<'a> {
-    /// `linear_memory_keep_resident`, page-aligned.
+    /// `linear_memory_keep_resident`, page-aligned: the most bytes a slot keeps.
     pub keep: usize,
     /// The page map, if the kernel has one and the pool may use it.
     pub map: Option<&'a PageMap>,
     pub page: usize,
+}
+
+/// The image mapped in a slot, as a reset sees it.
+struct Image<'a> {
+    /// Where it lies in the slot, clipped to the tenant's accessible bytes.
+    range: Range<usize>,
+    /// Where it starts (unclipped), and its bytes.
+    offset: usize,
+    bytes: &'a [u8],
+}
+
+impl Image<'_> {
+    /// Resets `part` (inside the accessible bytes) in place: the image's bytes where it lies
+    /// in the image, zeros elsewhere.
+    fn restore(&self, bytes: &mut SlotBytes, part: Range<usize>) {
+        let inside = part.start.max(self.range.start)..part.end.min(self.range.end);
+        if inside.is_empty() {
+            bytes.zero(part);
+            return;
+        }
+        bytes.zero(part.start..inside.start);
+        bytes.copy_in(
+            inside.clone(),
+            &self.bytes[inside.start - self.offset..inside.end - self.offset],
+        );
+        bytes.zero(inside.end..part.end);
+    }
+
+    /// Whether the page at `page` differs from what a fresh memory holds there.
+    fn dirty(&self, bytes: &SlotBytes, page: Range<usize>) -> bool {
+        let inside = page.start.max(self.range.start)..page.end.min(self.range.end);
+        if inside.is_empty() {
+            return !bytes.is_zero(page);
+        }
+        !bytes.is_zero(page.start..inside.start)
+            || !bytes.is_zero(inside.end..page.end)
+            || bytes.read(inside.clone()) != &self.bytes[inside.start - self.offset..inside.end - self.offset]
+    }
+}
+
+/// The parts of `range` below `limit` that `kept` does not hold, without borrowing it.
+fn gaps(kept: &Kept, range: Range<usize>, limit: usize) -> ([Range<usize>; MAX_RUNS + 1], usize) {
+    let mut out: [Range<usize>; MAX_RUNS + 1] = std::array::from_fn(|_| 0..0);
+    let mut n = 0;
+    for gap in kept.gaps(range.start..range.end.min(limit)) {
+        out[n] = gap;
+        n += 1;
+    }
+    (out, n)
+}
+
+/// Gives back `from..accessible`: the pages kept there are no longer kept (one range to
+/// decommit, rather than one per gap between them).
+fn give_back(
+    bytes: &SlotBytes,
+    history: &mut History,
+    from: usize,
+    accessible: usize,
+    decommits: &mut Decommits,
+) {
+    if from >= accessible {
+        return;
+    }
+    let above: Vec<Range<usize>> = history.kept.within(accessible..usize::MAX).collect();
+    history.kept.truncate(from);
+    // Kept pages above what this tenant could reach stay kept (they were reset when they were
+    // last reachable, and are still resident).
+    for run in above {
+        history.kept.add(run, usize::MAX, 1);
+    }
+    decommits.push(bytes.address_range(from..accessible));
 }
 
 /// Resets `bytes` (a slot whose tenant could write `job.accessible` bytes) all but its
@@ -111,133 +210,101 @@ pub(crate) fn reset(
     policy: Policy<'_>,
 ) -> io::Result<Decommits> {
     let accessible = job.accessible.min(bytes.accessible());
-    let keep = policy.keep.min(accessible);
-    let image = job.image.as_ref().map_or(0..0, |i| {
-        i.offset().min(accessible)..(i.offset() + i.len()).min(accessible)
-    });
-    let mut known = history.resident.min(keep);
-    let mut decommit = Covers::default();
-    // The resident prefix: zeroed in place, except image pages, which go back to the file.
-    for part in split(&(0..known), &image) {
-        zero_or_cover(bytes, part, &image, &mut decommit);
+    let page = policy.page;
+    let no_image: &[u8] = &[];
+    let image = match job.image.as_deref() {
+        None => Image {
+            range: 0..0,
+            offset: 0,
+            bytes: no_image,
+        },
+        Some(image) => match image.bytes() {
+            Some(view) => Image {
+                range: image.offset().min(accessible)..(image.offset() + image.len()).min(accessible),
+                offset: image.offset(),
+                bytes: view,
+            },
+            // The image cannot be read, so its pages cannot be restored in place: forget the
+            // kept pages and give everything back (the image's pages come from its file).
+            None => {
+                history.kept.clear();
+                let mut decommits = Decommits::blind();
+                decommits.push(bytes.address_range(0..accessible));
+                bytes.protect_from(job.initial.min(accessible))?;
+                return Ok(decommits);
+            }
+        },
+    };
+    // The kept pages within reach: reset in place.
+    for part in history.kept.within(0..accessible) {
+        image.restore(bytes, part);
     }
-    let unknown = known..accessible;
-    let scan = policy.map.filter(|_| history.scans());
-    let mut written = Vec::new();
-    let scanned = !unknown.is_empty()
-        && scan.is_some_and(|map| bytes.written(map, unknown.clone(), &mut written).is_ok());
-    if scanned {
+    let mut decommits;
+    if let Some(map) = policy.map.filter(|_| history.scans()) {
+        // Ask the kernel which pages may hold what the tenant wrote; keep the new ones while
+        // the budget lasts, decommit what is left from the first one that did not fit.
+        let mut written = Vec::new();
+        if bytes.written(map, 0..accessible, &mut written).is_err() {
+            written.clear();
+            written.push(0..accessible);
+        }
+        let mut found = false;
+        let mut over = accessible;
+        for run in &written {
+            let (new, n) = gaps(&history.kept, run.clone(), over);
+            for part in new.into_iter().take(n) {
+                found = true;
+                let kept = history.kept.add(part.clone(), policy.keep, page);
+                image.restore(bytes, kept.clone());
+                if kept.end < part.end {
+                    over = over.min(kept.end);
+                }
+            }
+        }
         history.blind_resets = 0;
-        history.clean_scans = if written.is_empty() {
-            history.clean_scans.saturating_add(1)
-        } else {
+        history.clean_scans = if found {
             0
+        } else {
+            history.clean_scans.saturating_add(1)
         };
-        let prefix = known;
-        for range in &written {
-            let range = range.start + prefix..range.end + prefix;
-            for part in split(&range, &image) {
-                if part.is_empty() {
-                    continue;
-                }
-                if image.contains(&part.start) {
-                    decommit.widen_image(part);
-                    continue;
-                }
-                if part.start < keep {
-                    let kept = part.start..part.end.min(keep);
-                    known = known.max(kept.end);
-                    zero_or_cover(bytes, kept, &image, &mut decommit);
-                }
-                Covers::widen(&mut decommit.above, part.start.max(keep)..part.end);
-            }
-        }
-    } else if !unknown.is_empty() && policy.map.is_some() {
-        // Blind (or the scan failed): everything not known to be resident goes back.
+        decommits = Decommits::dirty();
+        give_back(bytes, history, over, accessible, &mut decommits);
+    } else if policy.map.is_some() {
+        // Blind: everything not kept (the gaps around at most `BLIND_RUNS` runs) goes back.
+        // For a slot that keeps nothing (its tenants write nothing) that is usually nothing,
+        // and waits for a batch; a slot that keeps pages gives its gaps back at once, since
+        // held for a batch it would be missed by its module's next tenant, which would take a
+        // slot that has not learned its pages.
         history.blind_resets = history.blind_resets.saturating_add(1);
-        decommit.above = Some(unknown);
-    } else if !unknown.is_empty() {
-        // No page map: look at each kept page that is not known to be resident, and zero
-        // the ones a tenant wrote (they join the prefix); decommit the image and the rest.
-        for start in (known..keep).step_by(policy.page) {
-            if image.contains(&start) {
-                continue;
-            }
-            let page = start..start + policy.page;
-            if !bytes.is_zero(page.clone()) {
-                bytes.zero(page);
-                known = start + policy.page;
+        decommits = if history.kept.bytes() == 0 {
+            Decommits::blind()
+        } else {
+            Decommits::dirty()
+        };
+        for gap in history.kept.gaps(0..accessible) {
+            decommits.push(bytes.address_range(gap));
+        }
+    } else {
+        // No page map: read the pages near the start that are not kept, keep (and reset) the
+        // ones a tenant wrote while the budget lasts; decommit everything else.
+        let window = policy.keep.min(READ_WINDOW).min(accessible);
+        let mut over = window;
+        let (unread, n) = gaps(&history.kept, 0..window, window);
+        for gap in unread.into_iter().take(n) {
+            for start in gap.step_by(page) {
+                let one = start..start + page;
+                if image.dirty(bytes, one.clone()) {
+                    let kept = history.kept.add(one.clone(), policy.keep, page);
+                    image.restore(bytes, kept.clone());
+                    if kept.end < one.end {
+                        over = over.min(one.start);
+                    }
+                }
             }
         }
-        decommit.widen_image(image.clone());
-        if keep < accessible {
-            decommit.above = Some(keep..accessible);
-        }
-    }
-    // Pages kept resident above what this tenant could reach stay so (zeroed by the reset
-    // that last reached them), for a later tenant or the slot's cooling to find.
-    history.resident = known.max(history.resident);
-    let mut decommits = Decommits::default();
-    for range in decommit.ranges() {
-        decommits.push(bytes.address_range(range));
+        decommits = Decommits::blind();
+        give_back(bytes, history, over, accessible, &mut decommits);
     }
     bytes.protect_from(job.initial.min(accessible))?;
     Ok(decommits)
-}
-
-/// Zeroes `part` if it lies below the image, or adds it to the image's decommit.
-fn zero_or_cover(bytes: &mut SlotBytes, part: Range<usize>, image: &Range<usize>, decommit: &mut Covers) {
-    if part.is_empty() {
-        return;
-    }
-    if image.contains(&part.start) {
-        decommit.widen_image(part);
-    } else {
-        bytes.zero(part);
-    }
-}
-
-/// At most two ranges to decommit: one over the image's pages, one over the rest (clean pages
-/// inside either lose nothing).
-#[derive(Default)]
-struct Covers {
-    image: Option<Range<usize>>,
-    above: Option<Range<usize>>,
-}
-
-impl Covers {
-    fn widen(cover: &mut Option<Range<usize>>, range: Range<usize>) {
-        if range.is_empty() {
-            return;
-        }
-        *cover = Some(match cover.take() {
-            Some(c) => c.start.min(range.start)..c.end.max(range.end),
-            None => range,
-        });
-    }
-
-    fn widen_image(&mut self, range: Range<usize>) {
-        Self::widen(&mut self.image, range);
-    }
-
-    /// The ranges, merged if they overlap or touch.
-    fn ranges(self) -> impl Iterator<Item = Range<usize>> {
-        let merged = match (&self.image, &self.above) {
-            (Some(a), Some(b)) if a.start <= b.end && b.start <= a.end => {
-                [Some(a.start.min(b.start)..a.end.max(b.end)), None]
-            }
-            _ => [self.image, self.above],
-        };
-        merged.into_iter().flatten()
-    }
-}
-
-/// `range` cut at the edges of `image`: the parts before, inside and after it.
-fn split(range: &Range<usize>, image: &Range<usize>) -> [Range<usize>; 3] {
-    let before = range.start..range.end.min(image.start).max(range.start);
-    let inside = range.start.max(image.start)..range.end.min(image.end);
-    let after = range.start.max(image.end).min(range.end)..range.end;
-    // No overlap gives an inverted `inside`: make it empty.
-    let inside = if inside.start < inside.end { inside } else { 0..0 };
-    [before, inside, after]
 }

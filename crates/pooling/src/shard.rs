@@ -119,7 +119,9 @@ impl Shard {
             },
         };
         let held = self.hold(done, &mut decommits);
-        if decommits.is_empty() || !self.queue.batches() {
+        // What a scan found written is given back now, by the deallocation that left it; only
+        // blind decommits (usually of nothing) wait for a batch.
+        if decommits.is_empty() || decommits.is_dirty() || !self.queue.batches() {
             // SAFETY: the ranges came from this slot's reset, through its `SlotBytes`; the
             // slot stays `Resetting` (handed to no one, touched by no one) until `finish`.
             let calls = unsafe { decommit::run_one((held, decommits), |held, ok| self.finish(held, ok)) };
@@ -150,7 +152,7 @@ impl Shard {
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                     .is_ok();
             if injected {
-                *decommits = Decommits::default();
+                decommits.clear();
             }
             Held { done, injected }
         }

@@ -106,6 +106,30 @@ impl SlotBytes {
         unsafe { self.base.add(range.start).as_ptr().write_bytes(0, range.len()) };
     }
 
+    /// Copies `src` into `range` (offsets from the slot's start; the same length).
+    pub fn copy_in(&mut self, range: Range<usize>, src: &[u8]) {
+        self.check(&range, self.accessible);
+        assert_eq!(
+            range.len(),
+            src.len(),
+            "copy of {} bytes into {range:x?}",
+            src.len()
+        );
+        // SAFETY: *held* and *inside* (accessible, checked above); `src` is not in the slot (a
+        // slice the caller holds while the slot is held by this value cannot point into it).
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.add(range.start).as_ptr(), src.len());
+        }
+    }
+
+    /// The bytes of `range`.
+    pub fn read(&self, range: Range<usize>) -> &[u8] {
+        self.check(&range, self.accessible);
+        // SAFETY: *held* and *inside* (accessible, checked above); `&self` means no write runs
+        // while the slice lives.
+        unsafe { std::slice::from_raw_parts(self.base.add(range.start).as_ptr(), range.len()) }
+    }
+
     /// Whether every byte of `range` is zero. Reads whole 64-byte blocks without an early exit
     /// inside them, so the compiler can vectorize the check; stops at the first non-zero block.
     pub fn is_zero(&self, range: Range<usize>) -> bool {
@@ -158,16 +182,32 @@ impl SlotBytes {
         start + range.start..start + range.end
     }
 
-    /// Gives `range` back to the kernel now (it reads as zeros again, or as the image).
-    pub fn decommit(&mut self, range: Range<usize>) -> io::Result<()> {
-        let range = self.address_range(range);
-        if range.is_empty() {
+    /// Gives `ranges` back to the kernel now (they read as zeros again, or as the image).
+    pub fn decommit(&mut self, ranges: &[Range<usize>]) -> io::Result<()> {
+        let ranges: Vec<Range<usize>> = ranges
+            .iter()
+            .map(|r| self.address_range(r.clone()))
+            .filter(|r| !r.is_empty())
+            .collect();
+        if ranges.is_empty() {
             return Ok(());
         }
         // SAFETY: *held* and *inside*; the slot is in the pool's private mapping (anonymous, or
         // an image's private file mapping), as `decommit_all` requires. It takes its turn with
         // the process's other decommits.
-        unsafe { sys::decommit_all(std::slice::from_ref(&range)) }
+        unsafe { sys::decommit_all(&ranges) }
+    }
+
+    /// Replaces `range` (inside the accessible bytes) with fresh anonymous zero pages, readable
+    /// and writable: whatever was mapped there (an image) is gone.
+    pub fn replace_with_zeros(&mut self, range: Range<usize>) -> io::Result<()> {
+        self.check(&range, self.accessible);
+        if range.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: *held* and *inside* (accessible, checked above); page-aligned (an image's
+        // range); no reference into it is live.
+        unsafe { sys::replace_with_zeros(self.base.add(range.start), range.len()) }
     }
 
     /// Replaces the whole slot with a fresh `PROT_NONE` anonymous mapping: nothing of what it

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use berth_core::MemoryImage;
 
-use crate::reset::History;
+use crate::reset::{History, Learned};
 
 /// A fast hasher for small keys of integers (module ids and indices), which need no
 /// protection against flooding: they are made by this process, not by tenants.
@@ -68,8 +68,10 @@ pub(crate) struct Warm<K> {
     pub accessible: usize,
     /// The copy-on-write image mapped in the slot, its bytes as the image has them.
     pub image: Option<Arc<MemoryImage>>,
-    /// What its resets learned; `history.resident` bytes from the start may be resident.
+    /// What its resets learned, its kept pages among it.
     pub history: History,
+    /// When it turned warm (for the pool-wide LRU order, see [`crate::warm`]).
+    pub stamp: u64,
     links: Links,
 }
 
@@ -81,6 +83,7 @@ impl<K> Warm<K> {
             accessible,
             image,
             history,
+            stamp: 0,
             links: Links::default(),
         }
     }
@@ -88,7 +91,7 @@ impl<K> Warm<K> {
 
 /// A slot out of the pool's idle set: handed to a tenant of `key`, or given back and being
 /// reset.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub(crate) struct Taken<K> {
     pub key: K,
     /// What the slot's resets learned, carried to its next reset.
@@ -209,6 +212,11 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
         self.warm
     }
 
+    /// When the least recently used warm slot turned warm, if any slot is warm.
+    pub fn oldest_stamp(&self) -> Option<u64> {
+        self.lru_head.map(|slot| self.warm_at(slot).stamp)
+    }
+
     /// The resident bytes the warm slots keep.
     pub fn warm_resident(&self) -> usize {
         self.warm_resident
@@ -225,6 +233,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
 
     /// Changes the cap on warm slots, for the next [`take`](Self::take) and
     /// [`finish`](Self::finish) (warm slots over a lowered cap stay until then).
+    #[cfg(test)]
     pub fn set_max_warm(&mut self, max_warm: usize) {
         self.max_warm = max_warm;
     }
@@ -234,6 +243,11 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
         any_cold && (self.warm < self.max_warm || self.lru_head.is_none())
     }
 
+    /// Whether a slot of `key` is warm.
+    pub fn has_warm(&self, key: K) -> bool {
+        self.per_key.contains_key(&key)
+    }
+
     /// Whether [`take`](Self::take) for `key` would take another key's warm slot (or find
     /// nothing): no slot of `key` is warm and no cold one may be taken.
     pub fn would_steal(&self, key: K) -> bool {
@@ -241,9 +255,13 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     }
 
     /// Hands a slot to a tenant of `key` (it becomes `Held`) with what it held, or `None` if
-    /// every slot is taken. A slot that was not `key`'s starts its history from `streak()`
-    /// clean scans (what `key`'s other slots learned), keeping only its resident prefix.
-    pub fn take(&mut self, key: K, streak: impl FnOnce() -> u8) -> Option<(SlotId, Choice<K>, Idle<K>)> {
+    /// every slot is taken. A slot that was not `key`'s starts its history from `learned()`
+    /// (what `key`'s other slots learned), keeping its kept pages.
+    pub fn take(
+        &mut self,
+        key: K,
+        learned: impl FnOnce() -> Learned,
+    ) -> Option<(SlotId, Choice<K>, Idle<K>)> {
         let affine = self.per_key.get(&key).and_then(|list| list.last().copied());
         let (slot, choice) = if let Some(slot) = affine {
             self.unlink(slot);
@@ -270,14 +288,15 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
             history: History::default(),
             purged: false,
         };
-        let idle = match std::mem::replace(&mut self.states[slot as usize], SlotState::Held(taken)) {
+        let mut idle = match std::mem::replace(&mut self.states[slot as usize], SlotState::Held(taken)) {
             SlotState::Idle(idle) => idle,
             other => unreachable!("slot {slot} chosen while {other:?}"),
         };
-        let history = match (&idle, choice) {
-            (Idle::Warm(warm), Choice::Affine) => warm.history,
-            (Idle::Warm(warm), _) => warm.history.for_new_key(streak()),
-            _ => History::default().for_new_key(streak()),
+        // The history moves to the held slot (the caller gets the rest of what it held).
+        let history = match (&mut idle, choice) {
+            (Idle::Warm(warm), Choice::Affine) => std::mem::take(&mut warm.history),
+            (Idle::Warm(warm), _) => std::mem::take(&mut warm.history).for_new_key(learned()),
+            _ => History::default().for_new_key(learned()),
         };
         if let SlotState::Held(taken) = &mut self.states[slot as usize] {
             taken.history = history;
@@ -305,13 +324,19 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     /// # Panics
     ///
     /// If `slot` is not held: a pool bug (a double free), never bad input.
-    pub fn release(&mut self, slot: SlotId) -> Taken<K> {
+    pub fn release(&mut self, slot: SlotId) -> (K, History) {
         let state = &mut self.states[slot as usize];
-        let SlotState::Held(taken) = *state else {
+        let SlotState::Held(taken) = state else {
             panic!("slot {slot} given back while {state:?}");
         };
-        *state = SlotState::Resetting(taken);
-        taken
+        let history = std::mem::take(&mut taken.history);
+        let (key, purged) = (taken.key, taken.purged);
+        *state = SlotState::Resetting(Taken {
+            key,
+            history: History::default(),
+            purged,
+        });
+        (key, history)
     }
 
     /// `slot`, held, was re-mapped before its tenant got it: nothing it kept resident is left.
@@ -321,7 +346,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     /// If `slot` is not held.
     pub fn remapped(&mut self, slot: SlotId) {
         match &mut self.states[slot as usize] {
-            SlotState::Held(taken) => taken.history.resident = 0,
+            SlotState::Held(taken) => taken.history.kept.clear(),
             other => panic!("slot {slot} re-mapped while {other:?}"),
         }
     }
@@ -353,16 +378,16 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     /// If `slot` is not being reset.
     pub fn finish(&mut self, slot: SlotId, reset: Option<Warm<K>>) -> Finished<K> {
         let state = &mut self.states[slot as usize];
-        let SlotState::Resetting(taken) = *state else {
+        let SlotState::Resetting(taken) = state else {
             panic!("slot {slot} finished while {state:?}");
         };
-        let purged = taken.purged;
+        let (key, purged) = (taken.key, taken.purged);
         let Some(warm) = reset else {
             *state = SlotState::Idle(Idle::Stale);
             self.cold.push(slot);
             return Finished { purged, out: None };
         };
-        debug_assert!(warm.key == taken.key, "slot {slot} reset for another key");
+        debug_assert!(warm.key == key, "slot {slot} reset for another key");
         if purged {
             *state = SlotState::Idle(Idle::Stale);
             self.cold.push(slot);
@@ -452,14 +477,14 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
         }
         self.lru_tail = Some(slot);
         self.warm += 1;
-        self.warm_resident += self.warm_at(slot).history.resident;
+        self.warm_resident += self.warm_at(slot).history.kept.bytes();
     }
 
     /// Removes a warm slot from the LRU list and its key's list (its state stays `Warm` until
     /// the caller changes it).
     fn unlink(&mut self, slot: SlotId) {
         let key = self.warm_at(slot).key;
-        self.warm_resident -= self.warm_at(slot).history.resident;
+        self.warm_resident -= self.warm_at(slot).history.kept.bytes();
         let Links { prev, next, key_pos } = *self.links(slot);
         match prev {
             Some(prev) => self.links(prev).next = next,
@@ -530,7 +555,7 @@ mod tests {
                 match op {
                     Op::Take(key, abandon) => {
                         let would_steal = slots.would_steal(key);
-                        match slots.take(key, || 0) {
+                        match slots.take(key, Learned::default) {
                             Some((slot, choice, idle)) => {
                                 prop_assert_eq!(would_steal, matches!(choice, Choice::Stolen(_)), "would_steal disagrees with take");
                                 prop_assert!(slot < len);
@@ -567,8 +592,8 @@ mod tests {
                         sorted.sort_unstable();
                         let slot = sorted[i % sorted.len()];
                         let key = taken.remove(&slot).unwrap();
-                        let released = slots.release(slot);
-                        prop_assert_eq!(released.key, key);
+                        let (released, _) = slots.release(slot);
+                        prop_assert_eq!(released, key);
                         let out = slots.finish(slot, ok.then(|| warm(key))).out;
                         let was_purged = purged.remove(&slot);
                         if ok && !was_purged {
@@ -618,54 +643,67 @@ mod tests {
     #[test]
     fn the_least_recently_used_warm_slot_is_stolen_at_the_cap() {
         let mut slots = MemorySlots::<u8>::new(3, 2).unwrap();
-        let (a, ..) = slots.take(1, || 0).unwrap();
-        let (b, ..) = slots.take(2, || 0).unwrap();
+        let (a, ..) = slots.take(1, Learned::default).unwrap();
+        let (b, ..) = slots.take(2, Learned::default).unwrap();
         assert!(give(&mut slots, a, 1).is_none());
         assert!(give(&mut slots, b, 2).is_none());
         // Two warm slots: at the cap, so key 3 takes the LRU one (a) rather than the cold one.
-        let (slot, choice, _) = slots.take(3, || 0).unwrap();
+        let (slot, choice, _) = slots.take(3, Learned::default).unwrap();
         assert_eq!((slot, choice), (a, Choice::Stolen(1)));
         // Under the cap again: key 4 takes the cold slot.
-        assert_eq!(slots.take(4, || 0).map(|t| t.1), Some(Choice::Cold));
-        assert_eq!(slots.take(2, || 0).map(|t| (t.0, t.1)), Some((b, Choice::Affine)));
-        assert!(slots.take(2, || 0).is_none());
+        assert_eq!(slots.take(4, Learned::default).map(|t| t.1), Some(Choice::Cold));
+        assert_eq!(
+            slots.take(2, Learned::default).map(|t| (t.0, t.1)),
+            Some((b, Choice::Affine))
+        );
+        assert!(slots.take(2, Learned::default).is_none());
     }
 
     #[test]
     fn finishing_over_the_cap_pushes_the_least_recently_used_out_stale() {
         let mut slots = MemorySlots::<u8>::new(3, 1).unwrap();
-        let (a, ..) = slots.take(1, || 0).unwrap();
-        let (b, ..) = slots.take(2, || 0).unwrap();
+        let (a, ..) = slots.take(1, Learned::default).unwrap();
+        let (b, ..) = slots.take(2, Learned::default).unwrap();
         assert!(give(&mut slots, a, 1).is_none());
         let (evicted, warm) = give(&mut slots, b, 2).unwrap();
         assert_eq!((evicted, warm.key), (a, 1));
         assert_eq!(slots.warm(), 1);
         // Stale until cooled: taken cold (under a higher cap), holding nothing known.
         slots.set_max_warm(2);
-        let (c, choice, idle) = slots.take(3, || 0).unwrap();
+        let (c, choice, idle) = slots.take(3, Learned::default).unwrap();
         assert_eq!((c, choice), (a, Choice::Cold));
         assert!(matches!(idle, Idle::Stale));
     }
 
     #[test]
-    fn a_slot_new_to_a_key_starts_from_the_keys_streak_and_keeps_its_resident_prefix() {
+    fn a_slot_new_to_a_key_starts_from_the_keys_streak_and_keeps_its_kept_pages() {
         let mut slots = MemorySlots::<u8>::new(2, 1).unwrap();
-        let (a, ..) = slots.take(1, || 0).unwrap();
+        let (a, ..) = slots.take(1, Learned::default).unwrap();
         slots.release(a);
-        let learned = History::default().with_resident(8192);
+        let mut learned = History::default();
+        learned.kept.add(8192..16384, 1 << 20, 4096);
         assert!(
             slots
-                .finish(a, Some(Warm::new(1, 4096, None, learned)))
+                .finish(a, Some(Warm::new(1, 4096, None, learned.clone())))
                 .out
                 .is_none()
         );
+        assert_eq!(slots.warm_resident(), 8192);
         // At a cap of 0, key 2 takes key 1's warm slot rather than the one never used.
         slots.set_max_warm(0);
-        let (stolen, choice, _) = slots.take(2, || 7).unwrap();
+        let key_learned = Learned {
+            streak: 7,
+            kept: 4096,
+        };
+        let (stolen, choice, _) = slots.take(2, || key_learned).unwrap();
         assert_eq!((stolen, choice), (a, Choice::Stolen(1)));
-        let taken = slots.release(stolen);
-        assert_eq!(taken.history, learned.for_new_key(7));
-        assert_eq!(taken.history.resident, 8192);
-        assert_eq!(taken.history.streak(), 7);
+        assert_eq!(slots.warm_resident(), 0);
+        let (_, history) = slots.release(stolen);
+        assert_eq!(history, learned.clone().for_new_key(key_learned));
+        assert_eq!(history.kept.bytes(), 8192);
+        assert_eq!(history.learned().streak, 7);
+        // A slot that keeps less than the key's slots do learns first.
+        let fresh = History::default().for_new_key(key_learned);
+        assert_eq!(fresh.learned().streak, 0);
     }
 }

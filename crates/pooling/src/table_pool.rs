@@ -208,7 +208,8 @@ impl TablePool {
         self.lock().release(local);
         // `keep` is a multiple of the page size.
         let rest = keep..end;
-        let decommits = Decommits::one(bytes.address_range(rest.clone()));
+        let mut decommits = Decommits::dirty();
+        decommits.push(bytes.address_range(rest.clone()));
         let done = TableDone {
             slot: job.slot,
             resident: keep,

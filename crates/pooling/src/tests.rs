@@ -186,10 +186,11 @@ fn on_shard(shards: usize, home: usize, f: impl Fn() + Sync) {
 }
 
 #[test]
-fn a_table_release_that_runs_a_batch_keeps_the_warm_cap() {
+fn a_release_that_runs_a_batch_keeps_the_warm_cap() {
     // Shard 0 keeps more than its share of warm slots while shard 1 keeps none. Shard 1 then
-    // finishes a memory slot within its share inside a batch that a table's release runs: the
-    // pool is over its cap until someone gives back, and the release must see to it.
+    // finishes memory slots within its share inside a batch of blind decommits that a later
+    // release runs: the pool is over its cap until someone gives back, and the release (of a
+    // memory or a table) must see to it.
     let probe = pool(|_| {});
     let shards = probe.shards.len();
     if shards < 2 {
@@ -205,7 +206,6 @@ fn a_table_release_that_runs_a_batch_keeps_the_warm_cap() {
             .max_unused_warm_slots(u32::try_from(cap).unwrap())
             .decommit_batch_size(2)
             .linear_memory_keep_resident(0)
-            .table_keep_resident(0)
             .pagemap_scan(false);
     });
     let modules: Vec<Loaded> = (0..cap).map(|i| load(&pool, &format!("m{i}"), 1, 0)).collect();
@@ -221,17 +221,19 @@ fn a_table_release_that_runs_a_batch_keeps_the_warm_cap() {
         cap as u64,
         "shard 0 borrowed the whole cap"
     );
-    let other = load(&pool, "other", 1, 16);
+    let others = [load(&pool, "x", 1, 0), load(&pool, "y", 1, 0)];
     let before = pool.stats().decommits;
     on_shard(shards, 1, || {
-        // Its memory's decommit waits for a batch; its table's completes the batch.
-        let handle = instantiate(&pool, &other);
-        deallocate(&pool, handle);
+        // The first one's blind decommit waits for a batch; the second's completes it.
+        let first = instantiate(&pool, &others[0]);
+        let second = instantiate(&pool, &others[1]);
+        deallocate(&pool, first);
+        deallocate(&pool, second);
     });
     assert_eq!(
         pool.stats().decommits - before,
         2,
-        "one batch of the memory's and the table's ranges"
+        "one batch of both memories' ranges"
     );
     let stats = pool.stats();
     assert!(

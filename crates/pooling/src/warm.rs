@@ -1,32 +1,42 @@
-//! The pool-wide cap on warm memory slots (`max_unused_warm_slots`), shared by the shards.
+//! The pool-wide cap on warm memory slots (`max_unused_warm_slots`), shared by the shards, and
+//! which slot goes when the pool is over it: the least recently used of the whole pool.
 //!
-//! Each shard is entitled to a share of the cap and keeps up to its share without looking at
-//! the others, so threads working in their own shards never touch a common counter. A shard
-//! may keep more while the others leave their shares unused (one thread instantiating many
-//! modules gets the whole cap, not its shard's part of it): it then counts what the others
-//! keep before each warm slot it adds. When a shard below its share grows while another holds
-//! more than its own, the total can pass the cap for a moment; whoever deallocates next sees
-//! it ([`WarmBudget::over`]) and has the borrowing shards give slots back until it holds again.
+//! Each shard keeps its warm slots on its own LRU list, and may keep up to the whole cap, so a
+//! thread working alone gets the whole cap, however the other shards were used before. A shard
+//! that keeps no more than its share (the cap split evenly) never looks at the others: while
+//! every shard is within its share, the pool is within its cap. A shard past its share is
+//! *borrowing*; while one is, whoever deallocates checks the total, and while it is over the
+//! cap has the shard whose least recently used slot is the oldest in the pool give it back.
+//! Each shard publishes its warm count and the age of its least recently used slot, on its own
+//! cache line, written by that shard alone.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
-/// A shard's warm-slot count, on its own cache line (written by that shard only).
-#[derive(Debug, Default)]
+/// A shard's published state, on its own cache line.
+#[derive(Debug)]
 #[repr(align(128))]
-struct Count(AtomicUsize);
+struct Published {
+    /// Warm slots.
+    warm: AtomicUsize,
+    /// When its least recently used warm slot turned warm (nanoseconds since the budget was
+    /// made), `u64::MAX` if it has none.
+    oldest: AtomicU64,
+}
 
 /// The warm slots each shard keeps, against the pool's cap.
 #[derive(Debug)]
 pub(crate) struct WarmBudget {
     cap: usize,
     shares: Box<[usize]>,
-    counts: Box<[Count]>,
+    shards: Box<[Published]>,
     /// Shards keeping more than their share.
     borrowing: AtomicUsize,
+    epoch: Instant,
 }
 
 impl WarmBudget {
-    /// `cap` warm slots over `shards` shards, split as evenly as possible.
+    /// `cap` warm slots over `shards` shards, shared as evenly as possible.
     pub fn new(cap: usize, shards: usize) -> WarmBudget {
         let shards = shards.max(1);
         WarmBudget {
@@ -34,42 +44,41 @@ impl WarmBudget {
             shares: (0..shards)
                 .map(|i| cap / shards + usize::from(i < cap % shards))
                 .collect(),
-            counts: (0..shards).map(|_| Count::default()).collect(),
+            shards: (0..shards)
+                .map(|_| Published {
+                    warm: AtomicUsize::new(0),
+                    oldest: AtomicU64::new(u64::MAX),
+                })
+                .collect(),
             borrowing: AtomicUsize::new(0),
+            epoch: Instant::now(),
         }
     }
 
-    /// Shard `shard`'s share of the cap.
-    pub fn share(&self, shard: usize) -> usize {
-        self.shares[shard]
+    /// The most warm slots any one shard keeps: the whole cap.
+    pub fn cap(&self) -> usize {
+        self.cap
     }
 
-    /// How many warm slots shard `shard`, holding `warm` now, may keep: its share, or, when it
-    /// would go past its share, whatever the other shards leave of the cap (at least its share).
-    pub fn allowed(&self, shard: usize, warm: usize) -> usize {
-        let share = self.shares[shard];
-        if warm < share {
-            return share;
-        }
-        let others: usize = self
-            .counts
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| i != shard)
-            .map(|(_, c)| c.0.load(Ordering::SeqCst))
-            .sum();
-        share.max(self.cap.saturating_sub(others))
+    /// A time stamp for a slot turning warm now.
+    pub fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1)
     }
 
-    /// Records that shard `shard` now keeps `warm` warm slots. Called by that shard alone,
-    /// under its lock, after every change.
-    pub fn publish(&self, shard: usize, warm: usize) {
+    /// Records that shard `shard` now keeps `warm` warm slots, the least recently used of
+    /// them stamped `oldest` (`None` if it keeps none). Called by that shard alone, under its
+    /// lock, after every change.
+    pub fn publish(&self, shard: usize, warm: usize, oldest: Option<u64>) {
         let share = self.shares[shard];
-        let before = self.counts[shard].0.load(Ordering::SeqCst);
+        let published = &self.shards[shard];
+        let before = published.warm.load(Ordering::SeqCst);
         if before <= share && warm > share {
             self.borrowing.fetch_add(1, Ordering::SeqCst);
         }
-        self.counts[shard].0.store(warm, Ordering::SeqCst);
+        published.warm.store(warm, Ordering::SeqCst);
+        published
+            .oldest
+            .store(oldest.unwrap_or(u64::MAX), Ordering::SeqCst);
         if before > share && warm <= share {
             self.borrowing.fetch_sub(1, Ordering::SeqCst);
         }
@@ -81,12 +90,19 @@ impl WarmBudget {
     }
 
     fn total(&self) -> usize {
-        self.counts.iter().map(|c| c.0.load(Ordering::SeqCst)).sum()
+        self.shards.iter().map(|s| s.warm.load(Ordering::SeqCst)).sum()
     }
 
-    /// Whether shard `shard` keeps more than its share.
-    pub fn is_borrowing(&self, shard: usize) -> bool {
-        self.counts[shard].0.load(Ordering::SeqCst) > self.shares[shard]
+    /// The shard whose least recently used warm slot is the oldest in the pool, if any shard
+    /// keeps one.
+    pub fn oldest(&self) -> Option<usize> {
+        self.shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.oldest.load(Ordering::SeqCst), i))
+            .filter(|&(stamp, _)| stamp != u64::MAX)
+            .min()
+            .map(|(_, i)| i)
     }
 }
 
@@ -95,33 +111,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_shard_borrows_what_the_others_leave_and_gives_it_back_when_they_need_it() {
+    fn the_pool_is_over_its_cap_only_while_a_shard_borrows_and_the_oldest_slot_goes_first() {
         let budget = WarmBudget::new(10, 2);
-        assert_eq!((budget.share(0), budget.share(1)), (5, 5));
-        // Below its share a shard looks at no one.
-        assert_eq!(budget.allowed(0, 3), 5);
-        // Past it, it may take what shard 1 leaves unused.
-        assert_eq!(budget.allowed(0, 5), 10);
-        budget.publish(0, 9);
-        assert!(budget.is_borrowing(0));
+        assert_eq!(budget.cap(), 10);
+        // Within their shares, the shards cannot put the pool over its cap.
+        budget.publish(0, 5, Some(7));
+        budget.publish(1, 5, Some(3));
         assert!(!budget.over());
-        // Shard 1 keeps its share anyway: the total passes the cap, and shard 0 must shrink.
-        assert_eq!(budget.allowed(1, 4), 5);
-        budget.publish(1, 3);
+        // Shard 0 borrows: the pool is over, and shard 1's slot is the oldest.
+        budget.publish(0, 6, Some(7));
         assert!(budget.over());
-        assert_eq!(budget.allowed(0, 9), 7);
-        budget.publish(0, 7);
+        assert_eq!(budget.oldest(), Some(1));
+        budget.publish(1, 4, Some(9));
         assert!(!budget.over());
-        budget.publish(0, 5);
-        assert!(!budget.is_borrowing(0));
+        assert_eq!(budget.oldest(), Some(0));
+        budget.publish(0, 5, Some(8));
         assert_eq!(budget.borrowing.load(Ordering::SeqCst), 0);
+        budget.publish(0, 0, None);
+        budget.publish(1, 0, None);
+        assert_eq!(budget.oldest(), None);
     }
 
     #[test]
-    fn an_odd_cap_is_split_without_losing_a_slot() {
+    fn an_odd_cap_is_shared_without_losing_a_slot() {
         let budget = WarmBudget::new(7, 3);
-        assert_eq!((0..3).map(|i| budget.share(i)).sum::<usize>(), 7);
+        assert_eq!(budget.shares.iter().sum::<usize>(), 7);
         let budget = WarmBudget::new(0, 2);
-        assert_eq!(budget.allowed(0, 0), 0);
+        budget.publish(0, 1, Some(1));
+        assert!(budget.over());
     }
 }

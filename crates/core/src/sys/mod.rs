@@ -45,8 +45,8 @@ pub fn reserve(len: usize) -> io::Result<NonNull<u8>> {
 ///
 /// # Safety
 ///
-/// `ptr..ptr + len` was returned by [`reserve`] (or is part of such a range), is owned by
-/// the caller, and nothing will access it again.
+/// `ptr..ptr + len` was returned by [`reserve`] or [`map_file_readonly`] (or is part of such a
+/// range), is owned by the caller, and nothing will access it again.
 pub unsafe fn unmap(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
     // SAFETY: the caller owns the range and promises it is no longer used.
     unsafe {
@@ -195,6 +195,15 @@ pub fn create_image_file(len: usize, pieces: &[(usize, &[u8])]) -> io::Result<Ow
         fs::SealFlags::SHRINK | fs::SealFlags::GROW | fs::SealFlags::WRITE | fs::SealFlags::SEAL,
     )?;
     Ok(fd)
+}
+
+/// Maps the first `len` bytes of `fd` read-only and shared, at an address the kernel chooses:
+/// a view of the file's own pages, which costs no memory of its own. Unmap it with [`unmap`].
+pub fn map_file_readonly(fd: BorrowedFd<'_>, len: usize) -> io::Result<NonNull<u8>> {
+    // SAFETY: a fresh mapping at an address the kernel chooses aliases nothing Rust knows
+    // about; it is read-only, and the callers map sealed files, whose bytes never change.
+    let ptr = unsafe { mm::mmap(ptr::null_mut(), len, ProtFlags::READ, MapFlags::SHARED, fd, 0)? };
+    NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))
 }
 
 /// Maps `len` bytes of `fd` from its start at `ptr`, private and copy-on-write, readable
