@@ -86,6 +86,17 @@ impl Idle<MemoryKey> {
                     accessible: warm.accessible,
                     image: Some(have),
                 },
+                // The wanted image will be mapped over the whole of the one there: nothing of
+                // it survives, and the rest of the slot reads as zeros.
+                (Some(have), Some(want))
+                    if want.offset() <= have.offset()
+                        && have.offset() + have.len() <= want.offset() + want.len() =>
+                {
+                    Setup::Ready {
+                        accessible: warm.accessible,
+                        image: None,
+                    }
+                }
                 (Some(have), _) => Setup::Unmap {
                     accessible: warm.accessible,
                     range: have.offset()..have.offset() + have.len(),
@@ -186,6 +197,15 @@ impl MemoryPool {
         let (local, idle) = {
             let mut state = self.lock();
             let State { slots, learned } = &mut *state;
+            // A cold slot only while the pool keeps fewer warm slots than its cap: at the cap,
+            // reusing a warm slot here costs less than taking a cold one and pushing the
+            // pool's oldest warm slot out.
+            let grow = if choose == Choose::Own || !self.budget.at_cap() {
+                self.budget.cap()
+            } else {
+                slots.warm()
+            };
+            slots.set_max_warm(grow);
             let refused = match choose {
                 Choose::Own => !slots.has_warm(key),
                 Choose::OwnOrCold => slots.would_steal(key),
@@ -313,6 +333,9 @@ impl MemoryPool {
         let State { slots, learned } = &mut *state;
         let lesson = warm.history.learned();
         let key = warm.key;
+        // The pool's cap is enforced pool-wide (`rebalance_warm`); a shard alone never keeps
+        // more than all of it.
+        slots.set_max_warm(self.budget.cap());
         let finished = slots.finish(self.local(slot), Some(warm));
         // Not for a purged module, whose entry would never be removed.
         if !finished.purged && learned.get(&key) != Some(&lesson) {

@@ -233,7 +233,6 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
 
     /// Changes the cap on warm slots, for the next [`take`](Self::take) and
     /// [`finish`](Self::finish) (warm slots over a lowered cap stay until then).
-    #[cfg(test)]
     pub fn set_max_warm(&mut self, max_warm: usize) {
         self.max_warm = max_warm;
     }

@@ -89,6 +89,11 @@ impl WarmBudget {
         self.borrowing.load(Ordering::SeqCst) > 0 && self.total() > self.cap
     }
 
+    /// Whether the shards together keep as many warm slots as the cap, or more.
+    pub fn at_cap(&self) -> bool {
+        self.total() >= self.cap
+    }
+
     fn total(&self) -> usize {
         self.shards.iter().map(|s| s.warm.load(Ordering::SeqCst)).sum()
     }
