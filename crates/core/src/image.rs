@@ -32,6 +32,9 @@ pub struct MemoryImage {
     len: usize,
     /// A read-only view of the file, mapped the first time a backend asks for the bytes.
     view: OnceLock<Option<View>>,
+    /// The page-aligned ranges of the image (offsets from its start) that hold data; the rest
+    /// is zeros (holes in the file). Sorted, disjoint.
+    data: Vec<std::ops::Range<usize>>,
 }
 
 /// A read-only shared mapping of an image's sealed file.
@@ -106,11 +109,24 @@ impl MemoryImage {
             .collect();
         let fd = sys::create_image_file(end - offset, &relative)
             .with_context(|| format!("failed to create a memory image of {:#x} bytes", end - offset))?;
+        let mut pages: Vec<std::ops::Range<usize>> = relative
+            .iter()
+            .map(|(start, data)| start / page * page..(start + data.len()).next_multiple_of(page))
+            .collect();
+        pages.sort_unstable_by_key(|r| r.start);
+        let mut data: Vec<std::ops::Range<usize>> = Vec::new();
+        for range in pages {
+            match data.last_mut() {
+                Some(last) if range.start <= last.end => last.end = last.end.max(range.end),
+                _ => data.push(range),
+            }
+        }
         Ok(Some(MemoryImage {
             fd,
             offset,
             len: end - offset,
             view: OnceLock::new(),
+            data,
         }))
     }
 
@@ -122,6 +138,12 @@ impl MemoryImage {
     /// Bytes the image covers (page-aligned).
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// The page-aligned ranges of the image, as offsets from its start, that hold data (sorted,
+    /// disjoint); everything else in it reads as zeros.
+    pub fn data_pages(&self) -> &[std::ops::Range<usize>] {
+        &self.data
     }
 
     /// The image's bytes (`len` of them, to be placed at `offset` in a memory), through a

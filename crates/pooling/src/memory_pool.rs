@@ -223,7 +223,21 @@ impl MemoryPool {
         };
         let slot = self.first + local;
         let len = self.layout.memory_reservation;
-        let done = match idle.setup_for(wanted) {
+        let setup = match idle {
+            // Taken from another module memory: the pages it kept for that one go back first.
+            Idle::Warm(warm) if warm.key != key && warm.history.kept.bytes() > 0 => {
+                // SAFETY: the slot is `Held` by this call (taken above, not yet leased), so no
+                // one else touches it; a warm slot's first `accessible` bytes are readable and
+                // writable.
+                let mut bytes = unsafe { self.region.bytes(slot, len, warm.accessible) };
+                match bytes.decommit(warm.history.kept.runs()) {
+                    Ok(()) => Idle::Warm(warm).setup_for(wanted),
+                    Err(_) => Setup::Remap,
+                }
+            }
+            idle => idle.setup_for(wanted),
+        };
+        let done = match setup {
             Setup::Ready { accessible, image } => {
                 return Some(Ok(Lease {
                     slot,

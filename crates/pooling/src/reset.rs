@@ -142,23 +142,29 @@ struct Image<'a> {
     /// Where it starts (unclipped), and its bytes.
     offset: usize,
     bytes: &'a [u8],
+    /// Its pages that hold data (offsets from its start); the rest of it is zeros.
+    data: &'a [Range<usize>],
 }
 
 impl Image<'_> {
-    /// Resets `part` (inside the accessible bytes) in place: the image's bytes where it lies
-    /// in the image, zeros elsewhere.
+    /// Resets `part` (inside the accessible bytes) in place: the image's bytes where it has
+    /// data, zeros elsewhere (a `memset` costs less than copying zeros).
     fn restore(&self, bytes: &mut SlotBytes, part: Range<usize>) {
-        let inside = part.start.max(self.range.start)..part.end.min(self.range.end);
-        if inside.is_empty() {
-            bytes.zero(part);
-            return;
+        let mut at = part.start;
+        for data in self.data {
+            let data = data.start + self.offset..data.end + self.offset;
+            let copy = at.max(data.start).max(self.range.start)..part.end.min(data.end).min(self.range.end);
+            if copy.start >= copy.end {
+                continue;
+            }
+            bytes.zero(at..copy.start);
+            bytes.copy_in(
+                copy.clone(),
+                &self.bytes[copy.start - self.offset..copy.end - self.offset],
+            );
+            at = copy.end;
         }
-        bytes.zero(part.start..inside.start);
-        bytes.copy_in(
-            inside.clone(),
-            &self.bytes[inside.start - self.offset..inside.end - self.offset],
-        );
-        bytes.zero(inside.end..part.end);
+        bytes.zero(at..part.end);
     }
 
     /// Whether the page at `page` differs from what a fresh memory holds there.
@@ -224,12 +230,14 @@ pub(crate) fn reset(
             range: 0..0,
             offset: 0,
             bytes: no_image,
+            data: &[],
         },
         Some(image) => match image.bytes() {
             Some(view) => Image {
                 range: image.offset().min(accessible)..(image.offset() + image.len()).min(accessible),
                 offset: image.offset(),
                 bytes: view,
+                data: image.data_pages(),
             },
             // The image cannot be read, so its pages cannot be restored in place: forget the
             // kept pages and give everything back (the image's pages come from its file).

@@ -255,7 +255,8 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
 
     /// Hands a slot to a tenant of `key` (it becomes `Held`) with what it held, or `None` if
     /// every slot is taken. A slot that was not `key`'s starts its history from `learned()`
-    /// (what `key`'s other slots learned), keeping its kept pages.
+    /// (what `key`'s other slots learned); the pages it kept for another key are in what it
+    /// held, for the caller to give back.
     pub fn take(
         &mut self,
         key: K,
@@ -291,10 +292,11 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
             SlotState::Idle(idle) => idle,
             other => unreachable!("slot {slot} chosen while {other:?}"),
         };
-        // The history moves to the held slot (the caller gets the rest of what it held).
+        // The history moves to the held slot if the slot stays with its key; a slot taken from
+        // another key starts afresh, and the caller gives back the pages it kept for that key
+        // (they are still in `idle`), which would only take the new key's budget.
         let history = match (&mut idle, choice) {
             (Idle::Warm(warm), Choice::Affine) => std::mem::take(&mut warm.history),
-            (Idle::Warm(warm), _) => std::mem::take(&mut warm.history).for_new_key(learned()),
             _ => History::default().for_new_key(learned()),
         };
         if let SlotState::Held(taken) = &mut self.states[slot as usize] {
@@ -675,7 +677,7 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_new_to_a_key_starts_from_the_keys_streak_and_keeps_its_kept_pages() {
+    fn a_slot_new_to_a_key_starts_from_the_keys_streak_and_hands_its_kept_pages_back() {
         let mut slots = MemorySlots::<u8>::new(2, 1).unwrap();
         let (a, ..) = slots.take(1, Learned::default).unwrap();
         slots.release(a);
@@ -690,19 +692,26 @@ mod tests {
         assert_eq!(slots.warm_resident(), 8192);
         // At a cap of 0, key 2 takes key 1's warm slot rather than the one never used.
         slots.set_max_warm(0);
-        let key_learned = Learned {
-            streak: 7,
-            kept: 4096,
-        };
-        let (stolen, choice, _) = slots.take(2, || key_learned).unwrap();
+        let key_learned = Learned { streak: 7, kept: 0 };
+        let (stolen, choice, idle) = slots.take(2, || key_learned).unwrap();
         assert_eq!((stolen, choice), (a, Choice::Stolen(1)));
         assert_eq!(slots.warm_resident(), 0);
+        let Idle::Warm(previous) = idle else {
+            panic!("a warm slot was stolen")
+        };
+        assert_eq!(
+            previous.history.kept.bytes(),
+            8192,
+            "key 1's kept pages, to give back"
+        );
         let (_, history) = slots.release(stolen);
-        assert_eq!(history, learned.clone().for_new_key(key_learned));
-        assert_eq!(history.kept.bytes(), 8192);
+        assert_eq!(history.kept.bytes(), 0);
         assert_eq!(history.learned().streak, 7);
         // A slot that keeps less than the key's slots do learns first.
-        let fresh = History::default().for_new_key(key_learned);
+        let fresh = History::default().for_new_key(Learned {
+            streak: 7,
+            kept: 4096,
+        });
         assert_eq!(fresh.learned().streak, 0);
     }
 }
