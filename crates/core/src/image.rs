@@ -30,8 +30,9 @@ pub struct MemoryImage {
     fd: OwnedFd,
     offset: usize,
     len: usize,
-    /// A read-only view of the file, mapped the first time a backend asks for the bytes.
-    view: OnceLock<Option<View>>,
+    /// A read-only view of the file, mapped the first time a backend asks for the bytes (and
+    /// tried again next time if that failed).
+    view: OnceLock<View>,
     /// The page-aligned ranges of the image (offsets from its start) that hold data; the rest
     /// is zeros (holes in the file). Sorted, disjoint.
     data: Vec<std::ops::Range<usize>>,
@@ -150,14 +151,18 @@ impl MemoryImage {
     /// read-only view of its file mapped on first use; `None` if that mapping fails. A pool
     /// restores the image pages a tenant wrote by copying from here.
     pub fn bytes(&self) -> Option<&[u8]> {
-        let view = self.view.get_or_init(|| {
-            let ptr = sys::map_file_readonly(self.fd.as_fd(), self.len).ok()?;
-            Some(View { ptr, len: self.len })
-        });
+        let view = match self.view.get() {
+            Some(view) => view,
+            None => {
+                let ptr = sys::map_file_readonly(self.fd.as_fd(), self.len).ok()?;
+                // If another thread mapped it first, this view is dropped (unmapped) here.
+                let _ = self.view.set(View { ptr, len: self.len });
+                self.view.get()?
+            }
+        };
         // SAFETY: the view maps `len` readable bytes of the sealed file, which never change,
         // and lives as long as the image (the returned slice borrows it).
-        view.as_ref()
-            .map(|v| unsafe { std::slice::from_raw_parts(v.ptr.as_ptr(), v.len) })
+        Some(unsafe { std::slice::from_raw_parts(view.ptr.as_ptr(), view.len) })
     }
 
     /// Whether the image is empty (never: empty images are not built).

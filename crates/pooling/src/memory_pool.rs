@@ -86,8 +86,9 @@ impl Idle<MemoryKey> {
                     accessible: warm.accessible,
                     image: Some(have),
                 },
-                // The wanted image will be mapped over the whole of the one there: nothing of
-                // it survives, and the rest of the slot reads as zeros.
+                // The wanted image will be mapped over the whole of the one there (the caller
+                // maps it whenever a lease holds no image and the memory wants one): nothing of
+                // the old one survives, and the rest of the slot reads as zeros.
                 (Some(have), Some(want))
                     if want.offset() <= have.offset()
                         && have.offset() + have.len() <= want.offset() + want.len() =>

@@ -239,12 +239,12 @@ pub(crate) fn reset(
                 bytes: view,
                 data: image.data_pages(),
             },
-            // The image cannot be read, so its pages cannot be restored in place: forget the
-            // kept pages and give everything back (the image's pages come from its file).
+            // The image cannot be read, so its pages cannot be restored in place: give back
+            // everything the tenant could reach (the image's pages come from its file); kept
+            // pages above it stay kept.
             None => {
-                history.kept.clear();
                 let mut decommits = Decommits::blind();
-                decommits.push(bytes.address_range(0..accessible));
+                give_back(bytes, history, 0, accessible, &mut decommits);
                 bytes.protect_from(job.initial.min(accessible))?;
                 return Ok(decommits);
             }
