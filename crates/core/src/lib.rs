@@ -32,6 +32,7 @@ mod mmap;
 mod module;
 mod resolver;
 mod segments;
+pub mod sync;
 pub mod sys;
 mod table;
 mod tunables;

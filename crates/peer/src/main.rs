@@ -38,6 +38,9 @@ struct Args {
     /// selected workload, and print nothing but totals: for a profiler.
     #[arg(long)]
     profile: Option<String>,
+    /// Threads of the `--profile` run, each running `rounds x batch` cycles.
+    #[arg(long, default_value_t = 1)]
+    profile_threads: usize,
     /// Cycles of the resident-memory soak on the dirty workload (0 skips it).
     #[arg(long, default_value_t = 0)]
     soak: usize,
@@ -67,14 +70,36 @@ fn main() -> Result<()> {
     if let Some(name) = &args.profile {
         for system in systems.iter().filter(|s| s.name.contains(name.as_str())) {
             for workload in &workloads {
-                let mut cycle = system.prepare(workload)?(0);
-                let started = Instant::now();
+                let cycles = system.prepare(workload)?;
                 let n = args.rounds * args.batch;
-                for _ in 0..n {
-                    cycle()?;
-                }
-                let each = started.elapsed().as_nanos() as f64 / n as f64;
-                println!("{} on {}: {} cycles, {} us each", system.name, workload.name, n, us(each));
+                let threads = args.profile_threads.max(1);
+                let started = Instant::now();
+                std::thread::scope(|scope| {
+                    let handles: Vec<_> = (0..threads)
+                        .map(|t| {
+                            let mut cycle = cycles(t);
+                            scope.spawn(move || -> Result<()> {
+                                for _ in 0..n {
+                                    cycle()?;
+                                }
+                                Ok(())
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .try_for_each(|h| h.join().map_err(|_| anyhow::anyhow!("a thread panicked"))?)
+                })?;
+                let each = started.elapsed().as_nanos() as f64 / (n * threads) as f64;
+
+                println!(
+                    "{} on {}, {} threads: {} cycles each, {} us of wall time a cycle",
+                    system.name,
+                    workload.name,
+                    threads,
+                    n,
+                    us(each)
+                );
             }
         }
         return Ok(());

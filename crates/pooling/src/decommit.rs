@@ -81,6 +81,10 @@ impl Decommits {
     }
 }
 
+/// The most batches a queue holds while other threads are decommitting: past that, a thread
+/// waits for its turn rather than hold more slots back.
+const DEFERRED: usize = 4;
+
 /// A held slot (`T` says which, and what it becomes) and what must be decommitted before it
 /// is finished.
 pub(crate) type Pending<T> = (T, Decommits);
@@ -123,7 +127,7 @@ impl<T> DecommitQueue<T> {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Batch<T>> {
         // Nothing can be left half-updated by a panic (a push and a count): carry on.
-        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        berth_core::sync::lock_spinning(&self.queue)
     }
 
     /// Queues `pending`. Returns the whole queue, to run now, once it holds a batch; `queued`
@@ -142,6 +146,28 @@ impl<T> DecommitQueue<T> {
             ranges: 0,
         };
         Some(std::mem::replace(&mut *queue, next).pending)
+    }
+
+    /// Puts back a batch [`push`](Self::push) returned, which could not run now (another
+    /// thread was decommitting), ahead of what was queued since; `requeued` is called under the
+    /// lock once it is back (so a count of slots in flight never misses one). Returns it
+    /// instead if the queue would then hold more than [`DEFERRED`] batches: it must run now.
+    pub fn requeue(&self, batch: Vec<Pending<T>>, requeued: impl FnOnce()) -> Result<(), Vec<Pending<T>>> {
+        let mut queue = self.lock();
+        let ranges: usize = batch.iter().map(|p| p.1.as_slice().len()).sum();
+        if queue.ranges + ranges > self.batch * DEFERRED {
+            return Err(batch);
+        }
+        queue.ranges += ranges;
+        let later = std::mem::replace(&mut queue.pending, batch);
+        queue.pending.extend(later);
+        requeued();
+        Ok(())
+    }
+
+    /// Whether a queued slot satisfies `is`.
+    pub fn holds(&self, is: impl Fn(&T) -> bool) -> bool {
+        self.lock().pending.iter().any(|(slot, _)| is(slot))
     }
 
     /// Takes everything queued, to run now; `queued` as in [`push`](Self::push) (not called
@@ -168,6 +194,63 @@ pub(crate) unsafe fn run_one<T>((slot, decommits): Pending<T>, finish: impl FnOn
     let done = ranges.is_empty() || unsafe { sys::decommit_all(ranges) }.is_ok();
     finish(slot, done);
     ranges.len() as u64
+}
+
+/// [`run`], unless another thread of the process is decommitting now: then nothing runs and
+/// the batch comes back.
+///
+/// # Safety
+///
+/// As for [`run`].
+pub(crate) unsafe fn try_run<T>(
+    batch: Vec<Pending<T>>,
+    mut finish: impl FnMut(T, bool),
+) -> Result<u64, Vec<Pending<T>>> {
+    let all: Vec<Range<usize>> = batch
+        .iter()
+        .flat_map(|(_, decommits)| decommits.as_slice().iter().cloned())
+        .collect();
+    // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping.
+    match unsafe { sys::try_decommit_all(&all) } {
+        Ok(false) => Err(batch),
+        Ok(true) => {
+            for (slot, _) in batch {
+                finish(slot, true);
+            }
+            Ok(all.len() as u64)
+        }
+        // SAFETY: as above; `run` tries each slot's ranges on their own.
+        Err(_) => Ok(unsafe { run(batch, finish) }),
+    }
+}
+
+/// [`run_one`], unless another thread of the process is decommitting now: then nothing runs
+/// and the slot comes back.
+///
+/// # Safety
+///
+/// As for [`run`].
+#[expect(
+    clippy::result_large_err,
+    reason = "the slot comes back by value, as it went in: boxing it would allocate per release"
+)]
+pub(crate) unsafe fn try_run_one<T>(
+    pending: Pending<T>,
+    finish: impl FnOnce(T, bool),
+) -> Result<u64, Pending<T>> {
+    let calls = pending.1.as_slice().len() as u64;
+    // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping.
+    match unsafe { sys::try_decommit_all(pending.1.as_slice()) } {
+        Ok(false) => Err(pending),
+        Ok(done) => {
+            finish(pending.0, done);
+            Ok(calls)
+        }
+        Err(_) => {
+            finish(pending.0, false);
+            Ok(calls)
+        }
+    }
 }
 
 /// Decommits the ranges of `batch` in one system call (per 64 ranges) and hands each slot to
@@ -197,4 +280,39 @@ pub(crate) unsafe fn run<T>(batch: Vec<Pending<T>>, mut finish: impl FnMut(T, bo
         finish(slot, ok);
     }
     calls
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(range: Range<usize>) -> Decommits {
+        let mut decommits = Decommits::blind();
+        decommits.push(range);
+        decommits
+    }
+
+    #[test]
+    fn a_batch_that_could_not_run_goes_back_ahead_of_later_slots_until_the_queue_is_long() {
+        let queue = DecommitQueue::new(2);
+        assert!(queue.push((1, one(0..1)), |_| {}).is_none());
+        let batch = queue
+            .push((2, one(1..2)), |n| assert_eq!(n, 2))
+            .expect("a full batch");
+        assert!(queue.push((3, one(2..3)), |_| {}).is_none());
+        let mut requeued = false;
+        assert!(queue.requeue(batch, || requeued = true).is_ok());
+        assert!(requeued, "slots back in the queue stop counting in flight");
+        let all: Vec<usize> = queue.take_all(|_| {}).into_iter().map(|p| p.0).collect();
+        assert_eq!(
+            all,
+            [1, 2, 3],
+            "the batch runs first, then what was queued after it"
+        );
+        // Up to `DEFERRED` batches wait; past that, a batch must run now.
+        let waiting: Vec<_> = (0..2 * DEFERRED).map(|slot| (slot, one(0..1))).collect();
+        assert!(queue.requeue(waiting, || {}).is_ok());
+        let late = vec![(99, one(0..1))];
+        assert!(queue.requeue(late, || panic!("not requeued")).is_err());
+    }
 }

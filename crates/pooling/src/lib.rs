@@ -66,6 +66,10 @@ pub struct PoolingInstanceAllocator {
     _table_mapping: Mmap,
 }
 
+/// How many times a thread yields, at most, waiting for a slot of its module memory that is
+/// being reset, before it sets up another one.
+const RESET_WAIT: usize = 64;
+
 impl PoolingInstanceAllocator {
     /// Reserves the pools for `config` under the engine's `tunables`.
     pub fn new(config: &PoolingConfig, tunables: &Tunables) -> Result<Self> {
@@ -276,18 +280,54 @@ impl PoolingInstanceAllocator {
         }
     }
 
-    /// Takes a memory slot for `key`, ready for `wanted`: the module's own warm slot or a cold
-    /// one, from this thread's shard or another (a module instantiated from several threads
-    /// keeps its slots wherever they are). Only then does a shard hand out another module's
-    /// warm slot, and before that it runs its queued decommits: the slots they hold may be this
-    /// module's own, and a batch run early costs less than a slot that must be set up again
-    /// (and that its module will miss in turn).
+    /// Takes a memory slot for `key`, ready for `wanted`, in this order: the module memory's
+    /// own warm slot in this thread's shard; a cold slot there, while the pool keeps fewer
+    /// than half its cap warm (two threads instantiating the same modules then each keep their
+    /// own slots and share no lock); its own slot waiting in this shard's decommit queue (the
+    /// queue runs early); its own slot in another shard (a module instantiated from several
+    /// threads keeps its slots wherever they are); one being reset anywhere, waited for
+    /// briefly; a cold slot. Only then does a shard hand out another module's warm slot, and
+    /// before that it runs its queued decommits: a batch run early costs less than a slot set
+    /// up again (which its module will miss in turn).
     fn take_memory(&self, key: MemoryKey, wanted: Option<&Arc<MemoryImage>>) -> Result<Lease> {
         let n = self.shards.len();
         let home = shard::home(n);
-        let in_turn =
-            |choose| (0..n).find_map(|i| self.shards[(home + i) % n].memories.take(key, wanted, choose));
-        if let Some(taken) = in_turn(Choose::Own).or_else(|| in_turn(Choose::OwnOrCold)) {
+        let own = &self.shards[home];
+        let others = || (1..n).map(|i| &self.shards[(home + i) % n]);
+        let home_cold = || {
+            self.warm
+                .under_half()
+                .then(|| own.memories.take(key, wanted, Choose::OwnOrCold))
+                .flatten()
+        };
+        let own_anywhere = || {
+            own.take_own(key, wanted)
+                .or_else(|| others().find_map(|s| s.take_own(key, wanted)))
+        };
+        // A slot of this memory being reset turns warm in a moment: better than setting up
+        // another one, which in a full pool pushes a third out (and its module misses it).
+        let reset_soon = || {
+            for _ in 0..RESET_WAIT {
+                if !self.shards.iter().any(|s| s.memories.resetting(key)) {
+                    return None;
+                }
+                std::thread::yield_now();
+                if let Some(taken) = own_anywhere() {
+                    return Some(taken);
+                }
+            }
+            None
+        };
+        let taken = own
+            .memories
+            .take(key, wanted, Choose::Own)
+            .or_else(home_cold)
+            .or_else(|| own.take_queued(key, wanted))
+            .or_else(|| others().find_map(|s| s.take_own(key, wanted)))
+            .or_else(reset_soon)
+            .or_else(|| own.memories.take(key, wanted, Choose::OwnOrCold))
+            .or_else(|| others().find_map(|s| s.memories.take(key, wanted, Choose::OwnOrCold)));
+        if let Some(taken) = taken {
             return taken;
         }
         let take = |shard: &Shard| {

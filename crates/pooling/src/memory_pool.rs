@@ -53,6 +53,13 @@ pub(crate) struct Reset {
     warm: Warm<MemoryKey>,
 }
 
+impl Reset {
+    /// The module memory the slot is reset for.
+    pub fn key(&self) -> MemoryKey {
+        self.warm.key
+    }
+}
+
 /// How an idle slot is made ready for a memory.
 enum Setup {
     /// It is ready as it is: `accessible` bytes readable and writable (zeros or `image`).
@@ -174,7 +181,7 @@ impl MemoryPool {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // Every update under the lock is a few field writes that a panic cannot leave half
         // done in a way that hands a slot out twice: carry on.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        berth_core::sync::lock_spinning(&self.state)
     }
 
     fn local(&self, slot: u32) -> SlotId {
@@ -283,6 +290,11 @@ impl MemoryPool {
                 Err(error)
             }
         })
+    }
+
+    /// Whether a slot of `key`'s memory is being reset here (it turns warm soon).
+    pub fn resetting(&self, key: MemoryKey) -> bool {
+        self.lock().slots.resetting(key)
     }
 
     /// Setting up the memory in a leased slot failed part-way: the slot is re-mapped before

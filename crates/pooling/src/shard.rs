@@ -8,7 +8,12 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use crate::decommit::{self, DecommitQueue, Decommits, Pending};
-use crate::memory_pool::{self, MemoryPool};
+use std::sync::Arc;
+
+use anyhow::Result;
+use berth_core::MemoryImage;
+
+use crate::memory_pool::{self, Choose, Lease, MemoryKey, MemoryPool};
 use crate::reset::MemoryReset;
 use crate::table_pool::{TableDone, TablePool, TableReset};
 
@@ -119,23 +124,48 @@ impl Shard {
             },
         };
         let held = self.hold(done, &mut decommits);
-        // What a scan found written is given back now, by the deallocation that left it; only
-        // blind decommits (usually of nothing) wait for a batch.
-        if decommits.is_empty() || decommits.is_dirty() || !self.queue.batches() {
+        let mut pending = (held, decommits);
+        if pending.1.is_empty() || !self.queue.batches() {
             // SAFETY: the ranges came from this slot's reset, through its `SlotBytes`; the
             // slot stays `Resetting` (handed to no one, touched by no one) until `finish`.
-            let calls = unsafe { decommit::run_one((held, decommits), |held, ok| self.finish(held, ok)) };
+            let calls = unsafe { decommit::run_one(pending, |held, ok| self.finish(held, ok)) };
             self.decommits.fetch_add(calls, Ordering::Relaxed);
             return;
         }
+        // What a scan found written is given back now, by the deallocation that left it; only
+        // blind decommits (usually of nothing) wait for a batch. Unless another thread is in
+        // the kernel decommitting: then the slot waits in the queue instead of this thread.
+        if pending.1.is_dirty() {
+            // SAFETY: as above.
+            match unsafe { decommit::try_run_one(pending, |held, ok| self.finish(held, ok)) } {
+                Ok(calls) => {
+                    self.decommits.fetch_add(calls, Ordering::Relaxed);
+                    return;
+                }
+                Err(back) => pending = back,
+            }
+        }
         // Slots leaving in a full batch stay counted in flight until it has run.
         let mut batch_counted = None;
-        let full = self.queue.push((held, decommits), |n| {
+        let full = self.queue.push(pending, |n| {
             batch_counted = Some(self.count_in_flight(n));
         });
         drop(counted);
         if let Some(batch) = full {
-            self.run(batch);
+            // SAFETY: every range came from the reset of a slot of this shard, through its
+            // `SlotBytes`; the slot stays `Resetting` until `finish` is called for it.
+            match unsafe { decommit::try_run(batch, |held, ok| self.finish(held, ok)) } {
+                Ok(calls) => {
+                    self.decommits.fetch_add(calls, Ordering::Relaxed);
+                }
+                // Another thread is decommitting: the batch waits for the next one, unless the
+                // queue is long already.
+                Err(batch) => {
+                    if let Err(batch) = self.queue.requeue(batch, || drop(batch_counted.take())) {
+                        self.run(batch);
+                    }
+                }
+            }
         }
         drop(batch_counted);
     }
@@ -181,6 +211,27 @@ impl Shard {
         // `finish` is called for it here.
         let calls = unsafe { decommit::run(batch, |held, ok| self.finish(held, ok)) };
         self.decommits.fetch_add(calls, Ordering::Relaxed);
+    }
+
+    /// Takes a warm slot of `key`'s memory from this shard, ready for `wanted`; if none is warm
+    /// but one waits in the decommit queue, runs the queue first: a batch run early costs less
+    /// than a slot set up again, and a thread that went to another shard for its slot would
+    /// give it back there, sharing that shard's locks from then on.
+    pub fn take_own(&self, key: MemoryKey, wanted: Option<&Arc<MemoryImage>>) -> Option<Result<Lease>> {
+        self.memories
+            .take(key, wanted, Choose::Own)
+            .or_else(|| self.take_queued(key, wanted))
+    }
+
+    /// If a slot of `key`'s memory waits in the decommit queue, runs the queue and takes a
+    /// warm slot of `key` (see [`take_own`](Self::take_own)).
+    pub fn take_queued(&self, key: MemoryKey, wanted: Option<&Arc<MemoryImage>>) -> Option<Result<Lease>> {
+        let queued = self
+            .queue
+            .holds(|held| matches!(&held.done, Done::Memory(reset) if reset.key() == key));
+        (queued && self.flush())
+            .then(|| self.memories.take(key, wanted, Choose::Own))
+            .flatten()
     }
 
     /// Runs every queued decommit now. Returns whether anything was queued.

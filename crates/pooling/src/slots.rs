@@ -115,10 +115,10 @@ pub(crate) enum Idle<K> {
 
 /// One memory slot's state.
 ///
-/// Invariants: a used slot is in the cold list iff it is `Cold` or `Stale`, and in the LRU list
-/// and its key's list iff it is `Warm`; only `Held` slots are a tenant's, and only `Resetting`
-/// ones are being reset (or wait for their decommits); every other state is idle, its bytes as
-/// its [`Idle`] variant says.
+/// Invariants: a used slot is in the cold list iff it is `Cold` or `Stale`, in the LRU list
+/// and its key's list iff it is `Warm`, and in the resetting list iff it is `Resetting`; only
+/// `Held` slots are a tenant's, and only `Resetting` ones are being reset (or wait for their
+/// decommits); every other state is idle, its bytes as its [`Idle`] variant says.
 ///
 /// What a reset must cover before a slot leaves `Resetting` for `Warm`: every page its tenant
 /// could have written (its accessible bytes at deallocation, growth included), whatever state
@@ -177,6 +177,9 @@ pub(crate) struct MemorySlots<K> {
     /// Most recently freed warm slot.
     lru_tail: Option<SlotId>,
     per_key: FastMap<K, Vec<SlotId>>,
+    /// Slots being reset (a few: each thread resets one at a time, and a queue holds a few
+    /// batches).
+    resetting: Vec<SlotId>,
     warm: usize,
     /// The resident bytes of the warm slots, summed.
     warm_resident: usize,
@@ -198,6 +201,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
             lru_head: None,
             lru_tail: None,
             per_key: FastMap::default(),
+            resetting: Vec::new(),
             warm: 0,
             warm_resident: 0,
             max_warm,
@@ -245,6 +249,13 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     /// Whether a slot of `key` is warm.
     pub fn has_warm(&self, key: K) -> bool {
         self.per_key.contains_key(&key)
+    }
+
+    /// Whether a slot of `key` is being reset: it turns warm soon.
+    pub fn resetting(&self, key: K) -> bool {
+        self.resetting
+            .iter()
+            .any(|&slot| matches!(&self.states[slot as usize], SlotState::Resetting(t) if t.key == key))
     }
 
     /// Whether [`take`](Self::take) for `key` would take another key's warm slot (or find
@@ -337,6 +348,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
             history: History::default(),
             purged,
         });
+        self.resetting.push(slot);
         (key, history)
     }
 
@@ -383,6 +395,9 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
             panic!("slot {slot} finished while {state:?}");
         };
         let (key, purged) = (taken.key, taken.purged);
+        if let Some(at) = self.resetting.iter().position(|&s| s == slot) {
+            self.resetting.swap_remove(at);
+        }
         let Some(warm) = reset else {
             *state = SlotState::Idle(Idle::Stale);
             self.cold.push(slot);

@@ -146,7 +146,7 @@ impl TablePool {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // Every update under the lock is a field write and a push: carry on after a panic.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        berth_core::sync::lock_spinning(&self.state)
     }
 
     /// The first word of `slot` (global number).

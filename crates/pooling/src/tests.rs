@@ -242,3 +242,42 @@ fn a_release_that_runs_a_batch_keeps_the_warm_cap() {
         stats.warm_slots
     );
 }
+
+#[test]
+fn a_thread_takes_slots_of_its_own_shard_rather_than_share_another_threads() {
+    // One thread instantiates a module in shard 0; another, homed in shard 1, instantiates
+    // it too: while the pool is far from its warm cap, it takes a slot of its own shard, so
+    // the two threads share no lock from then on.
+    let probe = pool(|_| {});
+    let shards = probe.shards.len();
+    if shards < 2 {
+        eprintln!("skipped: one shard on this machine");
+        return;
+    }
+    let pool = pool(|c| {
+        c.total_memories(u32::try_from(shards * 8).unwrap())
+            .total_tables(u32::try_from(shards * 8).unwrap())
+            .max_unused_warm_slots(100);
+    });
+    let a = load(&pool, "a", 1, 0);
+    let bases = std::sync::Mutex::new(Vec::new());
+    let cycle = |n| {
+        for _ in 0..n {
+            let handle = instantiate(&pool, &a);
+            bases
+                .lock()
+                .unwrap()
+                .push(handle.instance().memory(memory()).unwrap().base() as usize);
+            deallocate(&pool, handle);
+        }
+    };
+    on_shard(shards, 0, || cycle(4));
+    pool.flush_decommits();
+    let first: Vec<usize> = std::mem::take(&mut *bases.lock().unwrap());
+    on_shard(shards, 1, || cycle(4));
+    let second = bases.lock().unwrap();
+    assert!(
+        second.iter().all(|b| !first.contains(b)),
+        "the thread of shard 1 took a slot of shard 0: {second:x?} among {first:x?}"
+    );
+}

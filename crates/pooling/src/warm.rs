@@ -94,6 +94,11 @@ impl WarmBudget {
         self.total() >= self.cap
     }
 
+    /// Whether the shards together keep fewer warm slots than half the cap.
+    pub fn under_half(&self) -> bool {
+        self.total() * 2 < self.cap
+    }
+
     fn total(&self) -> usize {
         self.shards.iter().map(|s| s.warm.load(Ordering::SeqCst)).sum()
     }

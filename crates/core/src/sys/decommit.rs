@@ -41,8 +41,34 @@ static TURN: Mutex<()> = Mutex::new(());
 /// Every range is page-aligned and inside a private mapping made by [`reserve`](super::reserve)
 /// or [`map_image`](super::map_image), owned by the caller, with no Rust reference into it live.
 pub unsafe fn decommit_all(ranges: &[Range<usize>]) -> io::Result<()> {
-    // Nothing the lock guards can be left half-done by a panic: carry on if poisoned.
-    let _turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _turn = crate::sync::lock_spinning(&TURN);
+    // SAFETY: the caller's obligations are this function's.
+    unsafe { decommit_in_turn(ranges) }
+}
+
+/// [`decommit_all`] if no other thread of the process is decommitting now: `Ok(false)`, with
+/// nothing decommitted, if one is. For a caller that has something better to do than wait
+/// (a pool can keep the ranges for its next batch).
+///
+/// # Safety
+///
+/// As for [`decommit_all`].
+pub unsafe fn try_decommit_all(ranges: &[Range<usize>]) -> io::Result<bool> {
+    let _turn = match TURN.try_lock() {
+        Ok(turn) => turn,
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+    };
+    // SAFETY: the caller's obligations are this function's.
+    unsafe { decommit_in_turn(ranges) }.map(|()| true)
+}
+
+/// The work of [`decommit_all`], for a caller holding [`TURN`].
+///
+/// # Safety
+///
+/// As for [`decommit_all`].
+unsafe fn decommit_in_turn(ranges: &[Range<usize>]) -> io::Result<()> {
     let mut done = 0;
     let mut refused = false;
     if ranges.len() > 1 && !REFUSED.load(Ordering::Relaxed) {

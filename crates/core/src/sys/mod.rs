@@ -235,6 +235,6 @@ mod decommit;
 mod page_map;
 mod page_state;
 
-pub use decommit::decommit_all;
+pub use decommit::{decommit_all, try_decommit_all};
 pub use page_map::{PageMap, PageState, page_map};
 pub use page_state::{Forked, PageEvent, fork, provoke};
