@@ -127,11 +127,11 @@ proptest! {
 
 #[test]
 fn images_are_mapped_not_copied() {
+    // Data over three pages: an image the backends map.
+    let segments = [(100, b"hello".to_vec()), (9000, b"world".to_vec())];
     for pooling in [false, true] {
         let engine = engine(pooling, true, 0);
-        let module = engine
-            .load(data_module("hello", 1, &[(100, b"hello".to_vec())]))
-            .unwrap();
+        let module = engine.load(data_module("hello", 1, &segments)).unwrap();
         let instance = Instance::new(&module).unwrap();
         let backing = backing(&instance);
         assert!(
@@ -141,6 +141,25 @@ fn images_are_mapped_not_copied() {
         let mut hello = [0u8; 5];
         instance.read_memory(0, 100, &mut hello).unwrap();
         assert_eq!(&hello, b"hello");
+        instance.read_memory(0, 9000, &mut hello).unwrap();
+        assert_eq!(&hello, b"world");
+    }
+    // An image of one page: the pool writes its data instead (cheaper than the mappings of a
+    // slot set up for it), and every tenant still starts from it.
+    let pool = engine(true, true, 1 << 20);
+    let module = pool
+        .load(data_module("small", 1, &[(100, b"hello".to_vec())]))
+        .unwrap();
+    for _ in 0..3 {
+        let mut instance = Instance::new(&module).unwrap();
+        assert!(
+            !backing(&instance).contains("memfd"),
+            "a one-page image was mapped"
+        );
+        let mut hello = [0u8; 5];
+        instance.read_memory(0, 100, &mut hello).unwrap();
+        assert_eq!(&hello, b"hello");
+        instance.write_memory(0, 100, b"HELLO").unwrap();
     }
     let engine = engine(false, false, 0);
     let module = engine

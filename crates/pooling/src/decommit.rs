@@ -165,9 +165,9 @@ impl<T> DecommitQueue<T> {
         Ok(())
     }
 
-    /// Whether a queued slot satisfies `is`.
-    pub fn holds(&self, is: impl Fn(&T) -> bool) -> bool {
-        self.lock().pending.iter().any(|(slot, _)| is(slot))
+    /// The first `Some` that `look` finds among the queued slots.
+    pub fn find<R>(&self, look: impl Fn(&T) -> Option<R>) -> Option<R> {
+        self.lock().pending.iter().find_map(|(slot, _)| look(slot))
     }
 
     /// Takes everything queued, to run now; `queued` as in [`push`](Self::push) (not called

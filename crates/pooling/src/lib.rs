@@ -35,15 +35,15 @@ use std::sync::atomic::Ordering;
 use anyhow::{Context, Result};
 use berth_core::{
     AllocatorStats, DefinedMemoryIndex, DefinedTableIndex, HostPtr, InstanceAllocationRequest,
-    InstanceAllocatorImpl, LimitExceeded, Memory, MemoryAllocationIndex, MemoryImage, MemoryType, Mmap,
-    Module, ModuleId, Table, TableAllocationIndex, TableType, Tunables, VMOffsets, human_bytes, sys,
+    InstanceAllocatorImpl, LimitExceeded, Memory, MemoryAllocationIndex, MemoryType, Mmap, Module, ModuleId,
+    Table, TableAllocationIndex, TableType, Tunables, VMOffsets, human_bytes, sys,
 };
 
 pub use check::check_module;
 pub use config::PoolingConfig;
 pub use layout::PoolLayout;
 
-use memory_pool::{Choose, Lease, MemoryKey, MemoryPool};
+use memory_pool::{Choose, Lease, MemoryKey, MemoryPool, Wanted};
 use reset::MemoryReset;
 use shard::{Release, Shard};
 use slot_bytes::Region;
@@ -283,13 +283,13 @@ impl PoolingInstanceAllocator {
     /// Takes a memory slot for `key`, ready for `wanted`, in this order: the module memory's
     /// own warm slot in this thread's shard; a cold slot there, while the pool keeps fewer
     /// than half its cap warm (two threads instantiating the same modules then each keep their
-    /// own slots and share no lock); its own slot waiting in this shard's decommit queue (the
-    /// queue runs early); its own slot in another shard (a module instantiated from several
+    /// own slots and share no lock); if its own slot waits in this shard's decommit queue, a
+    /// cold slot while the pool is under its cap, or else that one (the queue runs early); its own slot in another shard (a module instantiated from several
     /// threads keeps its slots wherever they are); one being reset anywhere, waited for
     /// briefly; a cold slot. Only then does a shard hand out another module's warm slot, and
     /// before that it runs its queued decommits: a batch run early costs less than a slot set
     /// up again (which its module will miss in turn).
-    fn take_memory(&self, key: MemoryKey, wanted: Option<&Arc<MemoryImage>>) -> Result<Lease> {
+    fn take_memory(&self, key: MemoryKey, wanted: &Wanted) -> Result<Lease> {
         let n = self.shards.len();
         let home = shard::home(n);
         let own = &self.shards[home];
@@ -322,7 +322,7 @@ impl PoolingInstanceAllocator {
             .memories
             .take(key, wanted, Choose::Own)
             .or_else(home_cold)
-            .or_else(|| own.take_queued(key, wanted))
+            .or_else(|| own.take_queued(key, wanted, true))
             .or_else(|| others().find_map(|s| s.take_own(key, wanted)))
             .or_else(reset_soon)
             .or_else(|| own.memories.take(key, wanted, Choose::OwnOrCold))
@@ -406,12 +406,24 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
             anyhow::bail!("the pool was built for other tunables than this request's");
         }
         let key = (request.module.id(), memory_index);
-        let wanted = if self.tunables.memory_init_cow {
-            request.module.memory_image(memory_index)
+        // An image of a page or less is not mapped: its data segments are written when the
+        // instance is initialized, which costs less than the `mmap`s of setting up a slot for it
+        // (a slot keeps it resident, reset in place like a tenant's writes).
+        let image = if self.tunables.memory_init_cow {
+            request
+                .module
+                .memory_image(memory_index)
+                .filter(|image| image.len() > self.layout.page_size)
         } else {
             None
         };
-        let lease = self.take_memory(key, wanted.as_ref())?;
+        let initial = ty
+            .minimum_bytes()
+            .and_then(|b| usize::try_from(b).ok())
+            .and_then(|b| b.checked_next_multiple_of(self.layout.page_size))
+            .unwrap_or(usize::MAX);
+        let wanted = Wanted { image, initial };
+        let lease = self.take_memory(key, &wanted)?;
         let pool = &self.memory_shard(lease.slot).memories;
         // SAFETY: the slot is ours alone until deallocation (`Held`: the pool hands it out
         // once); its reservation is page-aligned inside the pool's mapping, which outlives every
@@ -427,7 +439,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
             )
         };
         let memory = memory.and_then(|mut memory| {
-            match (lease.image, wanted) {
+            match (lease.image, wanted.image) {
                 // SAFETY: the slot kept this very image mapped (`ready_for` checked it is the
                 // one wanted), and its reset brought back the image's bytes; it lies within the
                 // initial size, now accessible.

@@ -46,6 +46,15 @@ pub(crate) struct Lease {
     pub image: Option<Arc<MemoryImage>>,
 }
 
+/// What a memory wants of its slot.
+#[derive(Debug)]
+pub(crate) struct Wanted {
+    /// The image to find mapped (or to map).
+    pub image: Option<Arc<MemoryImage>>,
+    /// Its initial size in bytes, page-rounded.
+    pub initial: usize,
+}
+
 /// A reset slot waiting for its decommits: what it becomes once they ran.
 #[derive(Debug)]
 pub(crate) struct Reset {
@@ -57,6 +66,11 @@ impl Reset {
     /// The module memory the slot is reset for.
     pub fn key(&self) -> MemoryKey {
         self.warm.key
+    }
+
+    /// Whether the slot keeps pages resident.
+    pub fn keeps_pages(&self) -> bool {
+        self.warm.history.kept.bytes() > 0
     }
 }
 
@@ -193,15 +207,10 @@ impl MemoryPool {
         self.region.base(slot)
     }
 
-    /// Takes a slot for `key`'s memory, which wants `wanted` mapped, and makes it ready: `None`
-    /// if no slot of the kind `choose` allows is free. A slot that is not ready for the memory as
-    /// it is gets its mapping fixed.
-    pub fn take(
-        &self,
-        key: MemoryKey,
-        wanted: Option<&Arc<MemoryImage>>,
-        choose: Choose,
-    ) -> Option<Result<Lease>> {
+    /// Takes a slot for `key`'s memory, which wants what `wanted` says, and makes it ready:
+    /// `None` if no slot of the kind `choose` allows is free. A slot that is not ready for the
+    /// memory as it is gets its mapping fixed.
+    pub fn take(&self, key: MemoryKey, wanted: &Wanted, choose: Choose) -> Option<Result<Lease>> {
         let (local, idle) = {
             let mut state = self.lock();
             let State { slots, learned } = &mut *state;
@@ -231,19 +240,33 @@ impl MemoryPool {
         };
         let slot = self.first + local;
         let len = self.layout.memory_reservation;
+        let image = wanted.image.as_ref();
         let setup = match idle {
-            // Taken from another module memory: the pages it kept for that one go back first.
+            // Taken from another module memory. The pages it kept for that one read as zeros
+            // (their reset left them so), or as that one's image, which the set-up below
+            // replaces: those the new memory can reach stay, resident, no longer kept (its
+            // tenant's reset finds them, or decommits them as gaps); those past its initial
+            // size, which no reset would look at, go back now.
             Idle::Warm(warm) if warm.key != key && warm.history.kept.bytes() > 0 => {
+                let reach = wanted.initial.min(warm.accessible);
+                let beyond: Vec<Range<usize>> = warm
+                    .history
+                    .kept
+                    .runs()
+                    .iter()
+                    .filter(|run| run.end > reach)
+                    .map(|run| run.start.max(reach)..run.end)
+                    .collect();
                 // SAFETY: the slot is `Held` by this call (taken above, not yet leased), so no
                 // one else touches it; a warm slot's first `accessible` bytes are readable and
                 // writable.
                 let mut bytes = unsafe { self.region.bytes(slot, len, warm.accessible) };
-                match bytes.decommit(warm.history.kept.runs()) {
-                    Ok(()) => Idle::Warm(warm).setup_for(wanted),
+                match bytes.decommit(&beyond) {
+                    Ok(()) => Idle::Warm(warm).setup_for(image),
                     Err(_) => Setup::Remap,
                 }
             }
-            idle => idle.setup_for(wanted),
+            idle => idle.setup_for(image),
         };
         let done = match setup {
             Setup::Ready { accessible, image } => {

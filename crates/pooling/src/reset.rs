@@ -286,16 +286,10 @@ pub(crate) fn reset(
         give_back(bytes, history, over, accessible, &mut decommits);
     } else if policy.map.is_some() {
         // Blind: everything not kept (the gaps around at most `BLIND_RUNS` runs) goes back.
-        // For a slot that keeps nothing (its tenants write nothing) that is usually nothing,
-        // and waits for a batch; a slot that keeps pages gives its gaps back at once, since
-        // held for a batch it would be missed by its module's next tenant, which would take a
-        // slot that has not learned its pages.
+        // That is usually nothing (the scans before found nothing new), and waits for a
+        // batch; the module's next tenant that finds the slot waiting runs the batch early.
         history.blind_resets = history.blind_resets.saturating_add(1);
-        decommits = if history.kept.bytes() == 0 {
-            Decommits::blind()
-        } else {
-            Decommits::dirty()
-        };
+        decommits = Decommits::blind();
         for gap in history.kept.gaps(0..accessible) {
             decommits.push(bytes.address_range(gap));
         }

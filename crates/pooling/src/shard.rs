@@ -8,12 +8,9 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use crate::decommit::{self, DecommitQueue, Decommits, Pending};
-use std::sync::Arc;
-
 use anyhow::Result;
-use berth_core::MemoryImage;
 
-use crate::memory_pool::{self, Choose, Lease, MemoryKey, MemoryPool};
+use crate::memory_pool::{self, Choose, Lease, MemoryKey, MemoryPool, Wanted};
 use crate::reset::MemoryReset;
 use crate::table_pool::{TableDone, TablePool, TableReset};
 
@@ -217,21 +214,29 @@ impl Shard {
     /// but one waits in the decommit queue, runs the queue first: a batch run early costs less
     /// than a slot set up again, and a thread that went to another shard for its slot would
     /// give it back there, sharing that shard's locks from then on.
-    pub fn take_own(&self, key: MemoryKey, wanted: Option<&Arc<MemoryImage>>) -> Option<Result<Lease>> {
+    pub fn take_own(&self, key: MemoryKey, wanted: &Wanted) -> Option<Result<Lease>> {
         self.memories
             .take(key, wanted, Choose::Own)
-            .or_else(|| self.take_queued(key, wanted))
+            .or_else(|| self.take_queued(key, wanted, false))
     }
 
-    /// If a slot of `key`'s memory waits in the decommit queue, runs the queue and takes a
-    /// warm slot of `key` (see [`take_own`](Self::take_own)).
-    pub fn take_queued(&self, key: MemoryKey, wanted: Option<&Arc<MemoryImage>>) -> Option<Result<Lease>> {
-        let queued = self
-            .queue
-            .holds(|held| matches!(&held.done, Done::Memory(reset) if reset.key() == key));
-        (queued && self.flush())
-            .then(|| self.memories.take(key, wanted, Choose::Own))
+    /// If a slot of `key`'s memory waits in the decommit queue: a cold slot if `cold_first`,
+    /// the waiting slot keeps no page (a cold one serves as well) and the pool may take one
+    /// (a module instantiated in turn gets the slots it needs to wait out a batch); or else the
+    /// queue runs and a warm slot of `key` is taken (see [`take_own`](Self::take_own)).
+    pub fn take_queued(&self, key: MemoryKey, wanted: &Wanted, cold_first: bool) -> Option<Result<Lease>> {
+        let keeps = self.queue.find(|held| match &held.done {
+            Done::Memory(reset) if reset.key() == key => Some(reset.keeps_pages()),
+            _ => None,
+        })?;
+        (cold_first && !keeps)
+            .then(|| self.memories.take(key, wanted, Choose::OwnOrCold))
             .flatten()
+            .or_else(|| {
+                self.flush()
+                    .then(|| self.memories.take(key, wanted, Choose::Own))
+                    .flatten()
+            })
     }
 
     /// Runs every queued decommit now. Returns whether anything was queued.
