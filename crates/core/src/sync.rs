@@ -8,27 +8,31 @@
 
 use std::hint::spin_loop;
 use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
 
-/// Tries before sleeping: each try is followed by [`PAUSES`] spin-loop hints, together a few
-/// microseconds.
-const TRIES: usize = 64;
-/// Spin-loop hints between two tries.
-const PAUSES: usize = 32;
+/// How long a thread tries before it sleeps: about a decommit's worth, well under a wake-up.
+const SPIN: Duration = Duration::from_micros(4);
+/// Spin-loop hints between two tries (a hint takes 10 to 40 ns, depending on the processor).
+const PAUSES: usize = 8;
 
 /// Locks `mutex`, spinning for a few microseconds before sleeping on it. A poisoned lock is
 /// taken as it is: every caller's critical section leaves its data consistent at every step
 /// (a panic in one cannot hand a slot out twice), so carrying on is safe.
 pub fn lock_spinning<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    for _ in 0..TRIES {
+    let mut started = None;
+    loop {
         match mutex.try_lock() {
             Ok(guard) => return guard,
             Err(TryLockError::Poisoned(poisoned)) => return poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                for _ in 0..PAUSES {
-                    spin_loop();
-                }
-            }
+            Err(TryLockError::WouldBlock) => {}
+        }
+        // The clock is read only once the lock was found taken.
+        let since = *started.get_or_insert_with(Instant::now);
+        if since.elapsed() >= SPIN {
+            return mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        for _ in 0..PAUSES {
+            spin_loop();
         }
     }
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

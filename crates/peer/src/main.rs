@@ -242,7 +242,12 @@ fn table(
 /// The throughput table: for every workload, one and two threads (and `--threads`) of Berth's
 /// pool, Wasmtime's tuned pool and the control loop, alternating.
 fn threads_table(args: &Args, workloads: &[workloads::Workload]) -> Result<()> {
-    let systems = [systems::pooled(true)?, systems::pooled(false)?, systems::control()];
+    let systems = [
+        systems::pooled(true)?,
+        systems::pooled(false)?,
+        systems::control(),
+        systems::growth_floor(),
+    ];
     let more: Vec<usize> = args.threads.iter().copied().filter(|&t| t > 2).collect();
     println!(
         "\n## Pooling throughput: one and two threads, {} ms a run\n",

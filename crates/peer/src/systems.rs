@@ -198,3 +198,97 @@ pub fn control() -> System {
         }),
     }
 }
+
+/// Not an allocator: the page-table work a workload's tenants need that no allocator can skip,
+/// in a mapping of each thread's own, with nothing else: the growth (`mprotect` to readable and
+/// writable) and its undoing before the next tenant (`mprotect` to `PROT_NONE`, which makes the
+/// kernel flush the TLB of every core running the process), and the tenant's writes into pages
+/// that stay resident. Its two-thread ratio is what this machine allows a growing tenant, in
+/// the same run; for a workload that does not grow it is the writes alone.
+pub fn growth_floor() -> System {
+    System {
+        name: "floor: growth mprotects and writes, nothing shared",
+        prepare: Box::new(|workload: &Workload| -> Result<Cycles> {
+            let page = 65536usize;
+            // Per module: its tenant, and the bytes accessible before and after its growth.
+            let shapes = workload
+                .modules
+                .iter()
+                .map(|m| {
+                    let tenant = m.tenant.clone();
+                    let end = tenant.writes.iter().map(|w| w.0 + w.1).max().unwrap_or(0);
+                    let grown = usize::try_from(tenant.grow).context("growth")? * page;
+                    let initial = end.div_ceil(page).saturating_mul(page).saturating_sub(grown).max(page);
+                    Ok((tenant, initial, grown))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let shapes = Arc::new(shapes);
+            let buffer = buffer(workload);
+            Ok(Box::new(move |thread| {
+                let (shapes, buffer) = (shapes.clone(), buffer.clone());
+                let mappings: Vec<Mapping> = shapes
+                    .iter()
+                    .map(|(_, initial, grown)| Mapping::new(initial + grown, *initial))
+                    .collect();
+                let mut next = start(thread, shapes.len());
+                Box::new(move || {
+                    let (tenant, initial, grown) = &shapes[next];
+                    let (initial, grown) = (*initial, *grown);
+                    let base = mappings[next].base();
+                    next = (next + 1) % shapes.len();
+                    let grow = base.wrapping_add(initial);
+                    if grown > 0 {
+                        // SAFETY: inside this thread's own mapping.
+                        unsafe { berth_core::sys::make_accessible(nonnull(grow), grown) }?;
+                    }
+                    for &(offset, n) in &tenant.writes {
+                        if offset + n <= initial + grown {
+                            // SAFETY: accessible bytes of this thread's own mapping; the
+                            // buffer is a distinct allocation.
+                            unsafe { base.add(offset).copy_from_nonoverlapping(buffer.as_ptr(), n) };
+                        }
+                    }
+                    if grown > 0 {
+                        // SAFETY: inside this thread's own mapping; nothing refers into it.
+                        unsafe { berth_core::sys::make_inaccessible(nonnull(grow), grown) }?;
+                    }
+                    Ok(())
+                })
+            }))
+        }),
+    }
+}
+
+fn nonnull(ptr: *mut u8) -> std::ptr::NonNull<u8> {
+    std::ptr::NonNull::new(ptr).expect("a mapping is never at address 0")
+}
+
+/// One thread's mapping for the growth floor, unmapped when dropped. Holds its address (with
+/// its provenance exposed), so that a cycle owning it can move to its thread.
+struct Mapping {
+    address: usize,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(len: usize, accessible: usize) -> Mapping {
+        let base = berth_core::sys::reserve(len).expect("reserve");
+        // SAFETY: a fresh mapping of our own.
+        unsafe { berth_core::sys::make_accessible(base, accessible) }.expect("mprotect");
+        Mapping {
+            address: base.as_ptr().expose_provenance(),
+            len,
+        }
+    }
+
+    fn base(&self) -> *mut u8 {
+        std::ptr::with_exposed_provenance_mut(self.address)
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, no longer used (its cycle is gone).
+        let _ = unsafe { berth_core::sys::unmap(nonnull(self.base()), self.len) };
+    }
+}

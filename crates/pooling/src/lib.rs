@@ -286,9 +286,7 @@ impl PoolingInstanceAllocator {
     /// own slots and share no lock); if its own slot waits in this shard's decommit queue, a
     /// cold slot while the pool is under its cap, or else that one (the queue runs early); its own slot in another shard (a module instantiated from several
     /// threads keeps its slots wherever they are); one being reset anywhere, waited for
-    /// briefly; a cold slot. Only then does a shard hand out another module's warm slot, and
-    /// before that it runs its queued decommits: a batch run early costs less than a slot set
-    /// up again (which its module will miss in turn).
+    /// briefly; a cold slot. Only then does a shard hand out another module's warm slot.
     fn take_memory(&self, key: MemoryKey, wanted: &Wanted) -> Result<Lease> {
         let n = self.shards.len();
         let home = shard::home(n);
@@ -330,18 +328,10 @@ impl PoolingInstanceAllocator {
         if let Some(taken) = taken {
             return taken;
         }
-        let take = |shard: &Shard| {
-            shard
-                .memories
-                .take(key, wanted, Choose::OwnOrCold)
-                .or_else(|| {
-                    shard
-                        .flush()
-                        .then(|| shard.memories.take(key, wanted, Choose::OwnOrCold))
-                        .flatten()
-                })
-                .or_else(|| shard.memories.take(key, wanted, Choose::Any))
-        };
+        // Its own slots, warm or waiting in a queue, were looked for above: another module's
+        // warm slot now, the least recently used of the first shard that has one (when none
+        // has, `take` runs every queue and tries again).
+        let take = |shard: &Shard| shard.memories.take(key, wanted, Choose::Any);
         self.take(take).unwrap_or_else(|| {
             let n = u64::from(self.config.total_memories);
             Err(LimitExceeded::error("total_memories", n, n + 1))
