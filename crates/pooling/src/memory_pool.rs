@@ -18,7 +18,7 @@ use crate::decommit::Decommits;
 use crate::layout::PoolLayout;
 use crate::reset::{self, Learned, MemoryReset, Policy};
 use crate::slot_bytes::Region;
-use crate::slots::{Choice, FastMap, Idle, MemorySlots, SlotId, Warm};
+use crate::slots::{FastMap, Idle, MemorySlots, SlotId, Warm};
 use crate::warm::WarmBudget;
 
 /// Which module's memory a slot serves.
@@ -231,11 +231,13 @@ impl MemoryPool {
             if refused {
                 return None;
             }
-            let (local, choice, idle) = slots.take(key, || learned.get(&key).copied().unwrap_or_default())?;
-            if choice != Choice::Cold {
-                self.budget
-                    .publish(self.shard, slots.warm(), slots.oldest_stamp());
-            }
+            let (local, _, idle) = slots.take(key, || learned.get(&key).copied().unwrap_or_default())?;
+            self.budget.publish(
+                self.shard,
+                slots.warm_or_resetting(),
+                slots.returning(),
+                slots.oldest_stamp(),
+            );
             (local, idle)
         };
         let slot = self.first + local;
@@ -332,7 +334,18 @@ impl MemoryPool {
     /// stale (finished here: it is re-mapped before its next use), and returns `None`.
     pub fn reset(&self, job: MemoryReset) -> Option<(Reset, Decommits)> {
         let local = self.local(job.slot);
-        let (key, mut history) = self.lock().slots.release(local);
+        let (key, mut history) = {
+            let mut state = self.lock();
+            let released = state.slots.release(local);
+            // Being reset, it counts as warm from now on (it turns warm in a moment).
+            self.budget.publish(
+                self.shard,
+                state.slots.warm_or_resetting(),
+                state.slots.returning(),
+                state.slots.oldest_stamp(),
+            );
+            released
+        };
         let policy = Policy {
             keep: self.layout.memory_keep_resident,
             map: sys::page_map().filter(|_| self.use_page_map),
@@ -394,8 +407,12 @@ impl MemoryPool {
         if let Some((local, warm)) = finished.out {
             self.cool(slots, local, warm);
         }
-        self.budget
-            .publish(self.shard, slots.warm(), slots.oldest_stamp());
+        self.budget.publish(
+            self.shard,
+            slots.warm_or_resetting(),
+            slots.returning(),
+            slots.oldest_stamp(),
+        );
     }
 
     fn finish_stale(&self, slot: u32) {
@@ -410,8 +427,12 @@ impl MemoryPool {
             return false;
         };
         self.cool(&mut state.slots, local, warm);
-        self.budget
-            .publish(self.shard, state.slots.warm(), state.slots.oldest_stamp());
+        self.budget.publish(
+            self.shard,
+            state.slots.warm_or_resetting(),
+            state.slots.returning(),
+            state.slots.oldest_stamp(),
+        );
         true
     }
 
@@ -450,8 +471,12 @@ impl MemoryPool {
         for (local, warm) in slots.purge(|(m, _)| *m == module) {
             self.cool(slots, local, warm);
         }
-        self.budget
-            .publish(self.shard, slots.warm(), slots.oldest_stamp());
+        self.budget.publish(
+            self.shard,
+            slots.warm_or_resetting(),
+            slots.returning(),
+            slots.oldest_stamp(),
+        );
     }
 
     /// Warm slots, and the resident bytes they keep.

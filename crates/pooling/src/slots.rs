@@ -180,6 +180,8 @@ pub(crate) struct MemorySlots<K> {
     /// Slots being reset (a few: each thread resets one at a time, and a queue holds a few
     /// batches).
     resetting: Vec<SlotId>,
+    /// Slots handed to tenants.
+    held: usize,
     warm: usize,
     /// The resident bytes of the warm slots, summed.
     warm_resident: usize,
@@ -202,6 +204,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
             lru_tail: None,
             per_key: FastMap::default(),
             resetting: Vec::new(),
+            held: 0,
             warm: 0,
             warm_resident: 0,
             max_warm,
@@ -249,6 +252,17 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     /// Whether a slot of `key` is warm.
     pub fn has_warm(&self, key: K) -> bool {
         self.per_key.contains_key(&key)
+    }
+
+    /// Warm slots and slots being reset (which turn warm soon): what counts against the
+    /// pool's warm cap.
+    pub fn warm_or_resetting(&self) -> usize {
+        self.warm + self.resetting.len()
+    }
+
+    /// Those and the slots handed to tenants: what would be warm once every tenant left.
+    pub fn returning(&self) -> usize {
+        self.warm_or_resetting() + self.held
     }
 
     /// Whether a slot of `key` is being reset: it turns warm soon.
@@ -299,6 +313,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
             history: History::default(),
             purged: false,
         };
+        self.held += 1;
         let mut idle = match std::mem::replace(&mut self.states[slot as usize], SlotState::Held(taken)) {
             SlotState::Idle(idle) => idle,
             other => unreachable!("slot {slot} chosen while {other:?}"),
@@ -349,6 +364,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
             purged,
         });
         self.resetting.push(slot);
+        self.held -= 1;
         (key, history)
     }
 
@@ -378,6 +394,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
         );
         *state = SlotState::Idle(Idle::Stale);
         self.cold.push(slot);
+        self.held -= 1;
     }
 
     /// Ends `slot`'s reset: `Warm` for its key with what `reset` says, or `Stale` if the reset
