@@ -283,8 +283,9 @@ impl PoolingInstanceAllocator {
     /// Takes a memory slot for `key`, ready for `wanted`, in this order: the module memory's
     /// own warm slot in this thread's shard; a cold slot there, while the pool keeps fewer
     /// than half its cap warm (two threads instantiating the same modules then each keep their
-    /// own slots and share no lock); if its own slot waits in this shard's decommit queue, a
-    /// cold slot while the pool is under its cap, or else that one (the queue runs early); its own slot in another shard (a module instantiated from several
+    /// own slots and share no lock); if its own slot waits in this shard's decommit queue,
+    /// another one if that one keeps no page (see [`Shard::take_queued`]), or else that one
+    /// (the queue runs early); its own slot in another shard (a module instantiated from several
     /// threads keeps its slots wherever they are); one being reset anywhere, waited for
     /// briefly; a cold slot. Only then does a shard hand out another module's warm slot.
     fn take_memory(&self, key: MemoryKey, wanted: &Wanted) -> Result<Lease> {

@@ -220,17 +220,19 @@ impl Shard {
             .or_else(|| self.take_queued(key, wanted, false))
     }
 
-    /// If a slot of `key`'s memory waits in the decommit queue: a cold slot if `cold_first`,
-    /// the waiting slot keeps no page (a cold one serves as well) and the pool may take one
-    /// (a module instantiated in turn gets the slots it needs to wait out a batch); or else the
-    /// queue runs and a warm slot of `key` is taken (see [`take_own`](Self::take_own)).
-    pub fn take_queued(&self, key: MemoryKey, wanted: &Wanted, cold_first: bool) -> Option<Result<Lease>> {
+    /// If a slot of `key`'s memory waits in the decommit queue: if `another_first` and the
+    /// waiting slot keeps no page, another slot (a cold one while the pool may take one, or
+    /// else the least recently used of another module), so that a module instantiated over and
+    /// over gets the slots it needs to wait out a batch, rather than run the queue at every
+    /// instantiation; or else the queue runs and a warm slot of `key` is taken (see
+    /// [`take_own`](Self::take_own)).
+    pub fn take_queued(&self, key: MemoryKey, wanted: &Wanted, another_first: bool) -> Option<Result<Lease>> {
         let keeps = self.queue.find(|held| match &held.done {
             Done::Memory(reset) if reset.key() == key => Some(reset.keeps_pages()),
             _ => None,
         })?;
-        (cold_first && !keeps)
-            .then(|| self.memories.take(key, wanted, Choose::OwnOrCold))
+        (another_first && !keeps)
+            .then(|| self.memories.take(key, wanted, Choose::Any))
             .flatten()
             .or_else(|| {
                 self.flush()
