@@ -99,7 +99,7 @@ impl WarmBudget {
 
     /// Whether the shards would keep as many warm slots as the cap, or more, once their tenants
     /// left: a cold slot taken now would push a warm one out then (with two tenants of 150
-    /// modules, one cycle in six did that while slots held by tenants were not counted).
+    /// modules, one cycle in nine did that while slots held by tenants were not counted).
     pub fn at_cap(&self) -> bool {
         self.returning() >= self.cap
     }
