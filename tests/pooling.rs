@@ -523,3 +523,61 @@ fn an_absurd_but_valid_pool_is_an_error_that_names_the_knob() {
         }
     }
 }
+
+#[test]
+fn pages_a_slot_kept_for_another_module_stay_resident_only_as_pages_it_keeps() {
+    // A slot taken by another module keeps the pages it kept for the first where the new
+    // memory can reach them (they read as zeros); the new tenant's reset accounts for them,
+    // and those past the new memory's initial size go back at once. Whatever happens, what
+    // stays resident in an idle slot is what the pool says it keeps.
+    let map = berth_core::sys::page_map();
+    if !berth_testkit::page_states::require("kept pages across modules", "PAGEMAP_SCAN", map.is_some()) {
+        return;
+    }
+    let map = map.expect("checked");
+    let mut pooling = slots(1);
+    pooling.max_unused_warm_slots(1);
+    let (engine, allocator) = pool(&pooling);
+    let memory_only = |name: &str, pages: u64| {
+        Module::builder()
+            .name(name)
+            .memory(MemoryType::new(pages, Some(8)))
+            .build()
+            .unwrap()
+    };
+    let a = engine.load(memory_only("a", 4)).unwrap();
+    let b = engine.load(memory_only("b", 1)).unwrap();
+    for round in 0..3u8 {
+        let mut tenant = Instance::new(&a).unwrap();
+        tenant.write_memory(0, 0, &[round + 1; 4096]).unwrap();
+        tenant
+            .write_memory(0, 3 * PAGE as u64, &[round + 1; 4096])
+            .unwrap();
+    }
+    // Runs of pages holding memory of their own (the shared zero page, which reads map, does
+    // not), as offsets in the slot.
+    let resident_runs = |base: usize| {
+        let mut runs = Vec::new();
+        let base = std::ptr::NonNull::new(base as *mut u8).unwrap();
+        map.written(base, 1 << 20, &mut runs).unwrap();
+        runs
+    };
+    let resident = |base: usize| resident_runs(base).iter().map(|r| r.len()).sum::<usize>();
+    let tenant = Instance::new(&b).unwrap();
+    let base = memory_base(&tenant);
+    let mut bytes = vec![1u8; PAGE];
+    tenant.read_memory(0, 0, &mut bytes).unwrap();
+    assert!(bytes.iter().all(|&x| x == 0), "module a's bytes are visible to b");
+    let past: Vec<_> = resident_runs(base).into_iter().filter(|r| r.end > PAGE).collect();
+    assert!(
+        past.is_empty(),
+        "pages a kept past b's initial size stayed resident: {past:x?}"
+    );
+    drop(tenant);
+    allocator.flush_decommits();
+    assert_eq!(
+        resident(base) as u64,
+        engine.stats().idle_resident_bytes,
+        "the idle slot holds resident pages the pool does not count"
+    );
+}

@@ -247,10 +247,16 @@ impl MemoryPool {
             // Taken from another module memory. The pages it kept for that one read as zeros
             // (their reset left them so), or as that one's image, which the set-up below
             // replaces: those the new memory can reach stay, resident, no longer kept (its
-            // tenant's reset finds them, or decommits them as gaps); those past its initial
-            // size, which no reset would look at, go back now.
+            // tenant's reset finds them with a scan, or decommits them as gaps); those past its
+            // initial size, which no reset would look at, go back now, and so does everything
+            // when resets cannot scan (a zero page they read would stay resident, unseen).
             Idle::Warm(warm) if warm.key != key && warm.history.kept.bytes() > 0 => {
-                let reach = wanted.initial.min(warm.accessible);
+                let scans = self.use_page_map && sys::page_map().is_some();
+                let reach = if scans {
+                    wanted.initial.min(warm.accessible)
+                } else {
+                    0
+                };
                 let beyond: Vec<Range<usize>> = warm
                     .history
                     .kept

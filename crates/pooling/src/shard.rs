@@ -7,9 +7,9 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
-use crate::decommit::{self, DecommitQueue, Decommits, Pending};
 use anyhow::Result;
 
+use crate::decommit::{self, DecommitQueue, Decommits, Pending};
 use crate::memory_pool::{self, Choose, Lease, MemoryKey, MemoryPool, Wanted};
 use crate::reset::MemoryReset;
 use crate::table_pool::{TableDone, TablePool, TableReset};
