@@ -321,7 +321,16 @@ impl PoolingInstanceAllocator {
             .memories
             .take(key, wanted, Choose::Own)
             .or_else(home_cold)
-            .or_else(|| own.take_queued(key, wanted, true))
+            .or_else(|| {
+                // Another slot than the waiting one: a cold one while the pool is under its
+                // cap; at the cap, the least recently used warm slot, which is due to go.
+                let another = if self.warm.at_cap() {
+                    Choose::Any
+                } else {
+                    Choose::OwnOrCold
+                };
+                own.take_queued(key, wanted, Some(another))
+            })
             .or_else(|| others().find_map(|s| s.take_own(key, wanted)))
             .or_else(reset_soon)
             .or_else(|| own.memories.take(key, wanted, Choose::OwnOrCold))

@@ -217,23 +217,27 @@ impl Shard {
     pub fn take_own(&self, key: MemoryKey, wanted: &Wanted) -> Option<Result<Lease>> {
         self.memories
             .take(key, wanted, Choose::Own)
-            .or_else(|| self.take_queued(key, wanted, false))
+            .or_else(|| self.take_queued(key, wanted, None))
     }
 
-    /// If a slot of `key`'s memory waits in the decommit queue: if `another_first` and the
-    /// waiting slot keeps no page, another slot (a cold one while the pool may take one, or
-    /// else the least recently used of another module), so that a module instantiated over and
-    /// over gets the slots it needs to wait out a batch, rather than run the queue at every
-    /// instantiation; or else the queue runs and a warm slot of `key` is taken (see
+    /// If a slot of `key`'s memory waits in the decommit queue: if the waiting slot keeps no
+    /// page, another slot of the kind `another` allows (a module instantiated over and over
+    /// then gets the slots it needs to wait out a batch, rather than run the queue at every
+    /// instantiation); or else the queue runs and a warm slot of `key` is taken (see
     /// [`take_own`](Self::take_own)).
-    pub fn take_queued(&self, key: MemoryKey, wanted: &Wanted, another_first: bool) -> Option<Result<Lease>> {
+    pub fn take_queued(
+        &self,
+        key: MemoryKey,
+        wanted: &Wanted,
+        another: Option<Choose>,
+    ) -> Option<Result<Lease>> {
         let keeps = self.queue.find(|held| match &held.done {
             Done::Memory(reset) if reset.key() == key => Some(reset.keeps_pages()),
             _ => None,
         })?;
-        (another_first && !keeps)
-            .then(|| self.memories.take(key, wanted, Choose::Any))
-            .flatten()
+        another
+            .filter(|_| !keeps)
+            .and_then(|choose| self.memories.take(key, wanted, choose))
             .or_else(|| {
                 self.flush()
                     .then(|| self.memories.take(key, wanted, Choose::Own))

@@ -12,6 +12,14 @@ use crate::{PoolingConfig, PoolingInstanceAllocator, shard};
 
 const PAGE: usize = 65536;
 
+/// Taken by every test here: decommits take turns across the process, and a release that
+/// finds another thread decommitting leaves its batch for later, so a test that counts what a
+/// release gave back must not run beside one that decommits.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn tunables() -> Tunables {
     Tunables {
         memory_reservation: 1 << 20,
@@ -94,6 +102,7 @@ fn contents(pool: &PoolingInstanceAllocator, loaded: &Loaded) -> (Vec<u8>, Vec<u
 
 #[test]
 fn a_slot_whose_reset_failed_is_remapped_before_reuse() {
+    let _serial = serial();
     let pool = pool(|c| {
         c.total_memories(1);
     });
@@ -120,6 +129,7 @@ fn a_slot_whose_reset_failed_is_remapped_before_reuse() {
 
 #[test]
 fn a_memory_slot_whose_decommit_failed_is_remapped_before_reuse() {
+    let _serial = serial();
     let pool = pool(|c| {
         c.total_memories(1)
             .decommit_batch_size(1)
@@ -142,6 +152,7 @@ fn a_memory_slot_whose_decommit_failed_is_remapped_before_reuse() {
 
 #[test]
 fn a_table_slot_whose_decommit_failed_is_zeroed() {
+    let _serial = serial();
     let pool = pool(|c| {
         c.total_tables(1).decommit_batch_size(1).table_keep_resident(0);
     });
@@ -187,6 +198,7 @@ fn on_shard(shards: usize, home: usize, f: impl Fn() + Sync) {
 
 #[test]
 fn a_release_that_runs_a_batch_keeps_the_warm_cap() {
+    let _serial = serial();
     // Shard 0 keeps more than its share of warm slots while shard 1 keeps none. Shard 1 then
     // finishes memory slots within its share inside a batch of blind decommits that a later
     // release runs: the pool is over its cap until someone gives back, and the release (of a
@@ -245,6 +257,7 @@ fn a_release_that_runs_a_batch_keeps_the_warm_cap() {
 
 #[test]
 fn a_thread_takes_slots_of_its_own_shard_rather_than_share_another_threads() {
+    let _serial = serial();
     // One thread instantiates a module in shard 0; another, homed in shard 1, instantiates
     // it too: while the pool is far from its warm cap, it takes a slot of its own shard, so
     // the two threads share no lock from then on.
