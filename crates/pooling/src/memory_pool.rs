@@ -198,6 +198,17 @@ impl MemoryPool {
         berth_core::sync::lock_spinning(&self.state)
     }
 
+    /// Tells the pool's warm budget what this shard keeps now (after every change, under the
+    /// lock).
+    fn publish(&self, slots: &MemorySlots<MemoryKey>) {
+        self.budget.publish(
+            self.shard,
+            slots.warm_or_resetting(),
+            slots.returning(),
+            slots.oldest_stamp(),
+        );
+    }
+
     fn local(&self, slot: u32) -> SlotId {
         slot - self.first
     }
@@ -232,12 +243,7 @@ impl MemoryPool {
                 return None;
             }
             let (local, _, idle) = slots.take(key, || learned.get(&key).copied().unwrap_or_default())?;
-            self.budget.publish(
-                self.shard,
-                slots.warm_or_resetting(),
-                slots.returning(),
-                slots.oldest_stamp(),
-            );
+            self.publish(slots);
             (local, idle)
         };
         let slot = self.first + local;
@@ -344,12 +350,7 @@ impl MemoryPool {
             let mut state = self.lock();
             let released = state.slots.release(local);
             // Being reset, it counts as warm from now on (it turns warm in a moment).
-            self.budget.publish(
-                self.shard,
-                state.slots.warm_or_resetting(),
-                state.slots.returning(),
-                state.slots.oldest_stamp(),
-            );
+            self.publish(&state.slots);
             released
         };
         let policy = Policy {
@@ -413,12 +414,7 @@ impl MemoryPool {
         if let Some((local, warm)) = finished.out {
             self.cool(slots, local, warm);
         }
-        self.budget.publish(
-            self.shard,
-            slots.warm_or_resetting(),
-            slots.returning(),
-            slots.oldest_stamp(),
-        );
+        self.publish(slots);
     }
 
     fn finish_stale(&self, slot: u32) {
@@ -433,12 +429,7 @@ impl MemoryPool {
             return false;
         };
         self.cool(&mut state.slots, local, warm);
-        self.budget.publish(
-            self.shard,
-            state.slots.warm_or_resetting(),
-            state.slots.returning(),
-            state.slots.oldest_stamp(),
-        );
+        self.publish(&state.slots);
         true
     }
 
@@ -477,12 +468,7 @@ impl MemoryPool {
         for (local, warm) in slots.purge(|(m, _)| *m == module) {
             self.cool(slots, local, warm);
         }
-        self.budget.publish(
-            self.shard,
-            slots.warm_or_resetting(),
-            slots.returning(),
-            slots.oldest_stamp(),
-        );
+        self.publish(slots);
     }
 
     /// Warm slots, and the resident bytes they keep.

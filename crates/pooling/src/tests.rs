@@ -196,6 +196,17 @@ fn on_shard(shards: usize, home: usize, f: impl Fn() + Sync) {
     });
 }
 
+/// How many shards a pool has here, if more than one (tests of threads in different shards
+/// need two; on a one-core machine they say they skipped).
+fn shards_for_threads() -> Option<usize> {
+    let shards = pool(|_| {}).shards.len();
+    if shards < 2 {
+        eprintln!("skipped: one shard on this machine");
+        return None;
+    }
+    Some(shards)
+}
+
 #[test]
 fn a_release_that_runs_a_batch_keeps_the_warm_cap() {
     let _serial = serial();
@@ -203,12 +214,9 @@ fn a_release_that_runs_a_batch_keeps_the_warm_cap() {
     // finishes memory slots within its share inside a batch of blind decommits that a later
     // release runs: the pool is over its cap until someone gives back, and the release (of a
     // memory or a table) must see to it.
-    let probe = pool(|_| {});
-    let shards = probe.shards.len();
-    if shards < 2 {
-        eprintln!("skipped: one shard on this machine");
+    let Some(shards) = shards_for_threads() else {
         return;
-    }
+    };
     let cap = 2 * shards;
     // Each shard can hold the whole cap and more.
     let slots = u32::try_from(shards * (cap + 2)).unwrap();
@@ -261,12 +269,9 @@ fn a_thread_takes_slots_of_its_own_shard_rather_than_share_another_threads() {
     // One thread instantiates a module in shard 0; another, homed in shard 1, instantiates
     // it too: while the pool is far from its warm cap, it takes a slot of its own shard, so
     // the two threads share no lock from then on.
-    let probe = pool(|_| {});
-    let shards = probe.shards.len();
-    if shards < 2 {
-        eprintln!("skipped: one shard on this machine");
+    let Some(shards) = shards_for_threads() else {
         return;
-    }
+    };
     let pool = pool(|c| {
         c.total_memories(u32::try_from(shards * 8).unwrap())
             .total_tables(u32::try_from(shards * 8).unwrap())
