@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use berth_core::sys;
 
-use crate::reset::BLIND_RUNS;
+use crate::kept::BLIND_RUNS;
 
 /// The page-aligned address ranges a reset leaves to decommit: the gaps around a blind slot's
 /// kept runs (at most [`BLIND_RUNS`] of them), or everything from where the budget ran out.

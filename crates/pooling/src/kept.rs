@@ -11,6 +11,9 @@ use std::ops::Range;
 /// Runs a slot keeps at most; a tenant that writes more scattered runs than this has the
 /// rest given back to the kernel at each reset.
 pub(crate) const MAX_RUNS: usize = 64;
+/// Kept runs a slot may have for its resets to go blind (their gaps, one more, are what a blind
+/// reset decommits).
+pub(crate) const BLIND_RUNS: usize = 8;
 
 /// Kept pages: sorted, disjoint, non-adjacent page-aligned runs of offsets from the slot's
 /// start, at most [`MAX_RUNS`] of them; `bytes` is their total.

@@ -29,7 +29,7 @@ use berth_core::MemoryImage;
 use berth_core::sys::PageMap;
 
 use crate::decommit::Decommits;
-use crate::kept::{Kept, MAX_RUNS};
+use crate::kept::{BLIND_RUNS, Kept, MAX_RUNS};
 use crate::slot_bytes::SlotBytes;
 
 /// Clean scans after which a slot's resets stop scanning (and decommit blindly instead).
@@ -39,9 +39,6 @@ const CLEAN_SCANS_BEFORE_BLIND: u8 = 4;
 const RESCAN_EVERY: u8 = 16;
 /// The longest interval between rescans of a slot whose rescans keep finding nothing.
 const RESCAN_EVERY_MAX: u8 = 128;
-/// Kept runs a slot may have for its resets to go blind (their gaps, one more, are what a blind
-/// reset decommits).
-pub(crate) const BLIND_RUNS: usize = 8;
 /// Bytes from which a memory's scan costs more than decommitting the gaps around up to
 /// [`BLIND_RUNS`] kept runs; below it, a slot goes blind only with at most one kept run (two
 /// gaps). Scans take the process's memory map for reading and flush no TLB, where every
