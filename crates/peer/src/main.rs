@@ -222,7 +222,10 @@ fn table(
     for system in systems {
         print!(" {} |", system.name);
     }
-    println!(" berth/wasmtime on-demand | berth/wasmtime pooling | berth/wasmtime tuned |{}", if p99 { " p99: berth/wasmtime tuned |" } else { "" });
+    println!(
+        " berth/wasmtime on-demand | berth/wasmtime pooling | berth/wasmtime tuned |{}",
+        if p99 { " p99: berth/wasmtime tuned |" } else { "" }
+    );
     println!("|---|{}", "---|".repeat(systems.len() + 3 + usize::from(p99)));
     for (workload, row) in workloads.iter().zip(cells) {
         let values: Vec<(f64, String)> = row.iter().map(&cell).collect();
@@ -268,7 +271,10 @@ fn threads_table(args: &Args, workloads: &[workloads::Workload]) -> Result<()> {
     let duration = Duration::from_millis(args.thread_ms);
     for workload in workloads {
         print!("| {} |", workload.name);
-        let prepared: Vec<_> = systems.iter().map(|s| s.prepare(workload)).collect::<Result<_>>()?;
+        let prepared: Vec<_> = systems
+            .iter()
+            .map(|s| s.prepare(workload))
+            .collect::<Result<_>>()?;
         let mut ones = Vec::new();
         for (s, cycles) in prepared.iter().enumerate() {
             let (mut one, mut two, mut ratio) = (Vec::new(), Vec::new(), Vec::new());

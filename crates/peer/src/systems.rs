@@ -88,25 +88,25 @@ fn wasmtime_system(name: &'static str, pooling: Option<bool>) -> Result<System> 
                 let (engine, modules, buffer) = (engine.clone(), modules.clone(), buffer.clone());
                 let mut next = start(thread, modules.len());
                 Box::new(move || {
-                let (module, tenant) = &modules[next];
-                next = (next + 1) % modules.len();
-                let mut store = wasmtime::Store::new(&engine, ());
-                let instance = wt(wasmtime::Instance::new(&mut store, module, &[]))?;
-                if tenant.grow > 0 || !tenant.writes.is_empty() {
-                    let memory = instance
-                        .get_memory(&mut store, "memory")
-                        .context("no exported memory")?;
-                    if tenant.grow > 0 {
-                        wt(memory.grow(&mut store, tenant.grow))?;
+                    let (module, tenant) = &modules[next];
+                    next = (next + 1) % modules.len();
+                    let mut store = wasmtime::Store::new(&engine, ());
+                    let instance = wt(wasmtime::Instance::new(&mut store, module, &[]))?;
+                    if tenant.grow > 0 || !tenant.writes.is_empty() {
+                        let memory = instance
+                            .get_memory(&mut store, "memory")
+                            .context("no exported memory")?;
+                        if tenant.grow > 0 {
+                            wt(memory.grow(&mut store, tenant.grow))?;
+                        }
+                        for &(offset, len) in &tenant.writes {
+                            memory
+                                .write(&mut store, offset, &buffer[..len])
+                                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                        }
                     }
-                    for &(offset, len) in &tenant.writes {
-                        memory
-                            .write(&mut store, offset, &buffer[..len])
-                            .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    }
-                }
-                drop(store);
-                Ok(())
+                    drop(store);
+                    Ok(())
                 })
             }))
         }),
@@ -130,7 +130,12 @@ fn berth_system(name: &'static str, pooling: bool) -> Result<System> {
             let modules = workload
                 .modules
                 .iter()
-                .map(|m| Ok((engine.load(berth_wasm::parse(m.wat.as_bytes())?)?, m.tenant.clone())))
+                .map(|m| {
+                    Ok((
+                        engine.load(berth_wasm::parse(m.wat.as_bytes())?)?,
+                        m.tenant.clone(),
+                    ))
+                })
                 .collect::<Result<Vec<_>>>()?;
             let modules = Arc::new(modules);
             let buffer = buffer(workload);
@@ -138,19 +143,19 @@ fn berth_system(name: &'static str, pooling: bool) -> Result<System> {
                 let (modules, buffer) = (modules.clone(), buffer.clone());
                 let mut next = start(thread, modules.len());
                 Box::new(move || {
-                let (module, tenant) = &modules[next];
-                next = (next + 1) % modules.len();
-                let mut instance = berth_engine::Instance::new(module)?;
-                if tenant.grow > 0 {
-                    instance
-                        .grow_memory(0, tenant.grow)?
-                        .context("memory.grow failed")?;
-                }
-                for &(offset, len) in &tenant.writes {
-                    instance.write_memory(0, offset as u64, &buffer[..len])?;
-                }
-                drop(instance);
-                Ok(())
+                    let (module, tenant) = &modules[next];
+                    next = (next + 1) % modules.len();
+                    let mut instance = berth_engine::Instance::new(module)?;
+                    if tenant.grow > 0 {
+                        instance
+                            .grow_memory(0, tenant.grow)?
+                            .context("memory.grow failed")?;
+                    }
+                    for &(offset, len) in &tenant.writes {
+                        instance.write_memory(0, offset as u64, &buffer[..len])?;
+                    }
+                    drop(instance);
+                    Ok(())
                 })
             }))
         }),
@@ -218,7 +223,11 @@ pub fn growth_floor() -> System {
                     let tenant = m.tenant.clone();
                     let end = tenant.writes.iter().map(|w| w.0 + w.1).max().unwrap_or(0);
                     let grown = usize::try_from(tenant.grow).context("growth")? * page;
-                    let initial = end.div_ceil(page).saturating_mul(page).saturating_sub(grown).max(page);
+                    let initial = end
+                        .div_ceil(page)
+                        .saturating_mul(page)
+                        .saturating_sub(grown)
+                        .max(page);
                     Ok((tenant, initial, grown))
                 })
                 .collect::<Result<Vec<_>>>()?;

@@ -115,7 +115,10 @@ pub fn all() -> Vec<Workload> {
     };
     let program_1m = program(16, 4 * KIB, 100 * KIB, 300, 10, 1);
     let program_2m = program(32, 2 * KIB, 160 * KIB, 500, 12, 2);
-    let image_4m = format!("(module (memory (export \"memory\") 256) (data (i32.const 0) \"{}\"))", data(4 << 20, 3));
+    let image_4m = format!(
+        "(module (memory (export \"memory\") 256) (data (i32.const 0) \"{}\"))",
+        data(4 << 20, 3)
+    );
     let image_1m = format!(
         "(module (memory (export \"memory\") 128) (data (i32.const {}) \"{}\"))",
         2 << 20,
@@ -123,7 +126,9 @@ pub fn all() -> Vec<Workload> {
     );
     let many = |n: u32| Workload {
         name: if n == 64 { "many-64" } else { "many-150" },
-        about: format!("{n} small distinct modules (a page with a little data, a table of 8), instantiated in turn"),
+        about: format!(
+            "{n} small distinct modules (a page with a little data, a table of 8), instantiated in turn"
+        ),
         modules: (0..n)
             .map(|i| Module {
                 wat: small(i),
