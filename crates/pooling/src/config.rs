@@ -36,15 +36,20 @@ pub struct PoolingConfig {
     /// Idle slots that keep their last tenant's reset state (resident pages, the module's
     /// accessible size) for a quick reuse by the same module. Default 100, for the whole pool:
     /// each shard may keep its share, and more while the others leave theirs unused. Past it,
-    /// the least recently used idle slot gives its pages back to the kernel.
+    /// the least recently used idle slot gives its pages back to the kernel. Slots being reset
+    /// count as idle; and while the idle slots and the slots held by tenants (which turn idle
+    /// when their tenants leave) reach it, a module with no warm slot of its own takes another
+    /// module's least recently used one rather than a fresh slot.
     pub max_unused_warm_slots: u32,
     /// Ranges a shard collects before giving them back to the kernel in one system call
-    /// (`process_madvise`, one `madvise` each on kernels before 6.13). Default 16; 1 decommits
+    /// (`process_madvise`, one `madvise` each on kernels before 6.13). Default 4; 1 decommits
     /// at once. Only ranges a reset gives back without knowing them written are batched (they
     /// are usually empty); pages a reset found written are given back at once, by the
-    /// deallocation that left them. A slot with pages left to decommit is not reused before its
-    /// batch runs (an exhausted pool runs the queues and retries). Batching saves a system call
-    /// and, with other threads running, a TLB shootdown per reset; keep it well below
+    /// deallocation that left them, unless another thread is decommitting at that moment (then
+    /// they wait in the queue too, up to four batches). A slot with pages left to decommit is
+    /// not reused before its batch runs: its module's next tenant runs the queue early, and an
+    /// exhausted pool runs every queue and retries. Batching saves a system call and, with
+    /// other threads running, a TLB shootdown per reset; keep it well below
     /// `max_unused_warm_slots`, or held slots push warm ones out.
     pub decommit_batch_size: usize,
     /// Bytes of each memory slot kept resident between tenants: the pages tenants write,
