@@ -21,10 +21,8 @@ const PAUSES: usize = 8;
 pub fn lock_spinning<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     let mut started = None;
     loop {
-        match mutex.try_lock() {
-            Ok(guard) => return guard,
-            Err(TryLockError::Poisoned(poisoned)) => return poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => {}
+        if let Some(guard) = try_lock(mutex) {
+            return guard;
         }
         // The clock is read only once the lock was found taken.
         let since = *started.get_or_insert_with(Instant::now);
@@ -34,5 +32,15 @@ pub fn lock_spinning<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         for _ in 0..PAUSES {
             spin_loop();
         }
+    }
+}
+
+/// Locks `mutex` if no other thread holds it now, taking a poisoned lock as it is (as
+/// [`lock_spinning`] does).
+pub fn try_lock<T>(mutex: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match mutex.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
     }
 }

@@ -247,18 +247,22 @@ pub fn growth_floor() -> System {
                     next = (next + 1) % shapes.len();
                     let grow = base.wrapping_add(initial);
                     if grown > 0 {
-                        // SAFETY: inside this thread's own mapping.
+                        // SAFETY: `initial` and `grown` are multiples of 64 KiB, so the range
+                        // is page-aligned, inside the mapping `Mapping::new` reserved for this
+                        // cycle alone, and nothing refers into it.
                         unsafe { berth_core::sys::make_accessible(nonnull(grow), grown) }?;
                     }
                     for &(offset, n) in &tenant.writes {
                         if offset + n <= initial + grown {
-                            // SAFETY: accessible bytes of this thread's own mapping; the
-                            // buffer is a distinct allocation.
+                            // SAFETY: `offset + n` is within `initial + grown` (checked), all
+                            // readable and writable now, of the mapping this cycle alone uses; the
+                            // buffer, a distinct allocation, holds the longest write.
                             unsafe { base.add(offset).copy_from_nonoverlapping(buffer.as_ptr(), n) };
                         }
                     }
                     if grown > 0 {
-                        // SAFETY: inside this thread's own mapping; nothing refers into it.
+                        // SAFETY: the same page-aligned range, of the mapping this cycle alone
+                        // uses, and nothing refers into it.
                         unsafe { berth_core::sys::make_inaccessible(nonnull(grow), grown) }?;
                     }
                     Ok(())
@@ -282,7 +286,8 @@ struct Mapping {
 impl Mapping {
     fn new(len: usize, accessible: usize) -> Mapping {
         let base = berth_core::sys::reserve(len).expect("reserve");
-        // SAFETY: a fresh mapping of our own.
+        // SAFETY: `accessible` (a multiple of 64 KiB, at most `len`) starts the fresh mapping
+        // `reserve` just made, which nothing else knows of.
         unsafe { berth_core::sys::make_accessible(base, accessible) }.expect("mprotect");
         Mapping {
             address: base.as_ptr().expose_provenance(),
@@ -297,7 +302,8 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: our own mapping, no longer used (its cycle is gone).
+        // SAFETY: the whole mapping `new` reserved, owned by this value alone; its cycle, the
+        // only user, is gone, so nothing refers into it.
         let _ = unsafe { berth_core::sys::unmap(nonnull(self.base()), self.len) };
     }
 }

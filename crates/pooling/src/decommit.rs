@@ -201,26 +201,19 @@ pub(crate) unsafe fn run_one<T>((slot, decommits): Pending<T>, finish: impl FnOn
 ///
 /// # Safety
 ///
-/// As for [`run`].
+/// Every range came from [`SlotBytes::address_range`](crate::slot_bytes::SlotBytes) of a slot
+/// the caller holds (no tenant, no other thread touches it) until `finish` is called for it.
 pub(crate) unsafe fn try_run<T>(
     batch: Vec<Pending<T>>,
-    mut finish: impl FnMut(T, bool),
+    finish: impl FnMut(T, bool),
 ) -> Result<u64, Vec<Pending<T>>> {
-    let all: Vec<Range<usize>> = batch
-        .iter()
-        .flat_map(|(_, decommits)| decommits.as_slice().iter().cloned())
-        .collect();
-    // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping.
+    let all = ranges_of(&batch);
+    // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping,
+    // with nothing referring into it.
     match unsafe { sys::try_decommit_all(&all) } {
         Ok(false) => Err(batch),
-        Ok(true) => {
-            for (slot, _) in batch {
-                finish(slot, true);
-            }
-            Ok(all.len() as u64)
-        }
-        // SAFETY: as above; `run` tries each slot's ranges on their own.
-        Err(_) => Ok(unsafe { run(batch, finish) }),
+        // SAFETY: the caller's obligations are `settle`'s.
+        done => Ok(unsafe { settle(batch, done.is_ok(), all.len(), finish) }),
     }
 }
 
@@ -229,7 +222,9 @@ pub(crate) unsafe fn try_run<T>(
 ///
 /// # Safety
 ///
-/// As for [`run`].
+/// Every range of `pending` came from [`SlotBytes::address_range`](crate::slot_bytes::SlotBytes)
+/// of a slot the caller holds (no tenant, no other thread touches it) until `finish` is called
+/// for it.
 #[expect(
     clippy::result_large_err,
     reason = "the slot comes back by value, as it went in: boxing it would allocate per release"
@@ -239,15 +234,12 @@ pub(crate) unsafe fn try_run_one<T>(
     finish: impl FnOnce(T, bool),
 ) -> Result<u64, Pending<T>> {
     let calls = pending.1.as_slice().len() as u64;
-    // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping.
+    // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping,
+    // with nothing referring into it.
     match unsafe { sys::try_decommit_all(pending.1.as_slice()) } {
         Ok(false) => Err(pending),
-        Ok(done) => {
-            finish(pending.0, done);
-            Ok(calls)
-        }
-        Err(_) => {
-            finish(pending.0, false);
+        done => {
+            finish(pending.0, done.is_ok());
             Ok(calls)
         }
     }
@@ -262,19 +254,44 @@ pub(crate) unsafe fn try_run_one<T>(
 ///
 /// Every range came from [`SlotBytes::address_range`](crate::slot_bytes::SlotBytes) of a slot
 /// the caller holds (no tenant, no other thread touches it) until `finish` is called for it.
-pub(crate) unsafe fn run<T>(batch: Vec<Pending<T>>, mut finish: impl FnMut(T, bool)) -> u64 {
-    let all: Vec<Range<usize>> = batch
+pub(crate) unsafe fn run<T>(batch: Vec<Pending<T>>, finish: impl FnMut(T, bool)) -> u64 {
+    let all = ranges_of(&batch);
+    // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping,
+    // with nothing referring into it.
+    let done = all.is_empty() || unsafe { sys::decommit_all(&all) }.is_ok();
+    // SAFETY: the caller's obligations are `settle`'s.
+    unsafe { settle(batch, done, all.len(), finish) }
+}
+
+/// Every range of a batch, in order.
+fn ranges_of<T>(batch: &[Pending<T>]) -> Vec<Range<usize>> {
+    batch
         .iter()
         .flat_map(|(_, decommits)| decommits.as_slice().iter().cloned())
-        .collect();
-    let mut calls = all.len() as u64;
-    // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping.
-    let done = all.is_empty() || unsafe { sys::decommit_all(&all) }.is_ok();
+        .collect()
+}
+
+/// Finishes the slots of a batch whose `calls` ranges were given to the kernel in one call:
+/// all decommitted if `done`, else each slot's ranges are tried on their own. Returns how many
+/// ranges were given to the kernel in all.
+///
+/// # Safety
+///
+/// Every range came from [`SlotBytes::address_range`](crate::slot_bytes::SlotBytes) of a slot
+/// the caller holds (no tenant, no other thread touches it) until `finish` is called for it.
+unsafe fn settle<T>(
+    batch: Vec<Pending<T>>,
+    done: bool,
+    calls: usize,
+    mut finish: impl FnMut(T, bool),
+) -> u64 {
+    let mut calls = calls as u64;
     for (slot, decommits) in batch {
         let ranges = decommits.as_slice();
-        let ok = done || {
+        let ok = done || ranges.is_empty() || {
             calls += ranges.len() as u64;
-            // SAFETY: as above, for this slot's ranges alone.
+            // SAFETY: per the caller, this slot's ranges are its own, inside the pool's
+            // private mapping, with nothing referring into them.
             unsafe { sys::decommit_all(ranges) }.is_ok()
         };
         finish(slot, ok);

@@ -133,7 +133,8 @@ impl Shard {
         // blind decommits (usually of nothing) wait for a batch. Unless another thread is in
         // the kernel decommitting: then the slot waits in the queue instead of this thread.
         if pending.1.is_dirty() {
-            // SAFETY: as above.
+            // SAFETY: the ranges came from this slot's reset, through its `SlotBytes`; the
+            // slot stays `Resetting` (handed to no one, touched by no one) until `finish`.
             match unsafe { decommit::try_run_one(pending, |held, ok| self.finish(held, ok)) } {
                 Ok(calls) => {
                     self.decommits.fetch_add(calls, Ordering::Relaxed);

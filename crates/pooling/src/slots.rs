@@ -116,7 +116,8 @@ pub(crate) enum Idle<K> {
 /// One memory slot's state.
 ///
 /// Invariants: a used slot is in the cold list iff it is `Cold` or `Stale`, in the LRU list
-/// and its key's list iff it is `Warm`, and in the resetting list iff it is `Resetting`; only
+/// and its key's list iff it is `Warm`, and in the resetting list iff it is `Resetting`; the
+/// held count is the number of `Held` slots; only
 /// `Held` slots are a tenant's, and only `Resetting` ones are being reset (or wait for their
 /// decommits); every other state is idle, its bytes as its [`Idle`] variant says.
 ///
@@ -625,8 +626,11 @@ mod tests {
                         sorted.sort_unstable();
                         let slot = sorted[i % sorted.len()];
                         let key = taken.remove(&slot).unwrap();
+                        let before = slots.returning();
                         let (released, _) = slots.release(slot);
                         prop_assert_eq!(released, key);
+                        prop_assert!(slots.resetting(key), "a slot being reset is not listed");
+                        prop_assert_eq!(slots.returning(), before, "a release changed what returns");
                         let out = slots.finish(slot, ok.then(|| warm(key))).out;
                         let was_purged = purged.remove(&slot);
                         if ok && !was_purged {
@@ -664,6 +668,10 @@ mod tests {
                 prop_assert!(slots.warm() <= max_warm, "warm cap exceeded");
                 prop_assert_eq!(slots.warm(), warm_for.len());
                 prop_assert_eq!(slots.taken(), taken.len());
+                // Nothing is left being reset between operations: what returns is the warm
+                // slots and the held ones.
+                prop_assert_eq!(slots.warm_or_resetting(), slots.warm());
+                prop_assert_eq!(slots.returning(), slots.warm() + taken.len());
             }
         }
     }

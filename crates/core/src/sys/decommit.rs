@@ -52,12 +52,11 @@ pub unsafe fn decommit_all(ranges: &[Range<usize>]) -> io::Result<()> {
 ///
 /// # Safety
 ///
-/// As for [`decommit_all`].
+/// Every range is page-aligned and inside a private mapping made by [`reserve`](super::reserve)
+/// or [`map_image`](super::map_image), owned by the caller, with no Rust reference into it live.
 pub unsafe fn try_decommit_all(ranges: &[Range<usize>]) -> io::Result<bool> {
-    let _turn = match TURN.try_lock() {
-        Ok(turn) => turn,
-        Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-        Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+    let Some(_turn) = crate::sync::try_lock(&TURN) else {
+        return Ok(false);
     };
     // SAFETY: the caller's obligations are this function's.
     unsafe { decommit_in_turn(ranges) }.map(|()| true)
@@ -67,7 +66,8 @@ pub unsafe fn try_decommit_all(ranges: &[Range<usize>]) -> io::Result<bool> {
 ///
 /// # Safety
 ///
-/// As for [`decommit_all`].
+/// Every range is page-aligned and inside a private mapping made by [`reserve`](super::reserve)
+/// or [`map_image`](super::map_image), owned by the caller, with no Rust reference into it live.
 unsafe fn decommit_in_turn(ranges: &[Range<usize>]) -> io::Result<()> {
     let mut done = 0;
     let mut refused = false;
