@@ -89,34 +89,78 @@ const DEFERRED: usize = 4;
 /// is finished.
 pub(crate) type Pending<T> = (T, Decommits);
 
-/// Held slots waiting for a batch of decommits.
+/// Held slots waiting for a batch of decommits, with all their ranges in order.
+///
+/// A batch leaves the queue whole and its vectors come back empty
+/// ([`DecommitQueue::recycle`]), so slots pass through the queue without a heap allocation:
+/// with two threads, a vector one allocates and the other frees takes the first one's
+/// allocator lock, and the two threads then sleep on it (seen with glibc's `malloc`).
 #[derive(Debug)]
-pub(crate) struct DecommitQueue<T> {
-    batch: usize,
-    queue: Mutex<Batch<T>>,
-}
-
-#[derive(Debug)]
-struct Batch<T> {
+pub(crate) struct Batch<T> {
     pending: Vec<Pending<T>>,
-    ranges: usize,
+    ranges: Vec<Range<usize>>,
 }
 
 impl<T> Default for Batch<T> {
     fn default() -> Self {
         Batch {
             pending: Vec::new(),
-            ranges: 0,
+            ranges: Vec::new(),
         }
     }
+}
+
+impl<T> Batch<T> {
+    /// Held slots in the batch.
+    pub fn slots(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    fn add(&mut self, pending: Pending<T>) {
+        self.ranges.extend_from_slice(pending.1.as_slice());
+        self.pending.push(pending);
+    }
+
+    /// Room for `slots` slots and `ranges` ranges without reallocating.
+    fn with_room(slots: usize, ranges: usize) -> Self {
+        Batch {
+            pending: Vec::with_capacity(slots),
+            ranges: Vec::with_capacity(ranges),
+        }
+    }
+}
+
+/// Held slots waiting for a batch of decommits.
+#[derive(Debug)]
+pub(crate) struct DecommitQueue<T> {
+    batch: usize,
+    queue: Mutex<Queue<T>>,
+}
+
+#[derive(Debug)]
+struct Queue<T> {
+    waiting: Batch<T>,
+    /// Empty vectors with room for a batch, for `waiting` once it leaves.
+    spare: Batch<T>,
 }
 
 impl<T> DecommitQueue<T> {
     /// A queue that runs once it holds `batch` ranges.
     pub fn new(batch: usize) -> Self {
+        // Room for what may wait while other threads decommit, so that requeued batches
+        // allocate nothing either (vectors that grow past it keep their room when recycled).
+        let slots = (batch * DEFERRED).min(64);
+        let ranges = slots + BLIND_RUNS + 1;
         DecommitQueue {
             batch,
-            queue: Mutex::new(Batch::default()),
+            queue: Mutex::new(Queue {
+                waiting: Batch::with_room(slots, ranges),
+                spare: Batch::with_room(slots, ranges),
+            }),
         }
     }
 
@@ -125,7 +169,7 @@ impl<T> DecommitQueue<T> {
         self.batch > 1
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Batch<T>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue<T>> {
         // Nothing can be left half-updated by a panic (a push and a count): carry on.
         berth_core::sync::lock_spinning(&self.queue)
     }
@@ -133,52 +177,75 @@ impl<T> DecommitQueue<T> {
     /// Queues `pending`. Returns the whole queue, to run now, once it holds a batch; `queued`
     /// is called with how many slots leave the queue that way, under its lock (so a count of
     /// slots in flight never misses one).
-    pub fn push(&self, pending: Pending<T>, queued: impl FnOnce(usize)) -> Option<Vec<Pending<T>>> {
+    pub fn push(&self, pending: Pending<T>, queued: impl FnOnce(usize)) -> Option<Batch<T>> {
         let mut queue = self.lock();
-        queue.ranges += pending.1.as_slice().len();
-        queue.pending.push(pending);
-        if queue.ranges < self.batch {
+        queue.waiting.add(pending);
+        if queue.waiting.ranges.len() < self.batch {
             return None;
         }
-        queued(queue.pending.len());
-        let next = Batch {
-            pending: Vec::with_capacity(self.batch),
-            ranges: 0,
-        };
-        Some(std::mem::replace(&mut *queue, next).pending)
+        queued(queue.waiting.slots());
+        Some(queue.leave())
     }
 
     /// Puts back a batch [`push`](Self::push) returned, which could not run now (another
     /// thread was decommitting), ahead of what was queued since; `requeued` is called under the
     /// lock once it is back (so a count of slots in flight never misses one). Returns it
     /// instead if the queue would then hold more than [`DEFERRED`] batches: it must run now.
-    pub fn requeue(&self, batch: Vec<Pending<T>>, requeued: impl FnOnce()) -> Result<(), Vec<Pending<T>>> {
+    pub fn requeue(&self, mut batch: Batch<T>, requeued: impl FnOnce()) -> Result<(), Batch<T>> {
         let mut queue = self.lock();
-        let ranges: usize = batch.iter().map(|p| p.1.as_slice().len()).sum();
-        if queue.ranges + ranges > self.batch * DEFERRED {
+        if queue.waiting.ranges.len() + batch.ranges.len() > self.batch * DEFERRED {
             return Err(batch);
         }
-        queue.ranges += ranges;
-        let later = std::mem::replace(&mut queue.pending, batch);
-        queue.pending.extend(later);
+        let later = &mut queue.waiting;
+        batch.pending.append(&mut later.pending);
+        batch.ranges.append(&mut later.ranges);
+        let emptied = std::mem::replace(&mut queue.waiting, batch);
+        queue.keep_spare(emptied);
         requeued();
         Ok(())
     }
 
     /// The first `Some` that `look` finds among the queued slots.
     pub fn find<R>(&self, look: impl Fn(&T) -> Option<R>) -> Option<R> {
-        self.lock().pending.iter().find_map(|(slot, _)| look(slot))
+        self.lock()
+            .waiting
+            .pending
+            .iter()
+            .find_map(|(slot, _)| look(slot))
     }
 
     /// Takes everything queued, to run now; `queued` as in [`push`](Self::push) (not called
     /// when nothing is queued).
-    pub fn take_all(&self, queued: impl FnOnce(usize)) -> Vec<Pending<T>> {
+    pub fn take_all(&self, queued: impl FnOnce(usize)) -> Batch<T> {
         let mut queue = self.lock();
-        if queue.pending.is_empty() {
-            return Vec::new();
+        if queue.waiting.is_empty() {
+            return Batch::default();
         }
-        queued(queue.pending.len());
-        std::mem::take(&mut *queue).pending
+        queued(queue.waiting.slots());
+        queue.leave()
+    }
+
+    /// Takes back the vectors of a batch that has run (emptied by [`run`] or [`try_run`]).
+    pub fn recycle(&self, batch: Batch<T>) {
+        debug_assert!(batch.is_empty(), "only a batch that has run comes back");
+        self.lock().keep_spare(batch);
+    }
+}
+
+impl<T> Queue<T> {
+    /// The waiting batch, leaving the spare vectors in its place.
+    fn leave(&mut self) -> Batch<T> {
+        let spare = std::mem::take(&mut self.spare);
+        std::mem::replace(&mut self.waiting, spare)
+    }
+
+    /// Keeps an empty batch's vectors as the spare ones, if they have more room.
+    fn keep_spare(&mut self, mut emptied: Batch<T>) {
+        emptied.pending.clear();
+        emptied.ranges.clear();
+        if emptied.pending.capacity() > self.spare.pending.capacity() {
+            self.spare = emptied;
+        }
     }
 }
 
@@ -196,24 +263,20 @@ pub(crate) unsafe fn run_one<T>((slot, decommits): Pending<T>, finish: impl FnOn
     ranges.len() as u64
 }
 
-/// [`run`], unless another thread of the process is decommitting now: then nothing runs and
-/// the batch comes back.
+/// [`run`], unless another thread of the process is decommitting now: then nothing runs,
+/// `batch` is left as it was and `None` comes back.
 ///
 /// # Safety
 ///
 /// Every range came from [`SlotBytes::address_range`](crate::slot_bytes::SlotBytes) of a slot
 /// the caller holds (no tenant, no other thread touches it) until `finish` is called for it.
-pub(crate) unsafe fn try_run<T>(
-    batch: Vec<Pending<T>>,
-    finish: impl FnMut(T, bool),
-) -> Result<u64, Vec<Pending<T>>> {
-    let all = ranges_of(&batch);
+pub(crate) unsafe fn try_run<T>(batch: &mut Batch<T>, finish: impl FnMut(T, bool)) -> Option<u64> {
     // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping,
     // with nothing referring into it.
-    match unsafe { sys::try_decommit_all(&all) } {
-        Ok(false) => Err(batch),
+    match unsafe { sys::try_decommit_all(&batch.ranges) } {
+        Ok(false) => None,
         // SAFETY: the caller's obligations are `settle`'s.
-        done => Ok(unsafe { settle(batch, done.is_ok(), all.len(), finish) }),
+        done => Some(unsafe { settle(batch, done.is_ok(), finish) }),
     }
 }
 
@@ -246,47 +309,34 @@ pub(crate) unsafe fn try_run_one<T>(
 }
 
 /// Decommits the ranges of `batch` in one system call (per 64 ranges) and hands each slot to
-/// `finish` with whether its ranges were decommitted. If the call fails, each slot's ranges are
-/// tried on their own, so one bad range costs only its own slot. Returns how many ranges were
-/// given to the kernel.
+/// `finish` with whether its ranges were decommitted, leaving `batch` empty. If the call
+/// fails, each slot's ranges are tried on their own, so one bad range costs only its own slot.
+/// Returns how many ranges were given to the kernel.
 ///
 /// # Safety
 ///
 /// Every range came from [`SlotBytes::address_range`](crate::slot_bytes::SlotBytes) of a slot
 /// the caller holds (no tenant, no other thread touches it) until `finish` is called for it.
-pub(crate) unsafe fn run<T>(batch: Vec<Pending<T>>, finish: impl FnMut(T, bool)) -> u64 {
-    let all = ranges_of(&batch);
+pub(crate) unsafe fn run<T>(batch: &mut Batch<T>, finish: impl FnMut(T, bool)) -> u64 {
     // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping,
     // with nothing referring into it.
-    let done = all.is_empty() || unsafe { sys::decommit_all(&all) }.is_ok();
+    let done = batch.ranges.is_empty() || unsafe { sys::decommit_all(&batch.ranges) }.is_ok();
     // SAFETY: the caller's obligations are `settle`'s.
-    unsafe { settle(batch, done, all.len(), finish) }
+    unsafe { settle(batch, done, finish) }
 }
 
-/// Every range of a batch, in order.
-fn ranges_of<T>(batch: &[Pending<T>]) -> Vec<Range<usize>> {
-    batch
-        .iter()
-        .flat_map(|(_, decommits)| decommits.as_slice().iter().cloned())
-        .collect()
-}
-
-/// Finishes the slots of a batch whose `calls` ranges were given to the kernel in one call:
-/// all decommitted if `done`, else each slot's ranges are tried on their own. Returns how many
-/// ranges were given to the kernel in all.
+/// Finishes the slots of a batch whose ranges were given to the kernel in one call, leaving it
+/// empty: all decommitted if `done`, else each slot's ranges are tried on their own. Returns
+/// how many ranges were given to the kernel in all.
 ///
 /// # Safety
 ///
 /// Every range came from [`SlotBytes::address_range`](crate::slot_bytes::SlotBytes) of a slot
 /// the caller holds (no tenant, no other thread touches it) until `finish` is called for it.
-unsafe fn settle<T>(
-    batch: Vec<Pending<T>>,
-    done: bool,
-    calls: usize,
-    mut finish: impl FnMut(T, bool),
-) -> u64 {
-    let mut calls = calls as u64;
-    for (slot, decommits) in batch {
+unsafe fn settle<T>(batch: &mut Batch<T>, done: bool, mut finish: impl FnMut(T, bool)) -> u64 {
+    let mut calls = batch.ranges.len() as u64;
+    batch.ranges.clear();
+    for (slot, decommits) in batch.pending.drain(..) {
         let ranges = decommits.as_slice();
         let ok = done || ranges.is_empty() || {
             calls += ranges.len() as u64;
@@ -320,16 +370,73 @@ mod tests {
         let mut requeued = false;
         assert!(queue.requeue(batch, || requeued = true).is_ok());
         assert!(requeued, "slots back in the queue stop counting in flight");
-        let all: Vec<usize> = queue.take_all(|_| {}).into_iter().map(|p| p.0).collect();
+        let all: Vec<usize> = queue.take_all(|_| {}).pending.into_iter().map(|p| p.0).collect();
         assert_eq!(
             all,
             [1, 2, 3],
             "the batch runs first, then what was queued after it"
         );
         // Up to `DEFERRED` batches wait; past that, a batch must run now.
-        let waiting: Vec<_> = (0..2 * DEFERRED).map(|slot| (slot, one(0..1))).collect();
+        let mut waiting = Batch::default();
+        for slot in 0..2 * DEFERRED {
+            waiting.add((slot, one(0..1)));
+        }
         assert!(queue.requeue(waiting, || {}).is_ok());
-        let late = vec![(99, one(0..1))];
+        let mut late = Batch::default();
+        late.add((99, one(0..1)));
         assert!(queue.requeue(late, || panic!("not requeued")).is_err());
+    }
+
+    /// Counts this thread's heap allocations, for the test below.
+    struct Counting;
+
+    thread_local! {
+        static ALLOCATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    // SAFETY: every call is forwarded to the system allocator unchanged; the count is a
+    // thread-local `Cell` with a constant initializer and no destructor, so counting itself
+    // never allocates.
+    unsafe impl std::alloc::GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+            ALLOCATIONS.with(|n| n.set(n.get() + 1));
+            // SAFETY: the caller's obligations are `System.alloc`'s.
+            unsafe { std::alloc::System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+            // SAFETY: `ptr` came from `alloc` above, that is from `System`, with `layout`.
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+
+    #[test]
+    fn batches_pass_through_the_queue_without_allocating() {
+        let queue = DecommitQueue::new(2);
+        let mut cycle = |round: usize| {
+            assert!(queue.push((round, one(0..1)), |_| {}).is_none());
+            let mut batch = queue
+                .push((round, one(1..2)), |n| assert_eq!(n, 2))
+                .expect("a full batch");
+            assert_eq!(batch.ranges, [0..1, 1..2]);
+            // What `run` leaves of a batch.
+            batch.pending.clear();
+            batch.ranges.clear();
+            queue.recycle(batch);
+        };
+        cycle(0);
+        let before = ALLOCATIONS.with(std::cell::Cell::get);
+        for round in 1..8 {
+            cycle(round);
+        }
+        let after = ALLOCATIONS.with(std::cell::Cell::get);
+        assert_eq!(
+            after - before,
+            0,
+            "batches allocated: a vector freed by another thread takes the allocating thread's lock"
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use anyhow::Result;
 
-use crate::decommit::{self, DecommitQueue, Decommits, Pending};
+use crate::decommit::{self, Batch, DecommitQueue, Decommits};
 use crate::memory_pool::{self, Choose, Lease, MemoryKey, MemoryPool, Wanted};
 use crate::reset::MemoryReset;
 use crate::table_pool::{TableDone, TablePool, TableReset};
@@ -149,16 +149,17 @@ impl Shard {
             batch_counted = Some(self.count_in_flight(n));
         });
         drop(counted);
-        if let Some(batch) = full {
+        if let Some(mut batch) = full {
             // SAFETY: every range came from the reset of a slot of this shard, through its
             // `SlotBytes`; the slot stays `Resetting` until `finish` is called for it.
-            match unsafe { decommit::try_run(batch, |held, ok| self.finish(held, ok)) } {
-                Ok(calls) => {
+            match unsafe { decommit::try_run(&mut batch, |held, ok| self.finish(held, ok)) } {
+                Some(calls) => {
                     self.decommits.fetch_add(calls, Ordering::Relaxed);
+                    self.queue.recycle(batch);
                 }
                 // Another thread is decommitting: the batch waits for the next one, unless the
                 // queue is long already.
-                Err(batch) => {
+                None => {
                     if let Err(batch) = self.queue.requeue(batch, || drop(batch_counted.take())) {
                         self.run(batch);
                     }
@@ -203,12 +204,13 @@ impl Shard {
     }
 
     /// Decommits a batch's ranges and finishes its slots (counted in flight by the caller).
-    fn run(&self, batch: Vec<Pending<Held>>) {
+    fn run(&self, mut batch: Batch<Held>) {
         // SAFETY: every range came from the reset of a slot of this shard, through its
         // `SlotBytes`; the slot stays `Resetting` (handed to no one, touched by no one) until
         // `finish` is called for it here.
-        let calls = unsafe { decommit::run(batch, |held, ok| self.finish(held, ok)) };
+        let calls = unsafe { decommit::run(&mut batch, |held, ok| self.finish(held, ok)) };
         self.decommits.fetch_add(calls, Ordering::Relaxed);
+        self.queue.recycle(batch);
     }
 
     /// Takes a warm slot of `key`'s memory from this shard, ready for `wanted`; if none is warm
