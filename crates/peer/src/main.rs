@@ -34,11 +34,12 @@ struct Args {
     /// Threads of the many-thread run (besides one and two), e.g. `4,8,16` on a larger machine.
     #[arg(long, value_delimiter = ',')]
     threads: Vec<usize>,
-    /// Only run the cycles of the systems whose name contains this, `rounds x batch` of each
-    /// selected workload, and print nothing but totals: for a profiler.
+    /// Only run the cycles of the systems whose name contains this, in rounds of a batch of each
+    /// selected workload as the comparison does, and print each workload's median, p99 and
+    /// mean: for a profiler.
     #[arg(long)]
     profile: Option<String>,
-    /// Threads of the `--profile` run, each running `rounds x batch` cycles.
+    /// Threads of the `--profile` run, each running every round.
     #[arg(long, default_value_t = 1)]
     profile_threads: usize,
     /// Cycles of the resident-memory soak on the dirty workload (0 skips it).
@@ -69,38 +70,7 @@ fn main() -> Result<()> {
         .collect();
     if let Some(name) = &args.profile {
         for system in systems.iter().filter(|s| s.name.contains(name.as_str())) {
-            for workload in &workloads {
-                let cycles = system.prepare(workload)?;
-                let n = args.rounds * args.batch;
-                let threads = args.profile_threads.max(1);
-                let started = Instant::now();
-                std::thread::scope(|scope| {
-                    let handles: Vec<_> = (0..threads)
-                        .map(|t| {
-                            let mut cycle = cycles(t);
-                            scope.spawn(move || -> Result<()> {
-                                for _ in 0..n {
-                                    cycle()?;
-                                }
-                                Ok(())
-                            })
-                        })
-                        .collect();
-                    handles
-                        .into_iter()
-                        .try_for_each(|h| h.join().map_err(|_| anyhow::anyhow!("a thread panicked"))?)
-                })?;
-                let each = started.elapsed().as_nanos() as f64 / (n * threads) as f64;
-
-                println!(
-                    "{} on {}, {} threads: {} cycles each, {} us of wall time a cycle",
-                    system.name,
-                    workload.name,
-                    threads,
-                    n,
-                    us(each)
-                );
-            }
+            profile(&args, system, &workloads)?;
         }
         return Ok(());
     }
@@ -202,6 +172,70 @@ fn main() -> Result<()> {
             args.soak,
             before,
             rss()
+        );
+    }
+    Ok(())
+}
+
+/// The `--profile` run of one system: every thread runs the selected workloads in rounds, a
+/// batch of each in turn as the comparison does (so a pool serves them all and a workload's
+/// slots may be pushed out by the others), and each cycle is timed alone.
+fn profile(args: &Args, system: &systems::System, workloads: &[workloads::Workload]) -> Result<()> {
+    let prepared: Vec<_> = workloads
+        .iter()
+        .map(|w| system.prepare(w))
+        .collect::<Result<_>>()?;
+    let threads = args.profile_threads.max(1);
+    let started = Instant::now();
+    let per_thread: Vec<Vec<Vec<f64>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let mut cycles: Vec<_> = prepared.iter().map(|p| p(t)).collect();
+                scope.spawn(move || -> Result<Vec<Vec<f64>>> {
+                    // Room for every sample up front: no allocation between cycles.
+                    let mut samples: Vec<Vec<f64>> = (0..cycles.len())
+                        .map(|_| Vec::with_capacity(args.rounds * args.batch))
+                        .collect();
+                    for round in 0..=args.rounds {
+                        for (w, cycle) in cycles.iter_mut().enumerate() {
+                            for _ in 0..args.batch {
+                                let at = Instant::now();
+                                cycle()?;
+                                // Round 0 warms up, as in the comparison.
+                                if round > 0 {
+                                    samples[w].push(at.elapsed().as_nanos() as f64);
+                                }
+                            }
+                        }
+                    }
+                    Ok(samples)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a thread panicked"))?)
+            .collect::<Result<_>>()
+    })?;
+    let wall = started.elapsed().as_nanos() as f64;
+    let total = (args.rounds + 1) * args.batch * workloads.len() * threads;
+    println!(
+        "{} on {} threads: {} us of wall time a cycle over {} cycles",
+        system.name,
+        threads,
+        us(wall / total as f64),
+        total
+    );
+    for (w, workload) in workloads.iter().enumerate() {
+        let mut all: Vec<f64> = per_thread.iter().flat_map(|t| t[w].iter().copied()).collect();
+        let mean = all.iter().sum::<f64>() / all.len().max(1) as f64;
+        let (median, p99) = summary(&mut all);
+        println!(
+            "  {}: median {} p99 {} mean {} us",
+            workload.name,
+            us(median),
+            us(p99),
+            us(mean)
         );
     }
     Ok(())
