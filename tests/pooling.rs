@@ -432,6 +432,63 @@ fn one_thread_keeps_the_whole_warm_cap_whatever_the_shards() {
 }
 
 #[test]
+fn idle_slots_keep_at_most_the_byte_cap_and_slots_that_keep_nothing_stay_warm() {
+    // Warm slots may be many; the pages they keep may not. Each tenant of a to d writes 8 KiB,
+    // with room for 20 KiB in all: the least recently used writers give theirs back (and go
+    // cold), the bytes kept never pass the cap, and modules whose tenants write nothing keep
+    // their slots, older as they are (pushing them out would free nothing).
+    let mut pooling = slots(16);
+    pooling
+        .max_unused_warm_slots(16)
+        .max_unused_warm_bytes(20 << 10)
+        .linear_memory_keep_resident(PAGE)
+        .table_keep_resident(0)
+        .decommit_batch_size(1);
+    let (engine, _) = pool(&pooling);
+    let load = |name| engine.load(module(name, 1)).unwrap();
+    let idle: Vec<_> = ["i1", "i2", "i3"].into_iter().map(load).collect();
+    let idle_bases: Vec<usize> = idle
+        .iter()
+        .map(|m| memory_base(&Instance::new(m).unwrap()))
+        .collect();
+    let writers: Vec<_> = ["a", "b", "c", "d"].into_iter().map(load).collect();
+    let mut bases = Vec::new();
+    for m in &writers {
+        let mut instance = Instance::new(m).unwrap();
+        instance.write_memory(0, 0, &[7; 8192]).unwrap();
+        bases.push(memory_base(&instance));
+        drop(instance);
+        let kept = engine.stats().idle_resident_bytes;
+        assert!(kept <= 20 << 10, "idle slots keep {kept} bytes");
+    }
+    let stats = engine.stats();
+    assert_eq!(
+        stats.idle_resident_bytes,
+        16 << 10,
+        "the two most recent writers keep their pages"
+    );
+    assert_eq!(stats.warm_slots, 5, "three idle modules and two writers");
+    for (m, base) in idle.iter().zip(&idle_bases) {
+        assert_eq!(
+            memory_base(&Instance::new(m).unwrap()),
+            *base,
+            "a slot that keeps nothing lost its place"
+        );
+    }
+    for (m, base) in writers.iter().zip(&bases).skip(2) {
+        assert_eq!(memory_base(&Instance::new(m).unwrap()), *base);
+    }
+    // The writers pushed out read zeros where their pages were.
+    let instance = Instance::new(&writers[0]).unwrap();
+    let mut buf = [1u8; 8192];
+    instance.read_memory(0, 0, &mut buf).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "a pushed-out slot shows its old tenant's bytes"
+    );
+}
+
+#[test]
 fn a_thread_gets_its_share_of_the_warm_cap_back_from_one_that_kept_it_all() {
     let mut pooling = slots(16);
     pooling.max_unused_warm_slots(4).decommit_batch_size(1);

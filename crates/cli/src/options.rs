@@ -103,9 +103,12 @@ pub struct PoolOptions {
     /// Bytes of an instance block (Instance + vmctx) [default: 1M]
     #[arg(long, value_parser = usize_size, help_heading = "Pool")]
     pub max_core_instance_size: Option<usize>,
-    /// Idle slots kept warm [default: 100]
+    /// Idle slots kept warm [default: 1000]
     #[arg(long, help_heading = "Pool")]
     pub max_unused_warm_slots: Option<u32>,
+    /// Bytes of memory pages the idle slots keep resident together [default: 100M]
+    #[arg(long, value_parser = usize_size, help_heading = "Pool")]
+    pub max_unused_warm_bytes: Option<usize>,
     /// Ranges of idle slots a shard collects before decommitting them in one system call [default: 4]
     #[arg(long, help_heading = "Pool")]
     pub decommit_batch_size: Option<usize>,
@@ -137,6 +140,7 @@ impl PoolOptions {
             max_tables_per_module,
             max_core_instance_size,
             max_unused_warm_slots,
+            max_unused_warm_bytes,
             decommit_batch_size,
             linear_memory_keep_resident,
             table_keep_resident

@@ -53,6 +53,7 @@ pub fn run(args: &Args) -> Result<Outcome> {
             "address_space": {"total": total, "available": available},
             "mappings": {"max": layout.max_mappings, "in_use": used_maps, "max_map_count": max_maps},
             "max_idle_resident": layout.max_idle_resident,
+            "max_idle_memory_resident": layout.max_idle_memory_resident,
             "warnings": warnings,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -98,10 +99,12 @@ pub fn run(args: &Args) -> Result<Outcome> {
             ),
         }
         println!(
-            "resident when idle: up to {} ({} warm memory slots x {} kept + {} table slots x {} kept)",
+            "resident when idle: up to {} ({} in warm memory slots: {} slots x {} kept, at most {} + {} table slots x {} kept)",
             human(layout.max_idle_resident as u64),
+            human(layout.max_idle_memory_resident as u64),
             config.max_unused_warm_slots.min(config.total_memories),
             human(layout.memory_keep_resident as u64),
+            human(config.max_unused_warm_bytes as u64),
             layout.table_slots,
             human(layout.table_keep_resident as u64)
         );

@@ -6,8 +6,8 @@
 /// The defaults reserve, with the engine's default tunables (4 GiB reservation and 2 GiB
 /// guard per memory), 1000 memory slots of 6 GiB: about 6 TiB of address space, under 5% of a
 /// 47-bit (128 TiB) user address space, plus 1000 table slots of 20 000 words (about 156 MiB).
-/// Nothing is resident until used; afterwards idle slots keep at most 100 × 1 MiB of memory
-/// pages (only pages tenants wrote) and 16 KiB per used table slot. [`PoolLayout`](crate::PoolLayout) computes the cost of a
+/// Nothing is resident until used; afterwards idle slots keep at most 100 MiB of memory pages
+/// together (only pages tenants wrote, at most 1 MiB a slot) and 16 KiB per used table slot. [`PoolLayout`](crate::PoolLayout) computes the cost of a
 /// configuration before it is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -34,13 +34,22 @@ pub struct PoolingConfig {
     /// module over it is rejected at load, with the vmctx's region breakdown.
     pub max_core_instance_size: usize,
     /// Idle slots that keep their last tenant's reset state (resident pages, the module's
-    /// accessible size) for a quick reuse by the same module. Default 100, for the whole pool:
-    /// each shard may keep its share, and more while the others leave theirs unused. Past it,
-    /// the least recently used idle slot gives its pages back to the kernel. Slots being reset
-    /// count as idle; and while the idle slots and the slots held by tenants (which turn idle
-    /// when their tenants leave) reach it, a module with no warm slot of its own takes another
-    /// module's least recently used one rather than a fresh slot.
+    /// accessible size, its image mapped) for a quick reuse by the same module. Default 1000,
+    /// for the whole pool (every slot of the default pool): each shard may keep its share, and
+    /// more while the others leave theirs unused. Past it, the least recently used idle slot
+    /// gives its pages back to the kernel. Slots being reset count as idle; and while the idle
+    /// slots and the slots held by tenants (which turn idle when their tenants leave) reach it,
+    /// a module with no warm slot of its own takes another module's least recently used one
+    /// rather than a fresh slot. What idle slots keep resident is bounded by
+    /// `max_unused_warm_bytes` as well: a warm slot whose tenants wrote nothing costs address
+    /// space only, which the pool reserved anyway.
     pub max_unused_warm_slots: u32,
+    /// Bytes of memory pages the idle slots keep resident, together, at most. Default 100 MiB.
+    /// A slot that turns idle with the idle slots over it has the pool's least recently used
+    /// idle slots give their pages back until they are under it again. Each slot keeps at most
+    /// `linear_memory_keep_resident` bytes, so idle resident memory stays under the smaller of
+    /// this and `max_unused_warm_slots × linear_memory_keep_resident`.
+    pub max_unused_warm_bytes: usize,
     /// Ranges a shard collects before giving them back to the kernel in one system call
     /// (`process_madvise`, one `madvise` each on kernels before 6.13). Default 4; 1 decommits
     /// at once. Only ranges a reset gives back without knowing them written are batched (they
@@ -80,7 +89,8 @@ impl Default for PoolingConfig {
             max_memories_per_module: 1,
             max_tables_per_module: 1,
             max_core_instance_size: 1 << 20,
-            max_unused_warm_slots: 100,
+            max_unused_warm_slots: 1000,
+            max_unused_warm_bytes: 100 << 20,
             decommit_batch_size: 4,
             linear_memory_keep_resident: 1 << 20,
             table_keep_resident: 16 << 10,
@@ -113,6 +123,7 @@ setters! {
     max_tables_per_module: u32;
     max_core_instance_size: usize;
     max_unused_warm_slots: u32;
+    max_unused_warm_bytes: usize;
     decommit_batch_size: usize;
     linear_memory_keep_resident: usize;
     table_keep_resident: usize;

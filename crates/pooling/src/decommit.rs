@@ -416,7 +416,7 @@ mod tests {
     #[test]
     fn batches_pass_through_the_queue_without_allocating() {
         let queue = DecommitQueue::new(2);
-        let mut cycle = |round: usize| {
+        let cycle = |round: usize| {
             assert!(queue.push((round, one(0..1)), |_| {}).is_none());
             let mut batch = queue
                 .push((round, one(1..2)), |n| assert_eq!(n, 2))

@@ -52,7 +52,10 @@ pub struct PoolLayout {
     pub memory_keep_resident: usize,
     /// Bytes reset by `memset` in each table slot (`table_keep_resident`, page-aligned).
     pub table_keep_resident: usize,
-    /// Resident bytes idle slots may keep at most: warm memory slots times their kept bytes,
+    /// Resident bytes idle memory slots may keep at most: warm slots times their kept bytes, or
+    /// `max_unused_warm_bytes` if that is less.
+    pub max_idle_memory_resident: usize,
+    /// Resident bytes idle slots may keep at most: [`max_idle_memory_resident`](Self::max_idle_memory_resident)
     /// plus every table slot's kept bytes.
     pub max_idle_resident: usize,
     /// Memory mappings (VMAs) the pools may need at most: each memory slot can be split in
@@ -114,8 +117,10 @@ impl PoolLayout {
         let memory_keep_resident = config.linear_memory_keep_resident.min(memory_capacity) / page * page;
         let table_keep_resident = config.table_keep_resident.min(table_stride) / page * page;
         let warm = (config.max_unused_warm_slots as usize).min(config.total_memories as usize);
-        let max_idle_resident = warm
+        let max_idle_memory_resident = warm
             .saturating_mul(memory_keep_resident)
+            .min(config.max_unused_warm_bytes);
+        let max_idle_resident = max_idle_memory_resident
             .saturating_add((config.total_tables as usize).saturating_mul(table_keep_resident));
         Ok(PoolLayout {
             page_size: page,
@@ -131,6 +136,7 @@ impl PoolLayout {
             table_pool_bytes,
             memory_keep_resident,
             table_keep_resident,
+            max_idle_memory_resident,
             max_idle_resident,
             max_mappings: if tunables.memory_init_cow { 4 } else { 2 } * config.total_memories as usize + 2,
         })

@@ -129,7 +129,11 @@ impl PoolingInstanceAllocator {
         let count = u32::try_from(shards).unwrap_or(1);
         let memory_chunk = shard::chunk(config.total_memories, shards);
         let table_chunk = shard::chunk(config.total_tables, shards);
-        let warm = Arc::new(WarmBudget::new(config.max_unused_warm_slots as usize, shards));
+        let warm = Arc::new(WarmBudget::new(
+            config.max_unused_warm_slots as usize,
+            config.max_unused_warm_bytes,
+            shards,
+        ));
         let needs = |knob: &str, slots: u32, bytes: u64| {
             format!("{knob} of {slots} needs {} of bookkeeping", human_bytes(bytes))
         };
@@ -216,7 +220,7 @@ impl PoolingInstanceAllocator {
 
     /// Resets a slot a tenant gave back, in the shard it belongs to. The reset (or a batch of
     /// decommits it completes) may add warm slots to a shard that is not borrowing while another
-    /// is, so the warm set is brought back under its cap before this returns, whether a memory
+    /// is, so the warm set is brought back under its caps before this returns, whether a memory
     /// or a table was released.
     fn release(&self, shard: &Shard, release: Release) {
         shard.release(release);
@@ -224,11 +228,23 @@ impl PoolingInstanceAllocator {
     }
 
     /// While the shards keep more warm slots than the cap (one kept more than its share), has
-    /// the shard holding the pool's least recently used warm slot push it out.
+    /// the shard holding the pool's least recently used warm slot push it out; while their warm
+    /// slots keep more resident bytes than the byte cap, has the shard keeping the most push out
+    /// its least recently used slot that keeps some.
     fn rebalance_warm(&self) {
-        while self.warm.over() {
-            let Some(oldest) = self.warm.oldest() else { return };
-            if !self.shards[oldest].memories.give_back() {
+        loop {
+            let gave = if self.warm.over() {
+                self.warm
+                    .oldest()
+                    .is_some_and(|oldest| self.shards[oldest].memories.give_back(false))
+            } else if self.warm.over_bytes() {
+                self.warm
+                    .fullest()
+                    .is_some_and(|fullest| self.shards[fullest].memories.give_back(true))
+            } else {
+                return;
+            };
+            if !gave {
                 return;
             }
         }

@@ -205,6 +205,7 @@ impl MemoryPool {
             self.shard,
             slots.warm_or_resetting(),
             slots.returning(),
+            slots.warm_resident(),
             slots.oldest_stamp(),
         );
     }
@@ -403,8 +404,8 @@ impl MemoryPool {
         let State { slots, learned } = &mut *state;
         let lesson = warm.history.learned();
         let key = warm.key;
-        // The pool's cap is enforced pool-wide (`rebalance_warm`); a shard alone never keeps
-        // more than all of it.
+        // The pool's caps are enforced pool-wide (`rebalance_warm`); a shard alone never keeps
+        // more than all of one.
         slots.set_max_warm(self.budget.cap());
         let finished = slots.finish(self.local(slot), Some(warm));
         // Not for a purged module, whose entry would never be removed.
@@ -412,6 +413,12 @@ impl MemoryPool {
             learned.insert(key, lesson);
         }
         if let Some((local, warm)) = finished.out {
+            self.cool(slots, local, warm);
+        }
+        while slots.warm_resident() > self.budget.bytes() {
+            let Some((local, warm)) = slots.evict_keeping() else {
+                break;
+            };
             self.cool(slots, local, warm);
         }
         self.publish(slots);
@@ -422,10 +429,17 @@ impl MemoryPool {
     }
 
     /// Pushes this shard's least recently used warm slot out (the pool is over its cap, and
-    /// this slot is the oldest in it). Returns whether there was one.
-    pub fn give_back(&self) -> bool {
+    /// this slot is the oldest in it), or, for `bytes`, its least recently used one that keeps
+    /// resident pages (the pool is over its byte cap, and this shard keeps the most). Returns
+    /// whether there was one.
+    pub fn give_back(&self, bytes: bool) -> bool {
         let mut state = self.lock();
-        let Some((local, warm)) = state.slots.evict() else {
+        let evicted = if bytes {
+            state.slots.evict_keeping()
+        } else {
+            state.slots.evict()
+        };
+        let Some((local, warm)) = evicted else {
             return false;
         };
         self.cool(&mut state.slots, local, warm);

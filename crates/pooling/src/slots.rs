@@ -448,6 +448,21 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
         Some((slot, self.make_stale(slot)))
     }
 
+    /// Pushes the least recently used warm slot that keeps resident pages out, if any, as
+    /// [`evict`](Self::evict) does: for a cap on the bytes warm slots keep, which pushing out a
+    /// slot that keeps none would not bring down. Walks past the older slots that keep none.
+    pub fn evict_keeping(&mut self) -> Option<(SlotId, Warm<K>)> {
+        let mut at = self.lru_head;
+        while let Some(slot) = at {
+            if self.warm_at(slot).history.kept.bytes() > 0 {
+                self.unlink(slot);
+                return Some((slot, self.make_stale(slot)));
+            }
+            at = self.links(slot).next;
+        }
+        None
+    }
+
     /// `slot`, pushed out, holds nothing any more (its pages were given back, no image is
     /// mapped): it is `Cold` with `accessible` bytes readable and writable.
     ///
@@ -558,6 +573,9 @@ mod tests {
         Give(usize, bool, bool),
         /// Purge a key, cooling what is pushed out successfully or not.
         Purge(u8, bool),
+        /// Push out warm slots that keep pages, least recently used first, until the warm
+        /// slots keep at most this many pages (a cap on kept bytes), cooling them.
+        Squeeze(usize),
     }
 
     fn ops() -> impl Strategy<Value = Vec<Op>> {
@@ -566,12 +584,21 @@ mod tests {
             3 => (0u8..5, proptest::bool::weighted(0.1)).prop_map(|(k, abandon)| Op::Take(k, abandon)),
             3 => (any::<usize>(), ok(), ok()).prop_map(|(i, reset, cool)| Op::Give(i, reset, cool)),
             1 => (0u8..5, ok()).prop_map(|(k, cool)| Op::Purge(k, cool)),
+            1 => (0usize..6).prop_map(Op::Squeeze),
         ];
         proptest::collection::vec(op, 1..200)
     }
 
+    /// Pages a slot warm for `key` keeps: none for some keys, so that pushing out by bytes
+    /// has slots to walk past.
+    fn kept_pages(key: u8) -> usize {
+        usize::from(key % 3)
+    }
+
     fn warm(key: u8) -> Warm<u8> {
-        Warm::new(key, 4096, None, History::default())
+        let mut history = History::default();
+        history.kept.add(0..kept_pages(key) * 4096, usize::MAX, 4096);
+        Warm::new(key, 4096, None, history)
     }
 
     proptest! {
@@ -664,7 +691,22 @@ mod tests {
                         prop_assert!(!warm_for.values().any(|&k| k == key));
                         purged.extend(taken.iter().filter(|&(_, &k)| k == key).map(|(&slot, _)| slot));
                     }
+                    Op::Squeeze(pages) => {
+                        let keeping_before = warm_for.values().filter(|&&k| kept_pages(k) > 0).count();
+                        let mut out = 0;
+                        while slots.warm_resident() > pages * 4096 {
+                            let Some((slot, w)) = slots.evict_keeping() else { break };
+                            prop_assert!(w.history.kept.bytes() > 0, "a slot that keeps nothing was pushed out for bytes");
+                            prop_assert_eq!(warm_for.remove(&slot), Some(w.key));
+                            slots.cooled(slot, w.accessible);
+                            out += 1;
+                        }
+                        prop_assert!(slots.warm_resident() <= pages * 4096, "pushing out by bytes stopped over the cap");
+                        prop_assert!(out <= keeping_before);
+                    }
                 }
+                let kept: usize = warm_for.values().map(|&k| kept_pages(k) * 4096).sum();
+                prop_assert_eq!(slots.warm_resident(), kept, "kept bytes miscounted");
                 prop_assert!(slots.warm() <= max_warm, "warm cap exceeded");
                 prop_assert_eq!(slots.warm(), warm_for.len());
                 prop_assert_eq!(slots.taken(), taken.len());
