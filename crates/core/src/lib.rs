@@ -12,7 +12,8 @@
 //!   system calls);
 //! - the two traits: [`InstanceAllocatorImpl`], which a backend implements, and
 //!   [`InstanceAllocator`], which a runtime calls and which holds the ordering and rollback
-//!   logic once for every backend.
+//!   logic once for every backend;
+//! - memories on their own, without an instance, from any backend ([`StandaloneMemories`]).
 //!
 //! What it will not do: compile or run code, parse binaries (that is `berth-wasm`), or choose
 //! a backend (that is `berth-engine`). Backends live in their own crates
@@ -32,6 +33,7 @@ mod mmap;
 mod module;
 mod resolver;
 mod segments;
+mod standalone;
 pub mod sync;
 pub mod sys;
 mod table;
@@ -58,6 +60,7 @@ pub use mmap::Mmap;
 pub use module::{Module, ModuleBuilder, ModuleId};
 pub use resolver::FuncResolver;
 pub use segments::{ConstExpr, DataKind, DataSegment, ElementItem, ElementKind, ElementSegment};
+pub use standalone::{StandaloneMemories, StandaloneMemory};
 pub use table::Table;
 pub use tunables::{MAX_RESERVATION, Tunables};
 pub use types::{

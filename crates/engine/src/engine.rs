@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use berth_core::{
-    AllocatorStats, HostPtr, InstanceAllocator, InstanceAllocatorImpl, Module, Tunables, VMOffsets, sys,
+    AllocatorStats, HostPtr, InstanceAllocator, InstanceAllocatorImpl, MemoryType, Module,
+    StandaloneMemories, StandaloneMemory, Tunables, VMOffsets, sys,
 };
 use berth_on_demand::OnDemandInstanceAllocator;
 use berth_pooling::PoolingInstanceAllocator;
@@ -25,6 +26,7 @@ struct EngineInner {
     tunables: Tunables,
     allocator: Arc<dyn InstanceAllocatorImpl>,
     strategy: &'static str,
+    memories: StandaloneMemories,
 }
 
 impl std::fmt::Debug for Engine {
@@ -55,6 +57,7 @@ impl Engine {
         Ok(Engine {
             inner: Arc::new(EngineInner {
                 tunables,
+                memories: StandaloneMemories::new(allocator.clone(), tunables),
                 allocator,
                 strategy,
             }),
@@ -74,6 +77,20 @@ impl Engine {
     /// The strategy's name: `on-demand`, `pooling` or `custom`.
     pub fn strategy_name(&self) -> &'static str {
         self.inner.strategy
+    }
+
+    /// Allocates a linear memory on its own, without an instance, from this engine's backend:
+    /// `ty.minimum` pages accessible and zeroed, with the engine's reservation and guards.
+    /// Dropping it gives it back. For a host that needs a memory (another runtime's: see
+    /// `berth-wasmtime`), whatever the backend.
+    pub fn new_memory(&self, ty: MemoryType) -> Result<StandaloneMemory> {
+        self.inner.memories.allocate(ty)
+    }
+
+    /// Where [`new_memory`](Self::new_memory)'s memories come from, to keep past the engine or
+    /// to allocate with a limiter.
+    pub fn memories(&self) -> &StandaloneMemories {
+        &self.inner.memories
     }
 
     /// The allocator's statistics.

@@ -11,6 +11,9 @@
 //!    writes and grows memories and tables, gives compiled code its vmctx, and gives everything
 //!    back to the backend when dropped.
 //!
+//! A host that needs a linear memory without an instance (another runtime's memory, say) takes
+//! one from the same backend with [`Engine::new_memory`].
+//!
 //! The common path needs no `unsafe` from the embedder.
 //!
 //! ```

@@ -22,7 +22,10 @@
 //!   neighbours live (checked in a child process);
 //! - programs of random operations (instantiate one of several modules, some with data
 //!   segments, write, grow, set and grow tables, move pages to swap, deallocate) agree with a
-//!   model, and live memories never overlap.
+//!   model, and live memories never overlap;
+//! - memories taken on their own ([`StandaloneMemories`](berth_core::StandaloneMemories)), without
+//!   an instance, start zeroed, grow by the spec, never overlap, show nothing of an earlier
+//!   one, and are counted only while they live.
 //!
 //! Cases that push pages to swap need swap: without it they say that they skipped and why, and
 //! under `CI=true` they fail.
@@ -49,6 +52,7 @@ mod modules;
 pub mod page_states;
 mod program;
 mod reuse;
+mod standalone;
 
 use std::sync::Arc;
 
@@ -180,6 +184,10 @@ const CASES: &[Case] = &[
     (
         "programs_agree_with_the_model",
         program::programs_agree_with_the_model,
+    ),
+    (
+        "standalone_memories_are_fresh_grow_and_come_back",
+        standalone::standalone_memories_are_fresh_grow_and_come_back,
     ),
 ];
 
