@@ -3,6 +3,7 @@
 //!
 //! Run: `cargo run --release --manifest-path crates/peer/Cargo.toml` (see docs/performance.md).
 
+mod adapter;
 mod floor;
 mod systems;
 mod workloads;
@@ -21,7 +22,8 @@ struct Args {
     /// Cycles per batch.
     #[arg(long, default_value_t = 250)]
     batch: usize,
-    /// Only workloads whose name contains one of these (comma-separated).
+    /// Only workloads whose name contains one of these (comma-separated); `adapter` keeps the
+    /// table of Wasmtime on Berth's memories, which any other filter leaves out.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Milliseconds of each one- and two-thread throughput run, per workload and system (0
@@ -128,6 +130,10 @@ fn main() -> Result<()> {
     let mean = |c: &(f64, f64, f64)| (c.2, us(c.2));
     table("median (p99)", true, &systems, &workloads, &cells, median);
     table("mean", false, &systems, &workloads, &cells, mean);
+
+    if args.only.is_empty() || args.only.iter().any(|o| o == "adapter") {
+        adapter::table(args.rounds, args.batch)?;
+    }
 
     println!("\n## The floor on this machine: median (p99), microseconds\n");
     println!("| operation | time |\n|---|---|");
