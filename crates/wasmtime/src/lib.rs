@@ -26,24 +26,31 @@
 
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use berth_core::{MemoryType, StandaloneMemories, StandaloneMemory, Tunables, human_bytes};
 use wasmtime::{InstanceAllocationStrategy, LinearMemory, MemoryCreator};
 
-/// Configures `config` to run on memories from `engine`: Wasmtime's reservation, guard size,
-/// growth reserve, growth policy and pre-guard are set to the Berth engine's tunables, its
-/// copy-on-write images are turned off, its on-demand allocation strategy is selected, and
-/// [`BerthMemoryCreator`] is installed. Fails if the engine's tunables are ones Wasmtime's
-/// code cannot rely on (no reservation with memories that may not move).
+/// Configures `config` to run on memories from `engine`: Wasmtime's reservation is what the
+/// engine's backend gives a memory to grow in place (its tunables' reservation, or less: a
+/// pool's slot may be smaller, and the backend is asked), its guard size, growth reserve,
+/// growth policy and pre-guard are the engine's tunables, its copy-on-write images are turned
+/// off, its on-demand allocation strategy is selected, and [`BerthMemoryCreator`] is installed.
+/// Fails if the backend cannot allocate a memory at all, or if its memories could never grow
+/// (nothing to grow in place, and they may not move).
 pub fn configure(config: &mut wasmtime::Config, engine: &berth_engine::Engine) -> Result<()> {
     let tunables = engine.tunables();
-    if tunables.memory_reservation == 0 && !tunables.memory_may_move {
+    let probe = engine
+        .new_memory(MemoryType::new(0, None))
+        .context("the Berth engine cannot allocate a memory for Wasmtime")?;
+    let in_place = (probe.memory().byte_capacity() as u64).min(tunables.memory_reservation);
+    drop(probe);
+    if in_place == 0 && !tunables.memory_may_move {
         bail!(
-            "the Berth engine reserves nothing for its memories and may not move them: no memory could grow"
+            "the Berth engine's memories have no room to grow in place and may not move: no memory could grow"
         );
     }
     config
-        .memory_reservation(tunables.memory_reservation)
+        .memory_reservation(in_place)
         .memory_guard_size(tunables.memory_guard_size)
         .memory_reservation_for_growth(tunables.memory_reservation_for_growth)
         .memory_may_move(tunables.memory_may_move)

@@ -87,3 +87,32 @@ fn memories_larger_than_berth_reserves_are_refused_clearly() {
         "{error}"
     );
 }
+
+#[test]
+fn wasmtime_reserves_what_a_small_pool_slot_holds_and_grows_within_it() {
+    // Slots of 1 MiB: Wasmtime's code must not assume 4 GiB in place. A memory that fits grows
+    // to its maximum in place; one that does not stops at the slot, as the pool says.
+    let (engine, berth) = engines(true);
+    let module = Module::new(
+        &engine,
+        r#"(module (memory (export "memory") 1 64)
+             (func (export "grow") (param i32) (result i32) (memory.grow (local.get 0)))
+             (func (export "load") (param i32) (result i32) (i32.load (local.get 0))))"#,
+    )
+    .unwrap();
+    let mut store = Store::new(&engine, ());
+    let instance = Instance::new(&mut store, &module, &[]).unwrap();
+    let grow = instance.get_typed_func::<i32, i32>(&mut store, "grow").unwrap();
+    let load = instance.get_typed_func::<i32, i32>(&mut store, "load").unwrap();
+    assert_eq!(grow.call(&mut store, 15).unwrap(), 1, "grows to the 1 MiB slot");
+    assert_eq!(load.call(&mut store, (1 << 20) - 4).unwrap(), 0);
+    assert_eq!(
+        grow.call(&mut store, 1).unwrap(),
+        -1,
+        "past the slot: -1, not a move"
+    );
+    let trap = load.call(&mut store, 1 << 20).unwrap_err();
+    assert_eq!(trap.downcast_ref::<Trap>(), Some(&Trap::MemoryOutOfBounds));
+    drop(store);
+    assert_eq!(berth.stats().live_memories, 0);
+}
