@@ -20,7 +20,7 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<Outcome> {
     let module = berth_wasm::parse_file(&args.file)?;
-    let config = args.common.pool.config();
+    let config = args.common.pool.config()?;
     let offsets = VMOffsets::new(HostPtr, &module)?;
     let block = InstanceBlock::layout(&offsets)?.size();
     let result = berth_engine::check_module(&config, &args.common.tunables.tunables(), &module);
@@ -45,16 +45,16 @@ pub fn run(args: &Args) -> Result<Outcome> {
             })),
             "error": result.as_ref().err().map(|e| format!("{e:#}")),
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        say!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         match (&result, broken) {
-            (Ok(()), _) => println!(
+            (Ok(()), _) => say!(
                 "{name} fits: {} memories, {} tables, instance block of {block} bytes (max {})",
                 module.num_defined_memories(),
                 module.num_defined_tables(),
                 config.max_core_instance_size
             ),
-            (Err(_), Some(l)) => println!(
+            (Err(_), Some(l)) => say!(
                 "{name} does not fit: `{}` is {} but the module needs {} (over by {})",
                 l.limit,
                 l.value,

@@ -1,11 +1,15 @@
 //! `berth instantiate`: instantiate a module N times and measure it.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use berth_core::AllocatorStats;
 use berth_engine::{Config, Engine, Instance, InstanceAllocationStrategy, LoadedModule};
+use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -47,50 +51,87 @@ pub struct Args {
     pool: PoolOptions,
 }
 
-/// What one thread measured.
-#[derive(Default)]
+/// The most threads `--threads` may ask for: more would cost the machine its memory in thread
+/// stacks long before it measured anything.
+const MAX_THREADS: u32 = 1024;
+
+/// The longest write each `--touch` copies at once, from one buffer reused: a large `--touch`
+/// costs this much heap, not its own size.
+const TOUCH_CHUNK: usize = 1 << 20;
+
+/// What one thread measured: latencies in nanoseconds, in histograms of bounded size (3
+/// significant digits, up to an hour), however many instances are made.
 struct Samples {
-    instantiate: Vec<Duration>,
-    deallocate: Vec<Duration>,
+    instantiate: Histogram<u64>,
+    deallocate: Histogram<u64>,
 }
 
-fn cycles(module: &LoadedModule, count: u64, touch: &[u8], progress: &ProgressBar) -> Result<Samples> {
-    let mut samples = Samples::default();
-    let expected = usize::try_from(count).unwrap_or(0).min(1 << 24);
-    samples.instantiate.reserve(expected);
-    samples.deallocate.reserve(expected);
-    let has_memory =
-        module.module().num_defined_memories() > 0 && module.module().num_imported_memories() == 0;
+impl Samples {
+    fn new() -> Result<Samples> {
+        let histogram = || Histogram::new_with_bounds(1, 3_600_000_000_000, 3).context("latency histogram");
+        Ok(Samples {
+            instantiate: histogram()?,
+            deallocate: histogram()?,
+        })
+    }
+
+    fn add(&mut self, other: &Samples) -> Result<()> {
+        self.instantiate
+            .add(&other.instantiate)
+            .context("merging latencies")?;
+        self.deallocate
+            .add(&other.deallocate)
+            .context("merging latencies")?;
+        Ok(())
+    }
+}
+
+/// Nanoseconds of `d`, for a histogram (saturating at an hour).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos())
+        .unwrap_or(u64::MAX)
+        .min(3_600_000_000_000)
+}
+
+fn cycles(
+    module: &LoadedModule,
+    count: u64,
+    touch: u64,
+    chunk: &[u8],
+    progress: &Progress,
+) -> Result<Samples> {
+    let mut samples = Samples::new()?;
     for i in 0..count {
         let started = Instant::now();
         let mut instance = Instance::new(module)?;
-        samples.instantiate.push(started.elapsed());
-        if has_memory && !touch.is_empty() {
-            let len = touch.len().min(instance.memory_size(0)?);
-            instance.write_memory(0, 0, &touch[..len])?;
+        samples.instantiate.saturating_record(nanos(started.elapsed()));
+        let mut at = 0;
+        while at < touch {
+            let len = usize::try_from(touch - at).unwrap_or(usize::MAX).min(chunk.len());
+            instance.write_memory(0, at, &chunk[..len])?;
+            at += len as u64;
         }
         let started = Instant::now();
         drop(instance);
-        samples.deallocate.push(started.elapsed());
+        samples.deallocate.saturating_record(nanos(started.elapsed()));
         if i % 256 == 255 {
-            progress.inc(256);
+            progress.advance(256);
         }
     }
     Ok(samples)
 }
 
-/// p50, p99 and max of sorted samples.
-fn percentiles(sorted: &[Duration]) -> (Duration, Duration, Duration) {
-    if sorted.is_empty() {
-        return Default::default();
+/// p50, p99 and max of a histogram, in microseconds.
+fn percentiles(histogram: &Histogram<u64>) -> (f64, f64, f64) {
+    if histogram.is_empty() {
+        return (0.0, 0.0, 0.0);
     }
-    // The nearest-rank percentile: the sample at rank ceil(q * n), 1-based.
-    let at = |per_mille: usize| sorted[(sorted.len() * per_mille).div_ceil(1000).max(1) - 1];
-    (at(500), at(990), sorted[sorted.len() - 1])
-}
-
-fn micros(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
+    let us = |ns: u64| ns as f64 / 1000.0;
+    (
+        us(histogram.value_at_quantile(0.5)),
+        us(histogram.value_at_quantile(0.99)),
+        us(histogram.max()),
+    )
 }
 
 fn stats_json(stats: &AllocatorStats) -> serde_json::Value {
@@ -106,12 +147,76 @@ fn stats_json(stats: &AllocatorStats) -> serde_json::Value {
     })
 }
 
+/// Progress of a long run: a bar on a terminal; off one (a log, a pipe), a line on stderr every
+/// few seconds, so a long run is never silent.
+struct Progress {
+    bar: ProgressBar,
+    lines: bool,
+    total: u64,
+    done: AtomicU64,
+    started: Instant,
+    last: Mutex<Instant>,
+}
+
+impl Progress {
+    fn new(total: u64, json: bool) -> Progress {
+        let terminal = std::io::stderr().is_terminal();
+        let bar = if terminal && !json && total >= 100_000 {
+            ProgressBar::new(total).with_style(
+                ProgressStyle::with_template("{bar:40} {pos}/{len} instances, {per_sec}, eta {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            )
+        } else {
+            ProgressBar::hidden()
+        };
+        Progress {
+            bar,
+            lines: !terminal,
+            total,
+            done: AtomicU64::new(0),
+            started: Instant::now(),
+            last: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn advance(&self, n: u64) {
+        self.bar.inc(n);
+        if !self.lines {
+            return;
+        }
+        let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
+        if let Ok(mut last) = self.last.try_lock()
+            && last.elapsed() >= Duration::from_secs(5)
+        {
+            *last = Instant::now();
+            let rate = done as f64 / self.started.elapsed().as_secs_f64();
+            eprintln!("{done} of {} instances, {rate:.0} a second", self.total);
+        }
+    }
+}
+
 pub fn run(args: &Args) -> Result<Outcome> {
+    anyhow::ensure!(
+        args.count >= 1,
+        "--count must be at least 1: there is nothing to measure in 0 instances"
+    );
     anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
+    anyhow::ensure!(
+        args.threads <= MAX_THREADS,
+        "--threads {} is more than this command runs: at most {MAX_THREADS}",
+        args.threads
+    );
     let mut config = Config::new();
     config.set_tunables(args.tunables.tunables());
     if args.strategy == Strategy::Pooling {
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(args.pool.config()));
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(args.pool.config()?));
+    } else {
+        let given = args.pool.given();
+        anyhow::ensure!(
+            given.is_empty(),
+            "{} configure the pool: add --strategy pooling, or leave them out",
+            given.join(", ")
+        );
     }
     let engine = Engine::new(&config)?;
     let facts = berth_wasm::parse_file(&args.file)?;
@@ -130,32 +235,34 @@ pub fn run(args: &Args) -> Result<Outcome> {
     let tables: Vec<usize> = probe.core().tables().values().map(|(_, t)| t.size()).collect();
     drop(probe);
 
-    // Each instance writes at most all of memory 0 (as it is when instantiated).
-    let writable = memories.first().map_or(0, |(size, _)| *size);
-    let touch_len = usize::try_from(args.touch).unwrap_or(usize::MAX).min(writable);
-    let mut touch = Vec::new();
-    touch
-        .try_reserve_exact(touch_len)
-        .with_context(|| format!("cannot allocate {touch_len} bytes to write"))?;
-    touch.resize(touch_len, 0xA5u8);
-    let progress = if args.count >= 100_000 && !args.json {
-        ProgressBar::new(args.count).with_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} instances, {per_sec}, eta {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        )
-    } else {
-        ProgressBar::hidden()
-    };
+    // Each instance writes `--touch` bytes of its memory 0, which must hold them when made.
+    if args.touch > 0 {
+        let Some(&(writable, _)) = memories.first() else {
+            anyhow::bail!(
+                "--touch {}: the module defines no memory to write",
+                human(args.touch)
+            );
+        };
+        anyhow::ensure!(
+            args.touch <= writable as u64,
+            "--touch {} is more than memory 0 holds when instantiated ({})",
+            human(args.touch),
+            human(writable as u64)
+        );
+    }
+    let chunk_len = usize::try_from(args.touch).unwrap_or(usize::MAX).min(TOUCH_CHUNK);
+    let chunk = vec![0xA5u8; chunk_len];
+    let progress = Progress::new(args.count, args.json);
     // No more threads than instances to make.
-    let threads = u64::from(args.threads).min(args.count.max(1));
+    let threads = u64::from(args.threads).min(args.count);
     let started = Instant::now();
     let results: Vec<Result<Samples>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let share = args.count / threads + u64::from(t < args.count % threads);
-                let (module, touch, progress) = (&module, &touch, &progress);
+                let (module, chunk, progress) = (&module, &chunk, &progress);
                 std::thread::Builder::new()
-                    .spawn_scoped(scope, move || cycles(module, share, touch, progress))
+                    .spawn_scoped(scope, move || cycles(module, share, args.touch, chunk, progress))
             })
             .collect();
         handles
@@ -169,15 +276,11 @@ pub fn run(args: &Args) -> Result<Outcome> {
             .collect()
     });
     let elapsed = started.elapsed();
-    progress.finish_and_clear();
-    let mut all = Samples::default();
+    progress.bar.finish_and_clear();
+    let mut all = Samples::new()?;
     for result in results {
-        let samples = result?;
-        all.instantiate.extend(samples.instantiate);
-        all.deallocate.extend(samples.deallocate);
+        all.add(&result?)?;
     }
-    all.instantiate.sort_unstable();
-    all.deallocate.sort_unstable();
     let (i50, i99, imax) = percentiles(&all.instantiate);
     let (d50, d99, dmax) = percentiles(&all.deallocate);
     let per_second = args.count as f64 / elapsed.as_secs_f64();
@@ -191,21 +294,21 @@ pub fn run(args: &Args) -> Result<Outcome> {
             "strategy": strategy,
             "count": args.count,
             "threads": threads,
-            "touch_bytes": touch.len(),
+            "touch_bytes": args.touch,
             "instance_block_bytes": block,
             "memories": memories.iter().map(|(size, cap)| json!({"bytes": size, "capacity": cap})).collect::<Vec<_>>(),
             "tables": tables,
-            "instantiate_us": {"p50": micros(i50), "p99": micros(i99), "max": micros(imax)},
-            "deallocate_us": {"p50": micros(d50), "p99": micros(d99), "max": micros(dmax)},
+            "instantiate_us": {"p50": i50, "p99": i99, "max": imax},
+            "deallocate_us": {"p50": d50, "p99": d99, "max": dmax},
             "instances_per_second": per_second,
             "peak_rss_bytes": peak_rss,
             "reserved_bytes_with_one_instance": live_stats.reserved_bytes,
             "stats": stats_json(&stats),
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        say!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(Outcome::Ok);
     }
-    println!(
+    say!(
         "{}: {} memories, {} tables, instance block {} bytes ({} allocator)",
         args.file.display(),
         memories.len(),
@@ -214,45 +317,35 @@ pub fn run(args: &Args) -> Result<Outcome> {
         strategy
     );
     for (i, (size, capacity)) in memories.iter().enumerate() {
-        println!(
+        say!(
             "  memory {i}: {} accessible, grows in place to {}",
             human(*size as u64),
             human(*capacity as u64)
         );
     }
     for (i, size) in tables.iter().enumerate() {
-        println!("  table {i}: {size} elements");
+        say!("  table {i}: {size} elements");
     }
-    println!(
+    say!(
         "{} instances on {} thread(s), {} written to memory 0 by each, in {:.3} s",
         args.count,
         threads,
-        human(touch.len() as u64),
+        human(args.touch),
         elapsed.as_secs_f64()
     );
-    println!(
-        "instantiate: p50 {:.2} us  p99 {:.2} us  max {:.2} us",
-        micros(i50),
-        micros(i99),
-        micros(imax)
-    );
-    println!(
-        "deallocate:  p50 {:.2} us  p99 {:.2} us  max {:.2} us",
-        micros(d50),
-        micros(d99),
-        micros(dmax)
-    );
-    println!("throughput:  {per_second:.0} instances/s");
-    println!(
+    say!("instantiate: p50 {i50:.2} us  p99 {i99:.2} us  max {imax:.2} us");
+    say!("deallocate:  p50 {d50:.2} us  p99 {d99:.2} us  max {dmax:.2} us");
+    say!("throughput:  {per_second:.0} instances/s");
+    say!(
         "peak RSS:    {}",
         peak_rss.map_or_else(|| "unknown".into(), human)
     );
-    println!(
+    say!(
         "address space reserved: {} with one instance live, {} now",
         human(live_stats.reserved_bytes),
         human(stats.reserved_bytes)
     );
-    println!(
+    say!(
         "allocator: {} live instances, {} memories, {} tables; {} warm slots; {} resident in idle slots; {} resets; {} decommits",
         stats.live_instances,
         stats.live_memories,

@@ -1,6 +1,15 @@
 //! `berth`: instantiate a module and measure what it costs, plan a pool before building it,
 //! check whether a module fits a pool.
 
+/// Writes a line to standard output, returning an error the command passes up: a closed pipe
+/// (`berth ... | head -2`) then ends the command quietly, as any Unix tool does (see `main`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 mod check;
 mod instantiate;
 mod machine;
@@ -48,11 +57,21 @@ fn main() -> ExitCode {
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::DoesNotFit) => ExitCode::from(1),
+        // The reader went away (a closed pipe): nothing is left to say to anyone.
+        Err(error) if closed_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::from(2)
         }
     }
+}
+
+/// Whether `error` is standard output's reader having gone away.
+fn closed_pipe(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// Bytes in a human unit: `512 B`, `64.0 KiB`, `6.0 GiB`.

@@ -124,8 +124,21 @@ pub struct PoolOptions {
 }
 
 impl PoolOptions {
-    /// The pool configuration these options describe.
-    pub fn config(&self) -> PoolingConfig {
+    /// The pool configuration these options describe. Fails on a `--max-memory-size` that is
+    /// not a whole number of host pages, which the pool would round down without a word.
+    pub fn config(&self) -> Result<PoolingConfig> {
+        if let Some(size) = self.max_memory_size {
+            let page = berth_core::sys::page_size();
+            if size % page != 0 {
+                let down = size / page * page;
+                bail!(
+                    "--max-memory-size {size} is not a whole number of {} pages: use {} or {}",
+                    berth_core::human_bytes(page as u64),
+                    berth_core::human_bytes(down as u64),
+                    berth_core::human_bytes((down + page) as u64)
+                );
+            }
+        }
         let mut c = PoolingConfig::new();
         macro_rules! set {
             ($($field:ident),*) => { $(if let Some(v) = self.$field { c.$field(v); })* };
@@ -148,7 +161,34 @@ impl PoolOptions {
         if self.no_pagemap_scan {
             c.pagemap_scan(false);
         }
-        c
+        Ok(c)
+    }
+
+    /// The flags given, by name (for a command that has no pool to give them to).
+    pub fn given(&self) -> Vec<&'static str> {
+        let mut given = Vec::new();
+        macro_rules! flag {
+            ($($field:ident => $name:literal),*) => { $(if self.$field.is_some() { given.push($name); })* };
+        }
+        flag!(
+            total_core_instances => "--total-core-instances",
+            total_memories => "--total-memories",
+            total_tables => "--total-tables",
+            max_memory_size => "--max-memory-size",
+            table_elements => "--table-elements",
+            max_memories_per_module => "--max-memories-per-module",
+            max_tables_per_module => "--max-tables-per-module",
+            max_core_instance_size => "--max-core-instance-size",
+            max_unused_warm_slots => "--max-unused-warm-slots",
+            max_unused_warm_bytes => "--max-unused-warm-bytes",
+            decommit_batch_size => "--decommit-batch-size",
+            linear_memory_keep_resident => "--linear-memory-keep-resident",
+            table_keep_resident => "--table-keep-resident"
+        );
+        if self.no_pagemap_scan {
+            given.push("--no-pagemap-scan");
+        }
+        given
     }
 }
 

@@ -15,7 +15,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<Outcome> {
-    let config = args.common.pool.config();
+    let config = args.common.pool.config()?;
     let tunables = args.common.tunables.tunables();
     let layout = PoolLayout::new(&config, &tunables)?;
     let available = machine::available_address_space();
@@ -56,9 +56,9 @@ pub fn run(args: &Args) -> Result<Outcome> {
             "max_idle_memory_resident": layout.max_idle_memory_resident,
             "warnings": warnings,
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        say!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        println!(
+        say!(
             "memory slots: {} x {} ({} reservation + {} guard){}",
             layout.memory_slots,
             human(layout.memory_stride as u64),
@@ -70,35 +70,35 @@ pub fn run(args: &Args) -> Result<Outcome> {
                 String::new()
             }
         );
-        println!(
+        say!(
             "  memories grow to at most {}",
             human(layout.memory_capacity as u64)
         );
-        println!("  memory pool: {}", human(layout.memory_pool_bytes as u64));
-        println!(
+        say!("  memory pool: {}", human(layout.memory_pool_bytes as u64));
+        say!(
             "table slots: {} x {} ({} elements); table pool: {}",
             layout.table_slots,
             human(layout.table_stride as u64),
             config.table_elements,
             human(layout.table_pool_bytes as u64)
         );
-        println!(
+        say!(
             "address space: {} of {} available ({:.2}%)",
             human(total),
             human(available),
             total as f64 * 100.0 / available as f64
         );
         match max_maps {
-            Some(max) => println!(
+            Some(max) => say!(
                 "memory mappings: up to {} for the pools, {used_maps} in use now, vm.max_map_count {max}",
                 layout.max_mappings
             ),
-            None => println!(
+            None => say!(
                 "memory mappings: up to {} for the pools (vm.max_map_count unknown)",
                 layout.max_mappings
             ),
         }
-        println!(
+        say!(
             "resident when idle: up to {} ({} in warm memory slots: {} slots x {} kept, at most {} + {} table slots x {} kept)",
             human(layout.max_idle_resident as u64),
             human(layout.max_idle_memory_resident as u64),
@@ -109,7 +109,7 @@ pub fn run(args: &Args) -> Result<Outcome> {
             human(layout.table_keep_resident as u64)
         );
         for warning in &warnings {
-            println!("warning: {warning}");
+            say!("warning: {warning}");
         }
     }
     Ok(if warnings.is_empty() {

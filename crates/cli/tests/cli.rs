@@ -149,22 +149,101 @@ fn plan_shows_costs_and_warns_when_the_pool_cannot_fit() {
 }
 
 #[test]
-fn absurd_touch_and_thread_counts_are_bounded() {
+fn more_threads_than_instances_are_not_started() {
     let output = berth(&[
         "instantiate",
         &module("hello.wat"),
         "--count",
         "10",
         "--threads",
-        "100000",
+        "1000",
         "--touch",
-        "1G",
+        "64K",
         "--json",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let value: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
-    assert_eq!(value["touch_bytes"], 65536, "at most memory 0 is written");
+    assert_eq!(value["touch_bytes"], 65536);
     assert_eq!(value["threads"], 10, "no more threads than instances");
+}
+
+/// Runs `berth` with `args` and expects a clear error (exit 2) that says `needle`.
+fn refused(args: &[&str], needle: &str) {
+    let output = berth(args);
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{args:?}: {text}");
+    assert!(text.contains(needle), "{args:?}: {text}");
+    assert!(!text.contains("panicked"), "{args:?}: {text}");
+}
+
+#[test]
+fn bad_instantiate_options_are_clear_errors_not_clamps() {
+    let hello = module("hello.wat");
+    refused(
+        &["instantiate", &hello, "--count", "0"],
+        "--count must be at least 1",
+    );
+    refused(
+        &["instantiate", &hello, "--threads", "40000", "--count", "40000"],
+        "at most 1024",
+    );
+    refused(
+        &["instantiate", &hello, "--touch", "1G"],
+        "--touch 1.0 GiB is more than memory 0 holds when instantiated (64.0 KiB)",
+    );
+    refused(
+        &[
+            "instantiate",
+            &hello,
+            "--total-memories",
+            "4",
+            "--no-pagemap-scan",
+        ],
+        "--total-memories, --no-pagemap-scan configure the pool: add --strategy pooling",
+    );
+    refused(
+        &[
+            "instantiate",
+            &hello,
+            "--strategy",
+            "pooling",
+            "--max-memory-size",
+            "12345",
+        ],
+        "--max-memory-size 12345 is not a whole number of 4.0 KiB pages: use 12.0 KiB or 16.0 KiB",
+    );
+    refused(&["plan", "--max-memory-size", "12345"], "not a whole number");
+}
+
+#[test]
+fn a_closed_pipe_ends_the_command_quietly() {
+    use std::process::Stdio;
+    for args in [
+        vec!["instantiate", "HELLO", "--count", "50"],
+        vec!["plan"],
+        vec!["check", "HELLO"],
+    ] {
+        let hello = module("hello.wat");
+        let args: Vec<&str> = args
+            .iter()
+            .map(|a| if *a == "HELLO" { hello.as_str() } else { a })
+            .collect();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before the command writes a line.
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        let text = stderr(&output);
+        assert!(output.status.success(), "{args:?}: {:?} {text}", output.status);
+        assert!(
+            !text.contains("panicked") && !text.contains("Broken pipe"),
+            "{args:?}: {text}"
+        );
+    }
 }
 
 #[test]
