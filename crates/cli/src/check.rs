@@ -18,6 +18,13 @@ pub struct Args {
     common: PoolCommand,
 }
 
+impl Args {
+    /// Whether output (errors included) is JSON.
+    pub fn json(&self) -> bool {
+        self.common.json
+    }
+}
+
 pub fn run(args: &Args) -> Result<Outcome> {
     let module = berth_wasm::parse_file(&args.file)?;
     let config = args.common.pool.config()?;

@@ -86,6 +86,11 @@ impl Samples {
     }
 }
 
+/// `n` and the noun, singular or plural.
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// Nanoseconds of `d`, for a histogram (saturating at an hour).
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos())
@@ -192,6 +197,13 @@ impl Progress {
             let rate = done as f64 / self.started.elapsed().as_secs_f64();
             eprintln!("{done} of {} instances, {rate:.0} a second", self.total);
         }
+    }
+}
+
+impl Args {
+    /// Whether output (errors included) is JSON.
+    pub fn json(&self) -> bool {
+        self.json
     }
 }
 
@@ -309,17 +321,34 @@ pub fn run(args: &Args) -> Result<Outcome> {
         return Ok(Outcome::Ok);
     }
     say!(
-        "{}: {} memories, {} tables, instance block {} bytes ({} allocator)",
+        "{}: {}, {}, instance block (the Instance and its vmctx) {} ({} allocator)",
         args.file.display(),
-        memories.len(),
-        tables.len(),
-        block,
+        count(memories.len(), "memory", "memories"),
+        count(tables.len(), "table", "tables"),
+        human(block as u64),
         strategy
     );
-    for (i, (size, capacity)) in memories.iter().enumerate() {
+    for ((i, (size, capacity)), (_, ty)) in memories
+        .iter()
+        .enumerate()
+        .zip(module.module().defined_memories())
+    {
+        let page = 1u64 << ty.page_size_log2;
+        let maximum = ty.maximum.map_or_else(
+            || "no declared maximum".to_owned(),
+            |max| {
+                format!(
+                    "declared maximum {} ({})",
+                    count(usize::try_from(max).unwrap_or(usize::MAX), "page", "pages"),
+                    max.checked_mul(page)
+                        .map_or_else(|| "more than 16 EiB".to_owned(), human)
+                )
+            },
+        );
         say!(
-            "  memory {i}: {} accessible, grows in place to {}",
+            "  memory {i}: {} accessible when instantiated ({}); {maximum}; room to grow in place {}",
             human(*size as u64),
+            count(usize::try_from(ty.minimum).unwrap_or(usize::MAX), "page", "pages"),
             human(*capacity as u64)
         );
     }
@@ -340,20 +369,58 @@ pub fn run(args: &Args) -> Result<Outcome> {
         "peak RSS:    {}",
         peak_rss.map_or_else(|| "unknown".into(), human)
     );
+    let (kept, why) = if strategy == "pooling" {
+        (
+            count(
+                usize::try_from(stats.warm_slots).unwrap_or(usize::MAX),
+                "warm slot",
+                "warm slots",
+            ),
+            "the pool's slots, reserved when it was built",
+        )
+    } else {
+        (
+            count(
+                usize::try_from(stats.warm_slots).unwrap_or(usize::MAX),
+                "freed reservation kept for reuse",
+                "freed reservations kept for reuse",
+            ),
+            "freed reservations kept for the next instances, their pages given back",
+        )
+    };
     say!(
-        "address space reserved: {} with one instance live, {} now",
+        "address space reserved: {} with one instance live, {} now ({why})",
         human(live_stats.reserved_bytes),
         human(stats.reserved_bytes)
     );
     say!(
-        "allocator: {} live instances, {} memories, {} tables; {} warm slots; {} resident in idle slots; {} resets; {} decommits",
-        stats.live_instances,
-        stats.live_memories,
-        stats.live_tables,
-        stats.warm_slots,
+        "allocator: {} live, {}, {}; {kept}; {} resident in idle slots; {}; {}",
+        count(
+            usize::try_from(stats.live_instances).unwrap_or(usize::MAX),
+            "instance",
+            "instances"
+        ),
+        count(
+            usize::try_from(stats.live_memories).unwrap_or(usize::MAX),
+            "memory",
+            "memories"
+        ),
+        count(
+            usize::try_from(stats.live_tables).unwrap_or(usize::MAX),
+            "table",
+            "tables"
+        ),
         human(stats.idle_resident_bytes),
-        stats.resets,
-        stats.decommits
+        count(
+            usize::try_from(stats.resets).unwrap_or(usize::MAX),
+            "reset",
+            "resets"
+        ),
+        count(
+            usize::try_from(stats.decommits).unwrap_or(usize::MAX),
+            "decommit",
+            "decommits"
+        )
     );
     Ok(Outcome::Ok)
 }

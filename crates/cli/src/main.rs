@@ -49,6 +49,11 @@ pub enum Outcome {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = match &cli.command {
+        Command::Instantiate(args) => args.json(),
+        Command::Plan(args) => args.json(),
+        Command::Check(args) => args.json(),
+    };
     let result = match cli.command {
         Command::Instantiate(args) => instantiate::run(&args),
         Command::Plan(args) => plan::run(&args),
@@ -60,7 +65,12 @@ fn main() -> ExitCode {
         // The reader went away (a closed pipe): nothing is left to say to anyone.
         Err(error) if closed_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            if json {
+                // With --json, the error too is JSON, on standard output where the result would be.
+                println!("{}", serde_json::json!({ "error": format!("{error:#}") }));
+            } else {
+                eprintln!("error: {error:#}");
+            }
             ExitCode::from(2)
         }
     }

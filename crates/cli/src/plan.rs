@@ -14,6 +14,13 @@ pub struct Args {
     common: PoolCommand,
 }
 
+impl Args {
+    /// Whether output (errors included) is JSON.
+    pub fn json(&self) -> bool {
+        self.common.json
+    }
+}
+
 pub fn run(args: &Args) -> Result<Outcome> {
     let config = args.common.pool.config()?;
     let tunables = args.common.tunables.tunables();

@@ -264,3 +264,47 @@ fn configuration_errors_are_errors_not_findings() {
         stderr(&output)
     );
 }
+
+#[test]
+fn instantiate_shows_declared_sizes_apart_from_the_reservation() {
+    let output = berth(&["instantiate", &module("hello.wat"), "--count", "10"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    for needle in [
+        "1 memory, 1 table,",
+        "memory 0: 64.0 KiB accessible when instantiated (1 page); declared maximum 16 pages (1.0 MiB); room to grow in place 4.0 GiB",
+        "freed reservation kept for reuse",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert!(
+        !text.contains("1 memories") && !text.contains("1 warm slots"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_wasm_file_without_the_header_is_not_read_as_text() {
+    let dir = std::env::temp_dir().join(format!("berth-cli-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let empty = dir.join("empty.wasm");
+    std::fs::write(&empty, b"").unwrap();
+    let path = empty.to_string_lossy().into_owned();
+    refused(&["instantiate", &path], "is not a WebAssembly binary");
+    refused(&["check", &path], "it is empty");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn with_json_an_error_is_json_too() {
+    let output = berth(&["instantiate", &module("hello.wat"), "--count", "0", "--json"]);
+    assert_eq!(output.status.code(), Some(2));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("the error as JSON");
+    assert!(
+        value["error"]
+            .as_str()
+            .unwrap()
+            .contains("--count must be at least 1"),
+        "{value}"
+    );
+}

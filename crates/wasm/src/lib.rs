@@ -53,6 +53,23 @@ pub fn parse_file(path: impl AsRef<Path>) -> Result<Module> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+    // A `.wasm` file is a binary: read as text, an empty or truncated one would get a parser's
+    // complaint about text it never had.
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("wasm")) && !bytes.starts_with(b"\0asm") {
+        let what = if bytes.is_empty() {
+            "it is empty".to_owned()
+        } else {
+            format!(
+                "its first {} bytes are {:02x?}",
+                bytes.len().min(4),
+                &bytes[..bytes.len().min(4)]
+            )
+        };
+        bail!(
+            "{} is not a WebAssembly binary: a .wasm file starts with the \\0asm header, and {what}",
+            path.display()
+        );
+    }
     parse_named(name.as_deref(), &bytes).with_context(|| format!("failed to load {}", path.display()))
 }
 
