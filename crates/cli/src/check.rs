@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use berth_core::{HostPtr, InstanceBlock, LimitExceeded, VMOffsets};
 use serde_json::json;
 
@@ -30,7 +30,12 @@ pub fn run(args: &Args) -> Result<Outcome> {
     let config = args.common.pool.config()?;
     let offsets = VMOffsets::new(HostPtr, &module)?;
     let block = InstanceBlock::layout(&offsets)?.size();
-    let result = berth_engine::check_module(&config, &args.common.tunables.tunables(), &module);
+    let tunables = args.common.tunables.tunables();
+    // What the engine would refuse, `check` refuses too, with the engine's words.
+    tunables
+        .validate(berth_core::sys::page_size())
+        .context("invalid engine configuration")?;
+    let result = berth_engine::check_module(&config, &tunables, &module);
     let name = args.file.display();
     let broken = result
         .as_ref()

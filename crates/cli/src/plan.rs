@@ -1,6 +1,6 @@
 //! `berth plan`: a pool's layout and cost before it is built.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use berth_engine::PoolLayout;
 use serde_json::json;
 
@@ -24,6 +24,10 @@ impl Args {
 pub fn run(args: &Args) -> Result<Outcome> {
     let config = args.common.pool.config()?;
     let tunables = args.common.tunables.tunables();
+    // What the engine would refuse, `plan` refuses too, with the engine's words.
+    tunables
+        .validate(berth_core::sys::page_size())
+        .context("invalid engine configuration")?;
     let layout = PoolLayout::new(&config, &tunables)?;
     let available = machine::available_address_space();
     let max_maps = machine::max_map_count();

@@ -308,3 +308,28 @@ fn with_json_an_error_is_json_too() {
         "{value}"
     );
 }
+
+#[test]
+fn plan_and_check_refuse_tunables_the_engine_refuses_in_human_units() {
+    for command in [vec!["plan"], vec!["check", "HELLO"]] {
+        let hello = module("hello.wat");
+        let mut args: Vec<&str> = command
+            .iter()
+            .map(|a| if *a == "HELLO" { hello.as_str() } else { a })
+            .collect();
+        args.extend(["--memory-reservation", "12345"]);
+        refused(
+            &args,
+            "memory_reservation of 12.1 KiB is not a multiple of the host page size (4.0 KiB)",
+        );
+    }
+    let output = berth(&[
+        "instantiate",
+        &module("hello.wat"),
+        "--memory-reservation",
+        "100T",
+    ]);
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(text.contains("100.0 TiB") && !text.contains("0x"), "{text}");
+}

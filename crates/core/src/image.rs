@@ -9,6 +9,7 @@
 //! data is written to the file, which stays sparse: data spread thinly over a large memory costs
 //! the pages it touches, not the span (the file's holes read as zeros).
 
+use crate::units::human_bytes;
 use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::OnceLock;
@@ -108,8 +109,12 @@ impl MemoryImage {
             .iter()
             .map(|(start, data)| (start - offset, &data[..]))
             .collect();
-        let fd = sys::create_image_file(end - offset, &relative)
-            .with_context(|| format!("failed to create a memory image of {:#x} bytes", end - offset))?;
+        let fd = sys::create_image_file(end - offset, &relative).with_context(|| {
+            format!(
+                "failed to create a memory image of {}",
+                human_bytes((end - offset) as u64)
+            )
+        })?;
         let mut pages: Vec<std::ops::Range<usize>> = relative
             .iter()
             .map(|(start, data)| start / page * page..(start + data.len()).next_multiple_of(page))
@@ -179,6 +184,6 @@ impl MemoryImage {
     pub(crate) unsafe fn map_at(&self, base: NonNull<u8>) -> Result<()> {
         // SAFETY: the range is the caller's (contract above); the file holds `len` bytes.
         unsafe { sys::map_image(base.add(self.offset), self.len, self.fd.as_fd()) }
-            .with_context(|| format!("failed to map a memory image of {:#x} bytes", self.len))
+            .with_context(|| format!("failed to map a memory image of {}", human_bytes(self.len as u64)))
     }
 }

@@ -17,6 +17,7 @@
 //! host page holding their last byte is accessible up to its end: code for them needs explicit
 //! bounds checks. Growth zeroes those bytes before they become part of the memory.
 
+use crate::units::human_bytes;
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,8 +80,12 @@ fn round_up(n: usize, to: usize) -> Option<usize> {
 }
 
 fn to_usize(what: &str, bytes: u64) -> Result<usize> {
-    usize::try_from(bytes)
-        .map_err(|_| anyhow!("{what} of {bytes:#x} bytes does not fit the host's address space"))
+    usize::try_from(bytes).map_err(|_| {
+        anyhow!(
+            "{what} of {} does not fit the host's address space",
+            human_bytes(bytes)
+        )
+    })
 }
 
 /// The initial size in bytes and the effective maximum, after the type, the backend's
@@ -430,12 +435,17 @@ fn reserve(pre_guard: usize, capacity: usize, guard: usize, accessible: usize) -
     let total = pre_guard
         .checked_add(capacity)
         .and_then(|n| n.checked_add(guard))
-        .ok_or_else(|| anyhow!("memory reservation of {capacity:#x} bytes plus guards overflows"))?;
-    let mut mmap =
-        Mmap::reserve(total).with_context(|| format!("failed to reserve {total:#x} bytes for a memory"))?;
+        .ok_or_else(|| {
+            anyhow!(
+                "memory reservation of {} plus guards overflows",
+                human_bytes(capacity as u64)
+            )
+        })?;
+    let mut mmap = Mmap::reserve(total)
+        .with_context(|| format!("failed to reserve {} for a memory", human_bytes(total as u64)))?;
     let accessible = round_up(accessible, page).unwrap_or(usize::MAX);
     mmap.make_accessible(pre_guard, accessible)
-        .with_context(|| format!("failed to commit {accessible:#x} bytes of a memory"))?;
+        .with_context(|| format!("failed to commit {} of a memory", human_bytes(accessible as u64)))?;
     Ok(mmap)
 }
 

@@ -1,5 +1,6 @@
 //! An owned, page-aligned virtual-memory reservation.
 
+use crate::units::human_bytes;
 use std::ops::Range;
 use std::ptr::NonNull;
 
@@ -42,10 +43,14 @@ impl Mmap {
         }
         let page = sys::page_size();
         if !len.is_multiple_of(page) {
-            bail!("cannot reserve {len:#x} bytes: not a multiple of the page size ({page:#x})");
+            bail!(
+                "cannot reserve {}: not a multiple of the page size ({})",
+                human_bytes(len as u64),
+                human_bytes(page as u64)
+            );
         }
         let ptr = sys::reserve(len)
-            .with_context(|| format!("failed to reserve {len:#x} bytes of address space"))?;
+            .with_context(|| format!("failed to reserve {} of address space", human_bytes(len as u64)))?;
         Ok(Mmap { ptr, len })
     }
 

@@ -133,10 +133,12 @@ fn check_tunables(tunables: &Tunables) -> Result<()> {
     match total {
         Some(total) if total <= ADDRESS_SPACE / 2 => Ok(()),
         _ => bail!(
-            "a memory would need {:#x} bytes of reservation plus guards, over half of a 47-bit address space",
-            tunables
-                .memory_reservation
-                .saturating_add(tunables.memory_guard_size.saturating_mul(2))
+            "a memory would need {} of reservation plus guards, over half of a 47-bit address space",
+            berth_core::human_bytes(
+                tunables
+                    .memory_reservation
+                    .saturating_add(tunables.memory_guard_size.saturating_mul(2))
+            )
         ),
     }
 }

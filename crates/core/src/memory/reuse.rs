@@ -6,6 +6,7 @@
 //! discarded, and [`Memory::new_dynamic_reusing`] builds a later memory of the same
 //! [`ReservationLayout`] in it.
 
+use crate::units::human_bytes;
 use std::ptr::NonNull;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -103,7 +104,11 @@ impl Memory {
             byte_size.checked_add(growth)
         };
         let capacity = capacity.and_then(|c| round_up(c, page)).ok_or_else(|| {
-            anyhow!("memory of {byte_size:#x} bytes plus {growth:#x} bytes to grow overflows")
+            anyhow!(
+                "memory of {} plus {} to grow overflows",
+                human_bytes(byte_size as u64),
+                human_bytes(growth as u64)
+            )
         })?;
         let layout = ReservationLayout {
             pre_guard,
