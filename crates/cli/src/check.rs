@@ -32,9 +32,7 @@ pub fn run(args: &Args) -> Result<Outcome> {
     let block = InstanceBlock::layout(&offsets)?.size();
     let tunables = args.common.tunables.tunables();
     // What the engine would refuse, `check` refuses too, with the engine's words.
-    tunables
-        .validate(berth_core::sys::page_size())
-        .context("invalid engine configuration")?;
+    berth_engine::check_tunables(&tunables).context("invalid engine configuration")?;
     let result = berth_engine::check_module(&config, &tunables, &module);
     let name = args.file.display();
     let broken = result

@@ -87,7 +87,7 @@ impl Samples {
 }
 
 /// `n` and the noun, singular or plural.
-fn count(n: usize, one: &str, many: &str) -> String {
+fn count(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
@@ -323,8 +323,8 @@ pub fn run(args: &Args) -> Result<Outcome> {
     say!(
         "{}: {}, {}, instance block (the Instance and its vmctx) {} ({} allocator)",
         args.file.display(),
-        count(memories.len(), "memory", "memories"),
-        count(tables.len(), "table", "tables"),
+        count(memories.len() as u64, "memory", "memories"),
+        count(tables.len() as u64, "table", "tables"),
         human(block as u64),
         strategy
     );
@@ -339,7 +339,7 @@ pub fn run(args: &Args) -> Result<Outcome> {
             |max| {
                 format!(
                     "declared maximum {} ({})",
-                    count(usize::try_from(max).unwrap_or(usize::MAX), "page", "pages"),
+                    count(max, "page", "pages"),
                     max.checked_mul(page)
                         .map_or_else(|| "more than 16 EiB".to_owned(), human)
                 )
@@ -348,7 +348,7 @@ pub fn run(args: &Args) -> Result<Outcome> {
         say!(
             "  memory {i}: {} accessible when instantiated ({}); {maximum}; room to grow in place {}",
             human(*size as u64),
-            count(usize::try_from(ty.minimum).unwrap_or(usize::MAX), "page", "pages"),
+            count(ty.minimum, "page", "pages"),
             human(*capacity as u64)
         );
     }
@@ -371,17 +371,13 @@ pub fn run(args: &Args) -> Result<Outcome> {
     );
     let (kept, why) = if strategy == "pooling" {
         (
-            count(
-                usize::try_from(stats.warm_slots).unwrap_or(usize::MAX),
-                "warm slot",
-                "warm slots",
-            ),
+            count(stats.warm_slots, "warm slot", "warm slots"),
             "the pool's slots, reserved when it was built",
         )
     } else {
         (
             count(
-                usize::try_from(stats.warm_slots).unwrap_or(usize::MAX),
+                stats.warm_slots,
                 "freed reservation kept for reuse",
                 "freed reservations kept for reuse",
             ),
@@ -395,32 +391,12 @@ pub fn run(args: &Args) -> Result<Outcome> {
     );
     say!(
         "allocator: {} live, {}, {}; {kept}; {} resident in idle slots; {}; {}",
-        count(
-            usize::try_from(stats.live_instances).unwrap_or(usize::MAX),
-            "instance",
-            "instances"
-        ),
-        count(
-            usize::try_from(stats.live_memories).unwrap_or(usize::MAX),
-            "memory",
-            "memories"
-        ),
-        count(
-            usize::try_from(stats.live_tables).unwrap_or(usize::MAX),
-            "table",
-            "tables"
-        ),
+        count(stats.live_instances, "instance", "instances"),
+        count(stats.live_memories, "memory", "memories"),
+        count(stats.live_tables, "table", "tables"),
         human(stats.idle_resident_bytes),
-        count(
-            usize::try_from(stats.resets).unwrap_or(usize::MAX),
-            "reset",
-            "resets"
-        ),
-        count(
-            usize::try_from(stats.decommits).unwrap_or(usize::MAX),
-            "decommit",
-            "decommits"
-        )
+        count(stats.resets, "reset", "resets"),
+        count(stats.decommits, "decommit", "decommits")
     );
     Ok(Outcome::Ok)
 }

@@ -165,28 +165,32 @@ impl PoolOptions {
     }
 
     /// The flags given, by name (for a command that has no pool to give them to).
-    pub fn given(&self) -> Vec<&'static str> {
+    pub fn given(&self) -> Vec<String> {
         let mut given = Vec::new();
         macro_rules! flag {
-            ($($field:ident => $name:literal),*) => { $(if self.$field.is_some() { given.push($name); })* };
+            ($($field:ident),*) => {
+                $(if self.$field.is_some() {
+                    given.push(format!("--{}", stringify!($field).replace('_', "-")));
+                })*
+            };
         }
         flag!(
-            total_core_instances => "--total-core-instances",
-            total_memories => "--total-memories",
-            total_tables => "--total-tables",
-            max_memory_size => "--max-memory-size",
-            table_elements => "--table-elements",
-            max_memories_per_module => "--max-memories-per-module",
-            max_tables_per_module => "--max-tables-per-module",
-            max_core_instance_size => "--max-core-instance-size",
-            max_unused_warm_slots => "--max-unused-warm-slots",
-            max_unused_warm_bytes => "--max-unused-warm-bytes",
-            decommit_batch_size => "--decommit-batch-size",
-            linear_memory_keep_resident => "--linear-memory-keep-resident",
-            table_keep_resident => "--table-keep-resident"
+            total_core_instances,
+            total_memories,
+            total_tables,
+            max_memory_size,
+            table_elements,
+            max_memories_per_module,
+            max_tables_per_module,
+            max_core_instance_size,
+            max_unused_warm_slots,
+            max_unused_warm_bytes,
+            decommit_batch_size,
+            linear_memory_keep_resident,
+            table_keep_resident
         );
         if self.no_pagemap_scan {
-            given.push("--no-pagemap-scan");
+            given.push("--no-pagemap-scan".to_owned());
         }
         given
     }

@@ -25,9 +25,7 @@ pub fn run(args: &Args) -> Result<Outcome> {
     let config = args.common.pool.config()?;
     let tunables = args.common.tunables.tunables();
     // What the engine would refuse, `plan` refuses too, with the engine's words.
-    tunables
-        .validate(berth_core::sys::page_size())
-        .context("invalid engine configuration")?;
+    berth_engine::check_tunables(&tunables).context("invalid engine configuration")?;
     let layout = PoolLayout::new(&config, &tunables)?;
     let available = machine::available_address_space();
     let max_maps = machine::max_map_count();

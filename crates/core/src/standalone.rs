@@ -105,7 +105,6 @@ impl StandaloneMemories {
             shared: self.shared.clone(),
             allocation,
             memory: Some(memory),
-            _module: loaded.module,
         })
     }
 
@@ -158,10 +157,9 @@ impl Drop for Shared {
 pub struct StandaloneMemory {
     shared: Arc<Shared>,
     allocation: MemoryAllocationIndex,
-    /// `None` only while being dropped.
+    /// `None` only while being dropped. (The module it was allocated for lives in `shared`,
+    /// which this keeps alive.)
     memory: Option<Memory>,
-    /// Keeps the module the backend allocated for alive as long as the memory.
-    _module: Arc<Module>,
 }
 
 impl std::fmt::Debug for StandaloneMemory {

@@ -123,8 +123,9 @@ impl Engine {
     }
 }
 
-/// Rejects tunables no backend can honour.
-fn check_tunables(tunables: &Tunables) -> Result<()> {
+/// Rejects tunables no backend can honour: what [`Engine::new`] checks, for a tool that
+/// plans an engine without building it.
+pub fn check_tunables(tunables: &Tunables) -> Result<()> {
     tunables.validate(sys::page_size())?;
     let total = tunables
         .pre_guard_size()

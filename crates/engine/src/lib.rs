@@ -36,7 +36,7 @@ mod engine;
 mod instance;
 
 pub use config::{Config, InstanceAllocationStrategy};
-pub use engine::{Engine, LoadedModule};
+pub use engine::{Engine, LoadedModule, check_tunables};
 pub use instance::{Instance, InstanceBuilder, OwnedImports};
 
 pub use berth_core;

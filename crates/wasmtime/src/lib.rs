@@ -102,14 +102,13 @@ impl BerthMemoryCreator {
         }
         // A memory Wasmtime reserved in place must never move: it must reach its maximum
         // (which Wasmtime says fits in the reservation) without leaving its reservation.
-        let fixed = reserved.is_some();
-        if fixed {
+        if let Some(reserved) = reserved {
             let page = 1u64 << ty.page_size_log2();
             let max_bytes = ty
                 .maximum()
                 .and_then(|m| m.checked_mul(page))
                 .and_then(|b| usize::try_from(b).ok());
-            let needed = max_bytes.map_or(reserved.unwrap_or(0), |m| m.min(reserved.unwrap_or(m)));
+            let needed = max_bytes.map_or(reserved, |m| m.min(reserved));
             let capacity = memory.memory().byte_capacity();
             if capacity < needed {
                 bail!(
@@ -119,7 +118,10 @@ impl BerthMemoryCreator {
                 );
             }
         }
-        Ok(BerthMemory { memory, fixed })
+        Ok(BerthMemory {
+            memory,
+            fixed: reserved.is_some(),
+        })
     }
 }
 
