@@ -170,6 +170,7 @@ pub fn all() -> Result<Vec<System>> {
         wasmtime_system("wasmtime pooling tuned", Some(true))?,
         berth_system("berth on-demand", false)?,
         berth_system("berth pooling", true)?,
+        growth_floor(),
     ])
 }
 
@@ -204,15 +205,18 @@ pub fn control() -> System {
     }
 }
 
-/// Not an allocator: the page-table work a workload's tenants need that no allocator can skip,
-/// in a mapping of each thread's own, with nothing else: the growth (`mprotect` to readable and
-/// writable) and its undoing before the next tenant (`mprotect` to `PROT_NONE`, which makes the
-/// kernel flush the TLB of every core running the process), and the tenant's writes into pages
-/// that stay resident. Its two-thread ratio is what this machine allows a growing tenant, in
-/// the same run; for a workload that does not grow it is the writes alone.
+/// Not an allocator: the work a growing tenant needs that no allocator can skip, in a mapping of
+/// each thread's own, with nothing else: the growth (`mprotect` to readable and writable), the
+/// tenant's writes into pages that stay resident, the cheapest reset that keeps them resident
+/// and leaves nothing for the next tenant (one `PAGEMAP_SCAN` of what was accessible, which
+/// pages were written being unknown to an allocator, and a `memset` of the pages it reports),
+/// and the undoing of the growth (`mprotect` to `PROT_NONE`, which makes the kernel flush the
+/// TLB of every core running the process), so that bytes past the next tenant's size fault.
+/// Its times and two-thread ratio are what this machine allows a growing tenant, in the same
+/// run; for a workload that does not grow it is the writes alone.
 pub fn growth_floor() -> System {
     System {
-        name: "floor: growth mprotects and writes, nothing shared",
+        name: "floor: growth, writes and reset, nothing shared",
         prepare: Box::new(|workload: &Workload| -> Result<Cycles> {
             let page = 65536usize;
             // Per module: its tenant, and the bytes accessible before and after its growth.
@@ -240,6 +244,8 @@ pub fn growth_floor() -> System {
                     .map(|(_, initial, grown)| Mapping::new(initial + grown, *initial))
                     .collect();
                 let mut next = start(thread, shapes.len());
+                let page_map = berth_core::sys::page_map();
+                let mut written = Vec::with_capacity(64);
                 Box::new(move || {
                     let (tenant, initial, grown) = &shapes[next];
                     let (initial, grown) = (*initial, *grown);
@@ -261,6 +267,18 @@ pub fn growth_floor() -> System {
                         }
                     }
                     if grown > 0 {
+                        let accessible = initial + grown;
+                        written.clear();
+                        match page_map {
+                            Some(map) => map.written(nonnull(base), accessible, &mut written)?,
+                            // Without the scan, every accessible byte may have been written.
+                            None => written.push(0..accessible),
+                        }
+                        for range in &written {
+                            // SAFETY: the scan reports runs inside `0..accessible`, all readable
+                            // and writable now, of the mapping this cycle alone uses.
+                            unsafe { base.add(range.start).write_bytes(0, range.len()) };
+                        }
                         // SAFETY: the same page-aligned range, of the mapping this cycle alone
                         // uses, and nothing refers into it.
                         unsafe { berth_core::sys::make_inaccessible(nonnull(grow), grown) }?;
