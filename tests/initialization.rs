@@ -16,6 +16,10 @@ use proptest::prelude::*;
 const PAGE: usize = 65536;
 
 fn engine(pooling: bool, cow: bool, keep_resident: usize) -> Engine {
+    engine_with(pooling, cow, keep_resident, 1)
+}
+
+fn engine_with(pooling: bool, cow: bool, keep_resident: usize, memories_per_module: u32) -> Engine {
     let mut config = Config::new();
     config.memory_reservation(1 << 20).memory_guard_size(PAGE as u64);
     let mut tunables = *config.tunables();
@@ -27,7 +31,8 @@ fn engine(pooling: bool, cow: bool, keep_resident: usize) -> Engine {
             .total_tables(2)
             .max_memory_size(1 << 20)
             .table_elements(64);
-        pool.linear_memory_keep_resident(keep_resident);
+        pool.linear_memory_keep_resident(keep_resident)
+            .max_memories_per_module(memories_per_module);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
     Engine::new(&config).unwrap()
@@ -487,4 +492,88 @@ fn a_module_purged_while_its_slot_waits_for_reset_leaves_no_warm_slot() {
         1,
         "only b's slot is warm; a's went cold"
     );
+}
+
+/// Constant expressions may `global.get` any earlier immutable global, defined ones included
+/// (Wasm 3.0): global initializers and data and element offsets read them, on both backends,
+/// with and without images, and an offset loading can resolve still makes an image.
+#[test]
+fn constant_expressions_read_defined_immutable_globals() {
+    let wat = r#"(module
+        (global $base i32 (i32.const 4096))
+        (global $again i32 (global.get $base))
+        (global $wide i64 (i64.const 8192))
+        (global $slot i32 (i32.const 3))
+        (memory 1)
+        (memory i64 1)
+        (table 8 funcref)
+        (func $f)
+        (data (memory 0) (global.get $again) "placed")
+        (data (memory 1) (global.get $wide) "wide")
+        (elem (table 0) (global.get $slot) func $f))"#;
+    let parsed = berth_wasm::parse(wat.as_bytes()).unwrap();
+    for memory in 0..2 {
+        assert!(
+            parsed
+                .memory_image(berth_core::DefinedMemoryIndex::from_u32(memory))
+                .is_some(),
+            "memory {memory}: its offset is known at load, so its data is an image"
+        );
+    }
+    for (pooling, cow) in [(false, false), (false, true), (true, false), (true, true)] {
+        let engine = engine_with(pooling, cow, 0, 2);
+        let module = engine.load(berth_wasm::parse(wat.as_bytes()).unwrap()).unwrap();
+        let instance = Instance::new(&module).unwrap();
+        let global = |i: u32| u128::from_le_bytes(instance.global(i).unwrap().storage);
+        assert_eq!((global(0), global(1), global(2)), (4096, 4096, 8192));
+        let mut placed = [0u8; 6];
+        instance.read_memory(0, 4096, &mut placed).unwrap();
+        assert_eq!(&placed, b"placed", "pooling {pooling}, cow {cow}");
+        let mut wide = [0u8; 4];
+        instance.read_memory(1, 8192, &mut wide).unwrap();
+        assert_eq!(&wide, b"wide", "pooling {pooling}, cow {cow}");
+        assert_ne!(instance.table_get(0, 3).unwrap(), 0, "element 3 holds $f");
+        assert_eq!(instance.table_get(0, 2).unwrap(), 0);
+    }
+}
+
+/// What a constant expression may not read is refused when the module is built, saying why.
+#[test]
+fn constant_expressions_of_mutable_or_later_globals_are_refused() {
+    let mutable = GlobalType {
+        content: ValType::I32,
+        mutable: true,
+    };
+    let immutable = GlobalType {
+        content: ValType::I32,
+        mutable: false,
+    };
+    let error = Module::builder()
+        .name("mutable-offset")
+        .global(mutable, berth_core::GlobalInit::I32(0))
+        .memory(MemoryType::new(1, None))
+        .data(data(ConstExpr::GlobalGet(GlobalIndex::from_u32(0)), b"x"))
+        .build()
+        .unwrap_err();
+    assert!(format!("{error:#}").contains("immutable global"), "{error:#}");
+    let error = Module::builder()
+        .name("mutable-init")
+        .global(mutable, berth_core::GlobalInit::I32(0))
+        .global(
+            immutable,
+            berth_core::GlobalInit::GetGlobal(GlobalIndex::from_u32(0)),
+        )
+        .build()
+        .unwrap_err();
+    assert!(format!("{error:#}").contains("earlier immutable"), "{error:#}");
+    let error = Module::builder()
+        .name("forward")
+        .global(
+            immutable,
+            berth_core::GlobalInit::GetGlobal(GlobalIndex::from_u32(1)),
+        )
+        .global(immutable, berth_core::GlobalInit::I32(0))
+        .build()
+        .unwrap_err();
+    assert!(format!("{error:#}").contains("earlier immutable"), "{error:#}");
 }

@@ -12,8 +12,8 @@ use anyhow::{Result, anyhow, bail};
 use cranelift_entity::{EntityRef, PrimaryMap};
 
 use crate::index::{
-    DefinedMemoryIndex, DefinedTableIndex, FuncIndex, GlobalIndex, MemoryAllocationIndex, MemoryIndex,
-    TableAllocationIndex, TableIndex,
+    DefinedGlobalIndex, DefinedMemoryIndex, DefinedTableIndex, FuncIndex, GlobalIndex, MemoryAllocationIndex,
+    MemoryIndex, TableAllocationIndex, TableIndex,
 };
 use crate::instance::{InstanceBlock, InstanceHandle, MemoryMap, TableMap, free_instance};
 use crate::limiter::ResourceLimiter;
@@ -420,15 +420,27 @@ fn write_vmctx(
     }
     for (index, _, init) in module.defined_globals() {
         let bits: u128 = match *init {
-            GlobalInit::GetGlobal(g) => {
-                let import = imports.globals.get(g.as_u32() as usize).copied();
-                let from = import.map(|i| i.from).filter(|p| !p.is_null());
-                let from =
-                    from.ok_or_else(|| anyhow!("imported global {} is missing or null", g.as_u32()))?;
-                // SAFETY: `allocate_module`'s caller promises the imports point at live
-                // definitions; this one is non-null (checked).
-                u128::from_le_bytes(unsafe { from.read() }.storage)
-            }
+            GlobalInit::GetGlobal(g) => match g.as_u32().checked_sub(module.num_imported_globals()) {
+                // A defined global before this one (the module checks the order): written
+                // above, in index order.
+                Some(defined) => {
+                    let field = block.vmctx_field::<VMGlobalDefinition>(
+                        offsets.vmctx_vmglobal_definition(DefinedGlobalIndex::from_u32(defined)),
+                    );
+                    // SAFETY: `vmctx_field` checked that the field lies inside the vmctx and is
+                    // aligned; it was written earlier in this loop, and the block is not shared.
+                    u128::from_le_bytes(unsafe { field.as_ptr().read() }.storage)
+                }
+                None => {
+                    let import = imports.globals.get(g.as_u32() as usize).copied();
+                    let from = import.map(|i| i.from).filter(|p| !p.is_null());
+                    let from =
+                        from.ok_or_else(|| anyhow!("imported global {} is missing or null", g.as_u32()))?;
+                    // SAFETY: `allocate_module`'s caller promises the imports point at live
+                    // definitions; this one is non-null (checked).
+                    u128::from_le_bytes(unsafe { from.read() }.storage)
+                }
+            },
             GlobalInit::I32(v) => u128::from(u32::from_ne_bytes(v.to_ne_bytes())),
             GlobalInit::I64(v) => u128::from(u64::from_ne_bytes(v.to_ne_bytes())),
             GlobalInit::F32(v) => u128::from(v),

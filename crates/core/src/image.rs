@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 
 use crate::index::DefinedMemoryIndex;
 use crate::module::Module;
-use crate::segments::{ConstExpr, DataKind};
+use crate::segments::DataKind;
 use crate::sys;
 
 /// One memory's initial data as a sealed in-memory file.
@@ -84,10 +84,8 @@ impl MemoryImage {
             if target != memory {
                 continue;
             }
-            let offset = match offset {
-                ConstExpr::I32(v) => u64::from(u32::from_ne_bytes(v.to_ne_bytes())),
-                ConstExpr::I64(v) => u64::from_ne_bytes(v.to_ne_bytes()),
-                ConstExpr::GlobalGet(_) => return Ok(None),
+            let Some(offset) = module.constant_offset(&offset) else {
+                return Ok(None);
             };
             let start = usize::try_from(offset).ok();
             match start.and_then(|s| Some((s, s.checked_add(segment.data.len())?))) {

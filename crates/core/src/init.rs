@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use crate::error::OutOfBounds;
 use cranelift_entity::packed_option::PackedOption;
 
-use crate::index::{FuncIndex, GlobalIndex, MemoryIndex, TableIndex};
+use crate::index::{DefinedGlobalIndex, FuncIndex, GlobalIndex, MemoryIndex, TableIndex};
 use crate::instance::Instance;
 use crate::module::Module;
 use crate::resolver::FuncResolver;
@@ -65,7 +65,8 @@ pub unsafe fn initialize(instance: Pin<&mut Instance>, resolver: &dyn FuncResolv
     Ok(())
 }
 
-/// The value of a segment offset.
+/// The value of a segment offset: a constant, or an immutable global's value (imported, or
+/// defined and already initialized).
 ///
 /// # Safety
 ///
@@ -75,8 +76,20 @@ unsafe fn evaluate(instance: &Instance, expr: &ConstExpr) -> Result<u64> {
         ConstExpr::I32(v) => Ok(u64::from(u32::from_ne_bytes(v.to_ne_bytes()))),
         ConstExpr::I64(v) => Ok(u64::from_ne_bytes(v.to_ne_bytes())),
         ConstExpr::GlobalGet(global) => {
-            // SAFETY: per the caller.
-            let value = unsafe { imported_global(instance, global)? };
+            let defined = global
+                .as_u32()
+                .checked_sub(instance.module().num_imported_globals());
+            let value = match defined {
+                // A defined global: initialized at allocation, before any segment.
+                Some(defined) => {
+                    instance
+                        .global(DefinedGlobalIndex::from_u32(defined))
+                        .ok_or_else(|| anyhow::anyhow!("global {} does not exist", global.as_u32()))?
+                        .storage
+                }
+                // SAFETY: per the caller.
+                None => unsafe { imported_global(instance, global)? },
+            };
             let bytes: [u8; 8] = value[..8].try_into().unwrap_or_default();
             let ty = instance.module().globals().get(global).map(|g| g.content);
             Ok(match ty {

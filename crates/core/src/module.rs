@@ -169,6 +169,28 @@ impl Module {
             .map(|(ty, (i, init))| (i, ty, init))
     }
 
+    /// A segment offset's value when loading can know it: a constant, or a `global.get` of a
+    /// defined global whose initializer is one (directly or through earlier defined globals);
+    /// `None` when it depends on an imported global, read only at instantiation. An `i32`
+    /// offset is read as unsigned.
+    pub fn constant_offset(&self, offset: &ConstExpr) -> Option<u64> {
+        let mut global = match *offset {
+            ConstExpr::I32(v) => return Some(u64::from(u32::from_ne_bytes(v.to_ne_bytes()))),
+            ConstExpr::I64(v) => return Some(u64::from_ne_bytes(v.to_ne_bytes())),
+            ConstExpr::GlobalGet(g) => g,
+        };
+        // Each step goes to an earlier global (checked when the module was built), so this ends.
+        loop {
+            let defined = global.as_u32().checked_sub(self.num_imported_globals)?;
+            match self.global_inits.get(DefinedGlobalIndex::from_u32(defined))? {
+                GlobalInit::I32(v) => return Some(u64::from(u32::from_ne_bytes(v.to_ne_bytes()))),
+                GlobalInit::I64(v) => return Some(u64::from_ne_bytes(v.to_ne_bytes())),
+                GlobalInit::GetGlobal(g) => global = *g,
+                _ => return None,
+            }
+        }
+    }
+
     /// The data segments, in module order.
     pub fn data_segments(&self) -> &[DataSegment] {
         &self.data
@@ -373,14 +395,15 @@ impl ModuleBuilder {
                     );
                 }
                 if let GlobalInit::GetGlobal(g) = init {
-                    let imported = self
-                        .globals
+                    // Any earlier immutable global, imported or defined (the constant
+                    // expressions of the GC proposal, which Wasm 3.0 includes).
+                    let source = self.globals[..i]
                         .get(g.as_u32() as usize)
-                        .filter(|(_, init)| init.is_none());
-                    match imported {
-                        Some((source, _)) if source.content == ty.content => {}
+                        .map(|(source, _)| source);
+                    match source {
+                        Some(source) if source.content == ty.content && !source.mutable => {}
                         _ => bail!(
-                            "module {name}: global {i} is initialized from global {}, which is not an imported {:?} global",
+                            "module {name}: global {i} is initialized from global {}, which is not an earlier immutable {:?} global",
                             g.as_u32(),
                             ty.content
                         ),
@@ -406,14 +429,14 @@ impl ModuleBuilder {
                 ConstExpr::I64(_) => is64,
                 ConstExpr::GlobalGet(g) => {
                     let want = if is64 { ValType::I64 } else { ValType::I32 };
-                    (g.as_u32() as usize) < self.globals.len()
-                        && g.as_u32() < num_imported_globals
-                        && globals[*g].content == want
+                    globals
+                        .get(*g)
+                        .is_some_and(|source: &GlobalType| source.content == want && !source.mutable)
                 }
             };
             if !ok {
                 bail!(
-                    "module {name}: {what} has offset {offset:?}, which is not a constant of its index type"
+                    "module {name}: {what} has offset {offset:?}, which is not a constant of its index type (a `global.get` must name an immutable global)"
                 );
             }
             Ok(())

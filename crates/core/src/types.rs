@@ -208,7 +208,8 @@ pub enum GlobalInit {
     RefNull,
     /// `ref.func`.
     RefFunc(crate::FuncIndex),
-    /// `global.get` of an imported global of the same type, read at instantiation.
+    /// `global.get` of an earlier immutable global of the same type, imported or defined, read
+    /// at instantiation.
     GetGlobal(crate::GlobalIndex),
 }
 
