@@ -108,6 +108,11 @@ proptest! {
             }
             model[*offset as usize..end].copy_from_slice(bytes);
         }
+        // What loading judges (every segment past the memory's initial size) agrees with the
+        // model: instantiation fails exactly when it names a segment, and then always.
+        let never = data_module("data", pages, &segments).segments_never_in_bounds();
+        prop_assert_eq!(never.is_empty(), in_bounds, "{:?}", never);
+        prop_assert!(never.iter().all(|e| e.is::<OutOfBounds>()));
         for cow in [true, false] {
             let engine = engine(pooling, cow, 0);
             let module = engine.load(data_module("data", pages, &segments)).unwrap();

@@ -127,6 +127,73 @@ fn check_names_the_limit_and_by_how_much() {
 }
 
 #[test]
+fn check_reports_every_reason_with_the_flag_to_pass() {
+    let output = berth(&["check", &module("multi.wat")]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    for needle in [
+        "pass `--max-memories-per-module 4`",
+        "`max_tables_per_module` is 1 but the module needs 4 (over by 3); pass `--max-tables-per-module 4`",
+    ] {
+        assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+    }
+    let output = berth(&["check", &module("big-memory.wat"), "--max-memory-size", "16M"]);
+    assert!(
+        stdout(&output).contains(
+            "is 16.0 MiB but the module needs 64.0 MiB (over by 48.0 MiB); pass `--max-memory-size 64M`"
+        ),
+        "{}",
+        stdout(&output)
+    );
+}
+
+#[test]
+fn check_refuses_segments_out_of_bounds_and_imports_it_cannot_supply() {
+    let dir = std::env::temp_dir().join(format!("berth-cli-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            "data.wat",
+            "(module (global $at i32 (i32.const 65530)) (memory 1) (data (global.get $at) \"0123456789\"))",
+            "data segment 0 of 10 B: memory 0 out of bounds",
+        ),
+        (
+            "elem.wat",
+            "(module (table 2 funcref) (func $f) (elem (i32.const 1) func $f $f))",
+            "element segment 0 of 2 elements: table 0 out of bounds",
+        ),
+        (
+            "imports.wat",
+            "(module (import \"env\" \"f\" (func)) (import \"env\" \"m\" (memory 1)))",
+            "it imports 1 function, 1 memory, which `berth instantiate` cannot supply",
+        ),
+    ];
+    for (file, wat, needle) in cases {
+        let path = dir.join(file);
+        std::fs::write(&path, wat).unwrap();
+        let output = berth(&["check", path.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(1), "{file}: {}", stdout(&output));
+        assert!(stdout(&output).contains(needle), "{file}: {}", stdout(&output));
+        // What `check` says cannot be instantiated indeed cannot be.
+        let output = berth(&["instantiate", path.to_str().unwrap(), "--count", "1"]);
+        assert_eq!(output.status.code(), Some(2), "{file}: {}", stdout(&output));
+    }
+    // A segment exactly at the end fits.
+    let path = dir.join("edge.wat");
+    std::fs::write(
+        &path,
+        "(module (memory 1) (data (i32.const 65526) \"0123456789\"))",
+    )
+    .unwrap();
+    let output = berth(&["check", path.to_str().unwrap(), "--json"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(value["fits"], true);
+    assert_eq!(value["findings"].as_array().map(Vec::len), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn plan_shows_costs_and_warns_when_the_pool_cannot_fit() {
     let output = berth(&["plan"]);
     assert!(output.status.success(), "{}", stderr(&output));

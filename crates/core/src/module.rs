@@ -191,6 +191,64 @@ impl Module {
         }
     }
 
+    /// The active segments no instantiation can apply: an offset loading knows (see
+    /// [`constant_offset`](Self::constant_offset)) that puts the segment past the initial size
+    /// of the defined memory or table it targets. Each is an [`OutOfBounds`](crate::OutOfBounds)
+    /// error with the segment named in its context; instantiating the module always fails on the
+    /// first of them. Segments into imported memories and tables, whose sizes are known only
+    /// at instantiation, are not judged.
+    pub fn segments_never_in_bounds(&self) -> Vec<anyhow::Error> {
+        let mut found = Vec::new();
+        let mut judge = |what: String, resource: String, offset: &ConstExpr, len: u64, size: Option<u64>| {
+            let (Some(offset), Some(size)) = (self.constant_offset(offset), size) else {
+                return;
+            };
+            if offset.checked_add(len).is_none_or(|end| end > size) {
+                let error = crate::OutOfBounds {
+                    resource,
+                    offset,
+                    len,
+                    size,
+                };
+                found.push(anyhow::Error::new(error).context(what));
+            }
+        };
+        for (i, segment) in self.elements.iter().enumerate() {
+            if let ElementKind::Active { table, offset } = &segment.kind {
+                let size = self
+                    .defined_table_index(*table)
+                    .map(|_| self.tables[*table].minimum);
+                let what = format!("element segment {i} of {} elements", segment.items.len());
+                judge(
+                    what,
+                    format!("table {}", table.as_u32()),
+                    offset,
+                    segment.items.len() as u64,
+                    size,
+                );
+            }
+        }
+        for (i, segment) in self.data.iter().enumerate() {
+            if let DataKind::Active { memory, offset } = &segment.kind {
+                let size = self
+                    .defined_memory_index(*memory)
+                    .and_then(|_| self.memories[*memory].minimum_bytes());
+                let what = format!(
+                    "data segment {i} of {}",
+                    crate::human_bytes(segment.data.len() as u64)
+                );
+                judge(
+                    what,
+                    format!("memory {}", memory.as_u32()),
+                    offset,
+                    segment.data.len() as u64,
+                    size,
+                );
+            }
+        }
+        found
+    }
+
     /// The data segments, in module order.
     pub fn data_segments(&self) -> &[DataSegment] {
         &self.data

@@ -11,7 +11,8 @@ pub enum ConstExpr {
     I32(i32),
     /// `i64.const`.
     I64(i64),
-    /// `global.get` of an imported global, read at instantiation.
+    /// `global.get` of an immutable global (imported, or defined before the expression's
+    /// global), read at instantiation.
     GlobalGet(GlobalIndex),
 }
 

@@ -41,4 +41,4 @@ pub use instance::{Instance, InstanceBuilder, OwnedImports};
 
 pub use berth_core;
 pub use berth_on_demand::{OnDemandInstanceAllocator, OnDemandLimits};
-pub use berth_pooling::{PoolLayout, PoolingConfig, PoolingInstanceAllocator, check_module};
+pub use berth_pooling::{PoolLayout, PoolingConfig, PoolingInstanceAllocator, check_module, pool_misfits};

@@ -2,28 +2,32 @@
 //! (no pool needs to exist): what `validate_module` uses, and what `berth check` reports.
 
 use anyhow::{Context, Result};
-use berth_core::{HostPtr, InstanceBlock, LimitExceeded, Module, Tunables, VMOffsets};
+use berth_core::{HostPtr, InstanceBlock, LimitExceeded, Module, Tunables, VMOffsets, human_bytes};
 
 use crate::config::PoolingConfig;
 use crate::layout::PoolLayout;
 
-/// Wraps a limit error with the module's name.
-fn for_module<T>(module: &Module, result: Result<T, anyhow::Error>) -> Result<T> {
-    result.with_context(|| {
-        format!(
-            "module {} can never be instantiated by this pool",
-            module.name().unwrap_or("<unnamed>")
-        )
-    })
-}
-
 /// Checks `module` against a pool of `config` under `tunables` without building the pool.
-/// The error (if any) holds a [`LimitExceeded`] naming the first limit the module breaks, its
-/// value and what the module asks for.
+/// The error (if any) is the first of [`pool_misfits`]: a [`LimitExceeded`] naming a limit the
+/// module breaks, its value and what the module asks for, or what Berth cannot do.
 pub fn check_module(config: &PoolingConfig, tunables: &Tunables, module: &Module) -> Result<()> {
     let layout = PoolLayout::new(config, tunables)?;
     let offsets = VMOffsets::new(HostPtr, module)?;
     check(config, &layout, module, &offsets)
+}
+
+/// Every reason a pool of `config` under `tunables` can never instantiate `module`, all at once:
+/// each limit it breaks (an error holding a [`LimitExceeded`], with the memory or table in its
+/// context) and each feature Berth does not support (shared memories). Empty when it fits. An
+/// invalid configuration is the `Err`.
+pub fn pool_misfits(
+    config: &PoolingConfig,
+    tunables: &Tunables,
+    module: &Module,
+) -> Result<Vec<anyhow::Error>> {
+    let layout = PoolLayout::new(config, tunables)?;
+    let offsets = VMOffsets::new(HostPtr, module)?;
+    misfits(config, &layout, module, &offsets)
 }
 
 pub(crate) fn check(
@@ -32,86 +36,74 @@ pub(crate) fn check(
     module: &Module,
     offsets: &VMOffsets<HostPtr>,
 ) -> Result<()> {
+    match misfits(c, layout, module, offsets)?.into_iter().next() {
+        None => Ok(()),
+        Some(misfit) => Err(misfit.context(format!(
+            "module {} can never be instantiated by this pool",
+            module.name().unwrap_or("<unnamed>")
+        ))),
+    }
+}
+
+fn misfits(
+    c: &PoolingConfig,
+    layout: &PoolLayout,
+    module: &Module,
+    offsets: &VMOffsets<HostPtr>,
+) -> Result<Vec<anyhow::Error>> {
+    let name = module.name().unwrap_or("<unnamed>");
+    let mut found = Vec::new();
     for (index, ty) in module.defined_memories() {
         if ty.shared {
-            anyhow::bail!(
-                "module {}: defined memory {} is shared, which Berth does not support yet",
-                module.name().unwrap_or("<unnamed>"),
+            found.push(anyhow::anyhow!(
+                "module {name}: defined memory {} is shared, which Berth does not support yet",
                 index.as_u32()
-            );
+            ));
         }
     }
-    let memories = module.num_defined_memories();
-    if memories > c.max_memories_per_module {
-        return for_module(
-            module,
-            Err(LimitExceeded::error(
-                "max_memories_per_module",
-                c.max_memories_per_module.into(),
-                memories.into(),
-            )),
-        );
-    }
-    if memories > c.total_memories {
-        return for_module(
-            module,
-            Err(LimitExceeded::error(
-                "total_memories",
-                c.total_memories.into(),
-                memories.into(),
-            )),
-        );
-    }
-    let tables = module.num_defined_tables();
-    if tables > c.max_tables_per_module {
-        return for_module(
-            module,
-            Err(LimitExceeded::error(
-                "max_tables_per_module",
-                c.max_tables_per_module.into(),
-                tables.into(),
-            )),
-        );
-    }
-    if tables > c.total_tables {
-        return for_module(
-            module,
-            Err(LimitExceeded::error(
-                "total_tables",
-                c.total_tables.into(),
-                tables.into(),
-            )),
-        );
+    let memories = u64::from(module.num_defined_memories());
+    let tables = u64::from(module.num_defined_tables());
+    for (limit, value, requested) in [
+        (
+            "max_memories_per_module",
+            c.max_memories_per_module.into(),
+            memories,
+        ),
+        ("total_memories", c.total_memories.into(), memories),
+        ("max_tables_per_module", c.max_tables_per_module.into(), tables),
+        ("total_tables", c.total_tables.into(), tables),
+    ] {
+        if requested > value {
+            found.push(LimitExceeded::error(limit, value, requested));
+        }
     }
     for (index, ty) in module.defined_memories() {
         let minimum = ty.minimum_bytes().unwrap_or(u64::MAX);
         if minimum > layout.memory_capacity as u64 {
-            return for_module(
-                module,
-                Err(
-                    LimitExceeded::error("max_memory_size", layout.memory_capacity as u64, minimum)
-                        .context(format!("memory {} starts at {minimum:#x} bytes", index.as_u32())),
+            found.push(
+                LimitExceeded::error("max_memory_size", layout.memory_capacity as u64, minimum).context(
+                    format!("memory {} starts at {}", index.as_u32(), human_bytes(minimum)),
                 ),
             );
         }
     }
     for (index, ty) in module.defined_tables() {
         if ty.minimum > c.table_elements as u64 {
-            return for_module(
-                module,
-                Err(
-                    LimitExceeded::error("table_elements", c.table_elements as u64, ty.minimum).context(
-                        format!("table {} starts at {} elements", index.as_u32(), ty.minimum),
-                    ),
-                ),
+            found.push(
+                LimitExceeded::error("table_elements", c.table_elements as u64, ty.minimum).context(format!(
+                    "table {} starts at {} elements",
+                    index.as_u32(),
+                    ty.minimum
+                )),
             );
         }
     }
-    let size = InstanceBlock::layout(offsets)?.size();
+    let size = InstanceBlock::layout(offsets)
+        .with_context(|| format!("module {name}: instance block"))?
+        .size();
     if size > c.max_core_instance_size {
-        return for_module(
-            module,
-            Err(LimitExceeded::error(
+        found.push(
+            LimitExceeded::error(
                 "max_core_instance_size",
                 c.max_core_instance_size as u64,
                 size as u64,
@@ -119,8 +111,8 @@ pub(crate) fn check(
             .context(format!(
                 "instance block of {size} bytes: {}",
                 offsets.region_breakdown()
-            ))),
+            )),
         );
     }
-    Ok(())
+    Ok(found)
 }

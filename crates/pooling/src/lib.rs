@@ -39,7 +39,7 @@ use berth_core::{
     Table, TableAllocationIndex, TableType, Tunables, VMOffsets, human_bytes, sys,
 };
 
-pub use check::check_module;
+pub use check::{check_module, pool_misfits};
 pub use config::PoolingConfig;
 pub use layout::PoolLayout;
 
