@@ -66,7 +66,7 @@ pub use tunables::{MAX_RESERVATION, Tunables};
 pub use types::{
     GlobalInit, GlobalType, MemoryType, TableElementType, TableType, ValType, WASM_PAGE_SIZE_LOG2,
 };
-pub use units::human_bytes;
+pub use units::{exact_bytes, human_bytes};
 pub use vmcontext::{
     VMContext, VMFunctionImport, VMGlobalDefinition, VMGlobalImport, VMMemoryDefinition, VMMemoryImport,
     VMTableDefinition, VMTableImport,

@@ -17,7 +17,7 @@
 //! host page holding their last byte is accessible up to its end: code for them needs explicit
 //! bounds checks. Growth zeroes those bytes before they become part of the memory.
 
-use crate::units::human_bytes;
+use crate::units::{exact_bytes, human_bytes};
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -147,7 +147,9 @@ impl Memory {
             || !base.as_ptr().addr().is_multiple_of(page)
         {
             bail!(
-                "static memory of {capacity:#x} bytes ({accessible:#x} accessible) at {base:p} is not page-aligned"
+                "static memory of {} ({} accessible) at {base:p} is not page-aligned",
+                exact_bytes(capacity as u64),
+                exact_bytes(accessible as u64)
             );
         }
         let (byte_size, maximum) = initial_size(ty, Some(capacity), limiter)?;
@@ -159,8 +161,8 @@ impl Memory {
             unsafe { sys::make_accessible(base.add(accessible), needed - accessible) }.with_context(
                 || {
                     format!(
-                        "failed to make {:#x} bytes of a memory slot accessible",
-                        needed - accessible
+                        "failed to make {} of a memory slot accessible",
+                        exact_bytes((needed - accessible) as u64)
                     )
                 },
             )?;
@@ -169,8 +171,8 @@ impl Memory {
             // it exists (the memory is not handed out yet).
             unsafe { sys::make_inaccessible(base.add(needed), accessible - needed) }.with_context(|| {
                 format!(
-                    "failed to protect {:#x} bytes of a memory slot",
-                    accessible - needed
+                    "failed to protect {} of a memory slot",
+                    exact_bytes((accessible - needed) as u64)
                 )
             })?;
         }
@@ -248,10 +250,10 @@ impl Memory {
         let end = image.offset().checked_add(image.len());
         if end.is_none_or(|end| end > self.accessible_bytes()) {
             bail!(
-                "memory image of {:#x} bytes at {:#x} does not fit {:#x} accessible bytes",
-                image.len(),
+                "memory image of {} at offset {} does not fit {} accessible",
+                exact_bytes(image.len() as u64),
                 image.offset(),
-                self.accessible_bytes()
+                exact_bytes(self.accessible_bytes() as u64)
             );
         }
         let base = NonNull::new(self.base()).ok_or_else(|| anyhow!("memory has a null base"))?;

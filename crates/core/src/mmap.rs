@@ -1,6 +1,6 @@
 //! An owned, page-aligned virtual-memory reservation.
 
-use crate::units::human_bytes;
+use crate::units::{exact_bytes, human_bytes};
 use std::ops::Range;
 use std::ptr::NonNull;
 
@@ -88,8 +88,9 @@ impl Mmap {
         match end {
             Some(end) if end <= self.len && offset.is_multiple_of(page) && len.is_multiple_of(page) => {}
             _ => bail!(
-                "range of {len:#x} bytes at offset {offset:#x} is not page-aligned inside a reservation of {:#x} bytes",
-                self.len
+                "range of {} at offset {offset} is not page-aligned inside a reservation of {}",
+                exact_bytes(len as u64),
+                exact_bytes(self.len as u64)
             ),
         }
         if len == 0 {
@@ -103,8 +104,12 @@ impl Mmap {
     pub fn make_accessible(&mut self, offset: usize, len: usize) -> Result<()> {
         if let Some(ptr) = self.range(offset, len)? {
             // SAFETY: the range is inside our own mapping (checked above).
-            unsafe { sys::make_accessible(ptr, len) }
-                .with_context(|| format!("failed to make {len:#x} bytes accessible at offset {offset:#x}"))?;
+            unsafe { sys::make_accessible(ptr, len) }.with_context(|| {
+                format!(
+                    "failed to make {} accessible at offset {offset}",
+                    exact_bytes(len as u64)
+                )
+            })?;
         }
         Ok(())
     }
@@ -113,8 +118,9 @@ impl Mmap {
     pub fn make_inaccessible(&mut self, offset: usize, len: usize) -> Result<()> {
         if let Some(ptr) = self.range(offset, len)? {
             // SAFETY: our own mapping; `&mut self` means no reference into it is live.
-            unsafe { sys::make_inaccessible(ptr, len) }
-                .with_context(|| format!("failed to protect {len:#x} bytes at offset {offset:#x}"))?;
+            unsafe { sys::make_inaccessible(ptr, len) }.with_context(|| {
+                format!("failed to protect {} at offset {offset}", exact_bytes(len as u64))
+            })?;
         }
         Ok(())
     }
@@ -124,8 +130,12 @@ impl Mmap {
         if let Some(ptr) = self.range(offset, len)? {
             // SAFETY: our own private anonymous mapping; `&mut self` means no reference into
             // it is live.
-            unsafe { sys::decommit(ptr, len) }
-                .with_context(|| format!("failed to decommit {len:#x} bytes at offset {offset:#x}"))?;
+            unsafe { sys::decommit(ptr, len) }.with_context(|| {
+                format!(
+                    "failed to decommit {} at offset {offset}",
+                    exact_bytes(len as u64)
+                )
+            })?;
         }
         Ok(())
     }

@@ -209,9 +209,10 @@ unsafe impl InstanceAllocatorImpl for OnDemandInstanceAllocator {
         )
         .with_context(|| {
             format!(
-                "failed to allocate memory {} of {:#x} bytes",
+                "failed to allocate memory {} of {}",
                 memory_index.as_u32(),
-                ty.minimum_bytes().unwrap_or(u64::MAX)
+                ty.minimum_bytes()
+                    .map_or("more than 16 EiB".to_owned(), berth_core::exact_bytes)
             )
         });
         match memory {

@@ -19,7 +19,7 @@
 //! ```
 
 use anyhow::{Result, anyhow, bail};
-use berth_core::{MAX_RESERVATION, Tunables, sys};
+use berth_core::{MAX_RESERVATION, Tunables, exact_bytes, sys};
 
 use crate::config::PoolingConfig;
 
@@ -73,12 +73,13 @@ impl PoolLayout {
             bail!("decommit_batch_size must be at least 1");
         }
         let to_usize = |name: &str, v: u64| {
-            usize::try_from(v).map_err(|_| anyhow!("{name} of {v:#x} bytes does not fit the host"))
+            usize::try_from(v).map_err(|_| anyhow!("{name} of {} does not fit the host", exact_bytes(v)))
         };
         if config.max_memory_size as u64 > MAX_RESERVATION {
             bail!(
-                "max_memory_size of {:#x} bytes is over the largest accepted ({MAX_RESERVATION:#x})",
-                config.max_memory_size
+                "max_memory_size of {} is over the largest accepted ({})",
+                exact_bytes(config.max_memory_size as u64),
+                exact_bytes(MAX_RESERVATION)
             );
         }
         let memory_capacity = config.max_memory_size / page * page;
@@ -86,9 +87,12 @@ impl PoolLayout {
             memory_capacity.max(to_usize("memory_reservation", tunables.memory_reservation)?);
         let memory_guard = to_usize("memory_guard_size", tunables.memory_guard_size)?;
         let pre_guard = to_usize("memory_guard_size", tunables.pre_guard_size())?;
-        let memory_stride = memory_reservation
-            .checked_add(memory_guard)
-            .ok_or_else(|| anyhow!("memory slot of {memory_reservation:#x} bytes plus guard overflows"))?;
+        let memory_stride = memory_reservation.checked_add(memory_guard).ok_or_else(|| {
+            anyhow!(
+                "memory slot of {} plus guard overflows",
+                exact_bytes(memory_reservation as u64)
+            )
+        })?;
         if memory_stride == 0 && config.total_memories > 0 {
             bail!("memory slots of 0 bytes: set max_memory_size, memory_reservation or memory_guard_size");
         }
@@ -97,8 +101,9 @@ impl PoolLayout {
             .and_then(|n| n.checked_add(if config.total_memories > 0 { pre_guard } else { 0 }))
             .ok_or_else(|| {
                 anyhow!(
-                    "total_memories of {} slots of {memory_stride:#x} bytes overflows the address space",
-                    config.total_memories
+                    "total_memories of {} slots of {} overflows the address space",
+                    config.total_memories,
+                    exact_bytes(memory_stride as u64)
                 )
             })?;
         let table_stride = config
@@ -110,8 +115,9 @@ impl PoolLayout {
             .checked_mul(config.total_tables as usize)
             .ok_or_else(|| {
                 anyhow!(
-                    "total_tables of {} slots of {table_stride:#x} bytes overflows",
-                    config.total_tables
+                    "total_tables of {} slots of {} overflows",
+                    config.total_tables,
+                    exact_bytes(table_stride as u64)
                 )
             })?;
         let memory_keep_resident = config.linear_memory_keep_resident.min(memory_capacity) / page * page;

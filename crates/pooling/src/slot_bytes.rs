@@ -95,7 +95,7 @@ impl SlotBytes {
     fn check(&self, range: &Range<usize>, limit: usize) {
         assert!(
             range.start <= range.end && range.end <= limit,
-            "range {range:x?} outside {limit:#x} bytes of a slot"
+            "range {range:?} outside {limit} bytes of a slot"
         );
     }
 

@@ -6,7 +6,7 @@
 //! discarded, and [`Memory::new_dynamic_reusing`] builds a later memory of the same
 //! [`ReservationLayout`] in it.
 
-use crate::units::human_bytes;
+use crate::units::{exact_bytes, human_bytes};
 use std::ptr::NonNull;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -205,8 +205,9 @@ impl Memory {
             || !len.is_multiple_of(page)
         {
             bail!(
-                "cannot prefault {len:#x} bytes at {offset:#x}: not page-aligned inside {:#x} accessible bytes",
-                self.accessible_bytes()
+                "cannot prefault {} at offset {offset}: not page-aligned inside {} accessible",
+                exact_bytes(len as u64),
+                exact_bytes(self.accessible_bytes() as u64)
             );
         }
         let Some(base) = NonNull::new(self.base()) else {
@@ -217,7 +218,11 @@ impl Memory {
         }
         // SAFETY: the range is page-aligned inside the accessible bytes (checked), which this
         // memory uses exclusively.
-        unsafe { sys::prefault(base.add(offset), len) }
-            .with_context(|| format!("failed to prefault {len:#x} bytes of a memory at {offset:#x}"))
+        unsafe { sys::prefault(base.add(offset), len) }.with_context(|| {
+            format!(
+                "failed to prefault {} of a memory at offset {offset}",
+                exact_bytes(len as u64)
+            )
+        })
     }
 }
