@@ -582,6 +582,40 @@ fn an_absurd_but_valid_pool_is_an_error_that_names_the_knob() {
 }
 
 #[test]
+fn a_pool_this_process_cannot_reserve_is_a_machine_limit_naming_the_knob() {
+    // 200 000 slots of 6 GiB: 1.1 PiB in one piece, more than any x86-64 or AArch64 process
+    // can reserve without asking for high addresses. The preflight measures what this process
+    // can have and refuses before reserving anything.
+    let mut pooling = PoolingConfig::new();
+    pooling.total_memories(200_000).total_tables(1);
+    let preflight = berth_engine::preflight(&pooling, Config::new().tunables()).unwrap();
+    let fatal = preflight.fatal().expect("the memory pool cannot be reserved");
+    assert_eq!((fatal.resource, fatal.knob), ("address space", "total_memories"));
+    assert!(fatal.needed > fatal.available && fatal.available == preflight.machine.largest_reservation);
+    assert!(preflight.machine.largest_reservation > 0);
+    let mut config = Config::new();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+    let error = Engine::new(&config).unwrap_err();
+    let limit = error
+        .chain()
+        .find_map(|e| e.downcast_ref::<berth_engine::MachineLimit>())
+        .unwrap_or_else(|| panic!("not a MachineLimit: {error:#}"));
+    assert_eq!(limit.knob, "total_memories");
+    let text = format!("{error:#}");
+    assert!(
+        text.contains("can reserve at most") && !text.contains("0x"),
+        "{text}"
+    );
+
+    // What the preflight says can be reserved, can.
+    let mut fits = PoolingConfig::new();
+    fits.total_memories(4).total_tables(4).max_memory_size(1 << 20);
+    let preflight = berth_engine::preflight(&fits, small_config().tunables()).unwrap();
+    assert!(preflight.fatal().is_none(), "{:?}", preflight.findings);
+    assert!(berth_core::sys::can_reserve(preflight.layout.memory_pool_bytes));
+}
+
+#[test]
 fn pages_a_slot_kept_for_another_module_stay_resident_only_as_pages_it_keeps() {
     // A slot taken by another module keeps the pages it kept for the first where the new
     // memory can reach them (they read as zeros); the new tenant's reset accounts for them,

@@ -1,11 +1,10 @@
 //! `berth plan`: a pool's layout and cost before it is built.
 
 use anyhow::{Context, Result};
-use berth_engine::PoolLayout;
 use serde_json::json;
 
 use crate::options::PoolCommand;
-use crate::{Outcome, human, machine};
+use crate::{Outcome, human};
 
 /// Options of `berth plan`.
 #[derive(Debug, clap::Args)]
@@ -26,27 +25,25 @@ pub fn run(args: &Args) -> Result<Outcome> {
     let tunables = args.common.tunables.tunables();
     // What the engine would refuse, `plan` refuses too, with the engine's words.
     berth_engine::check_tunables(&tunables).context("invalid engine configuration")?;
-    let layout = PoolLayout::new(&config, &tunables)?;
-    let available = machine::available_address_space();
-    let max_maps = machine::max_map_count();
-    let used_maps = machine::current_mappings().unwrap_or(0);
+    // The same preflight `PoolingInstanceAllocator::new` runs: what this process can have,
+    // measured now, against what the pool needs.
+    let preflight = berth_engine::preflight(&config, &tunables)?;
+    let (layout, machine) = (&preflight.layout, &preflight.machine);
     let total = layout.total_bytes() as u64;
-    let mut warnings = Vec::new();
-    if total > available {
-        warnings.push(format!(
-            "the pools need {} of address space but this process may use {}: lower total_memories or max_memory_size",
-            human(total),
-            human(available)
-        ));
-    }
-    if let Some(max) = max_maps
-        && layout.max_mappings as u64 + used_maps > max
-    {
-        warnings.push(format!(
-            "the pools may need {} memory mappings, plus {used_maps} in use, over vm.max_map_count of {max}: raise it (sysctl vm.max_map_count) or lower total_memories",
-            layout.max_mappings
-        ));
-    }
+    let available = machine.largest_reservation;
+    let max_maps = machine.max_map_count;
+    let used_maps = machine.mappings_in_use;
+    let warnings: Vec<String> = preflight
+        .findings
+        .iter()
+        .map(|f| {
+            if f.fatal {
+                format!("{} (the pool cannot be built here)", f.message)
+            } else {
+                f.message.clone()
+            }
+        })
+        .collect();
     if args.common.json {
         let value = json!({
             "memory_slot": {
@@ -59,10 +56,17 @@ pub fn run(args: &Args) -> Result<Outcome> {
                 "pre_guard": layout.pre_guard,
             },
             "table_slot": {"stride": layout.table_stride, "slots": layout.table_slots, "pool_bytes": layout.table_pool_bytes},
-            "address_space": {"total": total, "available": available},
+            "address_space": {"total": total, "largest_reservation": available, "rlimit_as": machine.address_space_limit},
             "mappings": {"max": layout.max_mappings, "in_use": used_maps, "max_map_count": max_maps},
             "max_idle_resident": layout.max_idle_resident,
             "max_idle_memory_resident": layout.max_idle_memory_resident,
+            "physical_memory": machine.physical_memory,
+            "overcommit": machine.overcommit.map(|o| format!("{o:?}").to_lowercase()),
+            "commit_available": machine.commit_available,
+            "findings": preflight.findings.iter().map(|f| json!({
+                "resource": f.resource, "knob": f.knob, "needed": f.needed, "available": f.available,
+                "fatal": f.fatal, "message": f.message,
+            })).collect::<Vec<_>>(),
             "warnings": warnings,
         });
         say!("{}", serde_json::to_string_pretty(&value)?);
@@ -92,10 +96,14 @@ pub fn run(args: &Args) -> Result<Outcome> {
             human(layout.table_pool_bytes as u64)
         );
         say!(
-            "address space: {} of {} available ({:.2}%)",
+            "address space: {} of {} this process can reserve in one piece now ({:.2}%){}",
             human(total),
             human(available),
-            total as f64 * 100.0 / available as f64
+            total as f64 * 100.0 / available.max(1) as f64,
+            machine
+                .address_space_limit
+                .map(|l| format!(", RLIMIT_AS {}", human(l)))
+                .unwrap_or_default()
         );
         match max_maps {
             Some(max) => say!(
@@ -116,6 +124,18 @@ pub fn run(args: &Args) -> Result<Outcome> {
             human(config.max_unused_warm_bytes as u64),
             layout.table_slots,
             human(layout.table_keep_resident as u64)
+        );
+        say!(
+            "  physical memory {}, overcommit {}{}",
+            human(machine.physical_memory),
+            machine
+                .overcommit
+                .map_or("unknown".to_owned(), |o| format!("{o:?}").to_lowercase()),
+            match (machine.overcommit, machine.commit_available) {
+                (Some(berth_core::sys::Overcommit::Strict), Some(c)) =>
+                    format!(" ({} left to commit)", human(c)),
+                _ => String::new(),
+            }
         );
         for warning in &warnings {
             say!("warning: {warning}");

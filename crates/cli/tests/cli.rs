@@ -203,10 +203,46 @@ fn plan_shows_costs_and_warns_when_the_pool_cannot_fit() {
         "{text}"
     );
 
-    let output = berth(&["plan", "--total-memories", "100000", "--max-memory-size", "4G"]);
-    assert_eq!(output.status.code(), Some(1));
+    // 100 000 slots of 6 GiB (586 TiB) are more than any 48-bit user space.
+    let output = berth(&["plan", "--total-memories", "100000"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
     assert!(
-        stdout(&output).contains("warning: the pools need"),
+        stdout(&output).contains("warning: the memory pool needs")
+            && stdout(&output).contains("can reserve at most")
+            && stdout(&output).contains("lower total_memories"),
+        "{}",
+        stdout(&output)
+    );
+    // 15 000 (87.9 TiB) fit a 47-bit space on paper; whether this process can reserve them in
+    // one piece (an x86-64 executable mapped at 85 TiB cannot) is measured, and plan's verdict
+    // follows the measurement, as the allocator's does.
+    let output = berth(&["plan", "--total-memories", "15000", "--json"]);
+    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    let largest = value["address_space"]["largest_reservation"].as_u64().unwrap();
+    let pool = value["memory_slot"]["pool_bytes"].as_u64().unwrap();
+    let fits = pool <= largest;
+    assert_eq!(output.status.code(), Some(if fits { 0 } else { 1 }), "{value}");
+    let output = berth(&[
+        "instantiate",
+        &module("hello.wat"),
+        "--strategy",
+        "pooling",
+        "--count",
+        "1",
+        "--total-memories",
+        "15000",
+    ]);
+    assert_eq!(output.status.success(), fits, "{}", stderr(&output));
+    let output = berth(&[
+        "plan",
+        "--linear-memory-keep-resident",
+        "1T",
+        "--max-unused-warm-bytes",
+        "1T",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains("more than this machine's"),
         "{}",
         stdout(&output)
     );
@@ -373,6 +409,43 @@ fn with_json_an_error_is_json_too() {
             .unwrap()
             .contains("--count must be at least 1"),
         "{value}"
+    );
+}
+
+#[test]
+fn a_pool_over_the_address_space_limit_is_refused_before_reserving() {
+    // Under `ulimit -v` (RLIMIT_AS of 2 GiB), plan reports the limit and instantiate fails
+    // with the knob and both figures instead of an ENOMEM from mmap.
+    let hello = module("hello.wat");
+    let run = |args: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -v 2097152 && exec \"$0\" {args}"))
+            .arg(env!("CARGO_BIN_EXE_berth"))
+            .output()
+            .expect("sh runs")
+    };
+    let output = run("plan");
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    assert!(
+        stdout(&output).contains("RLIMIT_AS 2.0 GiB"),
+        "{}",
+        stdout(&output)
+    );
+    let output = run(&format!("instantiate {hello} --strategy pooling --count 1"));
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    let text = stderr(&output);
+    assert!(
+        text.contains("the memory pool needs 5.9 TiB of address space in one piece")
+            && text.contains("RLIMIT_AS is 2.0 GiB")
+            && text.contains("lower total_memories"),
+        "{text}"
     );
 }
 

@@ -41,4 +41,7 @@ pub use instance::{Instance, InstanceBuilder, OwnedImports};
 
 pub use berth_core;
 pub use berth_on_demand::{OnDemandInstanceAllocator, OnDemandLimits};
-pub use berth_pooling::{PoolLayout, PoolingConfig, PoolingInstanceAllocator, check_module, pool_misfits};
+pub use berth_pooling::{
+    Machine, MachineLimit, PoolLayout, PoolingConfig, PoolingInstanceAllocator, Preflight, check_module,
+    pool_misfits, preflight,
+};

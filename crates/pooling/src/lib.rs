@@ -19,6 +19,7 @@ mod decommit;
 mod kept;
 mod layout;
 mod memory_pool;
+mod preflight;
 mod reset;
 mod shard;
 mod slot_bytes;
@@ -42,6 +43,7 @@ use berth_core::{
 pub use check::{check_module, pool_misfits};
 pub use config::PoolingConfig;
 pub use layout::PoolLayout;
+pub use preflight::{Machine, MachineLimit, Preflight, preflight};
 
 use memory_pool::{Choose, Lease, MemoryKey, MemoryPool, Wanted};
 use reset::MemoryReset;
@@ -74,26 +76,13 @@ impl PoolingInstanceAllocator {
     /// Reserves the pools for `config` under the engine's `tunables`.
     pub fn new(config: &PoolingConfig, tunables: &Tunables) -> Result<Self> {
         tunables.validate(sys::page_size())?;
-        let layout = PoolLayout::new(config, tunables)?;
-        // Bookkeeping is reserved when the shards are built and filled as slots are used. A
-        // pool whose bookkeeping alone passes the machine's memory can never be used, whatever
-        // the allocator lets us reserve (with overcommit, it may let us reserve anything).
-        let memory_bookkeeping = memory_pool::bookkeeping_bytes(config.total_memories);
-        let table_bookkeeping = table_pool::bookkeeping_bytes(config.total_tables);
-        let physical = sys::physical_memory();
-        for (knob, slots, bytes) in [
-            ("total_memories", config.total_memories, memory_bookkeeping),
-            ("total_tables", config.total_tables, table_bookkeeping),
-        ] {
-            if bytes > physical {
-                anyhow::bail!(
-                    "{knob} of {slots} needs {} of bookkeeping, more than this machine's {} of \
-                     memory: lower {knob}",
-                    human_bytes(bytes),
-                    human_bytes(physical)
-                );
-            }
+        // What this process can have, measured before anything is reserved: a pool that cannot
+        // be built here fails with the knob and the figures (a `MachineLimit`), not `ENOMEM`.
+        let preflight = preflight::preflight(config, tunables)?;
+        if let Some(fatal) = preflight.fatal() {
+            return Err(anyhow::Error::new(fatal.clone()));
         }
+        let layout = preflight.layout;
         let space = |bytes: usize| human_bytes(bytes as u64);
         let mut memory_mapping = Mmap::reserve(layout.memory_pool_bytes).with_context(|| {
             format!(
@@ -153,11 +142,21 @@ impl PoolingInstanceAllocator {
                     i,
                     config.pagemap_scan,
                 );
-                let memory_pool = memory_pool
-                    .with_context(|| needs("total_memories", config.total_memories, memory_bookkeeping))?;
+                let memory_pool = memory_pool.with_context(|| {
+                    needs(
+                        "total_memories",
+                        config.total_memories,
+                        memory_pool::bookkeeping_bytes(config.total_memories),
+                    )
+                })?;
                 let table_pool = TablePool::new(&layout, tables, range(table_chunk, config.total_tables));
-                let table_pool = table_pool
-                    .with_context(|| needs("total_tables", config.total_tables, table_bookkeeping))?;
+                let table_pool = table_pool.with_context(|| {
+                    needs(
+                        "total_tables",
+                        config.total_tables,
+                        table_pool::bookkeeping_bytes(config.total_tables),
+                    )
+                })?;
                 Ok(Shard::new(
                     memory_pool,
                     table_pool,

@@ -232,9 +232,14 @@ pub unsafe fn map_image(ptr: NonNull<u8>, len: usize, fd: BorrowedFd<'_>) -> io:
 }
 
 mod decommit;
+mod machine;
 mod page_map;
 mod page_state;
 
 pub use decommit::{decommit_all, try_decommit_all};
+pub use machine::{
+    Overcommit, address_space_limit, can_reserve, commit_available, largest_reservation, mappings_in_use,
+    max_map_count, overcommit,
+};
 pub use page_map::{PageMap, PageState, page_map};
 pub use page_state::{Forked, PageEvent, fork, provoke};
