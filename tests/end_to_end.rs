@@ -147,7 +147,7 @@ unsafe impl InstanceAllocatorImpl for SlabAllocator {
         stats.live_memories = self.memories.load(Ordering::SeqCst);
         stats.live_tables = self.tables.load(Ordering::SeqCst);
         stats.reserved_bytes = self.slab.lock().unwrap().len() as u64;
-        stats.resets = self.resets.load(Ordering::SeqCst);
+        stats.memory_resets = self.resets.load(Ordering::SeqCst);
         stats
     }
 }
@@ -367,10 +367,10 @@ fn on_demand_end_to_end() {
     // What is left is the address space of freed memories kept for the next ones, and running
     // the same instances again reuses it rather than adding to it.
     let after_one = engine.stats();
-    assert!(after_one.warm_slots > 0);
+    assert!(after_one.warm_memory_slots > 0);
     assert_eq!(
         after_one.reserved_bytes,
-        after_one.warm_slots * reservation_len(&config)
+        after_one.warm_memory_slots * reservation_len(&config)
     );
     exercise(&engine);
     assert_eq!(engine.stats(), after_one);
@@ -384,7 +384,7 @@ fn on_demand_without_cached_reservations_gives_all_address_space_back() {
     let engine = Engine::new(&config).unwrap();
     exercise(&engine);
     let stats = engine.stats();
-    assert_eq!((stats.reserved_bytes, stats.warm_slots), (0, 0));
+    assert_eq!((stats.reserved_bytes, stats.warm_memory_slots), (0, 0));
 }
 
 #[test]
@@ -396,7 +396,7 @@ fn custom_backend_end_to_end() {
     assert_eq!(engine.strategy_name(), "custom");
     exercise(&engine);
     let stats = engine.stats();
-    assert_eq!(stats.resets, 4, "two instances of two memories each were reset");
+    assert_eq!(stats.resets(), 4, "two instances of two memories each were reset");
     assert_eq!(stats.reserved_bytes, 32 * PAGE as u64);
 
     let too_big = Module::builder()
@@ -597,7 +597,7 @@ fn on_demand_reserved_bytes_follow_a_moved_memory() {
     drop(instance);
     let stats = engine.stats();
     assert_eq!(
-        (stats.reserved_bytes, stats.warm_slots),
+        (stats.reserved_bytes, stats.warm_memory_slots),
         (4 * PAGE as u64, 1),
         "the moved reservation is kept for a memory of its layout, the first one unmapped"
     );

@@ -125,7 +125,7 @@ fn in_a_pool_slot_pushed_out_of_the_warm_set_the_bytes_past_the_next_size_fault(
             let load = |pages| memory_module(&engine, pages);
             let (wide, narrow) = (load(3), load(1));
             let (old_base, _) = memory0(&Instance::new(&wide).unwrap());
-            assert_eq!(engine.stats().warm_slots, 0);
+            assert_eq!(engine.stats().warm_memory_slots, 0);
             let next = Instance::new(&narrow).unwrap();
             let (base, size) = memory0(&next);
             assert_eq!((base, size), (old_base, PAGE), "the one slot is reused");
@@ -226,7 +226,7 @@ fn a_dropped_instance_memory_kept_for_reuse_holds_none_of_its_bytes() {
     instance.write_memory(0, 0, &ones).unwrap();
     let (base, size) = memory0(&instance);
     drop(instance);
-    assert_eq!(engine.stats().warm_slots, 1);
+    assert_eq!(engine.stats().warm_memory_slots, 1);
     // SAFETY: the reservation is kept by the engine's allocator, which is alive and idle, so
     // its first `size` bytes are still mapped readable; nothing writes them while we read.
     let left = unsafe { std::slice::from_raw_parts(base, size) };

@@ -225,7 +225,7 @@ fn an_image_comes_back_after_a_tenant_wrote_over_it() {
             tenant.write_memory(0, 2 * PAGE as u64, &[0x66; 100]).unwrap();
         }
         let stats = engine.stats();
-        assert!(stats.resets >= 4);
+        assert!(stats.resets() >= 4);
     }
 }
 
@@ -493,7 +493,7 @@ fn a_module_purged_while_its_slot_waits_for_reset_leaves_no_warm_slot() {
     drop(Instance::new(&b).unwrap()); // nothing to decommit: straight back to the pool
     assert!(allocator.flush_decommits(), "a's decommit was queued");
     assert_eq!(
-        engine.stats().warm_slots,
+        engine.stats().warm_memory_slots,
         1,
         "only b's slot is warm; a's went cold"
     );

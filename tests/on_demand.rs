@@ -96,7 +96,7 @@ fn the_cache_of_freed_reservations_is_bounded() {
     let live = engine.stats().reserved_bytes;
     drop(instances);
     let stats = engine.stats();
-    assert_eq!(stats.warm_slots, 2);
+    assert_eq!(stats.warm_memory_slots, 2);
     assert_eq!(
         stats.reserved_bytes,
         live / 5 * 2,

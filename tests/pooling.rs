@@ -101,11 +101,11 @@ fn two_threads_never_share_a_slot_and_leave_nothing_behind() {
         (stats.live_instances, stats.live_memories, stats.live_tables),
         (0, 0, 0)
     );
-    assert!(stats.warm_slots <= 3);
+    assert!(stats.warm_memory_slots <= 3);
     assert!(
-        stats.resets >= 5998,
+        stats.resets() >= 5998,
         "every memory and table was reset: {}",
-        stats.resets
+        stats.resets()
     );
 }
 
@@ -124,7 +124,7 @@ fn a_module_gets_its_own_slot_back_and_others_take_cold_ones() {
         "a got its warm slot back"
     );
     assert_eq!(memory_base(&Instance::new(&b).unwrap()), slot_b);
-    assert_eq!(engine.stats().warm_slots, 2);
+    assert_eq!(engine.stats().warm_memory_slots, 2);
 }
 
 #[test]
@@ -173,10 +173,10 @@ fn a_new_slot_inherits_what_scans_learned_about_its_module() {
     for _ in 0..8 {
         drop(Instance::new(&a).unwrap());
     }
-    let before = engine.stats().decommits;
+    let before = engine.stats().decommit_ranges;
     drop(Instance::new(&a).unwrap());
     assert_eq!(
-        engine.stats().decommits,
+        engine.stats().decommit_ranges,
         before + 1,
         "the warm slot resets blindly"
     );
@@ -184,10 +184,10 @@ fn a_new_slot_inherits_what_scans_learned_about_its_module() {
     let first = Instance::new(&a).unwrap();
     let second = Instance::new(&a).unwrap();
     assert_ne!(memory_base(&first), memory_base(&second));
-    let before = engine.stats().decommits;
+    let before = engine.stats().decommit_ranges;
     drop(second);
     assert_eq!(
-        engine.stats().decommits,
+        engine.stats().decommit_ranges,
         before + 1,
         "the new slot scanned instead of decommitting blindly"
     );
@@ -215,15 +215,25 @@ fn keep_resident_resets_by_memset_without_decommits() {
             .unwrap();
     }
     let stats = engine.stats();
-    assert_eq!(stats.resets, 10, "five memory and five table resets");
     assert_eq!(
-        stats.decommits, 0,
+        (stats.memory_resets, stats.table_resets),
+        (5, 5),
+        "five memory and five table resets"
+    );
+    assert_eq!(
+        (stats.decommit_calls, stats.decommit_ranges),
+        (0, 0),
         "a tenant that stayed within keep_resident costs no madvise"
+    );
+    assert_eq!((stats.warm_memory_slots, stats.warm_table_slots), (1, 1));
+    assert_eq!(
+        (stats.idle_memory_resident_bytes, stats.idle_table_resident_bytes),
+        (4096, 4096)
     );
     // The tenants wrote one page near the end of the first 64 KiB: that page alone stays
     // resident (kept pages are the ones tenants write, wherever they lie), and the table's
     // first page.
-    assert_eq!(stats.idle_resident_bytes, (4096 + 4096) as u64);
+    assert_eq!(stats.idle_resident_bytes(), (4096 + 4096) as u64);
 
     // A tenant that writes past keep_resident has what is not kept given back (after five
     // resets that found nothing new, the slot's resets decommit what is not kept without
@@ -235,9 +245,11 @@ fn keep_resident_resets_by_memset_without_decommits() {
     instance.write_memory(0, PAGE as u64, &vec![9; 2 * PAGE]).unwrap();
     drop(instance);
     let instance = Instance::new(&a).unwrap();
+    let stats = engine.stats();
+    assert!(stats.decommit_ranges >= 1, "given back before the slot is reused");
     assert!(
-        engine.stats().decommits >= 1,
-        "given back before the slot is reused"
+        (1..=stats.decommit_ranges).contains(&stats.decommit_calls),
+        "at least one call, and no more calls than ranges: {stats:?}"
     );
     assert!(!allocator.flush_decommits(), "nothing left queued");
     assert_eq!(memory_base(&instance), slot, "the warm slot again");
@@ -316,16 +328,20 @@ fn dropping_a_module_purges_its_warm_slots() {
     let mut instance = Instance::new(&a).unwrap();
     instance.write_memory(0, 0, &[1; 8192]).unwrap();
     drop(instance);
-    assert_eq!(engine.stats().warm_slots, 1);
+    assert_eq!(engine.stats().warm_memory_slots, 1);
     assert_eq!(
-        engine.stats().idle_resident_bytes,
+        engine.stats().idle_resident_bytes(),
         8192,
         "the two written pages stay resident"
     );
     drop(a);
-    assert_eq!(engine.stats().warm_slots, 0, "the module's warm slot was purged");
     assert_eq!(
-        engine.stats().idle_resident_bytes,
+        engine.stats().warm_memory_slots,
+        0,
+        "the module's warm slot was purged"
+    );
+    assert_eq!(
+        engine.stats().idle_resident_bytes(),
         0,
         "and its resident pages given back"
     );
@@ -421,7 +437,7 @@ fn one_thread_keeps_the_whole_warm_cap_whatever_the_shards() {
         .iter()
         .map(|m| memory_base(&Instance::new(m).unwrap()))
         .collect();
-    assert_eq!(engine.stats().warm_slots, 4);
+    assert_eq!(engine.stats().warm_memory_slots, 4);
     for (m, base) in modules.iter().zip(&bases) {
         assert_eq!(
             memory_base(&Instance::new(m).unwrap()),
@@ -458,16 +474,16 @@ fn idle_slots_keep_at_most_the_byte_cap_and_slots_that_keep_nothing_stay_warm() 
         instance.write_memory(0, 0, &[7; 8192]).unwrap();
         bases.push(memory_base(&instance));
         drop(instance);
-        let kept = engine.stats().idle_resident_bytes;
+        let kept = engine.stats().idle_resident_bytes();
         assert!(kept <= 20 << 10, "idle slots keep {kept} bytes");
     }
     let stats = engine.stats();
     assert_eq!(
-        stats.idle_resident_bytes,
+        stats.idle_resident_bytes(),
         16 << 10,
         "the two most recent writers keep their pages"
     );
-    assert_eq!(stats.warm_slots, 5, "three idle modules and two writers");
+    assert_eq!(stats.warm_memory_slots, 5, "three idle modules and two writers");
     for (m, base) in idle.iter().zip(&idle_bases) {
         assert_eq!(
             memory_base(&Instance::new(m).unwrap()),
@@ -515,7 +531,11 @@ fn a_thread_gets_its_share_of_the_warm_cap_back_from_one_that_kept_it_all() {
             }
         });
     });
-    assert_eq!(engine.stats().warm_slots, 4, "the cap holds across threads");
+    assert_eq!(
+        engine.stats().warm_memory_slots,
+        4,
+        "the cap holds across threads"
+    );
     // The least recently used slots (a's and b's) made room; c and d kept theirs.
     for (m, base) in first.iter().zip(&bases).skip(2) {
         assert_eq!(memory_base(&Instance::new(m).unwrap()), *base);
@@ -539,9 +559,9 @@ fn a_slot_pushed_out_of_the_warm_set_shows_nothing_to_its_next_tenant() {
     let base = memory_base(&first);
     first.write_memory(0, 0, &[7; 2 * PAGE]).unwrap();
     drop(first);
-    assert_eq!(engine.stats().warm_slots, 0);
+    assert_eq!(engine.stats().warm_memory_slots, 0);
     assert_eq!(
-        engine.stats().idle_resident_bytes,
+        engine.stats().idle_resident_bytes(),
         0,
         "the cold slot keeps no page"
     );
@@ -668,7 +688,7 @@ fn pages_a_slot_kept_for_another_module_stay_resident_only_as_pages_it_keeps() {
     allocator.flush_decommits();
     assert_eq!(
         resident(base) as u64,
-        engine.stats().idle_resident_bytes,
+        engine.stats().idle_resident_bytes(),
         "the idle slot holds resident pages the pool does not count"
     );
 }

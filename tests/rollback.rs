@@ -40,7 +40,7 @@ fn live(stats: &AllocatorStats) -> (u64, u64, u64, u64) {
         stats.live_instances,
         stats.live_memories,
         stats.live_tables,
-        stats.reserved_bytes - stats.warm_slots * kept,
+        stats.reserved_bytes - stats.warm_memory_slots * kept,
     )
 }
 

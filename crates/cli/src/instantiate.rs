@@ -145,10 +145,14 @@ fn stats_json(stats: &AllocatorStats) -> serde_json::Value {
         "live_memories": stats.live_memories,
         "live_tables": stats.live_tables,
         "reserved_bytes": stats.reserved_bytes,
-        "warm_slots": stats.warm_slots,
-        "idle_resident_bytes": stats.idle_resident_bytes,
-        "resets": stats.resets,
-        "decommits": stats.decommits,
+        "warm_memory_slots": stats.warm_memory_slots,
+        "warm_table_slots": stats.warm_table_slots,
+        "idle_memory_resident_bytes": stats.idle_memory_resident_bytes,
+        "idle_table_resident_bytes": stats.idle_table_resident_bytes,
+        "memory_resets": stats.memory_resets,
+        "table_resets": stats.table_resets,
+        "decommit_calls": stats.decommit_calls,
+        "decommit_ranges": stats.decommit_ranges,
     })
 }
 
@@ -371,13 +375,17 @@ pub fn run(args: &Args) -> Result<Outcome> {
     );
     let (kept, why) = if strategy == "pooling" {
         (
-            count(stats.warm_slots, "warm slot", "warm slots"),
+            format!(
+                "warm slots: {} and {}",
+                count(stats.warm_memory_slots, "memory", "memories"),
+                count(stats.warm_table_slots, "table", "tables")
+            ),
             "the pool's slots, reserved when it was built",
         )
     } else {
         (
             count(
-                stats.warm_slots,
+                stats.warm_memory_slots,
                 "freed reservation kept for reuse",
                 "freed reservations kept for reuse",
             ),
@@ -390,13 +398,19 @@ pub fn run(args: &Args) -> Result<Outcome> {
         human(stats.reserved_bytes)
     );
     say!(
-        "allocator: {} live, {}, {}; {kept}; {} resident in idle slots; {}; {}",
+        "allocator: {} live, {}, {}; {kept}",
         count(stats.live_instances, "instance", "instances"),
         count(stats.live_memories, "memory", "memories"),
         count(stats.live_tables, "table", "tables"),
-        human(stats.idle_resident_bytes),
-        count(stats.resets, "reset", "resets"),
-        count(stats.decommits, "decommit", "decommits")
+    );
+    say!(
+        "  resident in idle slots: {} of memories, {} of tables; resets: {} and {}; decommits: {} giving back {}",
+        human(stats.idle_memory_resident_bytes),
+        human(stats.idle_table_resident_bytes),
+        count(stats.memory_resets, "memory", "memories"),
+        count(stats.table_resets, "table", "tables"),
+        count(stats.decommit_calls, "system call", "system calls"),
+        count(stats.decommit_ranges, "range", "ranges")
     );
     Ok(Outcome::Ok)
 }

@@ -70,7 +70,9 @@ impl std::fmt::Debug for InstanceAllocationRequest<'_> {
     }
 }
 
-/// What a backend reports about itself. Fields a backend has no notion of stay 0.
+/// What a backend reports about itself, for a dashboard: counts of resources now, bytes now,
+/// and totals since the backend was built (`*_resets`, `decommit_*`, which only grow). Memories
+/// and tables are counted apart. Fields a backend has no notion of stay 0.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct AllocatorStats {
@@ -80,17 +82,43 @@ pub struct AllocatorStats {
     pub live_memories: u64,
     /// Tables allocated and not yet deallocated.
     pub live_tables: u64,
-    /// Address space held for memories and tables, guards included.
+    /// Bytes of address space held for memories and tables, guards included.
     pub reserved_bytes: u64,
-    /// Slots kept warm (holding a previous tenant's reset state) for reuse; for the on-demand
-    /// backend, freed reservations kept (address space only).
-    pub warm_slots: u64,
-    /// Bytes kept resident in idle slots.
-    pub idle_resident_bytes: u64,
-    /// Slot resets done.
-    pub resets: u64,
-    /// `madvise` decommit calls made.
-    pub decommits: u64,
+    /// Memory slots kept warm (reset, holding what their module's next tenant reuses); for the
+    /// on-demand backend, freed reservations kept (address space only).
+    pub warm_memory_slots: u64,
+    /// Table slots used before and free now (zeroed, possibly resident).
+    pub warm_table_slots: u64,
+    /// Bytes kept resident in idle memory slots.
+    pub idle_memory_resident_bytes: u64,
+    /// Bytes kept resident in idle table slots.
+    pub idle_table_resident_bytes: u64,
+    /// Memory slot resets done, in all.
+    pub memory_resets: u64,
+    /// Table slot resets done, in all.
+    pub table_resets: u64,
+    /// System calls that gave pages back to the kernel (`madvise`, or `process_madvise` for
+    /// many ranges at once), in all.
+    pub decommit_calls: u64,
+    /// Address ranges given back by those calls, in all.
+    pub decommit_ranges: u64,
+}
+
+impl AllocatorStats {
+    /// Warm memory and table slots together.
+    pub fn warm_slots(&self) -> u64 {
+        self.warm_memory_slots + self.warm_table_slots
+    }
+
+    /// Bytes kept resident in idle memory and table slots together.
+    pub fn idle_resident_bytes(&self) -> u64 {
+        self.idle_memory_resident_bytes + self.idle_table_resident_bytes
+    }
+
+    /// Memory and table slot resets together.
+    pub fn resets(&self) -> u64 {
+        self.memory_resets + self.table_resets
+    }
 }
 
 /// What a backend implements: one resource at a time. **Implement this; do not call it**:

@@ -298,7 +298,7 @@ unsafe impl InstanceAllocatorImpl for OnDemandInstanceAllocator {
         stats.live_tables = self.tables.load(Ordering::Acquire);
         let (kept, kept_bytes) = self.reservations.kept();
         stats.reserved_bytes = self.reserved.load(Ordering::Relaxed) + kept_bytes;
-        stats.warm_slots = kept;
+        stats.warm_memory_slots = kept;
         stats
     }
 }

@@ -86,7 +86,7 @@ pub fn measure(n: usize) -> Result<Vec<Floor>> {
         time(&mut idle, || {
             // SAFETY: the ranges are page-aligned, inside our own private mapping, and nothing
             // refers into them.
-            unsafe { sys::decommit_all(&idle_ranges) }.expect("process_madvise")
+            unsafe { sys::decommit_all(&idle_ranges) }.expect("process_madvise");
         });
         time(&mut freelist, || {
             let slot = list.lock().expect("lock").pop();

@@ -9,10 +9,42 @@
 
 use std::ops::Range;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use berth_core::sys;
 
 use crate::kept::BLIND_RUNS;
+
+/// What giving ranges back to the kernel took: system calls and ranges, for the statistics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Decommitted {
+    pub calls: u64,
+    pub ranges: u64,
+}
+
+impl Decommitted {
+    /// The outcome of one `sys::decommit_all` of `ranges` ranges (a failed one counted as one
+    /// call).
+    fn of(ranges: usize, result: &std::io::Result<u64>) -> Decommitted {
+        Decommitted {
+            calls: *result.as_ref().unwrap_or(&1),
+            ranges: ranges as u64,
+        }
+    }
+
+    /// Adds these to a pair of counters.
+    pub fn count(self, calls: &AtomicU64, ranges: &AtomicU64) {
+        calls.fetch_add(self.calls, Ordering::Relaxed);
+        ranges.fetch_add(self.ranges, Ordering::Relaxed);
+    }
+}
+
+impl std::ops::AddAssign for Decommitted {
+    fn add_assign(&mut self, other: Decommitted) {
+        self.calls += other.calls;
+        self.ranges += other.ranges;
+    }
+}
 
 /// The page-aligned address ranges a reset leaves to decommit: the gaps around a blind slot's
 /// kept runs (at most [`BLIND_RUNS`] of them), or everything from where the budget ran out.
@@ -250,17 +282,21 @@ impl<T> Queue<T> {
 }
 
 /// Decommits the ranges of one held slot (none: no system call) and hands the slot to
-/// `finish` with whether that worked. Returns how many ranges were given to the kernel.
+/// `finish` with whether that worked.
 ///
 /// # Safety
 ///
 /// As for [`run`].
-pub(crate) unsafe fn run_one<T>((slot, decommits): Pending<T>, finish: impl FnOnce(T, bool)) -> u64 {
+pub(crate) unsafe fn run_one<T>((slot, decommits): Pending<T>, finish: impl FnOnce(T, bool)) -> Decommitted {
     let ranges = decommits.as_slice();
+    if ranges.is_empty() {
+        finish(slot, true);
+        return Decommitted::default();
+    }
     // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping.
-    let done = ranges.is_empty() || unsafe { sys::decommit_all(ranges) }.is_ok();
-    finish(slot, done);
-    ranges.len() as u64
+    let result = unsafe { sys::decommit_all(ranges) };
+    finish(slot, result.is_ok());
+    Decommitted::of(ranges.len(), &result)
 }
 
 /// [`run`], unless another thread of the process is decommitting now: then nothing runs,
@@ -270,14 +306,16 @@ pub(crate) unsafe fn run_one<T>((slot, decommits): Pending<T>, finish: impl FnOn
 ///
 /// Every range came from [`SlotBytes::address_range`](crate::slot_bytes::SlotBytes) of a slot
 /// the caller holds (no tenant, no other thread touches it) until `finish` is called for it.
-pub(crate) unsafe fn try_run<T>(batch: &mut Batch<T>, finish: impl FnMut(T, bool)) -> Option<u64> {
+pub(crate) unsafe fn try_run<T>(batch: &mut Batch<T>, finish: impl FnMut(T, bool)) -> Option<Decommitted> {
     // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping,
     // with nothing referring into it.
-    match unsafe { sys::try_decommit_all(&batch.ranges) } {
-        Ok(false) => None,
-        // SAFETY: the caller's obligations are `settle`'s.
-        done => Some(unsafe { settle(batch, done.is_ok(), finish) }),
-    }
+    let result = match unsafe { sys::try_decommit_all(&batch.ranges) } {
+        Ok(None) => return None,
+        Ok(Some(calls)) => Ok(calls),
+        Err(error) => Err(error),
+    };
+    // SAFETY: the caller's obligations are `settle`'s.
+    Some(unsafe { settle(batch, &result, finish) })
 }
 
 /// [`run_one`], unless another thread of the process is decommitting now: then nothing runs
@@ -295,58 +333,70 @@ pub(crate) unsafe fn try_run<T>(batch: &mut Batch<T>, finish: impl FnMut(T, bool
 pub(crate) unsafe fn try_run_one<T>(
     pending: Pending<T>,
     finish: impl FnOnce(T, bool),
-) -> Result<u64, Pending<T>> {
-    let calls = pending.1.as_slice().len() as u64;
+) -> Result<Decommitted, Pending<T>> {
+    let ranges = pending.1.as_slice().len();
     // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping,
     // with nothing referring into it.
-    match unsafe { sys::try_decommit_all(pending.1.as_slice()) } {
-        Ok(false) => Err(pending),
-        done => {
-            finish(pending.0, done.is_ok());
-            Ok(calls)
-        }
-    }
+    let result = match unsafe { sys::try_decommit_all(pending.1.as_slice()) } {
+        Ok(None) => return Err(pending),
+        Ok(Some(calls)) => Ok(calls),
+        Err(error) => Err(error),
+    };
+    finish(pending.0, result.is_ok());
+    Ok(Decommitted::of(ranges, &result))
 }
 
 /// Decommits the ranges of `batch` in one system call (per 64 ranges) and hands each slot to
 /// `finish` with whether its ranges were decommitted, leaving `batch` empty. If the call
 /// fails, each slot's ranges are tried on their own, so one bad range costs only its own slot.
-/// Returns how many ranges were given to the kernel.
 ///
 /// # Safety
 ///
 /// Every range came from [`SlotBytes::address_range`](crate::slot_bytes::SlotBytes) of a slot
 /// the caller holds (no tenant, no other thread touches it) until `finish` is called for it.
-pub(crate) unsafe fn run<T>(batch: &mut Batch<T>, finish: impl FnMut(T, bool)) -> u64 {
-    // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping,
-    // with nothing referring into it.
-    let done = batch.ranges.is_empty() || unsafe { sys::decommit_all(&batch.ranges) }.is_ok();
+pub(crate) unsafe fn run<T>(batch: &mut Batch<T>, finish: impl FnMut(T, bool)) -> Decommitted {
+    let result = if batch.ranges.is_empty() {
+        Ok(0)
+    } else {
+        // SAFETY: per the caller, every range is a held slot's, inside the pool's private
+        // mapping, with nothing referring into it.
+        unsafe { sys::decommit_all(&batch.ranges) }
+    };
     // SAFETY: the caller's obligations are `settle`'s.
-    unsafe { settle(batch, done, finish) }
+    unsafe { settle(batch, &result, finish) }
 }
 
-/// Finishes the slots of a batch whose ranges were given to the kernel in one call, leaving it
-/// empty: all decommitted if `done`, else each slot's ranges are tried on their own. Returns
-/// how many ranges were given to the kernel in all.
+/// Finishes the slots of a batch whose ranges were given to the kernel in one call with
+/// `result`, leaving it empty: all decommitted if it worked, else each slot's ranges are tried
+/// on their own.
 ///
 /// # Safety
 ///
 /// Every range came from [`SlotBytes::address_range`](crate::slot_bytes::SlotBytes) of a slot
 /// the caller holds (no tenant, no other thread touches it) until `finish` is called for it.
-unsafe fn settle<T>(batch: &mut Batch<T>, done: bool, mut finish: impl FnMut(T, bool)) -> u64 {
-    let mut calls = batch.ranges.len() as u64;
+unsafe fn settle<T>(
+    batch: &mut Batch<T>,
+    result: &std::io::Result<u64>,
+    mut finish: impl FnMut(T, bool),
+) -> Decommitted {
+    let mut total = if batch.ranges.is_empty() {
+        Decommitted::default()
+    } else {
+        Decommitted::of(batch.ranges.len(), result)
+    };
     batch.ranges.clear();
     for (slot, decommits) in batch.pending.drain(..) {
         let ranges = decommits.as_slice();
-        let ok = done || ranges.is_empty() || {
-            calls += ranges.len() as u64;
+        let ok = result.is_ok() || ranges.is_empty() || {
             // SAFETY: per the caller, this slot's ranges are its own, inside the pool's
             // private mapping, with nothing referring into them.
-            unsafe { sys::decommit_all(ranges) }.is_ok()
+            let alone = unsafe { sys::decommit_all(ranges) };
+            total += Decommitted::of(ranges.len(), &alone);
+            alone.is_ok()
         };
         finish(slot, ok);
     }
-    calls
+    total
 }
 
 #[cfg(test)]

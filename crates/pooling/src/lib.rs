@@ -569,13 +569,18 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         stats.reserved_bytes = self.layout.total_bytes() as u64;
         for shard in &*self.shards {
             let (warm, memory_resident) = shard.memories.counts();
-            let table_resident = shard.tables.idle_resident();
-            stats.live_memories += shard.live_memories.load(Ordering::Relaxed);
-            stats.live_tables += shard.live_tables.load(Ordering::Relaxed);
-            stats.warm_slots += warm as u64;
-            stats.idle_resident_bytes += (memory_resident + table_resident) as u64;
-            stats.resets += shard.resets.load(Ordering::Relaxed);
-            stats.decommits += shard.decommits.load(Ordering::Relaxed);
+            let (warm_tables, table_resident) = shard.tables.counts();
+            let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+            stats.live_memories += load(&shard.live_memories);
+            stats.live_tables += load(&shard.live_tables);
+            stats.warm_memory_slots += warm as u64;
+            stats.warm_table_slots += warm_tables as u64;
+            stats.idle_memory_resident_bytes += memory_resident as u64;
+            stats.idle_table_resident_bytes += table_resident as u64;
+            stats.memory_resets += load(&shard.memory_resets);
+            stats.table_resets += load(&shard.table_resets);
+            stats.decommit_calls += load(&shard.decommit_calls) + load(&shard.memories.decommit_calls);
+            stats.decommit_ranges += load(&shard.decommit_ranges) + load(&shard.memories.decommit_ranges);
         }
         stats
     }

@@ -7,6 +7,7 @@
 //! through [`SlotBytes`](crate::slot_bytes::SlotBytes).
 
 use std::ops::Range;
+use std::sync::atomic::AtomicU64;
 #[cfg(test)]
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -158,6 +159,10 @@ pub(crate) struct MemoryPool {
     /// Resets to fail, as if the kernel had refused them (tests only).
     #[cfg(test)]
     pub fail_resets: AtomicU32,
+    /// Decommits made while setting slots up or pushing them out (not by resets), in all.
+    pub decommit_calls: AtomicU64,
+    /// The ranges those decommits gave back, in all.
+    pub decommit_ranges: AtomicU64,
 }
 
 impl MemoryPool {
@@ -189,6 +194,8 @@ impl MemoryPool {
             shard,
             #[cfg(test)]
             fail_resets: AtomicU32::new(0),
+            decommit_calls: AtomicU64::new(0),
+            decommit_ranges: AtomicU64::new(0),
         })
     }
 
@@ -277,7 +284,10 @@ impl MemoryPool {
                 // writable.
                 let mut bytes = unsafe { self.region.bytes(slot, len, warm.accessible) };
                 match bytes.decommit(&beyond) {
-                    Ok(()) => Idle::Warm(warm).setup_for(image),
+                    Ok(done) => {
+                        done.count(&self.decommit_calls, &self.decommit_ranges);
+                        Idle::Warm(warm).setup_for(image)
+                    }
                     Err(_) => Setup::Remap,
                 }
             }
@@ -468,7 +478,11 @@ impl MemoryPool {
                 .replace_with_zeros(image.offset()..image.offset() + image.len())
                 .is_ok()
         });
-        let cooled = unmapped && bytes.decommit(warm.history.kept.runs()).is_ok();
+        let cooled = unmapped
+            && bytes
+                .decommit(warm.history.kept.runs())
+                .map(|done| done.count(&self.decommit_calls, &self.decommit_ranges))
+                .is_ok();
         if cooled {
             slots.cooled(local, bytes.accessible());
         }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use anyhow::Result;
 
-use crate::decommit::{self, Batch, DecommitQueue, Decommits};
+use crate::decommit::{self, Batch, DecommitQueue, Decommits, Decommitted};
 use crate::memory_pool::{self, Choose, Lease, MemoryKey, MemoryPool, Wanted};
 use crate::reset::MemoryReset;
 use crate::table_pool::{TableDone, TablePool, TableReset};
@@ -69,8 +69,10 @@ pub(crate) struct Shard {
     /// Memories and tables of this shard handed to tenants.
     pub live_memories: AtomicU64,
     pub live_tables: AtomicU64,
-    pub resets: AtomicU64,
-    pub decommits: AtomicU64,
+    pub memory_resets: AtomicU64,
+    pub table_resets: AtomicU64,
+    pub decommit_calls: AtomicU64,
+    pub decommit_ranges: AtomicU64,
     /// Decommits to fail, as if the kernel had refused them (tests only).
     #[cfg(test)]
     pub fail_decommits: std::sync::atomic::AtomicU32,
@@ -87,8 +89,10 @@ impl Shard {
             instance_share,
             live_memories: AtomicU64::new(0),
             live_tables: AtomicU64::new(0),
-            resets: AtomicU64::new(0),
-            decommits: AtomicU64::new(0),
+            memory_resets: AtomicU64::new(0),
+            table_resets: AtomicU64::new(0),
+            decommit_calls: AtomicU64::new(0),
+            decommit_ranges: AtomicU64::new(0),
             #[cfg(test)]
             fail_decommits: std::sync::atomic::AtomicU32::new(0),
         }
@@ -107,7 +111,11 @@ impl Shard {
     /// ranges) once it holds enough ranges, and the slots go back to their pools after it.
     pub fn release(&self, release: Release) {
         let counted = self.count_in_flight(1);
-        self.resets.fetch_add(1, Ordering::Relaxed);
+        let resets = match &release {
+            Release::Memory(_) => &self.memory_resets,
+            Release::Table(_) => &self.table_resets,
+        };
+        resets.fetch_add(1, Ordering::Relaxed);
         let (done, mut decommits) = match release {
             Release::Memory(job) => match self.memories.reset(job) {
                 Some((reset, decommits)) => (Done::Memory(reset), decommits),
@@ -125,8 +133,8 @@ impl Shard {
         if pending.1.is_empty() || !self.queue.batches() {
             // SAFETY: the ranges came from this slot's reset, through its `SlotBytes`; the
             // slot stays `Resetting` (handed to no one, touched by no one) until `finish`.
-            let calls = unsafe { decommit::run_one(pending, |held, ok| self.finish(held, ok)) };
-            self.decommits.fetch_add(calls, Ordering::Relaxed);
+            let done = unsafe { decommit::run_one(pending, |held, ok| self.finish(held, ok)) };
+            self.count(done);
             return;
         }
         // What a scan found written is given back now, by the deallocation that left it; only
@@ -136,8 +144,8 @@ impl Shard {
             // SAFETY: the ranges came from this slot's reset, through its `SlotBytes`; the
             // slot stays `Resetting` (handed to no one, touched by no one) until `finish`.
             match unsafe { decommit::try_run_one(pending, |held, ok| self.finish(held, ok)) } {
-                Ok(calls) => {
-                    self.decommits.fetch_add(calls, Ordering::Relaxed);
+                Ok(done) => {
+                    self.count(done);
                     return;
                 }
                 Err(back) => pending = back,
@@ -153,8 +161,8 @@ impl Shard {
             // SAFETY: every range came from the reset of a slot of this shard, through its
             // `SlotBytes`; the slot stays `Resetting` until `finish` is called for it.
             match unsafe { decommit::try_run(&mut batch, |held, ok| self.finish(held, ok)) } {
-                Some(calls) => {
-                    self.decommits.fetch_add(calls, Ordering::Relaxed);
+                Some(done) => {
+                    self.count(done);
                     self.queue.recycle(batch);
                 }
                 // Another thread is decommitting: the batch waits for the next one, unless the
@@ -208,9 +216,14 @@ impl Shard {
         // SAFETY: every range came from the reset of a slot of this shard, through its
         // `SlotBytes`; the slot stays `Resetting` (handed to no one, touched by no one) until
         // `finish` is called for it here.
-        let calls = unsafe { decommit::run(&mut batch, |held, ok| self.finish(held, ok)) };
-        self.decommits.fetch_add(calls, Ordering::Relaxed);
+        let done = unsafe { decommit::run(&mut batch, |held, ok| self.finish(held, ok)) };
+        self.count(done);
         self.queue.recycle(batch);
+    }
+
+    /// Counts decommits in the statistics.
+    fn count(&self, done: Decommitted) {
+        done.count(&self.decommit_calls, &self.decommit_ranges);
     }
 
     /// Takes a warm slot of `key`'s memory from this shard, ready for `wanted`; if none is warm

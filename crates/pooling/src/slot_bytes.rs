@@ -19,6 +19,8 @@ use std::ptr::NonNull;
 
 use berth_core::sys::{self, PageMap};
 
+use crate::decommit::Decommitted;
+
 /// The slots of one pool: `count` slots `stride` bytes apart from `base`, inside a mapping
 /// that outlives this value.
 #[derive(Debug, Clone, Copy)]
@@ -182,20 +184,25 @@ impl SlotBytes {
         start + range.start..start + range.end
     }
 
-    /// Gives `ranges` back to the kernel now (they read as zeros again, or as the image).
-    pub fn decommit(&mut self, ranges: &[Range<usize>]) -> io::Result<()> {
+    /// Gives `ranges` back to the kernel now (they read as zeros again, or as the image), and
+    /// says what that took.
+    pub fn decommit(&mut self, ranges: &[Range<usize>]) -> io::Result<Decommitted> {
         let ranges: Vec<Range<usize>> = ranges
             .iter()
             .map(|r| self.address_range(r.clone()))
             .filter(|r| !r.is_empty())
             .collect();
         if ranges.is_empty() {
-            return Ok(());
+            return Ok(Decommitted::default());
         }
         // SAFETY: *held* and *inside*; the slot is in the pool's private mapping (anonymous, or
         // an image's private file mapping), as `decommit_all` requires. It takes its turn with
         // the process's other decommits.
-        unsafe { sys::decommit_all(&ranges) }
+        let calls = unsafe { sys::decommit_all(&ranges) }?;
+        Ok(Decommitted {
+            calls,
+            ranges: ranges.len() as u64,
+        })
     }
 
     /// Replaces `range` (inside the accessible bytes) with fresh anonymous zero pages, readable

@@ -229,8 +229,9 @@ impl TablePool {
             .free(done.slot - self.first, done.resident, TableSlot::Resetting);
     }
 
-    /// Resident bytes in free slots.
-    pub fn idle_resident(&self) -> usize {
-        self.lock().idle_resident
+    /// Used slots free now (warm), and the resident bytes they keep.
+    pub fn counts(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.free.len(), state.idle_resident)
     }
 }

@@ -165,7 +165,7 @@ fn a_table_slot_whose_decommit_failed_is_zeroed() {
     pool.fail_next_decommits(1);
     deallocate(&pool, tenant);
     // The failed decommit was not run: the elements are still there for the failure path.
-    assert_eq!(pool.stats().decommits, 0);
+    assert_eq!(pool.stats().decommit_ranges, 0);
     let (_, elements, _) = contents(&pool, &a);
     assert!(
         elements.iter().all(|&e| e == 0),
@@ -237,12 +237,12 @@ fn a_release_that_runs_a_batch_keeps_the_warm_cap() {
         pool.flush_decommits();
     });
     assert_eq!(
-        pool.stats().warm_slots,
+        pool.stats().warm_memory_slots,
         cap as u64,
         "shard 0 borrowed the whole cap"
     );
     let others = [load(&pool, "x", 1, 0), load(&pool, "y", 1, 0)];
-    let before = pool.stats().decommits;
+    let before = pool.stats().decommit_ranges;
     on_shard(shards, 1, || {
         // The first one's blind decommit waits for a batch; the second's completes it.
         let first = instantiate(&pool, &others[0]);
@@ -251,15 +251,15 @@ fn a_release_that_runs_a_batch_keeps_the_warm_cap() {
         deallocate(&pool, second);
     });
     assert_eq!(
-        pool.stats().decommits - before,
+        pool.stats().decommit_ranges - before,
         2,
         "one batch of both memories' ranges"
     );
     let stats = pool.stats();
     assert!(
-        stats.warm_slots <= cap as u64,
+        stats.warm_memory_slots <= cap as u64,
         "{} warm slots over a cap of {cap}",
-        stats.warm_slots
+        stats.warm_memory_slots
     );
 }
 

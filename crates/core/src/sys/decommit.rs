@@ -33,33 +33,34 @@ static TURN: Mutex<()> = Mutex::new(());
 
 /// Gives every range of `ranges` (addresses) back to the kernel, as [`decommit`] does for
 /// one: their next read sees zeros (or the file's bytes, in a private file mapping). Uses one
-/// system call per 64 ranges where the kernel allows it. On error, some ranges may have been
-/// decommitted and others not. Waits while another thread of the process is decommitting.
+/// system call per 64 ranges where the kernel allows it, and returns how many system calls it
+/// made. On error, some ranges may have been decommitted and others not. Waits while another
+/// thread of the process is decommitting.
 ///
 /// # Safety
 ///
 /// Every range is page-aligned and inside a private mapping made by [`reserve`](super::reserve)
 /// or [`map_image`](super::map_image), owned by the caller, with no Rust reference into it live.
-pub unsafe fn decommit_all(ranges: &[Range<usize>]) -> io::Result<()> {
+pub unsafe fn decommit_all(ranges: &[Range<usize>]) -> io::Result<u64> {
     let _turn = crate::sync::lock_spinning(&TURN);
     // SAFETY: the caller's obligations are this function's.
     unsafe { decommit_in_turn(ranges) }
 }
 
-/// [`decommit_all`] if no other thread of the process is decommitting now: `Ok(false)`, with
-/// nothing decommitted, if one is. For a caller that has something better to do than wait
+/// [`decommit_all`] if no other thread of the process is decommitting now (`Ok(Some(calls))`):
+/// `Ok(None)`, with nothing decommitted, if one is. For a caller that has something better to do than wait
 /// (a pool can keep the ranges for its next batch).
 ///
 /// # Safety
 ///
 /// Every range is page-aligned and inside a private mapping made by [`reserve`](super::reserve)
 /// or [`map_image`](super::map_image), owned by the caller, with no Rust reference into it live.
-pub unsafe fn try_decommit_all(ranges: &[Range<usize>]) -> io::Result<bool> {
+pub unsafe fn try_decommit_all(ranges: &[Range<usize>]) -> io::Result<Option<u64>> {
     let Some(_turn) = crate::sync::try_lock(&TURN) else {
-        return Ok(false);
+        return Ok(None);
     };
     // SAFETY: the caller's obligations are this function's.
-    unsafe { decommit_in_turn(ranges) }.map(|()| true)
+    unsafe { decommit_in_turn(ranges) }.map(Some)
 }
 
 /// The work of [`decommit_all`], for a caller holding [`TURN`].
@@ -68,8 +69,9 @@ pub unsafe fn try_decommit_all(ranges: &[Range<usize>]) -> io::Result<bool> {
 ///
 /// Every range is page-aligned and inside a private mapping made by [`reserve`](super::reserve)
 /// or [`map_image`](super::map_image), owned by the caller, with no Rust reference into it live.
-unsafe fn decommit_in_turn(ranges: &[Range<usize>]) -> io::Result<()> {
+unsafe fn decommit_in_turn(ranges: &[Range<usize>]) -> io::Result<u64> {
     let mut done = 0;
+    let mut calls = 0;
     let mut refused = false;
     if ranges.len() > 1 && !REFUSED.load(Ordering::Relaxed) {
         let empty = libc::iovec {
@@ -85,6 +87,7 @@ unsafe fn decommit_in_turn(ranges: &[Range<usize>]) -> io::Result<()> {
                 v.iov_len = range.len();
             }
             let wanted: usize = chunk.iter().map(Range::len).sum();
+            calls += 1;
             // SAFETY: `iov` holds `chunk.len()` initialized `iovec`s and outlives the call; the
             // caller owns every range, so discarding their contents breaks no reference.
             let advised = unsafe {
@@ -119,10 +122,11 @@ unsafe fn decommit_in_turn(ranges: &[Range<usize>]) -> io::Result<()> {
         // SAFETY: the caller owns the page-aligned range, inside a private mapping, and holds
         // no reference into it (`decommit`'s obligations); `start` goes to the kernel only.
         unsafe { decommit(start, range.len()) }?;
+        calls += 1;
     }
     if refused {
         // `madvise` took the very ranges `process_madvise` refused: the kernel lacks it.
         REFUSED.store(true, Ordering::Relaxed);
     }
-    Ok(())
+    Ok(calls)
 }

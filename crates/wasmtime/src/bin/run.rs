@@ -91,7 +91,7 @@ fn main() -> Result<()> {
         "berth: {} memories live, {} of address space reserved, {} warm slots",
         stats.live_memories,
         human_bytes(stats.reserved_bytes),
-        stats.warm_slots
+        stats.warm_memory_slots
     );
     drop(store);
     let stats = berth.stats();

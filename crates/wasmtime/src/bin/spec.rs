@@ -255,8 +255,8 @@ fn main() -> Result<()> {
                 "{}: {} memories live at the end, {} warm slots, {} resets",
                 memories.name(),
                 stats.live_memories,
-                stats.warm_slots,
-                stats.resets
+                stats.warm_memory_slots,
+                stats.resets()
             );
         }
     }
