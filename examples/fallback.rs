@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Result;
 use berth_core::{
     AllocatorStats, DefinedMemoryIndex, DefinedTableIndex, HostPtr, InstanceAllocationRequest,
-    InstanceAllocatorImpl, LimitExceeded, Memory, MemoryAllocationIndex, MemoryType, Module, ModuleId, Table,
-    TableAllocationIndex, TableType, Tunables, VMOffsets,
+    InstanceAllocatorImpl, LimitExceeded, Memory, MemoryAllocationIndex, MemoryType, Module, ModuleId,
+    Released, Table, TableAllocationIndex, TableType, Tunables, VMOffsets,
 };
 use berth_engine::{OnDemandInstanceAllocator, PoolingConfig, PoolingInstanceAllocator};
 
@@ -165,6 +165,13 @@ unsafe impl InstanceAllocatorImpl for FallbackAllocator {
         stats.live_memories = pool.live_memories + on_demand.live_memories;
         stats.live_tables = pool.live_tables + on_demand.live_tables;
         stats.reserved_bytes = pool.reserved_bytes + on_demand.reserved_bytes;
+        stats.warm_memory_slots = pool.warm_memory_slots + on_demand.warm_memory_slots;
         stats
+    }
+
+    fn release_idle_memory(&self) -> Released {
+        let mut released = self.pool.release_idle_memory();
+        released += self.on_demand.release_idle_memory();
+        released
     }
 }

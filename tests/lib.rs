@@ -204,4 +204,8 @@ unsafe impl<A: InstanceAllocatorImpl> InstanceAllocatorImpl for FailingAllocator
     fn stats(&self) -> AllocatorStats {
         self.inner.stats()
     }
+
+    fn release_idle_memory(&self) -> berth_core::Released {
+        self.inner.release_idle_memory()
+    }
 }

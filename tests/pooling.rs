@@ -692,3 +692,46 @@ fn pages_a_slot_kept_for_another_module_stay_resident_only_as_pages_it_keeps() {
         "the idle slot holds resident pages the pool does not count"
     );
 }
+
+#[test]
+fn releasing_idle_memory_gives_the_kept_pages_back_to_the_kernel() {
+    // A host that goes quiet: the pages idle slots keep leave the process, not only the
+    // books; the next instance of the module starts fresh and works.
+    let map = berth_core::sys::page_map();
+    if !berth_testkit::page_states::require("released pages", "PAGEMAP_SCAN", map.is_some()) {
+        return;
+    }
+    let map = map.expect("checked");
+    let mut pooling = slots(2);
+    pooling
+        .linear_memory_keep_resident(1 << 20)
+        .decommit_batch_size(1);
+    let (engine, _) = pool(&pooling);
+    let a = engine.load(module("a", 4)).unwrap();
+    let mut instance = Instance::new(&a).unwrap();
+    let base = std::ptr::NonNull::new(memory_base(&instance) as *mut u8).unwrap();
+    instance.write_memory(0, 0, &vec![0xC3; 4 * PAGE]).unwrap();
+    drop(instance);
+    let present = |len| map.count(base, len, berth_core::sys::PageState::Present).unwrap();
+    assert!(present(4 * PAGE) >= 64, "the written pages are kept resident");
+    assert!(engine.stats().idle_resident_bytes() >= (4 * PAGE) as u64);
+
+    let released = engine.release_idle_memory();
+    assert!(
+        released.slots >= 1 && released.resident_bytes >= (4 * PAGE) as u64,
+        "{released:?}"
+    );
+    assert_eq!(
+        present(4 * PAGE),
+        0,
+        "pages of a released slot are still resident"
+    );
+    let stats = engine.stats();
+    assert_eq!((stats.warm_memory_slots, stats.idle_resident_bytes()), (0, 0));
+    assert!(stats.decommit_calls >= 1);
+
+    let instance = Instance::new(&a).unwrap();
+    let mut bytes = vec![1u8; 4 * PAGE];
+    instance.read_memory(0, 0, &mut bytes).unwrap();
+    assert!(bytes.iter().all(|&b| b == 0), "a released slot shows old bytes");
+}

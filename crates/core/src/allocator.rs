@@ -203,6 +203,42 @@ pub unsafe trait InstanceAllocatorImpl: Send + Sync {
 
     /// Current statistics.
     fn stats(&self) -> AllocatorStats;
+
+    /// Gives back, now, what this backend keeps for tenants to come: the resident pages and
+    /// images of idle slots, the slots themselves (cold, set up again when next used), kept
+    /// reservations, and decommits waiting for a batch, which run now. Live instances keep all
+    /// they have. For a host that goes quiet; the next instances pay the set-up again. The
+    /// default keeps nothing, so releases nothing.
+    fn release_idle_memory(&self) -> Released {
+        Released::default()
+    }
+}
+
+/// What [`InstanceAllocatorImpl::release_idle_memory`] gave back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Released {
+    /// Warm slots and kept reservations made cold or unmapped.
+    pub slots: u64,
+    /// Resident bytes given back to the kernel.
+    pub resident_bytes: u64,
+}
+
+impl Released {
+    /// `slots` slots and `resident_bytes` bytes released.
+    pub fn new(slots: u64, resident_bytes: u64) -> Released {
+        Released {
+            slots,
+            resident_bytes,
+        }
+    }
+}
+
+impl std::ops::AddAssign for Released {
+    fn add_assign(&mut self, other: Released) {
+        self.slots += other.slots;
+        self.resident_bytes += other.resident_bytes;
+    }
 }
 
 /// What a runtime calls to allocate instances. **Call this; never implement it**: it is given

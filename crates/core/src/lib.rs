@@ -44,7 +44,7 @@ mod vmcontext;
 pub mod vmoffsets;
 
 pub use allocator::{
-    AllocatorStats, Imports, InstanceAllocationRequest, InstanceAllocator, InstanceAllocatorImpl,
+    AllocatorStats, Imports, InstanceAllocationRequest, InstanceAllocator, InstanceAllocatorImpl, Released,
 };
 pub use error::{LimitExceeded, LimiterDenied, OutOfBounds};
 pub use image::MemoryImage;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use berth_core::{
-    AllocatorStats, HostPtr, InstanceAllocator, InstanceAllocatorImpl, MemoryType, Module,
+    AllocatorStats, HostPtr, InstanceAllocator, InstanceAllocatorImpl, MemoryType, Module, Released,
     StandaloneMemories, StandaloneMemory, Tunables, VMOffsets, sys,
 };
 use berth_on_demand::OnDemandInstanceAllocator;
@@ -96,6 +96,14 @@ impl Engine {
     /// The allocator's statistics.
     pub fn stats(&self) -> AllocatorStats {
         self.inner.allocator.stats()
+    }
+
+    /// Gives back, now, the memory the backend keeps for instances to come (idle slots'
+    /// resident pages and images, warm slots, kept reservations, queued decommits): for a host
+    /// that goes quiet. Live instances are untouched; the next instances pay their set-up
+    /// again. See [`InstanceAllocatorImpl::release_idle_memory`](berth_core::InstanceAllocatorImpl::release_idle_memory).
+    pub fn release_idle_memory(&self) -> Released {
+        self.inner.allocator.release_idle_memory()
     }
 
     /// Loads module facts: computes the vmctx offsets and has the backend validate the module,

@@ -37,8 +37,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result};
 use berth_core::{
     AllocatorStats, DefinedMemoryIndex, DefinedTableIndex, HostPtr, InstanceAllocationRequest,
-    InstanceAllocatorImpl, LimitExceeded, Memory, MemoryAllocationIndex, MemoryType, Module, ModuleId, Table,
-    TableAllocationIndex, TableType, VMOffsets,
+    InstanceAllocatorImpl, LimitExceeded, Memory, MemoryAllocationIndex, MemoryType, Module, ModuleId,
+    Released, Table, TableAllocationIndex, TableType, VMOffsets,
 };
 pub use recycle::DEFAULT_CACHED_RESERVATIONS;
 use recycle::{Habits, Reservations};
@@ -289,6 +289,12 @@ unsafe impl InstanceAllocatorImpl for OnDemandInstanceAllocator {
 
     fn purge_module(&self, module: ModuleId) {
         self.habits.purge(module);
+    }
+
+    /// Unmaps the freed reservations kept for reuse (their pages were given back when they
+    /// were freed, so no resident byte comes back with them).
+    fn release_idle_memory(&self) -> Released {
+        Released::new(self.reservations.release_all(), 0)
     }
 
     fn stats(&self) -> AllocatorStats {

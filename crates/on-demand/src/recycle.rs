@@ -71,6 +71,14 @@ impl Reservations {
         drop(evicted);
     }
 
+    /// Unmaps every kept reservation (outside the lock) and says how many there were.
+    pub(crate) fn release_all(&self) -> u64 {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let released = std::mem::take(&mut *free);
+        drop(free);
+        released.len() as u64
+    }
+
     /// How many are kept, and their bytes.
     pub(crate) fn kept(&self) -> (u64, u64) {
         let free = self.free.lock().unwrap_or_else(|p| p.into_inner());

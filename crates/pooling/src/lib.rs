@@ -37,7 +37,7 @@ use anyhow::{Context, Result};
 use berth_core::{
     AllocatorStats, DefinedMemoryIndex, DefinedTableIndex, HostPtr, InstanceAllocationRequest,
     InstanceAllocatorImpl, LimitExceeded, Memory, MemoryAllocationIndex, MemoryType, Mmap, Module, ModuleId,
-    Table, TableAllocationIndex, TableType, Tunables, VMOffsets, human_bytes, sys,
+    Released, Table, TableAllocationIndex, TableType, Tunables, VMOffsets, human_bytes, sys,
 };
 
 pub use check::{check_module, pool_misfits};
@@ -204,6 +204,22 @@ impl PoolingInstanceAllocator {
         for shard in &*self.shards {
             shard.fail_decommits.store(n, Ordering::SeqCst);
         }
+    }
+
+    /// Gives back, now, what the pool keeps for tenants to come: queued decommits run, every
+    /// warm memory slot is pushed out (its kept pages and image given back; cold until used
+    /// again) and the resident pages of free table slots are decommitted. Live instances keep
+    /// all they have; the address space stays reserved. For a host that goes quiet.
+    pub fn release_idle_memory(&self) -> Released {
+        self.flush_decommits();
+        let mut released = Released::default();
+        for shard in &*self.shards {
+            released += shard.memories.release_idle();
+            let (tables, done) = shard.tables.release_idle();
+            released += tables;
+            done.count(&shard.decommit_calls, &shard.decommit_ranges);
+        }
+        released
     }
 
     /// Runs every queued reset now and returns the slots to their pools. Returns whether
@@ -561,6 +577,10 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         for shard in &*self.shards {
             shard.memories.purge(module);
         }
+    }
+
+    fn release_idle_memory(&self) -> Released {
+        PoolingInstanceAllocator::release_idle_memory(self)
     }
 
     fn stats(&self) -> AllocatorStats {

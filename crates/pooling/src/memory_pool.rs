@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow};
-use berth_core::{DefinedMemoryIndex, MemoryImage, ModuleId, human_bytes, sys};
+use berth_core::{DefinedMemoryIndex, MemoryImage, ModuleId, Released, human_bytes, sys};
 
 use crate::decommit::Decommits;
 use crate::layout::PoolLayout;
@@ -486,6 +486,19 @@ impl MemoryPool {
         if cooled {
             slots.cooled(local, bytes.accessible());
         }
+    }
+
+    /// Pushes every warm slot out (its kept pages and image given back, cold from now on) and
+    /// returns how many and the resident bytes they kept. Slots held or being reset stay.
+    pub fn release_idle(&self) -> Released {
+        let mut state = self.lock();
+        let mut released = Released::default();
+        while let Some((local, warm)) = state.slots.evict() {
+            released += Released::new(1, warm.history.kept.bytes() as u64);
+            self.cool(&mut state.slots, local, warm);
+        }
+        self.publish(&state.slots);
+        released
     }
 
     /// Forgets the warm slots of `module`; its slots not idle go cold when they come back.

@@ -11,9 +11,9 @@ use std::ptr::NonNull;
 use std::sync::Mutex;
 
 use anyhow::{Result, anyhow};
-use berth_core::human_bytes;
+use berth_core::{Released, human_bytes};
 
-use crate::decommit::Decommits;
+use crate::decommit::{Decommits, Decommitted};
 use crate::layout::PoolLayout;
 use crate::slot_bytes::{Region, SlotBytes};
 use crate::slots::SlotId;
@@ -227,6 +227,32 @@ impl TablePool {
         }
         self.lock()
             .free(done.slot - self.first, done.resident, TableSlot::Resetting);
+    }
+
+    /// Gives the resident pages of every free slot back to the kernel (a slot whose decommit
+    /// fails keeps them, still zero), and says what that released and took.
+    pub fn release_idle(&self) -> (Released, Decommitted) {
+        let mut state = self.lock();
+        let (mut released, mut done) = (Released::default(), Decommitted::default());
+        for i in 0..state.free.len() {
+            let local = state.free[i];
+            let TableSlot::Free { resident } = state.slots[local as usize] else {
+                continue;
+            };
+            if resident == 0 {
+                continue;
+            }
+            // SAFETY: the slot is free and this pool's lock is held, so no one takes or
+            // touches it until the lock is dropped.
+            let mut bytes = unsafe { self.bytes(self.first + local) };
+            if let Ok(decommitted) = bytes.decommit(std::slice::from_ref(&(0..resident))) {
+                done += decommitted;
+                released += Released::new(1, resident as u64);
+                state.slots[local as usize] = TableSlot::Free { resident: 0 };
+                state.idle_resident -= resident;
+            }
+        }
+        (released, done)
     }
 
     /// Used slots free now (warm), and the resident bytes they keep.

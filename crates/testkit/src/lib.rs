@@ -25,7 +25,9 @@
 //!   model, and live memories never overlap;
 //! - memories taken on their own ([`StandaloneMemories`](berth_core::StandaloneMemories)), without
 //!   an instance, start zeroed, grow by the spec, never overlap, show nothing of an earlier
-//!   one, and are counted only while they live.
+//!   one, and are counted only while they live;
+//! - releasing idle memory leaves no memory slot warm and no byte resident in idle slots, keeps
+//!   what a live instance holds, and later instances start fresh.
 //!
 //! Cases that push pages to swap need swap: without it they say that they skipped and why, and
 //! under `CI=true` they fail.
@@ -51,6 +53,7 @@ mod harness;
 mod modules;
 pub mod page_states;
 mod program;
+mod release;
 mod reuse;
 mod standalone;
 
@@ -184,6 +187,10 @@ const CASES: &[Case] = &[
     (
         "programs_agree_with_the_model",
         program::programs_agree_with_the_model,
+    ),
+    (
+        "releasing_idle_memory_keeps_live_tenants_and_fresh_starts",
+        release::releasing_idle_memory_keeps_live_tenants_and_fresh_starts,
     ),
     (
         "standalone_memories_are_fresh_grow_and_come_back",
