@@ -132,6 +132,52 @@ impl AllocatorStats {
 /// they returned; and that `increment_core_instance_count` / `decrement_core_instance_count`
 /// keep an honest count. The provided methods of [`InstanceAllocator`] rely on this to hand
 /// memory to compiled code.
+///
+/// # Example
+///
+/// A backend that wraps another and counts the memories it hands out (what a backend of
+/// one's own looks like; prove one with `berth_testkit::run_all`):
+///
+/// ```no_run
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use anyhow::Result;
+/// use berth_core::*;
+///
+/// struct Counting<A> { inner: A, memories: AtomicU64 }
+///
+/// // SAFETY: every resource comes from `inner`, which keeps the contract, and goes back to it.
+/// unsafe impl<A: InstanceAllocatorImpl> InstanceAllocatorImpl for Counting<A> {
+///     fn validate_module_impl(&self, module: &Module, offsets: &VMOffsets<HostPtr>) -> Result<()> {
+///         self.inner.validate_module_impl(module, offsets)
+///     }
+///     fn increment_core_instance_count(&self) -> Result<()> { self.inner.increment_core_instance_count() }
+///     fn decrement_core_instance_count(&self) { self.inner.decrement_core_instance_count() }
+///     unsafe fn allocate_memory(
+///         &self, request: &mut InstanceAllocationRequest<'_>, ty: &MemoryType, index: DefinedMemoryIndex,
+///     ) -> Result<(MemoryAllocationIndex, Memory)> {
+///         self.memories.fetch_add(1, Ordering::Relaxed);
+///         // SAFETY: the caller's obligations are `inner`'s.
+///         unsafe { self.inner.allocate_memory(request, ty, index) }
+///     }
+///     unsafe fn deallocate_memory(&self, index: DefinedMemoryIndex, slot: MemoryAllocationIndex, memory: Memory) {
+///         // SAFETY: `memory` came from `inner` (every memory this backend hands out does).
+///         unsafe { self.inner.deallocate_memory(index, slot, memory) }
+///     }
+///     unsafe fn allocate_table(
+///         &self, request: &mut InstanceAllocationRequest<'_>, ty: &TableType, index: DefinedTableIndex,
+///     ) -> Result<(TableAllocationIndex, Table)> {
+///         // SAFETY: the caller's obligations are `inner`'s.
+///         unsafe { self.inner.allocate_table(request, ty, index) }
+///     }
+///     unsafe fn deallocate_table(&self, index: DefinedTableIndex, slot: TableAllocationIndex, table: Table) {
+///         // SAFETY: `table` came from `inner`.
+///         unsafe { self.inner.deallocate_table(index, slot, table) }
+///     }
+///     fn purge_module(&self, module: ModuleId) { self.inner.purge_module(module) }
+///     fn stats(&self) -> AllocatorStats { self.inner.stats() }
+///     fn release_idle_memory(&self) -> Released { self.inner.release_idle_memory() }
+/// }
+/// ```
 pub unsafe trait InstanceAllocatorImpl: Send + Sync {
     /// Whether this backend can ever instantiate `module` (its limits, its slot sizes). Called
     /// once per module, when it is loaded.

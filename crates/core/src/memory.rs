@@ -108,6 +108,20 @@ impl Memory {
     /// A memory in its own reservation, sized by `tunables`: `memory_reservation` bytes if
     /// the minimum fits there, else the minimum plus `memory_reservation_for_growth`; then
     /// a guard (and a pre-guard if asked). `backend_max` caps its size in bytes.
+    ///
+    /// ```
+    /// use berth_core::{Memory, MemoryType, Tunables};
+    ///
+    /// let mut tunables = Tunables::default();
+    /// tunables.memory_reservation = 1 << 20; // 1 MiB, grown in place
+    /// let mut memory = Memory::new_dynamic(&MemoryType::new(1, Some(4)), &tunables, None, None)?;
+    /// assert_eq!(memory.byte_size(), 65536);
+    /// assert!(memory.as_slice().iter().all(|&b| b == 0));
+    /// assert_eq!(memory.grow(3, None)?, Some(1)); // the old size in pages
+    /// assert_eq!(memory.grow(1, None)?, None); // past the maximum: the spec's -1
+    /// assert_eq!(memory.vmmemory().current_length, 4 * 65536);
+    /// # anyhow::Ok(())
+    /// ```
     pub fn new_dynamic(
         ty: &MemoryType,
         tunables: &Tunables,

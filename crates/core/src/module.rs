@@ -60,7 +60,27 @@ pub struct Module {
 }
 
 impl Module {
-    /// Starts building a module.
+    /// Starts building a module: what a front-end (`berth-wasm` reads them from a binary)
+    /// knows of a validated module that instance allocation needs.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use berth_core::{ConstExpr, DataKind, DataSegment, MemoryIndex, MemoryType, Module, TableType};
+    ///
+    /// let module = Module::builder()
+    ///     .name("hello")
+    ///     .memory(MemoryType::new(1, Some(16)))
+    ///     .table(TableType::new(8, None))
+    ///     .data(DataSegment {
+    ///         kind: DataKind::Active { memory: MemoryIndex::from_u32(0), offset: ConstExpr::I32(16) },
+    ///         data: Arc::from(&b"hello"[..]),
+    ///     })
+    ///     .build()?;
+    /// assert_eq!((module.num_defined_memories(), module.num_defined_tables()), (1, 1));
+    /// // The data segment is known at load: it becomes a copy-on-write image.
+    /// assert!(module.segments_never_in_bounds().is_empty());
+    /// # anyhow::Ok(())
+    /// ```
     pub fn builder() -> ModuleBuilder {
         ModuleBuilder::default()
     }

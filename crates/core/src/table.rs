@@ -55,6 +55,17 @@ fn initial_size(
 
 impl Table {
     /// A table in its own `Vec`, all null; `backend_max` caps its size in elements.
+    ///
+    /// ```
+    /// use berth_core::{Table, TableType};
+    ///
+    /// let mut table = Table::new_dynamic(&TableType::new(2, Some(3)), None, None)?;
+    /// assert_eq!(table.size(), 2);
+    /// assert_eq!(table.grow(1, 7, None)?, Some(2));
+    /// assert_eq!(table.get(2), Some(7));
+    /// assert_eq!(table.grow(1, 0, None)?, None);
+    /// # anyhow::Ok(())
+    /// ```
     pub fn new_dynamic(
         ty: &TableType,
         backend_max: Option<usize>,

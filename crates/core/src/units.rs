@@ -1,6 +1,10 @@
 //! Sizes in human units, for error messages and reports.
 
 /// Bytes in a human unit: `512 B`, `64.0 KiB`, `6.0 GiB`.
+///
+/// ```
+/// assert_eq!(berth_core::human_bytes(6 << 30), "6.0 GiB");
+/// ```
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
     if bytes < 1024 {

@@ -136,7 +136,22 @@ pub struct VMOffsets<P> {
 pub const VMCTX_ALIGN: u32 = 16;
 
 impl<P: PtrSize> VMOffsets<P> {
-    /// The layout for `module`.
+    /// The layout for `module`: where compiled code finds each import, definition and global
+    /// in the vmctx.
+    ///
+    /// ```
+    /// use berth_core::{DefinedMemoryIndex, HostPtr, InstanceBlock, MemoryType, Module, VMOffsets};
+    ///
+    /// let module = Module::builder().memory(MemoryType::new(1, None)).build()?;
+    /// let offsets = VMOffsets::new(HostPtr, &module)?;
+    /// let definition = offsets.vmctx_vmmemory_definition(berth_core::OwnedMemoryIndex::from_u32(0));
+    /// assert!(definition + offsets.size_of_vmmemory_definition() <= offsets.size_of_vmctx());
+    /// // The instance block: the `Instance` with the vmctx after it.
+    /// let block = InstanceBlock::layout(&offsets)?;
+    /// assert!(block.size() > offsets.size_of_vmctx() as usize);
+    /// # let _ = DefinedMemoryIndex::from_u32(0);
+    /// # anyhow::Ok(())
+    /// ```
     pub fn new(ptr: P, module: &Module) -> Result<Self> {
         Self::from_fields(ptr, VMOffsetsFields::from_module(module))
     }
