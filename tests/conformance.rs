@@ -1,11 +1,13 @@
 //! Every backend runs the whole conformance suite: on-demand, pooling in several
-//! configurations, and the fallback backend from `examples/`.
+//! configurations, the fallback backend from `examples/`, and quotas over a pool and over it.
 
 use std::sync::Arc;
 
 use berth_core::{InstanceAllocatorImpl, Tunables};
-use berth_engine::{OnDemandInstanceAllocator, OnDemandLimits, PoolingConfig, PoolingInstanceAllocator};
-use berth_examples::fallback::FallbackAllocator;
+use berth_engine::{
+    OnDemandInstanceAllocator, OnDemandLimits, PoolingConfig, PoolingInstanceAllocator, QuotaLimits, Quotas,
+};
+use berth_examples::fallback;
 use berth_testkit::{Capabilities, run_all};
 
 fn pool_config() -> PoolingConfig {
@@ -145,8 +147,42 @@ fn fallback_from_examples() {
     // The pool's limits do not show: what it cannot serve, on-demand does.
     run_all(
         &move |tunables: &Tunables| -> Arc<dyn InstanceAllocatorImpl> {
-            Arc::new(FallbackAllocator::new(&config, tunables).expect("fallback builds"))
+            Arc::new(fallback::fallback(&config, tunables).expect("fallback builds"))
         },
         Capabilities::unlimited(),
+    );
+}
+
+#[test]
+fn quotas_over_the_fallback_from_examples() {
+    // A quota per module name (the suite's modules are named) that the suite's instances stay
+    // within: every resource passes through the quotas' books and back.
+    let config = pool_config();
+    run_all(
+        &move |tunables: &Tunables| -> Arc<dyn InstanceAllocatorImpl> {
+            Arc::new(fallback::fallback_with_quotas(&config, tunables, 1 << 20).expect("builds"))
+        },
+        Capabilities::unlimited(),
+    );
+}
+
+#[test]
+fn quotas_over_a_pool() {
+    // One group for every request, limited at the pool's own capacity: the pool's limits are
+    // what shows, typed as the suite expects.
+    let config = pool_config();
+    let caps = pool_caps(&config);
+    let limits = QuotaLimits {
+        instances: Some(u64::from(config.total_core_instances)),
+        memories: Some(u64::from(config.total_memories)),
+        tables: Some(u64::from(config.total_tables)),
+        memory_bytes: None,
+    };
+    run_all(
+        &move |tunables: &Tunables| -> Arc<dyn InstanceAllocatorImpl> {
+            let pool = PoolingInstanceAllocator::new(&config, tunables).expect("pool builds");
+            Arc::new(Quotas::new(pool, limits, |_| Some(())))
+        },
+        caps,
     );
 }

@@ -11,6 +11,10 @@
 //!    writes and grows memories and tables, gives compiled code its vmctx, and gives everything
 //!    back to the backend when dropped.
 //!
+//! Backends compose: [`Fallback`] puts one in front of another (a pool in front of on-demand
+//! allocation), [`Quotas`] limits each group of tenants; either is a backend to plug in with
+//! [`InstanceAllocationStrategy::Custom`].
+//!
 //! A host that needs a linear memory without an instance (another runtime's memory, say) takes
 //! one from the same backend with [`Engine::new_memory`].
 //!
@@ -39,6 +43,7 @@ pub use config::{Config, InstanceAllocationStrategy};
 pub use engine::{Engine, LoadedModule, check_tunables};
 pub use instance::{Instance, InstanceBuilder, OwnedImports};
 
+pub use berth_compose::{Fallback, QuotaExceeded, QuotaLimits, QuotaUsage, Quotas};
 pub use berth_core;
 pub use berth_on_demand::{OnDemandInstanceAllocator, OnDemandLimits};
 pub use berth_pooling::{
