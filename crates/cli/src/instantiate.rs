@@ -360,9 +360,9 @@ pub fn run(args: &Args) -> Result<Outcome> {
         say!("  table {i}: {size} elements");
     }
     say!(
-        "{} instances on {} thread(s), {} written to memory 0 by each, in {:.3} s",
-        args.count,
-        threads,
+        "{} on {}, {} written to memory 0 by each, in {:.3} s",
+        count(args.count, "instance", "instances"),
+        count(threads, "thread", "threads"),
         human(args.touch),
         elapsed.as_secs_f64()
     );
