@@ -1,4 +1,5 @@
-//! Locks held for a few microseconds at most, taken by spinning before sleeping.
+//! Locks held for a few microseconds at most, taken by spinning before sleeping; and each
+//! thread's lane, for state a backend or an engine splits per thread.
 //!
 //! A thread that sleeps on a lock held by another core is woken by that core when the lock is
 //! released: on a virtual machine the wake-up crosses the hypervisor (an inter-processor
@@ -6,7 +7,9 @@
 //! critical sections (a few list updates) or a decommit (one system call). So the pool's locks
 //! are first tried for a few microseconds, and only then waited for the usual way.
 
+use std::cell::Cell;
 use std::hint::spin_loop;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -43,4 +46,19 @@ pub fn try_lock<T>(mutex: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
         Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
         Err(TryLockError::WouldBlock) => None,
     }
+}
+
+/// This thread's lane among `lanes`: threads take lanes in turn the first time they ask, so
+/// that threads running at once land on different lanes (as many as there are lanes). State
+/// split by lane (a pool's shards, per-lane reference counts) is then touched by one thread
+/// each, and its cache lines stay on that thread's core.
+pub fn thread_lane(lanes: usize) -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local!(static LANE: Cell<usize> = const { Cell::new(usize::MAX) });
+    LANE.with(|lane| {
+        if lane.get() == usize::MAX {
+            lane.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        lane.get() % lanes.max(1)
+    })
 }

@@ -1,16 +1,17 @@
 //! The safe instance handle embedders use.
 
 use std::any::Any;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use berth_core::cranelift_entity::packed_option::PackedOption;
 use berth_core::{
     DefinedMemoryIndex, DefinedTableIndex, FuncIndex, FuncResolver, Imports, InstanceAllocationRequest,
-    InstanceAllocator, InstanceHandle, MemoryIndex, ResourceLimiter, TableIndex, VMContext, VMFunctionImport,
-    VMGlobalDefinition, VMGlobalImport, VMMemoryImport, VMTableImport,
+    InstanceAllocator, InstanceHandle, MemoryIndex, Module, ResourceLimiter, TableIndex, VMContext,
+    VMFunctionImport, VMGlobalDefinition, VMGlobalImport, VMMemoryImport, VMTableImport,
 };
 
-use crate::engine::LoadedModule;
+use crate::engine::{Engine, Lane, LoadedModule};
 
 /// Imports an instance is linked with, owned. Each list must have exactly as many entries as
 /// the module imports of that kind, or instantiation fails with an error naming the kind.
@@ -127,7 +128,7 @@ impl<'m> InstanceBuilder<'m> {
         // initialization fails.
         let mut instance = Instance {
             handle,
-            module: self.module.clone(),
+            lane: self.module.lane(),
             limiter,
         };
         // SAFETY: as above, the imports are live.
@@ -141,14 +142,15 @@ impl<'m> InstanceBuilder<'m> {
 /// to the engine's allocator.
 pub struct Instance {
     handle: InstanceHandle,
-    module: LoadedModule,
+    /// Keeps the loaded module, and so the engine and its allocator, alive.
+    lane: Arc<Lane>,
     limiter: Option<Box<dyn ResourceLimiter>>,
 }
 
 impl std::fmt::Debug for Instance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Instance")
-            .field("module", &self.module.module().id())
+            .field("module", &self.module().id())
             .finish_non_exhaustive()
     }
 }
@@ -170,9 +172,14 @@ impl Instance {
         }
     }
 
-    /// The module this is an instance of.
-    pub fn module(&self) -> &LoadedModule {
-        &self.module
+    /// The facts of the module this is an instance of.
+    pub fn module(&self) -> &Arc<Module> {
+        &self.lane.inner.module
+    }
+
+    /// The engine this instance was made by.
+    pub fn engine(&self) -> &Engine {
+        &self.lane.inner.engine
     }
 
     /// The core instance (read-only): memories, tables, vmctx definitions, offsets.
@@ -191,7 +198,7 @@ impl Instance {
     }
 
     fn defined_memory(&self, memory: u32) -> Result<DefinedMemoryIndex> {
-        let module = self.module.module();
+        let module = self.module();
         if memory as usize >= module.memories().len() {
             return Err(anyhow!("module has no memory {memory}"));
         }
@@ -202,7 +209,7 @@ impl Instance {
     }
 
     fn defined_table(&self, table: u32) -> Result<DefinedTableIndex> {
-        let module = self.module.module();
+        let module = self.module();
         if table as usize >= module.tables().len() {
             return Err(anyhow!("module has no table {table}"));
         }
@@ -274,7 +281,7 @@ impl Instance {
 
     /// The value of global `global` (module index space) if the instance defines it.
     pub fn global(&self, global: u32) -> Option<VMGlobalDefinition> {
-        let module = self.module.module();
+        let module = self.module();
         if global as usize >= module.globals().len() {
             return None;
         }
@@ -289,8 +296,9 @@ impl Drop for Instance {
         // SAFETY: the handle came from this engine's allocator in `instantiate` and is dropped
         // with the instance, so nothing uses its resources again.
         unsafe {
-            self.module
-                .engine()
+            self.lane
+                .inner
+                .engine
                 .allocator()
                 .deallocate_module(&mut self.handle)
         };

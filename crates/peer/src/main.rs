@@ -234,14 +234,20 @@ fn profile(args: &Args, system: &systems::System, workloads: &[workloads::Worklo
     );
     for (w, workload) in workloads.iter().enumerate() {
         let mut all: Vec<f64> = per_thread.iter().flat_map(|t| t[w].iter().copied()).collect();
-        let mean = all.iter().sum::<f64>() / all.len().max(1) as f64;
+        let n = all.len().max(1) as f64;
+        let mean = all.iter().sum::<f64>() / n;
         let (median, p99) = summary(&mut all);
+        // What the slowest 1% add to the mean, and the slowest cycle: a mean far above the
+        // median is a few long cycles, and this says how long.
+        let tail = all.iter().skip(all.len() * 99 / 100).sum::<f64>() / n;
         println!(
-            "  {}: median {} p99 {} mean {} us",
+            "  {}: median {} p99 {} mean {} us (slowest 1% add {} us; max {} us)",
             workload.name,
             us(median),
             us(p99),
-            us(mean)
+            us(mean),
+            us(tail),
+            us(all.last().copied().unwrap_or(0.0))
         );
     }
     Ok(())

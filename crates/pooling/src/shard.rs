@@ -4,7 +4,6 @@
 //! two threads instantiating at once rarely touch the same lock or counter; a shard that runs
 //! out of slots borrows from the others. A slot always belongs to one shard, which resets it.
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use anyhow::Result;
@@ -274,16 +273,9 @@ impl Shard {
     }
 }
 
-/// This thread's home shard among `shards`.
+/// This thread's home shard among `shards` (its lane: see [`berth_core::sync::thread_lane`]).
 pub(crate) fn home(shards: usize) -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local!(static HOME: Cell<usize> = const { Cell::new(usize::MAX) });
-    HOME.with(|home| {
-        if home.get() == usize::MAX {
-            home.set(NEXT.fetch_add(1, Ordering::Relaxed));
-        }
-        home.get() % shards.max(1)
-    })
+    berth_core::sync::thread_lane(shards)
 }
 
 /// Splits `total` slots into `shards` chunks of (nearly) equal size: shard `i` holds
