@@ -49,6 +49,31 @@ struct Args {
     soak: usize,
 }
 
+/// One (workload, system) pair's cycles, in nanoseconds.
+struct Cell {
+    median: f64,
+    p99: f64,
+    mean: f64,
+    /// What the slowest 1% of cycles add to the mean: a mean far above the median with a large
+    /// tail is a few long cycles (a stall of the machine, or a rare costly cycle).
+    tail: f64,
+}
+
+impl Cell {
+    fn of(samples: &mut [f64]) -> Cell {
+        let n = samples.len().max(1) as f64;
+        let mean = samples.iter().sum::<f64>() / n;
+        let (median, p99) = summary(samples);
+        let tail = samples.iter().skip(samples.len() * 99 / 100).sum::<f64>() / n;
+        Cell {
+            median,
+            p99,
+            mean,
+            tail,
+        }
+    }
+}
+
 /// Median and p99 of nanosecond samples.
 fn summary(samples: &mut [f64]) -> (f64, f64) {
     samples.sort_by(f64::total_cmp);
@@ -114,20 +139,12 @@ fn main() -> Result<()> {
     }
     // Medians and p99s, then means: a cost paid once in many cycles (a batch of decommits)
     // hides from the median.
-    let cells: Vec<Vec<(f64, f64, f64)>> = samples
+    let cells: Vec<Vec<Cell>> = samples
         .iter_mut()
-        .map(|row| {
-            row.iter_mut()
-                .map(|s| {
-                    let mean = s.iter().sum::<f64>() / s.len().max(1) as f64;
-                    let (median, p99) = summary(s);
-                    (median, p99, mean)
-                })
-                .collect()
-        })
+        .map(|row| row.iter_mut().map(|s| Cell::of(s)).collect())
         .collect();
-    let median = |c: &(f64, f64, f64)| (c.0, format!("{} ({})", us(c.0), us(c.1)));
-    let mean = |c: &(f64, f64, f64)| (c.2, us(c.2));
+    let median = |c: &Cell| (c.median, format!("{} ({})", us(c.median), us(c.p99)));
+    let mean = |c: &Cell| (c.mean, format!("{} (+{})", us(c.mean), us(c.tail)));
     table("median (p99)", true, &systems, &workloads, &cells, median);
     table("mean", false, &systems, &workloads, &cells, mean);
 
@@ -234,19 +251,14 @@ fn profile(args: &Args, system: &systems::System, workloads: &[workloads::Worklo
     );
     for (w, workload) in workloads.iter().enumerate() {
         let mut all: Vec<f64> = per_thread.iter().flat_map(|t| t[w].iter().copied()).collect();
-        let n = all.len().max(1) as f64;
-        let mean = all.iter().sum::<f64>() / n;
-        let (median, p99) = summary(&mut all);
-        // What the slowest 1% add to the mean, and the slowest cycle: a mean far above the
-        // median is a few long cycles, and this says how long.
-        let tail = all.iter().skip(all.len() * 99 / 100).sum::<f64>() / n;
+        let cell = Cell::of(&mut all);
         println!(
             "  {}: median {} p99 {} mean {} us (slowest 1% add {} us; max {} us)",
             workload.name,
-            us(median),
-            us(p99),
-            us(mean),
-            us(tail),
+            us(cell.median),
+            us(cell.p99),
+            us(cell.mean),
+            us(cell.tail),
             us(all.last().copied().unwrap_or(0.0))
         );
     }
@@ -260,10 +272,13 @@ fn table(
     p99: bool,
     systems: &[systems::System],
     workloads: &[workloads::Workload],
-    cells: &[Vec<(f64, f64, f64)>],
-    cell: impl Fn(&(f64, f64, f64)) -> (f64, String),
+    cells: &[Vec<Cell>],
+    cell: impl Fn(&Cell) -> (f64, String),
 ) {
     println!("\n## One instance cycle: {what}, microseconds\n");
+    if !p99 {
+        println!("(+t): what the slowest 1% of the pair's cycles add to its mean.\n");
+    }
     print!("| workload |");
     for system in systems {
         print!(" {} |", system.name);
@@ -282,7 +297,7 @@ fn table(
         let ratio = |a: usize, b: usize| values[a].0 / values[b].0;
         print!(" {:.2} | {:.2} | {:.2} |", ratio(3, 0), ratio(4, 1), ratio(4, 2));
         if p99 {
-            print!(" {:.2} |", row[4].1 / row[2].1);
+            print!(" {:.2} |", row[4].p99 / row[2].p99);
         }
         // Where this exceeds a target ratio, the target lies below what the machine allows.
         println!(" {:.2} |", ratio(5, 2));
