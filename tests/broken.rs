@@ -172,7 +172,7 @@ unsafe impl InstanceAllocatorImpl for Slab {
         match memory {
             Ok(mut memory) => {
                 if request.tunables.memory_init_cow
-                    && let Some(image) = request.module.memory_image(index)
+                    && let Some(image) = request.module.memory_image(index)?
                 {
                     memory.map_image(image)?;
                 }

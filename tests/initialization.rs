@@ -338,6 +338,7 @@ fn offsets_from_imported_globals_are_read_at_instantiation() {
     assert!(
         module
             .memory_image(berth_core::DefinedMemoryIndex::from_u32(0))
+            .unwrap()
             .is_none(),
         "no image: the offset is not constant"
     );
@@ -438,6 +439,7 @@ fn sparse_data_makes_a_sparse_image() {
         .unwrap();
     let image = sparse
         .memory_image(berth_core::DefinedMemoryIndex::from_u32(0))
+        .unwrap()
         .expect("an image");
     assert_eq!(
         (image.offset(), image.len()),
@@ -521,6 +523,7 @@ fn constant_expressions_read_defined_immutable_globals() {
         assert!(
             parsed
                 .memory_image(berth_core::DefinedMemoryIndex::from_u32(memory))
+                .unwrap()
                 .is_some(),
             "memory {memory}: its offset is known at load, so its data is an image"
         );

@@ -16,9 +16,6 @@ use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 
-use crate::index::DefinedMemoryIndex;
-use crate::module::Module;
-use crate::segments::DataKind;
 use crate::sys;
 
 /// One memory's initial data as a sealed in-memory file.
@@ -62,37 +59,10 @@ impl Drop for View {
 }
 
 impl MemoryImage {
-    /// The image of defined memory `index` of `module`, or `None` if it has no data or its data
-    /// cannot be an image.
-    pub(crate) fn build(module: &Module, index: DefinedMemoryIndex) -> Result<Option<MemoryImage>> {
-        let Some(memory) = module.memory_index(index) else {
-            return Ok(None);
-        };
-        let ty = &module.memories()[memory];
-        let Some(initial) = ty.minimum_bytes().and_then(|b| usize::try_from(b).ok()) else {
-            return Ok(None);
-        };
-        let mut placed = Vec::new();
-        for segment in module.data_segments() {
-            let DataKind::Active {
-                memory: target,
-                offset,
-            } = segment.kind
-            else {
-                continue;
-            };
-            if target != memory {
-                continue;
-            }
-            let Some(offset) = module.constant_offset(&offset) else {
-                return Ok(None);
-            };
-            let start = usize::try_from(offset).ok();
-            match start.and_then(|s| Some((s, s.checked_add(segment.data.len())?))) {
-                Some((start, end)) if end <= initial => placed.push((start, &segment.data)),
-                _ => return Ok(None),
-            }
-        }
+    /// The image of a memory whose data segments, applied in order, put `placed` (offset in the
+    /// memory, bytes) over zeros; `None` if they hold no byte. The caller checked that every
+    /// segment fits the memory's initial size.
+    pub(crate) fn new(mut placed: Vec<(usize, &[u8])>) -> Result<Option<MemoryImage>> {
         placed.retain(|(_, data)| !data.is_empty());
         let (Some(low), Some(high)) = (
             placed.iter().map(|(start, _)| *start).min(),

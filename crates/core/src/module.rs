@@ -6,12 +6,13 @@
 //! private so that more facts (data and element segments) can be added without breaking
 //! anyone; the builder checks every type, so a built `Module` is always well-formed.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result, bail};
 use cranelift_entity::packed_option::PackedOption;
 use cranelift_entity::{EntityRef, PrimaryMap};
+use once_cell::sync::OnceCell;
 
 use crate::image::MemoryImage;
 use crate::index::{
@@ -56,7 +57,7 @@ pub struct Module {
     /// Each element segment's items as packed function indices (null as the reserved value),
     /// the form resolvers read in bulk.
     element_funcs: Vec<Box<[PackedOption<FuncIndex>]>>,
-    images: OnceLock<PrimaryMap<DefinedMemoryIndex, Option<Arc<MemoryImage>>>>,
+    images: OnceCell<PrimaryMap<DefinedMemoryIndex, Option<Arc<MemoryImage>>>>,
 }
 
 impl Module {
@@ -285,18 +286,68 @@ impl Module {
         self.element_funcs.get(index).map_or(&[], |funcs| funcs)
     }
 
-    /// The copy-on-write image of defined memory `index`'s initial data, built (for every
-    /// memory at once) the first time any is asked for; `None` if the memory's data cannot be
-    /// an image (see [`MemoryImage`]) or building it failed, in which case the data is copied.
-    pub fn memory_image(&self, index: DefinedMemoryIndex) -> Option<Arc<MemoryImage>> {
-        let images = self.images.get_or_init(|| {
+    /// The copy-on-write images of the defined memories' initial data (`None` for a memory
+    /// whose data cannot be an image, see [`MemoryImage`], or that has none), built the first
+    /// time they are asked for: loading a module into an engine that maps images asks, so
+    /// instantiation finds them built. An image that cannot be made (the kernel refuses the
+    /// file) is an error, here and every time it is asked again, never a silent copy.
+    pub fn memory_images(&self) -> Result<&PrimaryMap<DefinedMemoryIndex, Option<Arc<MemoryImage>>>> {
+        self.images.get_or_try_init(|| {
             let mut images = PrimaryMap::new();
             for (defined, _) in self.defined_memories() {
-                images.push(MemoryImage::build(self, defined).ok().flatten().map(Arc::new));
+                let image = match self.image_data(defined) {
+                    Some(placed) => MemoryImage::new(placed)
+                        .with_context(|| {
+                            format!(
+                                "memory {} of module {}",
+                                defined.as_u32(),
+                                self.name().unwrap_or("<unnamed>")
+                            )
+                        })?
+                        .map(Arc::new),
+                    None => None,
+                };
+                images.push(image);
             }
-            images
-        });
-        images.get(index).cloned().flatten()
+            Ok(images)
+        })
+    }
+
+    /// The copy-on-write image of defined memory `index`, if it has one (see
+    /// [`memory_images`](Self::memory_images)).
+    pub fn memory_image(&self, index: DefinedMemoryIndex) -> Result<Option<Arc<MemoryImage>>> {
+        Ok(self.memory_images()?.get(index).cloned().flatten())
+    }
+
+    /// What the active data segments of defined memory `index` put where (offset, bytes), in
+    /// order, if they can be an image: every offset known at load and every segment within the
+    /// memory's initial size (else they are copied at instantiation, in order, and one out of
+    /// bounds fails it).
+    fn image_data(&self, index: DefinedMemoryIndex) -> Option<Vec<(usize, &[u8])>> {
+        let memory = self.memory_index(index)?;
+        let initial = self.memories[memory]
+            .minimum_bytes()
+            .and_then(|b| usize::try_from(b).ok())?;
+        let mut placed = Vec::new();
+        for segment in &self.data {
+            let DataKind::Active {
+                memory: target,
+                offset,
+            } = segment.kind
+            else {
+                continue;
+            };
+            if target != memory {
+                continue;
+            }
+            let start = usize::try_from(self.constant_offset(&offset)?).ok()?;
+            let end = start.checked_add(segment.data.len())?;
+            if end > initial {
+                return None;
+            }
+            placed.push((start, &segment.data[..]));
+        }
+        Some(placed)
     }
 
     /// The defined index of memory `index`, or `None` if it is imported or does not exist.
@@ -581,7 +632,7 @@ impl ModuleBuilder {
                 })
                 .collect(),
             elements: self.elements,
-            images: OnceLock::new(),
+            images: OnceCell::new(),
         })
     }
 }

@@ -121,6 +121,12 @@ impl Engine {
                     self.inner.strategy
                 )
             })?;
+        if self.tunables().memory_init_cow {
+            // Built now, once, so that no instantiation pays for it or meets its failure.
+            module
+                .memory_images()
+                .with_context(|| format!("module {name}: copy-on-write memory images"))?;
+        }
         let inner = Arc::new(LoadedInner {
             module: Arc::new(module),
             offsets,

@@ -219,9 +219,13 @@ unsafe impl InstanceAllocatorImpl for OnDemandInstanceAllocator {
             Ok(mut memory) => {
                 // Counted while the memory lives, current across moves.
                 memory.track_reservation(self.reserved.clone());
-                if request.tunables.memory_init_cow
-                    && let Some(image) = request.module.memory_image(memory_index)
-                    && let Err(error) = memory.map_image(image)
+                let image = if request.tunables.memory_init_cow {
+                    request.module.memory_image(memory_index)
+                } else {
+                    Ok(None)
+                };
+                if let Err(error) =
+                    image.and_then(|image| image.map_or(Ok(()), |image| memory.map_image(image)))
                 {
                     drop(memory);
                     release(&self.memories);

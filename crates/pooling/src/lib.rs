@@ -443,7 +443,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         let image = if self.tunables.memory_init_cow {
             request
                 .module
-                .memory_image(memory_index)
+                .memory_image(memory_index)?
                 .filter(|image| image.len() > self.layout.page_size)
         } else {
             None

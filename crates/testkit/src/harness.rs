@@ -52,6 +52,10 @@ impl Harness {
     pub fn load(&self, module: Module) -> Result<Loaded> {
         let offsets = VMOffsets::new(HostPtr, &module)?;
         self.allocator.validate_module(&module, &offsets)?;
+        if self.tunables.memory_init_cow {
+            // As an engine does: images are built when a module is loaded.
+            module.memory_images()?;
+        }
         Ok(Loaded {
             module: Arc::new(module),
             offsets,
