@@ -26,7 +26,7 @@ use crate::types::{GlobalInit, MemoryType, TableType};
 use crate::vmcontext::{
     VMFunctionImport, VMGlobalDefinition, VMGlobalImport, VMMemoryDefinition, VMMemoryImport, VMTableImport,
 };
-use crate::vmoffsets::{HostPtr, VMOffsets, VMOffsetsFields};
+use crate::vmoffsets::{HostPtr, VMOffsets};
 
 /// The imports an instance is linked with, written into its vmctx as given.
 #[derive(Debug, Default, Clone, Copy)]
@@ -294,7 +294,7 @@ pub trait InstanceAllocator: InstanceAllocatorImpl {
     /// the module's, every type well-formed, and the backend must accept it.
     fn validate_module(&self, module: &Module, offsets: &VMOffsets<HostPtr>) -> Result<()> {
         let name = module.name().unwrap_or("<unnamed>");
-        if *offsets.fields() != VMOffsetsFields::from_module(module) {
+        if offsets.fields() != module.vmctx_fields() {
             bail!("vmctx offsets given for module {name} were computed for another module");
         }
         for (index, ty) in module.defined_memories() {
@@ -471,7 +471,7 @@ impl<A: InstanceAllocator + ?Sized> Drop for Rollback<'_, A> {
 fn check_request(request: &InstanceAllocationRequest<'_>) -> Result<()> {
     let module = request.module;
     let name = module.name().unwrap_or("<unnamed>");
-    if *request.offsets.fields() != VMOffsetsFields::from_module(module) {
+    if request.offsets.fields() != module.vmctx_fields() {
         bail!("vmctx offsets in the request for module {name} were computed for another module");
     }
     let imports = &request.imports;

@@ -21,6 +21,7 @@ use crate::index::{
 };
 use crate::segments::{ConstExpr, DataKind, DataSegment, ElementItem, ElementKind, ElementSegment};
 use crate::types::{GlobalInit, GlobalType, MemoryType, TableType, ValType};
+use crate::vmoffsets::VMOffsetsFields;
 
 /// A process-unique module identity. Backends key per-module state (warm slots, images) on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -58,6 +59,9 @@ pub struct Module {
     /// the form resolvers read in bulk.
     element_funcs: Vec<Box<[PackedOption<FuncIndex>]>>,
     images: OnceCell<PrimaryMap<DefinedMemoryIndex, Option<Arc<MemoryImage>>>>,
+    /// The counts its vmctx layout depends on, computed once when it is built (every
+    /// instantiation checks its offsets against them).
+    vmctx_fields: VMOffsetsFields,
 }
 
 impl Module {
@@ -268,6 +272,11 @@ impl Module {
             }
         }
         found
+    }
+
+    /// The counts its vmctx layout depends on.
+    pub fn vmctx_fields(&self) -> &VMOffsetsFields {
+        &self.vmctx_fields
     }
 
     /// The data segments, in module order.
@@ -604,7 +613,7 @@ impl ModuleBuilder {
             }
         }
 
-        Ok(Module {
+        let mut module = Module {
             id: ModuleId::next(),
             name: self.name,
             num_imported_funcs,
@@ -633,7 +642,10 @@ impl ModuleBuilder {
                 .collect(),
             elements: self.elements,
             images: OnceCell::new(),
-        })
+            vmctx_fields: VMOffsetsFields::default(),
+        };
+        module.vmctx_fields = VMOffsetsFields::count(&module);
+        Ok(module)
     }
 }
 

@@ -79,8 +79,13 @@ pub struct VMOffsetsFields {
 }
 
 impl VMOffsetsFields {
-    /// The counts of `module`.
+    /// The counts of `module` (computed when it was built).
     pub fn from_module(module: &Module) -> Self {
+        *module.vmctx_fields()
+    }
+
+    /// Counts them, for the module being built.
+    pub(crate) fn count(module: &Module) -> Self {
         VMOffsetsFields {
             num_imported_functions: module.num_imported_funcs(),
             num_imported_tables: module.num_imported_tables(),
