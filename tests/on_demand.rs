@@ -146,3 +146,48 @@ fn pages_a_module_writes_are_faulted_in_for_its_next_instance() {
     let other = Instance::new(&idle).unwrap();
     assert_eq!(resident(&other).unwrap(), []);
 }
+
+#[test]
+fn a_memory_freed_after_its_module_was_purged_teaches_nothing_to_another_module() {
+    // The allocation index of a memory once named its module memory's habit by number, and a
+    // purge recycled the number: a memory of the purged module freed later taught its pages to
+    // whichever module took the number next.
+    use berth_core::InstanceAllocatorImpl;
+    let allocator = Arc::new(OnDemandInstanceAllocator::new());
+    let harness = berth_testkit::Harness {
+        allocator: allocator.clone(),
+        tunables: *Config::new().tunables(),
+    };
+    if berth_core::sys::page_map().is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "this test needs PAGEMAP_SCAN"
+        );
+        eprintln!("skipped: this kernel has no PAGEMAP_SCAN");
+        return;
+    }
+    let a = harness.load(memory_module("a", 4, None)).unwrap();
+    let b = harness.load(memory_module("b", 4, None)).unwrap();
+    let mut stale = harness.instantiate(&a, None).unwrap();
+    stale
+        .instance_mut()
+        .memory_write(
+            berth_core::DefinedMemoryIndex::from_u32(0),
+            2 * PAGE as u64,
+            &[7; 2 * PAGE],
+        )
+        .unwrap();
+    allocator.purge_module(a.module.id());
+    // b's first instance learns that b writes nothing; then a's memory is freed.
+    drop(harness.instantiate(&b, None).unwrap());
+    drop(stale);
+    let next = harness.instantiate(&b, None).unwrap();
+    let map = berth_core::sys::page_map().unwrap();
+    let memory = next.instance().memories()[berth_core::DefinedMemoryIndex::from_u32(0)]
+        .1
+        .base();
+    let mut runs = Vec::new();
+    map.written(NonNull::new(memory).unwrap(), 4 * PAGE, &mut runs)
+        .unwrap();
+    assert_eq!(runs, [], "b's instance was given a's pages");
+}

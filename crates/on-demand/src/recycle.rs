@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Mutex;
 
+use slab::Slab;
+
 use berth_core::{
     DefinedMemoryIndex, Memory, MemoryAllocationIndex, ModuleId, Reservation, ReservationLayout,
 };
@@ -21,9 +23,9 @@ const SCAN_EVERY: u8 = 16;
 /// At most this many runs of written pages, and bytes in all, are prefaulted.
 const MAX_RUNS: usize = 8;
 const MAX_PREFAULT_BYTES: usize = 4 << 20;
-/// The bit of a [`MemoryAllocationIndex`] that asks for a scan at deallocation; the bits
-/// below it name the module memory's [`Habit`].
-const SCAN_BIT: u32 = 1 << 31;
+/// The allocation index of a memory that holds no ticket (no `PAGEMAP_SCAN` here, or 2^32 - 1
+/// memories live).
+const NO_TICKET: u32 = u32::MAX;
 
 /// Freed reservations, their contents discarded, waiting for a memory of the same layout.
 #[derive(Debug, Default)]
@@ -98,11 +100,22 @@ struct Habit {
     unscanned: u8,
 }
 
+/// What a live memory's allocation index stands for: whose memory it is, and whether its
+/// deallocation scans what it wrote.
+#[derive(Debug, Clone, Copy)]
+struct Ticket {
+    key: (ModuleId, DefinedMemoryIndex),
+    scan: bool,
+}
+
+/// Invariant: `tickets` holds one entry per live memory that got one, under the allocation
+/// index handed out with it; `habits` one per module memory not purged. A ticket names its
+/// habit by key (module ids are never reused), so a deallocation after a purge finds no
+/// habit and teaches nothing to another module's.
 #[derive(Debug, Default)]
 struct HabitTable {
-    by_key: HashMap<(ModuleId, DefinedMemoryIndex), u32>,
-    habits: Vec<Habit>,
-    unused: Vec<u32>,
+    habits: HashMap<(ModuleId, DefinedMemoryIndex), Habit>,
+    tickets: Slab<Ticket>,
 }
 
 /// Per module memory, the pages to prefault for its next instance.
@@ -112,47 +125,41 @@ pub(crate) struct Habits {
 }
 
 impl Habits {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HabitTable> {
+        // Every update is a few field writes: carry on after a panic elsewhere.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Prefaults in `memory` what the last scanned instance of `key` wrote, or chooses it for a
-    /// scan; returns the allocation index to hand out with it: the habit's number, and whether
-    /// the deallocation should scan. Without `PAGEMAP_SCAN` nothing is learned or kept.
+    /// scan; returns the allocation index to hand out with it, its ticket. Without
+    /// `PAGEMAP_SCAN` nothing is learned or kept.
     pub(crate) fn start(
         &self,
         key: (ModuleId, DefinedMemoryIndex),
         memory: &mut Memory,
     ) -> MemoryAllocationIndex {
         if berth_core::sys::page_map().is_none() {
-            return MemoryAllocationIndex::default();
+            return MemoryAllocationIndex::from_u32(NO_TICKET);
         }
         let mut runs = [(0usize, 0usize); MAX_RUNS];
-        let (number, scan, count) = {
-            let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let (ticket, count) = {
+            let mut table = self.lock();
             let table = &mut *table;
-            let number = match table.by_key.get(&key) {
-                Some(&n) => n,
-                None => {
-                    let n = match table.unused.pop() {
-                        Some(n) => n,
-                        None => match u32::try_from(table.habits.len()) {
-                            Ok(n) if n < SCAN_BIT => {
-                                table.habits.push(Habit::default());
-                                n
-                            }
-                            _ => return MemoryAllocationIndex::default(),
-                        },
-                    };
-                    table.habits[n as usize] = Habit::default();
-                    table.by_key.insert(key, n);
-                    n
-                }
-            };
-            let habit = &mut table.habits[number as usize];
+            let habit = table.habits.entry(key).or_default();
             let scan = !habit.learned || habit.unscanned + 1 >= SCAN_EVERY;
             habit.unscanned = if scan { 0 } else { habit.unscanned + 1 };
             let count = if scan { 0 } else { habit.written.len() };
             for (slot, run) in runs.iter_mut().zip(&habit.written[..count]) {
                 *slot = (run.start, run.end);
             }
-            (number, scan, count)
+            let ticket = match u32::try_from(table.tickets.vacant_key()) {
+                Ok(n) if n != NO_TICKET => {
+                    table.tickets.insert(Ticket { key, scan });
+                    n
+                }
+                _ => NO_TICKET,
+            };
+            (ticket, count)
         };
         let accessible = memory.accessible_bytes();
         for &(start, end) in &runs[..count] {
@@ -162,13 +169,19 @@ impl Habits {
                 let _ = memory.prefault(start, end - start);
             }
         }
-        MemoryAllocationIndex::from_u32(number | if scan { SCAN_BIT } else { 0 })
+        MemoryAllocationIndex::from_u32(ticket)
     }
 
-    /// Learns what the instance holding `memory` wrote, if its allocation index asks for it.
+    /// Gives back the ticket of the memory handed out with `index`, and learns what its
+    /// instance wrote if the ticket asks for a scan and its module was not purged since.
     pub(crate) fn finish(&self, index: MemoryAllocationIndex, memory: &Memory) {
-        let index = index.as_u32();
-        if index & SCAN_BIT == 0 {
+        if index.as_u32() == NO_TICKET {
+            return;
+        }
+        let Some(ticket) = self.lock().tickets.try_remove(index.as_u32() as usize) else {
+            return;
+        };
+        if !ticket.scan {
             return;
         }
         let (Some(map), Some(base)) = (berth_core::sys::page_map(), std::ptr::NonNull::new(memory.base()))
@@ -189,25 +202,14 @@ impl Habits {
             budget -= run.len();
         }
         written.retain(|run| !run.is_empty());
-        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(habit) = table.habits.get_mut((index & !SCAN_BIT) as usize) else {
-            return;
-        };
-        habit.learned = true;
-        habit.written = written;
+        if let Some(habit) = self.lock().habits.get_mut(&ticket.key) {
+            habit.learned = true;
+            habit.written = written;
+        }
     }
 
     /// Forgets what `module`'s memories wrote.
     pub(crate) fn purge(&self, module: ModuleId) {
-        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        let table = &mut *table;
-        table.by_key.retain(|&(m, _), &mut n| {
-            if m != module {
-                return true;
-            }
-            table.habits[n as usize] = Habit::default();
-            table.unused.push(n);
-            false
-        });
+        self.lock().habits.retain(|&(m, _), _| m != module);
     }
 }
