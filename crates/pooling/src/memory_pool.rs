@@ -218,7 +218,7 @@ impl MemoryPool {
     }
 
     fn local(&self, slot: u32) -> SlotId {
-        slot - self.first
+        SlotId::from_u32(slot - self.first)
     }
 
     /// The first byte of `slot` (global number).
@@ -254,7 +254,7 @@ impl MemoryPool {
             self.publish(slots);
             (local, idle)
         };
-        let slot = self.first + local;
+        let slot = self.first + local.as_u32();
         let len = self.layout.memory_reservation;
         let image = wanted.image.as_ref();
         let setup = match idle {
@@ -463,7 +463,7 @@ impl MemoryPool {
     /// fails it stays stale, and is re-mapped before its next use. Runs under the lock, since a cold slot
     /// can be taken as soon as the lock is released.
     fn cool(&self, slots: &mut MemorySlots<MemoryKey>, local: SlotId, warm: Warm<MemoryKey>) {
-        let slot = self.first + local;
+        let slot = self.first + local.as_u32();
         // SAFETY: the slot is idle (`Stale`, just pushed out) and this pool's lock is held, so
         // no one else touches it; its first `warm.accessible` bytes are readable and writable
         // (a warm slot's invariant); its reservation is `memory_reservation` bytes.

@@ -19,44 +19,25 @@
 //! an error, rather than aborting later) and filled as slots are first used: a slot never used
 //! is cold with nothing accessible, and costs nothing until then.
 
-use std::collections::HashMap;
 use std::collections::TryReserveError;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::Hash;
+
+use berth_core::cranelift_entity::EntityRef;
 use std::sync::Arc;
 
 use berth_core::MemoryImage;
 
 use crate::reset::{History, Learned};
 
-/// A fast hasher for small keys of integers (module ids and indices), which need no
+/// A map with a fast hash for small keys of integers (module ids and indices), which need no
 /// protection against flooding: they are made by this process, not by tenants.
-#[derive(Default)]
-pub struct KeyHasher(u64);
+pub(crate) type FastMap<K, V> = rustc_hash::FxHashMap<K, V>;
 
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.write_u64(u64::from(byte));
-        }
-    }
-
-    fn write_u32(&mut self, value: u32) {
-        self.write_u64(u64::from(value));
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        self.0 = (self.0.rotate_left(5) ^ value).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
-
-/// A slot's number in its shard.
-pub type SlotId = u32;
+/// A slot's number in its shard (the pool's own numbers are `u32`s: a shard's first slot plus
+/// this).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct SlotId(u32);
+berth_core::cranelift_entity::entity_impl!(SlotId, "slot");
 
 /// A memory slot reset for `key` and idle: exactly as the next tenant of `key` wants it.
 #[derive(Debug)]
@@ -270,7 +251,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     pub fn resetting(&self, key: K) -> bool {
         self.resetting
             .iter()
-            .any(|&slot| matches!(&self.states[slot as usize], SlotState::Resetting(t) if t.key == key))
+            .any(|&slot| matches!(&self.states[slot.index()], SlotState::Resetting(t) if t.key == key))
     }
 
     /// Whether [`take`](Self::take) for `key` would take another key's warm slot (or find
@@ -296,7 +277,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
             let slot = match self.cold.pop() {
                 Some(slot) => slot,
                 None => {
-                    let fresh = SlotId::try_from(self.states.len()).ok()?;
+                    let fresh = SlotId::from_u32(u32::try_from(self.states.len()).ok()?);
                     // Within the capacity reserved in `new`: no allocation.
                     self.states.push(SlotState::Idle(Idle::Cold { accessible: 0 }));
                     fresh
@@ -315,7 +296,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
             purged: false,
         };
         self.held += 1;
-        let mut idle = match std::mem::replace(&mut self.states[slot as usize], SlotState::Held(taken)) {
+        let mut idle = match std::mem::replace(&mut self.states[slot.index()], SlotState::Held(taken)) {
             SlotState::Idle(idle) => idle,
             other => unreachable!("slot {slot} chosen while {other:?}"),
         };
@@ -326,21 +307,21 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
             (Idle::Warm(warm), Choice::Affine) => std::mem::take(&mut warm.history),
             _ => History::default().for_new_key(learned()),
         };
-        if let SlotState::Held(taken) = &mut self.states[slot as usize] {
+        if let SlotState::Held(taken) = &mut self.states[slot.index()] {
             taken.history = history;
         }
         Some((slot, choice, idle))
     }
 
     fn warm_at(&self, slot: SlotId) -> &Warm<K> {
-        match &self.states[slot as usize] {
+        match &self.states[slot.index()] {
             SlotState::Idle(Idle::Warm(warm)) => warm,
             other => unreachable!("slot {slot} in a warm list while {other:?}"),
         }
     }
 
     fn links(&mut self, slot: SlotId) -> &mut Links {
-        match &mut self.states[slot as usize] {
+        match &mut self.states[slot.index()] {
             SlotState::Idle(Idle::Warm(warm)) => &mut warm.links,
             other => unreachable!("slot {slot} in a warm list while {other:?}"),
         }
@@ -353,7 +334,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     ///
     /// If `slot` is not held: a pool bug (a double free), never bad input.
     pub fn release(&mut self, slot: SlotId) -> (K, History) {
-        let state = &mut self.states[slot as usize];
+        let state = &mut self.states[slot.index()];
         let SlotState::Held(taken) = state else {
             panic!("slot {slot} given back while {state:?}");
         };
@@ -375,7 +356,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     ///
     /// If `slot` is not held.
     pub fn remapped(&mut self, slot: SlotId) {
-        match &mut self.states[slot as usize] {
+        match &mut self.states[slot.index()] {
             SlotState::Held(taken) => taken.history.kept.clear(),
             other => panic!("slot {slot} re-mapped while {other:?}"),
         }
@@ -388,7 +369,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     ///
     /// If `slot` is not held.
     pub fn abandon(&mut self, slot: SlotId) {
-        let state = &mut self.states[slot as usize];
+        let state = &mut self.states[slot.index()];
         assert!(
             matches!(state, SlotState::Held(_)),
             "slot {slot} abandoned while {state:?}"
@@ -408,7 +389,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     ///
     /// If `slot` is not being reset.
     pub fn finish(&mut self, slot: SlotId, reset: Option<Warm<K>>) -> Finished<K> {
-        let state = &mut self.states[slot as usize];
+        let state = &mut self.states[slot.index()];
         let SlotState::Resetting(taken) = state else {
             panic!("slot {slot} finished while {state:?}");
         };
@@ -470,7 +451,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     ///
     /// If `slot` is not stale.
     pub fn cooled(&mut self, slot: SlotId, accessible: usize) {
-        let state = &mut self.states[slot as usize];
+        let state = &mut self.states[slot.index()];
         assert!(
             matches!(state, SlotState::Idle(Idle::Stale)),
             "slot {slot} cooled while {state:?}"
@@ -502,7 +483,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     /// Turns an unlinked warm slot stale, returning what it held.
     fn make_stale(&mut self, slot: SlotId) -> Warm<K> {
         self.cold.push(slot);
-        match std::mem::replace(&mut self.states[slot as usize], SlotState::Idle(Idle::Stale)) {
+        match std::mem::replace(&mut self.states[slot.index()], SlotState::Idle(Idle::Stale)) {
             SlotState::Idle(Idle::Warm(warm)) => warm,
             other => unreachable!("slot {slot} pushed out while {other:?}"),
         }
@@ -619,7 +600,7 @@ mod tests {
                         match slots.take(key, Learned::default) {
                             Some((slot, choice, idle)) => {
                                 prop_assert_eq!(would_steal, matches!(choice, Choice::Stolen(_)), "would_steal disagrees with take");
-                                prop_assert!(slot < len);
+                                prop_assert!(slot.as_u32() < len);
                                 prop_assert!(taken.insert(slot, key).is_none(), "slot {} handed out twice", slot);
                                 let had_affine = warm_for.values().any(|&k| k == key);
                                 prop_assert_eq!(had_affine, choice == Choice::Affine, "affinity not honoured");

@@ -16,6 +16,8 @@ use berth_core::{Released, human_bytes};
 use crate::decommit::{Decommits, Decommitted};
 use crate::layout::PoolLayout;
 use crate::slot_bytes::{Region, SlotBytes};
+use berth_core::cranelift_entity::EntityRef;
+
 use crate::slots::SlotId;
 
 /// One table slot's state.
@@ -85,11 +87,11 @@ impl State {
             None if self.slots.len() < self.len as usize => {
                 // Within the capacity reserved in `new`: no allocation.
                 self.slots.push(TableSlot::Free { resident: 0 });
-                SlotId::try_from(self.slots.len() - 1).ok()?
+                SlotId::from_u32(u32::try_from(self.slots.len() - 1).ok()?)
             }
             None => return None,
         };
-        let state = &mut self.slots[slot as usize];
+        let state = &mut self.slots[slot.index()];
         let TableSlot::Free { resident } = *state else {
             panic!("table slot {slot} taken while {state:?}");
         };
@@ -99,7 +101,7 @@ impl State {
     }
 
     fn release(&mut self, slot: SlotId) {
-        let state = &mut self.slots[slot as usize];
+        let state = &mut self.slots[slot.index()];
         assert_eq!(
             *state,
             TableSlot::Held,
@@ -109,7 +111,7 @@ impl State {
     }
 
     fn free(&mut self, slot: SlotId, resident: usize, from: TableSlot) {
-        let state = &mut self.slots[slot as usize];
+        let state = &mut self.slots[slot.index()];
         assert_eq!(*state, from, "table slot {slot} freed while {state:?}");
         *state = TableSlot::Free { resident };
         self.idle_resident += resident;
@@ -149,6 +151,11 @@ impl TablePool {
         berth_core::sync::lock_spinning(&self.state)
     }
 
+    /// `slot`'s number in this shard.
+    fn local(&self, slot: u32) -> SlotId {
+        SlotId::from_u32(slot - self.first)
+    }
+
     /// The first word of `slot` (global number).
     pub fn slot_base(&self, slot: u32) -> NonNull<usize> {
         if self.layout.table_stride == 0 {
@@ -166,12 +173,12 @@ impl TablePool {
 
     /// Takes a free slot (all zero) for a tenant.
     pub fn take(&self) -> Option<u32> {
-        Some(self.first + self.lock().take()?)
+        Some(self.first + self.lock().take()?.as_u32())
     }
 
     /// Setting up a table in `slot` failed before anything was written: it is free again.
     pub fn abandon(&self, slot: u32) {
-        self.lock().free(slot - self.first, 0, TableSlot::Held);
+        self.lock().free(self.local(slot), 0, TableSlot::Held);
     }
 
     /// The bytes of `slot`.
@@ -200,7 +207,7 @@ impl TablePool {
         let mut bytes = unsafe { self.bytes(job.slot) };
         bytes.zero(0..dirty.min(keep));
         let end = dirty.next_multiple_of(self.layout.page_size).min(stride);
-        let local = job.slot - self.first;
+        let local = self.local(job.slot);
         if dirty <= keep {
             self.lock().free(local, end.min(keep), TableSlot::Held);
             return None;
@@ -226,7 +233,7 @@ impl TablePool {
             unsafe { self.bytes(done.slot) }.zero(done.rest.clone());
         }
         self.lock()
-            .free(done.slot - self.first, done.resident, TableSlot::Resetting);
+            .free(self.local(done.slot), done.resident, TableSlot::Resetting);
     }
 
     /// Gives the resident pages of every free slot back to the kernel (a slot whose decommit
@@ -236,7 +243,7 @@ impl TablePool {
         let (mut released, mut done) = (Released::default(), Decommitted::default());
         for i in 0..state.free.len() {
             let local = state.free[i];
-            let TableSlot::Free { resident } = state.slots[local as usize] else {
+            let TableSlot::Free { resident } = state.slots[local.index()] else {
                 continue;
             };
             if resident == 0 {
@@ -244,11 +251,11 @@ impl TablePool {
             }
             // SAFETY: the slot is free and this pool's lock is held, so no one takes or
             // touches it until the lock is dropped.
-            let mut bytes = unsafe { self.bytes(self.first + local) };
+            let mut bytes = unsafe { self.bytes(self.first + local.as_u32()) };
             if let Ok(decommitted) = bytes.decommit(std::slice::from_ref(&(0..resident))) {
                 done += decommitted;
                 released += Released::new(1, resident as u64);
-                state.slots[local as usize] = TableSlot::Free { resident: 0 };
+                state.slots[local.index()] = TableSlot::Free { resident: 0 };
                 state.idle_resident -= resident;
             }
         }
