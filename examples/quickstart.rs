@@ -2,6 +2,7 @@
 //! allocated (vmctx size, memory reservations, table sizes) and what it cost.
 //!
 //! Run with `cargo run --release --example quickstart`.
+#![forbid(unsafe_code)]
 
 use std::time::Instant;
 

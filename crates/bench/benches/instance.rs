@@ -1,6 +1,7 @@
 //! Criterion benchmarks: one instance cycle (instantiate + initialize + deallocate) per
 //! backend and module, sequential and on two threads; memory growth; the reset policies.
 //! Run with `cargo bench -p berth-bench`.
+#![forbid(unsafe_code)]
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

@@ -1,5 +1,6 @@
 //! Shared setup for Berth's Criterion benchmarks: engines for each backend and reset policy,
 //! and the benchmarked modules.
+#![forbid(unsafe_code)]
 
 use anyhow::Result;
 use berth_engine::{Config, Engine, InstanceAllocationStrategy, LoadedModule, PoolingConfig};

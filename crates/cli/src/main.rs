@@ -1,5 +1,6 @@
 //! `berth`: instantiate a module and measure what it costs, plan a pool before building it,
 //! check whether a module fits a pool.
+#![forbid(unsafe_code)]
 
 /// Writes a line to standard output, returning an error the command passes up: a closed pipe
 /// (`berth ... | head -2`) then ends the command quietly, as any Unix tool does (see `main`).

@@ -17,7 +17,7 @@
 //! assert_eq!(module.data_segments().len(), 1);
 //! # anyhow::Ok(())
 //! ```
-
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod convert;
