@@ -1,5 +1,6 @@
-//! The main job for now: instantiate a module through a default engine and print what was
-//! allocated (vmctx size, memory reservations, table sizes) and what it cost.
+//! The Rust API in brief (the README's main job is the `berth` command): instantiate a module
+//! built in code through a default engine and print what was allocated (vmctx size, memory
+//! reservations, table sizes) and what it cost.
 //!
 //! Run with `cargo run --release --example quickstart`.
 #![forbid(unsafe_code)]
