@@ -602,3 +602,47 @@ fn on_demand_reserved_bytes_follow_a_moved_memory() {
         "the moved reservation is kept for a memory of its layout, the first one unmapped"
     );
 }
+
+#[test]
+fn instantiation_writes_the_definitions_where_the_instance_block_says() {
+    // `InstanceBlock::new`'s location lists (the seed's API) are where instantiation puts each
+    // owned memory's and each table's definition: the same vmctx offsets, on both backends.
+    for pooling in [false, true] {
+        let mut config = Config::new();
+        config.memory_reservation(1 << 20).memory_guard_size(65536);
+        if pooling {
+            let mut pool = berth_engine::PoolingConfig::new();
+            pool.total_memories(4)
+                .total_tables(4)
+                .max_memory_size(1 << 20)
+                .max_memories_per_module(2)
+                .max_tables_per_module(2);
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        }
+        let engine = Engine::new(&config).unwrap();
+        let module = Module::builder()
+            .memory(MemoryType::new(1, Some(4)))
+            .memory(MemoryType::new(2, Some(4)))
+            .table(TableType::new(3, None))
+            .table(TableType::new(5, None))
+            .build()
+            .unwrap();
+        let module = engine.load(module).unwrap();
+        let (block, memories, tables) = berth_core::InstanceBlock::new(module.offsets()).unwrap();
+        let vmctx = block.vmctx().as_ptr() as usize;
+        let instance = Instance::new(&module).unwrap();
+        for (i, location) in memories.iter().enumerate() {
+            let offset = u32::try_from(location.as_ptr() as usize - vmctx).unwrap();
+            let written: berth_core::VMMemoryDefinition = vmctx_read(&instance, offset);
+            let index = berth_core::DefinedMemoryIndex::from_u32(u32::try_from(i).unwrap());
+            assert_eq!(Some(written), instance.core().vmmemory_definition(index));
+            assert_eq!(written.current_length, (i + 1) * 65536);
+        }
+        for (i, location) in tables.iter().enumerate() {
+            let offset = u32::try_from(location.as_ptr() as usize - vmctx).unwrap();
+            let written: berth_core::VMTableDefinition = vmctx_read(&instance, offset);
+            let index = berth_core::DefinedTableIndex::from_u32(u32::try_from(i).unwrap());
+            assert_eq!(Some(written), instance.core().vmtable_definition(index));
+        }
+    }
+}

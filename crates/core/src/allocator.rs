@@ -23,9 +23,7 @@ use crate::resolver::FuncResolver;
 use crate::table::Table;
 use crate::tunables::Tunables;
 use crate::types::{GlobalInit, MemoryType, TableType};
-use crate::vmcontext::{
-    VMFunctionImport, VMGlobalDefinition, VMGlobalImport, VMMemoryDefinition, VMMemoryImport, VMTableImport,
-};
+use crate::vmcontext::{VMFunctionImport, VMGlobalDefinition, VMGlobalImport, VMMemoryImport, VMTableImport};
 use crate::vmoffsets::{HostPtr, VMOffsets};
 
 /// The imports an instance is linked with, written into its vmctx as given.
@@ -517,14 +515,18 @@ fn write_vmctx(
     for (i, import) in imports.globals.iter().enumerate() {
         put(block, offsets.vmctx_vmglobal_import(GlobalIndex::new(i)), *import);
     }
+    // The definitions go where `InstanceBlock::new`'s location lists say.
     for (index, (_, table)) in tables.iter() {
-        put(block, offsets.vmctx_vmtable_definition(index), table.vmtable());
+        let location = block.table_definition_location(index);
+        // SAFETY: the location lies inside the block's vmctx, aligned (`vmctx_field`'s checks);
+        // the block is not shared yet.
+        unsafe { location.as_ptr().write(table.vmtable()) };
     }
     for (index, (_, memory)) in memories.iter() {
         if let Some(owned) = module.owned_memory_index(index) {
-            let definition = offsets.vmctx_vmmemory_definition(owned);
-            put(block, definition, memory.vmmemory());
-            let location = block.vmctx_field::<VMMemoryDefinition>(definition);
+            let location = block.memory_definition_location(owned);
+            // SAFETY: as for tables.
+            unsafe { location.as_ptr().write(memory.vmmemory()) };
             put(block, offsets.vmctx_vmmemory_pointer(index), location.as_ptr());
         }
     }

@@ -381,27 +381,37 @@ impl InstanceBlock {
         unsafe { self.vmctx().cast::<u8>().add(offset as usize).cast() }
     }
 
+    /// Where owned memory `index`'s `VMMemoryDefinition` goes: where instantiation writes it.
+    ///
+    /// # Panics
+    ///
+    /// If the module has no owned memory `index`.
+    pub fn memory_definition_location(&self, index: OwnedMemoryIndex) -> NonNull<VMMemoryDefinition> {
+        assert!(index.as_u32() < self.offsets.fields().num_owned_memories);
+        self.vmctx_field(self.offsets.vmctx_vmmemory_definition(index))
+    }
+
+    /// Where defined table `index`'s `VMTableDefinition` goes: where instantiation writes it.
+    ///
+    /// # Panics
+    ///
+    /// If the module has no defined table `index`.
+    pub fn table_definition_location(&self, index: DefinedTableIndex) -> NonNull<VMTableDefinition> {
+        assert!(index.as_u32() < self.offsets.fields().num_defined_tables);
+        self.vmctx_field(self.offsets.vmctx_vmtable_definition(index))
+    }
+
     /// Where each owned memory's `VMMemoryDefinition` goes.
     pub fn memory_definition_locations(&self) -> Vec<NonNull<VMMemoryDefinition>> {
         (0..self.offsets.fields().num_owned_memories)
-            .map(|i| {
-                self.vmctx_field(
-                    self.offsets
-                        .vmctx_vmmemory_definition(OwnedMemoryIndex::from_u32(i)),
-                )
-            })
+            .map(|i| self.memory_definition_location(OwnedMemoryIndex::from_u32(i)))
             .collect()
     }
 
     /// Where each defined table's `VMTableDefinition` goes.
     pub fn table_definition_locations(&self) -> Vec<NonNull<VMTableDefinition>> {
         (0..self.offsets.fields().num_defined_tables)
-            .map(|i| {
-                self.vmctx_field(
-                    self.offsets
-                        .vmctx_vmtable_definition(DefinedTableIndex::from_u32(i)),
-                )
-            })
+            .map(|i| self.table_definition_location(DefinedTableIndex::from_u32(i)))
             .collect()
     }
 
