@@ -64,10 +64,10 @@ fn main() -> Result<()> {
         );
     }
 
-    instance.write_memory(0, 0, b"hello from berth")?;
-    let old = instance.grow_memory(0, 1)?;
+    instance.memory_write(0, 0, b"hello from berth")?;
+    let old = instance.memory_grow(0, 1)?;
     let mut buf = [0u8; 16];
-    instance.read_memory(0, 0, &mut buf)?;
+    instance.memory_read(0, 0, &mut buf)?;
     println!(
         "memory 0 grown from {:?} pages to {} bytes; first bytes: {:?}",
         old,

@@ -281,16 +281,16 @@ fn exercise(engine: &Engine) {
     };
     check_memory(&instance, 0);
     check_memory(&instance, 1);
-    instance.write_memory(1, 2 * PAGE as u64 - 4, b"edge").unwrap();
+    instance.memory_write(1, 2 * PAGE as u64 - 4, b"edge").unwrap();
     assert!(
-        instance.write_memory(1, 2 * PAGE as u64 - 3, b"edge").is_err(),
+        instance.memory_write(1, 2 * PAGE as u64 - 3, b"edge").is_err(),
         "out of bounds"
     );
-    assert_eq!(instance.grow_memory(0, 3).unwrap(), Some(1));
-    assert_eq!(instance.grow_memory(0, 1).unwrap(), None, "maximum is 4 pages");
+    assert_eq!(instance.memory_grow(0, 3).unwrap(), Some(1));
+    assert_eq!(instance.memory_grow(0, 1).unwrap(), None, "maximum is 4 pages");
     check_memory(&instance, 0);
     let mut edge = [0u8; 4];
-    instance.read_memory(1, 2 * PAGE as u64 - 4, &mut edge).unwrap();
+    instance.memory_read(1, 2 * PAGE as u64 - 4, &mut edge).unwrap();
     assert_eq!(&edge, b"edge");
 
     // Tables, likewise.
@@ -329,7 +329,7 @@ fn exercise(engine: &Engine) {
     // A new tenant sees none of the old one's bytes.
     let second = linked(&module).instantiate().unwrap();
     let mut buf = vec![0xffu8; 2 * PAGE];
-    second.read_memory(1, 0, &mut buf).unwrap();
+    second.memory_read(1, 0, &mut buf).unwrap();
     assert!(
         buf.iter().all(|&b| b == 0),
         "a previous tenant's bytes are visible"
@@ -500,9 +500,9 @@ fn instances_move_between_threads() {
             std::thread::spawn(move || {
                 for i in 0..50u8 {
                     let mut instance = Instance::new(&module).unwrap();
-                    instance.write_memory(0, 0, &[t, i]).unwrap();
+                    instance.memory_write(0, 0, &[t, i]).unwrap();
                     let mut buf = [0; 2];
-                    instance.read_memory(0, 0, &mut buf).unwrap();
+                    instance.memory_read(0, 0, &mut buf).unwrap();
                     assert_eq!(buf, [t, i]);
                 }
             })
@@ -525,16 +525,16 @@ fn out_of_range_indices_are_errors_not_panics() {
     let mut instance = linked(&module).instantiate().unwrap();
     let mut buf = [0u8; 1];
     for index in [2, 1000, u32::MAX] {
-        assert!(instance.read_memory(index, 0, &mut buf).is_err());
-        assert!(instance.write_memory(index, 0, &buf).is_err());
-        assert!(instance.grow_memory(index, 1).is_err());
+        assert!(instance.memory_read(index, 0, &mut buf).is_err());
+        assert!(instance.memory_write(index, 0, &buf).is_err());
+        assert!(instance.memory_grow(index, 1).is_err());
         assert!(instance.table_get(index, 0).is_err());
         assert!(instance.table_grow(index, 1, 0).is_err());
         assert!(instance.global(index.saturating_add(2)).is_none());
     }
     assert!(instance.global(u32::MAX).is_none());
     assert!(instance.table_get(0, u64::MAX).is_err());
-    assert!(instance.read_memory(0, u64::MAX, &mut buf).is_err());
+    assert!(instance.memory_read(0, u64::MAX, &mut buf).is_err());
 }
 
 struct PanicsOnDrop;
@@ -588,7 +588,7 @@ fn on_demand_reserved_bytes_follow_a_moved_memory() {
         .unwrap();
     let mut instance = Instance::new(&module).unwrap();
     assert_eq!(engine.stats().reserved_bytes, 2 * PAGE as u64);
-    assert_eq!(instance.grow_memory(0, 2).unwrap(), Some(1));
+    assert_eq!(instance.memory_grow(0, 2).unwrap(), Some(1));
     assert_eq!(
         engine.stats().reserved_bytes,
         4 * PAGE as u64,

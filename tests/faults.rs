@@ -70,7 +70,7 @@ fn the_byte_past_the_current_size_faults() {
 fn after_a_grow_the_new_end_faults_and_the_old_end_does_not() {
     let end = in_child("after_a_grow_the_new_end_faults_and_the_old_end_does_not", || {
         let mut instance = instance(&Config::new(), MemoryType::new(1, None));
-        assert_eq!(instance.grow_memory(0, 2).unwrap(), Some(1));
+        assert_eq!(instance.memory_grow(0, 2).unwrap(), Some(1));
         let (base, size) = memory0(&instance);
         assert_eq!(size, 3 * PAGE);
         // SAFETY: in a child; the old end is now in bounds.
@@ -89,7 +89,7 @@ fn in_a_reused_reservation_the_bytes_past_the_new_size_fault() {
             let engine = Engine::new(&Config::new()).unwrap();
             let load = |pages| memory_module(&engine, pages);
             let mut grown = Instance::new(&load(1)).unwrap();
-            assert_eq!(grown.grow_memory(0, 3).unwrap(), Some(1));
+            assert_eq!(grown.memory_grow(0, 3).unwrap(), Some(1));
             let (old_base, _) = memory0(&grown);
             drop(grown);
             let next = Instance::new(&load(2)).unwrap();
@@ -148,7 +148,7 @@ fn after_a_move_the_new_end_faults() {
             .memory_guard_size(PAGE as u64);
         let mut instance = instance(&config, MemoryType::new(1, None));
         let (old_base, _) = memory0(&instance);
-        assert_eq!(instance.grow_memory(0, 1).unwrap(), Some(1));
+        assert_eq!(instance.memory_grow(0, 1).unwrap(), Some(1));
         let (base, size) = memory0(&instance);
         assert_ne!(base, old_base, "the memory moved");
         // SAFETY: in a child; in bounds.
@@ -223,7 +223,7 @@ fn a_dropped_instance_memory_kept_for_reuse_holds_none_of_its_bytes() {
         .unwrap();
     let mut instance = Instance::new(&module).unwrap();
     let ones = vec![0xa5; 2 * PAGE];
-    instance.write_memory(0, 0, &ones).unwrap();
+    instance.memory_write(0, 0, &ones).unwrap();
     let (base, size) = memory0(&instance);
     drop(instance);
     assert_eq!(engine.stats().warm_memory_slots, 1);

@@ -60,7 +60,7 @@ fn data_module(name: &str, pages: u64, segments: &[(u32, Vec<u8>)]) -> Module {
 
 fn contents(instance: &Instance) -> Vec<u8> {
     let mut bytes = vec![0u8; instance.memory_size(0).unwrap()];
-    instance.read_memory(0, 0, &mut bytes).unwrap();
+    instance.memory_read(0, 0, &mut bytes).unwrap();
     bytes
 }
 
@@ -121,7 +121,7 @@ proptest! {
                     Ok(mut instance) => {
                         prop_assert!(in_bounds, "an out-of-bounds segment was accepted");
                         prop_assert!(contents(&instance) == model, "cow {} round {}: contents differ", cow, round);
-                        instance.write_memory(0, 0, &[0xEE; 256]).unwrap();
+                        instance.memory_write(0, 0, &[0xEE; 256]).unwrap();
                     }
                     Err(error) => {
                         prop_assert!(!in_bounds, "in-bounds segments failed: {:#}", error);
@@ -149,9 +149,9 @@ fn images_are_mapped_not_copied() {
             "pooling={pooling}: {backing}"
         );
         let mut hello = [0u8; 5];
-        instance.read_memory(0, 100, &mut hello).unwrap();
+        instance.memory_read(0, 100, &mut hello).unwrap();
         assert_eq!(&hello, b"hello");
-        instance.read_memory(0, 9000, &mut hello).unwrap();
+        instance.memory_read(0, 9000, &mut hello).unwrap();
         assert_eq!(&hello, b"world");
     }
     // An image of one page: the pool writes its data instead (cheaper than the mappings of a
@@ -167,9 +167,9 @@ fn images_are_mapped_not_copied() {
             "a one-page image was mapped"
         );
         let mut hello = [0u8; 5];
-        instance.read_memory(0, 100, &mut hello).unwrap();
+        instance.memory_read(0, 100, &mut hello).unwrap();
         assert_eq!(&hello, b"hello");
-        instance.write_memory(0, 100, b"HELLO").unwrap();
+        instance.memory_write(0, 100, b"HELLO").unwrap();
     }
     let engine = engine(false, false, 0);
     let module = engine
@@ -220,9 +220,9 @@ fn an_image_comes_back_after_a_tenant_wrote_over_it() {
                 contents(&tenant) == expected,
                 "keep {keep}: the image was not restored"
             );
-            tenant.write_memory(0, 0, &vec![0x55; 2 * PAGE]).unwrap();
-            tenant.grow_memory(0, 1).unwrap();
-            tenant.write_memory(0, 2 * PAGE as u64, &[0x66; 100]).unwrap();
+            tenant.memory_write(0, 0, &vec![0x55; 2 * PAGE]).unwrap();
+            tenant.memory_grow(0, 1).unwrap();
+            tenant.memory_write(0, 2 * PAGE as u64, &[0x66; 100]).unwrap();
         }
         let stats = engine.stats();
         assert!(stats.resets() >= 4);
@@ -355,7 +355,7 @@ fn offsets_from_imported_globals_are_read_at_instantiation() {
         .instantiate()
         .unwrap();
     let mut placed = [0u8; 6];
-    instance.read_memory(0, 1234, &mut placed).unwrap();
+    instance.memory_read(0, 1234, &mut placed).unwrap();
     assert_eq!(&placed, b"placed");
 }
 
@@ -414,7 +414,7 @@ fn segments_write_through_imported_memories_and_tables() {
         .instantiate()
         .unwrap();
     let mut text = [0u8; 18];
-    a.read_memory(0, 4000, &mut text).unwrap();
+    a.memory_read(0, 4000, &mut text).unwrap();
     assert_eq!(&text, b"through the import");
     assert_eq!(a.table_get(0, 3).unwrap(), 77);
     drop(b);
@@ -454,7 +454,7 @@ fn sparse_data_makes_a_sparse_image() {
             let bytes = contents(&instance);
             assert_eq!((bytes[0], bytes[16 * PAGE - 1]), (b'a', b'z'));
             assert!(bytes[1..16 * PAGE - 1].iter().all(|&b| b == 0));
-            instance.write_memory(0, 5 * PAGE as u64, &[9; 100]).unwrap();
+            instance.memory_write(0, 5 * PAGE as u64, &[9; 100]).unwrap();
         }
     }
 }
@@ -488,7 +488,7 @@ fn a_module_purged_while_its_slot_waits_for_reset_leaves_no_warm_slot() {
     let engine = Engine::new(&config).unwrap();
     let a = engine.load(data_module("a", 1, &[(0, vec![7; 4096])])).unwrap();
     let mut tenant = Instance::new(&a).unwrap();
-    tenant.write_memory(0, 0, &[1]).unwrap();
+    tenant.memory_write(0, 0, &[1]).unwrap();
     drop(tenant); // its pages wait in the queue (a blind decommit): the batch holds up to eight ranges
     drop(a); // purged while its slot waits
     let b = engine.load(data_module("b", 1, &[])).unwrap();
@@ -535,10 +535,10 @@ fn constant_expressions_read_defined_immutable_globals() {
         let global = |i: u32| u128::from_le_bytes(instance.global(i).unwrap().storage);
         assert_eq!((global(0), global(1), global(2)), (4096, 4096, 8192));
         let mut placed = [0u8; 6];
-        instance.read_memory(0, 4096, &mut placed).unwrap();
+        instance.memory_read(0, 4096, &mut placed).unwrap();
         assert_eq!(&placed, b"placed", "pooling {pooling}, cow {cow}");
         let mut wide = [0u8; 4];
-        instance.read_memory(1, 8192, &mut wide).unwrap();
+        instance.memory_read(1, 8192, &mut wide).unwrap();
         assert_eq!(&wide, b"wide", "pooling {pooling}, cow {cow}");
         assert_ne!(instance.table_get(0, 3).unwrap(), 0, "element 3 holds $f");
         assert_eq!(instance.table_get(0, 2).unwrap(), 0);

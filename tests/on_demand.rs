@@ -35,7 +35,7 @@ fn memory_module(name: &str, pages: u64, data: Option<(u32, &[u8])>) -> Module {
 
 fn contents(instance: &Instance) -> Vec<u8> {
     let mut bytes = vec![0xee; instance.memory_size(0).unwrap()];
-    instance.read_memory(0, 0, &mut bytes).unwrap();
+    instance.memory_read(0, 0, &mut bytes).unwrap();
     bytes
 }
 
@@ -51,8 +51,8 @@ fn a_reused_reservation_holds_nothing_of_its_last_tenant() {
 
     let mut first = Instance::new(&with_image).unwrap();
     assert_eq!(&contents(&first)[8..19], b"image bytes");
-    assert_eq!(first.grow_memory(0, 2).unwrap(), Some(1));
-    first.write_memory(0, 0, &vec![0x5a; 3 * PAGE]).unwrap();
+    assert_eq!(first.memory_grow(0, 2).unwrap(), Some(1));
+    first.memory_write(0, 0, &vec![0x5a; 3 * PAGE]).unwrap();
     let reservation = memory_base(&first);
     drop(first);
 
@@ -71,12 +71,12 @@ fn a_reused_reservation_holds_nothing_of_its_last_tenant() {
         contents(&second).iter().all(|&b| b == 0),
         "the last tenant's bytes are visible"
     );
-    assert_eq!(second.grow_memory(0, 1).unwrap(), Some(2));
+    assert_eq!(second.memory_grow(0, 1).unwrap(), Some(2));
     assert!(
         contents(&second).iter().all(|&b| b == 0),
         "a page grown into holds old bytes"
     );
-    second.write_memory(0, 0, &[0x77; 64]).unwrap();
+    second.memory_write(0, 0, &[0x77; 64]).unwrap();
     drop(second);
 
     // The image module gets its image back, and zeros elsewhere.
@@ -127,7 +127,7 @@ fn pages_a_module_writes_are_faulted_in_for_its_next_instance() {
         return;
     };
     assert_eq!(before, [], "a first instance starts with nothing resident");
-    first.write_memory(0, PAGE as u64, &[1; PAGE]).unwrap();
+    first.memory_write(0, PAGE as u64, &[1; PAGE]).unwrap();
     drop(first);
 
     let next = Instance::new(&writer).unwrap();

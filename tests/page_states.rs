@@ -106,7 +106,7 @@ fn round(
 ) -> usize {
     let mut tenant = Instance::new(first).unwrap();
     let (offset, len) = write;
-    tenant.write_memory(0, offset as u64, &vec![0xA7; len]).unwrap();
+    tenant.memory_write(0, offset as u64, &vec![0xA7; len]).unwrap();
     tenant.table_grow(0, 1024 - 64, 0x77).unwrap();
     for elem in (0..1024).step_by(7) {
         tenant.table_set(0, elem, 0xBEEF).unwrap();
@@ -119,7 +119,7 @@ fn round(
 
     let mut after = Instance::new(next).unwrap();
     let mut bytes = vec![0xFF; 4 * PAGE];
-    after.read_memory(0, 0, &mut bytes).unwrap();
+    after.memory_read(0, 0, &mut bytes).unwrap();
     let want = expected(next_image);
     if bytes != want {
         let at = (0..bytes.len()).find(|&i| bytes[i] != want[i]).unwrap_or(0);

@@ -77,14 +77,14 @@ fn two_threads_never_share_a_slot_and_leave_nothing_behind() {
                         "slot {slot:#x} handed out twice"
                     );
                     let mut first = [0xffu8; 8];
-                    instance.read_memory(0, 0, &mut first).unwrap();
+                    instance.memory_read(0, 0, &mut first).unwrap();
                     assert_eq!(first, [0; 8], "a previous tenant's bytes are visible");
                     assert_eq!(instance.table_get(0, 3).unwrap(), 0);
-                    instance.write_memory(0, 0, &[t + 1; 8]).unwrap();
+                    instance.memory_write(0, 0, &[t + 1; 8]).unwrap();
                     if i % 7 == 0 {
-                        instance.grow_memory(0, 1).unwrap();
+                        instance.memory_grow(0, 1).unwrap();
                         let end = instance.memory_size(0).unwrap() as u64 - 8;
-                        instance.write_memory(0, end, &[t + 1; 8]).unwrap();
+                        instance.memory_write(0, end, &[t + 1; 8]).unwrap();
                     }
                     instance.table_set(0, 3, 42).unwrap();
                     assert!(owners.lock().unwrap().remove(&slot));
@@ -142,7 +142,7 @@ fn a_module_whose_slot_waits_for_a_decommit_batch_gets_it_back_rather_than_steal
     let a = engine.load(module("a", 1)).unwrap();
     let b = engine.load(module("b", 1)).unwrap();
     let mut first = Instance::new(&a).unwrap();
-    first.write_memory(0, 0, &[7; 8]).unwrap();
+    first.memory_write(0, 0, &[7; 8]).unwrap();
     let slot_a = memory_base(&first);
     let others: Vec<Instance> = (1..n).map(|_| Instance::new(&b).unwrap()).collect();
     drop(first);
@@ -150,7 +150,7 @@ fn a_module_whose_slot_waits_for_a_decommit_batch_gets_it_back_rather_than_steal
     let again = Instance::new(&a).unwrap();
     assert_eq!(memory_base(&again), slot_a, "a took another module's warm slot");
     let mut buf = [1u8; 8];
-    again.read_memory(0, 0, &mut buf).unwrap();
+    again.memory_read(0, 0, &mut buf).unwrap();
     assert_eq!(
         buf, [0; 8],
         "the queued decommit ran before the slot was handed out"
@@ -205,13 +205,13 @@ fn keep_resident_resets_by_memset_without_decommits() {
     for round in 0..5u8 {
         let mut instance = Instance::new(&a).unwrap();
         let mut buf = [1u8; 64];
-        instance.read_memory(0, PAGE as u64 - 64, &mut buf).unwrap();
+        instance.memory_read(0, PAGE as u64 - 64, &mut buf).unwrap();
         assert_eq!(
             buf, [0; 64],
             "round {round}: the previous tenant's bytes are visible"
         );
         instance
-            .write_memory(0, PAGE as u64 - 64, &[round + 1; 64])
+            .memory_write(0, PAGE as u64 - 64, &[round + 1; 64])
             .unwrap();
     }
     let stats = engine.stats();
@@ -241,8 +241,8 @@ fn keep_resident_resets_by_memset_without_decommits() {
     // waiting for the batch and runs it early.
     let mut instance = Instance::new(&a).unwrap();
     let slot = memory_base(&instance);
-    instance.grow_memory(0, 2).unwrap();
-    instance.write_memory(0, PAGE as u64, &vec![9; 2 * PAGE]).unwrap();
+    instance.memory_grow(0, 2).unwrap();
+    instance.memory_write(0, PAGE as u64, &vec![9; 2 * PAGE]).unwrap();
     drop(instance);
     let instance = Instance::new(&a).unwrap();
     let stats = engine.stats();
@@ -255,9 +255,9 @@ fn keep_resident_resets_by_memset_without_decommits() {
     assert_eq!(memory_base(&instance), slot, "the warm slot again");
     assert_eq!(instance.memory_size(0).unwrap(), PAGE);
     let mut grown = Instance::new(&a).unwrap();
-    grown.grow_memory(0, 2).unwrap();
+    grown.memory_grow(0, 2).unwrap();
     let mut bytes = vec![1u8; 3 * PAGE];
-    grown.read_memory(0, 0, &mut bytes).unwrap();
+    grown.memory_read(0, 0, &mut bytes).unwrap();
     assert!(
         bytes.iter().all(|&b| b == 0),
         "kept pages past the initial size were reset"
@@ -326,7 +326,7 @@ fn dropping_a_module_purges_its_warm_slots() {
     let (engine, _) = pool(&pooling);
     let a = engine.load(module("a", 1)).unwrap();
     let mut instance = Instance::new(&a).unwrap();
-    instance.write_memory(0, 0, &[1; 8192]).unwrap();
+    instance.memory_write(0, 0, &[1; 8192]).unwrap();
     drop(instance);
     assert_eq!(engine.stats().warm_memory_slots, 1);
     assert_eq!(
@@ -356,8 +356,8 @@ fn the_pooling_strategy_is_built_from_the_config() {
     assert_eq!(engine.strategy_name(), "pooling");
     let a = engine.load(module("a", 1)).unwrap();
     let mut instance = Instance::new(&a).unwrap();
-    assert_eq!(instance.grow_memory(0, 20).unwrap(), None, "past max_memory_size");
-    assert_eq!(instance.grow_memory(0, 7).unwrap(), Some(1));
+    assert_eq!(instance.memory_grow(0, 20).unwrap(), None, "past max_memory_size");
+    assert_eq!(instance.memory_grow(0, 7).unwrap(), Some(1));
     assert_eq!(
         engine.stats().reserved_bytes,
         2 * ((1 << 20) + PAGE as u64) + 2 * 4096
@@ -471,7 +471,7 @@ fn idle_slots_keep_at_most_the_byte_cap_and_slots_that_keep_nothing_stay_warm() 
     let mut bases = Vec::new();
     for m in &writers {
         let mut instance = Instance::new(m).unwrap();
-        instance.write_memory(0, 0, &[7; 8192]).unwrap();
+        instance.memory_write(0, 0, &[7; 8192]).unwrap();
         bases.push(memory_base(&instance));
         drop(instance);
         let kept = engine.stats().idle_resident_bytes();
@@ -497,7 +497,7 @@ fn idle_slots_keep_at_most_the_byte_cap_and_slots_that_keep_nothing_stay_warm() 
     // The writers pushed out read zeros where their pages were.
     let instance = Instance::new(&writers[0]).unwrap();
     let mut buf = [1u8; 8192];
-    instance.read_memory(0, 0, &mut buf).unwrap();
+    instance.memory_read(0, 0, &mut buf).unwrap();
     assert!(
         buf.iter().all(|&b| b == 0),
         "a pushed-out slot shows its old tenant's bytes"
@@ -557,7 +557,7 @@ fn a_slot_pushed_out_of_the_warm_set_shows_nothing_to_its_next_tenant() {
     let b = engine.load(module("b", 1)).unwrap();
     let mut first = Instance::new(&a).unwrap();
     let base = memory_base(&first);
-    first.write_memory(0, 0, &[7; 2 * PAGE]).unwrap();
+    first.memory_write(0, 0, &[7; 2 * PAGE]).unwrap();
     drop(first);
     assert_eq!(engine.stats().warm_memory_slots, 0);
     assert_eq!(
@@ -569,7 +569,7 @@ fn a_slot_pushed_out_of_the_warm_set_shows_nothing_to_its_next_tenant() {
     assert_eq!(memory_base(&next), base, "the cold slot is reused");
     assert_eq!(next.memory_size(0).unwrap(), PAGE);
     let mut bytes = vec![1u8; PAGE];
-    next.read_memory(0, 0, &mut bytes).unwrap();
+    next.memory_read(0, 0, &mut bytes).unwrap();
     assert!(
         bytes.iter().all(|&b| b == 0),
         "a byte of the last tenant is visible"
@@ -660,9 +660,9 @@ fn pages_a_slot_kept_for_another_module_stay_resident_only_as_pages_it_keeps() {
     let b = engine.load(memory_only("b", 1)).unwrap();
     for round in 0..3u8 {
         let mut tenant = Instance::new(&a).unwrap();
-        tenant.write_memory(0, 0, &[round + 1; 4096]).unwrap();
+        tenant.memory_write(0, 0, &[round + 1; 4096]).unwrap();
         tenant
-            .write_memory(0, 3 * PAGE as u64, &[round + 1; 4096])
+            .memory_write(0, 3 * PAGE as u64, &[round + 1; 4096])
             .unwrap();
     }
     // Runs of pages holding memory of their own (the shared zero page, which reads map, does
@@ -677,7 +677,7 @@ fn pages_a_slot_kept_for_another_module_stay_resident_only_as_pages_it_keeps() {
     let tenant = Instance::new(&b).unwrap();
     let base = memory_base(&tenant);
     let mut bytes = vec![1u8; PAGE];
-    tenant.read_memory(0, 0, &mut bytes).unwrap();
+    tenant.memory_read(0, 0, &mut bytes).unwrap();
     assert!(bytes.iter().all(|&x| x == 0), "module a's bytes are visible to b");
     let past: Vec<_> = resident_runs(base).into_iter().filter(|r| r.end > PAGE).collect();
     assert!(
@@ -710,7 +710,7 @@ fn releasing_idle_memory_gives_the_kept_pages_back_to_the_kernel() {
     let a = engine.load(module("a", 4)).unwrap();
     let mut instance = Instance::new(&a).unwrap();
     let base = std::ptr::NonNull::new(memory_base(&instance) as *mut u8).unwrap();
-    instance.write_memory(0, 0, &vec![0xC3; 4 * PAGE]).unwrap();
+    instance.memory_write(0, 0, &vec![0xC3; 4 * PAGE]).unwrap();
     drop(instance);
     let present = |len| map.count(base, len, berth_core::sys::PageState::Present).unwrap();
     assert!(present(4 * PAGE) >= 64, "the written pages are kept resident");
@@ -732,6 +732,6 @@ fn releasing_idle_memory_gives_the_kept_pages_back_to_the_kernel() {
 
     let instance = Instance::new(&a).unwrap();
     let mut bytes = vec![1u8; 4 * PAGE];
-    instance.read_memory(0, 0, &mut bytes).unwrap();
+    instance.memory_read(0, 0, &mut bytes).unwrap();
     assert!(bytes.iter().all(|&b| b == 0), "a released slot shows old bytes");
 }

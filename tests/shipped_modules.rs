@@ -45,7 +45,7 @@ fn hello_reads_its_data_and_elements() {
         .instantiate()
         .unwrap();
     let mut text = [0u8; 16];
-    instance.read_memory(0, 0, &mut text).unwrap();
+    instance.memory_read(0, 0, &mut text).unwrap();
     assert_eq!(&text, b"hello from berth");
     assert_eq!(
         (

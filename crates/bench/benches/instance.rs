@@ -27,7 +27,7 @@ fn cycle(c: &mut Criterion) {
                 b.iter(|| {
                     let mut instance = Instance::new(&module).unwrap();
                     if dirty > 0 {
-                        instance.write_memory(0, 0, &buffer).unwrap();
+                        instance.memory_write(0, 0, &buffer).unwrap();
                     }
                     black_box(&instance);
                 })
@@ -73,7 +73,7 @@ fn grow(c: &mut Criterion) {
                     let mut instance = Instance::new(&module).unwrap();
                     let started = Instant::now();
                     for _ in 0..16 {
-                        black_box(instance.grow_memory(0, 1).unwrap());
+                        black_box(instance.memory_grow(0, 1).unwrap());
                     }
                     total += started.elapsed();
                 }
@@ -94,7 +94,7 @@ fn reset_policy(c: &mut Criterion) {
         group.bench_function(format!("keep-resident-{}k", keep >> 10), |b| {
             b.iter(|| {
                 let mut instance = Instance::new(&module).unwrap();
-                instance.write_memory(0, 0, &buffer).unwrap();
+                instance.memory_write(0, 0, &buffer).unwrap();
             })
         });
     }

@@ -113,7 +113,7 @@ fn cycles(
         let mut at = 0;
         while at < touch {
             let len = usize::try_from(touch - at).unwrap_or(usize::MAX).min(chunk.len());
-            instance.write_memory(0, at, &chunk[..len])?;
+            instance.memory_write(0, at, &chunk[..len])?;
             at += len as u64;
         }
         let started = Instant::now();

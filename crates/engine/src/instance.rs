@@ -226,7 +226,7 @@ impl Instance {
     }
 
     /// Reads `buf.len()` bytes of memory `memory` at `offset`.
-    pub fn read_memory(&self, memory: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+    pub fn memory_read(&self, memory: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         let index = self.defined_memory(memory)?;
         self.core()
             .memory_read(index, offset, buf)
@@ -234,7 +234,7 @@ impl Instance {
     }
 
     /// Writes `data` to memory `memory` at `offset`.
-    pub fn write_memory(&mut self, memory: u32, offset: u64, data: &[u8]) -> Result<()> {
+    pub fn memory_write(&mut self, memory: u32, offset: u64, data: &[u8]) -> Result<()> {
         let index = self.defined_memory(memory)?;
         self.handle
             .instance_mut()
@@ -243,7 +243,7 @@ impl Instance {
     }
 
     /// `memory.grow`: `Some(old size in pages)`, or `None` (-1) with the memory unchanged.
-    pub fn grow_memory(&mut self, memory: u32, delta_pages: u64) -> Result<Option<u64>> {
+    pub fn memory_grow(&mut self, memory: u32, delta_pages: u64) -> Result<Option<u64>> {
         let index = self.defined_memory(memory)?;
         let limiter = self.limiter.as_deref_mut().map(|l| l as &mut dyn ResourceLimiter);
         self.handle

@@ -28,8 +28,8 @@
 //! let facts = Module::builder().memory(MemoryType::new(1, Some(4))).table(TableType::new(10, None)).build()?;
 //! let module = engine.load(facts)?;
 //! let mut instance = Instance::new(&module)?;
-//! instance.write_memory(0, 16, b"hello")?;
-//! assert_eq!(instance.grow_memory(0, 1)?, Some(1));
+//! instance.memory_write(0, 16, b"hello")?;
+//! assert_eq!(instance.memory_grow(0, 1)?, Some(1));
 //! # anyhow::Ok(())
 //! ```
 

@@ -148,11 +148,11 @@ fn berth_system(name: &'static str, pooling: bool) -> Result<System> {
                     let mut instance = berth_engine::Instance::new(module)?;
                     if tenant.grow > 0 {
                         instance
-                            .grow_memory(0, tenant.grow)?
+                            .memory_grow(0, tenant.grow)?
                             .context("memory.grow failed")?;
                     }
                     for &(offset, len) in &tenant.writes {
-                        instance.write_memory(0, offset as u64, &buffer[..len])?;
+                        instance.memory_write(0, offset as u64, &buffer[..len])?;
                     }
                     drop(instance);
                     Ok(())
