@@ -2,8 +2,6 @@
 //! backend could be, fail `run_all` with a message that says what broke; the same backend
 //! without its flaw passes.
 
-#![allow(clippy::cast_possible_truncation)] // Test sizes are small; the host is 64-bit.
-
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};

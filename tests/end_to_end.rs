@@ -1,8 +1,6 @@
 //! End to end through `Config`: the on-demand strategy and a custom backend written here, as
 //! an embedder would write one.
 
-#![allow(clippy::cast_possible_truncation)] // Test models index with `as usize` on 64-bit hosts.
-
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -2,8 +2,6 @@
 //! a child process (this test binary re-run), so the test survives the signal; a control
 //! access in bounds must not fault, so a test cannot pass by crashing for another reason.
 
-#![allow(clippy::cast_possible_truncation)] // Test models index with `as usize` on 64-bit hosts.
-
 use berth_core::{MemoryType, Module};
 use std::sync::Arc;
 
@@ -46,7 +44,7 @@ fn memory0(instance: &Instance) -> (*const u8, usize) {
 
 #[test]
 fn the_last_byte_is_readable() {
-    let end = in_child("the_last_byte_is_readable", || {
+    let end = in_child(|| {
         let instance = instance(&Config::new(), MemoryType::new(1, None));
         let (base, size) = memory0(&instance);
         // SAFETY: in a child; this byte is in bounds.
@@ -57,7 +55,7 @@ fn the_last_byte_is_readable() {
 
 #[test]
 fn the_byte_past_the_current_size_faults() {
-    let end = in_child("the_byte_past_the_current_size_faults", || {
+    let end = in_child(|| {
         let instance = instance(&Config::new(), MemoryType::new(1, None));
         let (base, size) = memory0(&instance);
         // SAFETY: in a child; a fault is the expected outcome.
@@ -68,7 +66,7 @@ fn the_byte_past_the_current_size_faults() {
 
 #[test]
 fn after_a_grow_the_new_end_faults_and_the_old_end_does_not() {
-    let end = in_child("after_a_grow_the_new_end_faults_and_the_old_end_does_not", || {
+    let end = in_child(|| {
         let mut instance = instance(&Config::new(), MemoryType::new(1, None));
         assert_eq!(instance.memory_grow(0, 2).unwrap(), Some(1));
         let (base, size) = memory0(&instance);
@@ -83,64 +81,58 @@ fn after_a_grow_the_new_end_faults_and_the_old_end_does_not() {
 
 #[test]
 fn in_a_reused_reservation_the_bytes_past_the_new_size_fault() {
-    let end = in_child(
-        "in_a_reused_reservation_the_bytes_past_the_new_size_fault",
-        || {
-            let engine = Engine::new(&Config::new()).unwrap();
-            let load = |pages| memory_module(&engine, pages);
-            let mut grown = Instance::new(&load(1)).unwrap();
-            assert_eq!(grown.memory_grow(0, 3).unwrap(), Some(1));
-            let (old_base, _) = memory0(&grown);
-            drop(grown);
-            let next = Instance::new(&load(2)).unwrap();
-            let (base, size) = memory0(&next);
-            assert_eq!((base, size), (old_base, 2 * PAGE), "the reservation is reused");
-            // SAFETY: in a child; the last byte is in bounds.
-            unsafe { touch(base.add(size - 1)) };
-            // SAFETY: in a child; a fault is the expected outcome (the last tenant's third page).
-            unsafe { touch(base.add(size)) };
-        },
-    );
+    let end = in_child(|| {
+        let engine = Engine::new(&Config::new()).unwrap();
+        let load = |pages| memory_module(&engine, pages);
+        let mut grown = Instance::new(&load(1)).unwrap();
+        assert_eq!(grown.memory_grow(0, 3).unwrap(), Some(1));
+        let (old_base, _) = memory0(&grown);
+        drop(grown);
+        let next = Instance::new(&load(2)).unwrap();
+        let (base, size) = memory0(&next);
+        assert_eq!((base, size), (old_base, 2 * PAGE), "the reservation is reused");
+        // SAFETY: in a child; the last byte is in bounds.
+        unsafe { touch(base.add(size - 1)) };
+        // SAFETY: in a child; a fault is the expected outcome (the last tenant's third page).
+        unsafe { touch(base.add(size)) };
+    });
     assert_eq!(end, ChildEnd::Faulted);
 }
 
 #[test]
 fn in_a_pool_slot_pushed_out_of_the_warm_set_the_bytes_past_the_next_size_fault() {
-    let end = in_child(
-        "in_a_pool_slot_pushed_out_of_the_warm_set_the_bytes_past_the_next_size_fault",
-        || {
-            let mut pooling = PoolingConfig::new();
-            // No warm slots: a slot given back turns cold at once, keeping its accessible size.
-            pooling
-                .total_memories(1)
-                .max_memory_size(1 << 20)
-                .max_unused_warm_slots(0)
-                .decommit_batch_size(1);
-            let mut config = Config::new();
-            config
-                .memory_reservation(1 << 20)
-                .memory_reservation_for_growth(0)
-                .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
-            let engine = Engine::new(&config).unwrap();
-            let load = |pages| memory_module(&engine, pages);
-            let (wide, narrow) = (load(3), load(1));
-            let (old_base, _) = memory0(&Instance::new(&wide).unwrap());
-            assert_eq!(engine.stats().warm_memory_slots, 0);
-            let next = Instance::new(&narrow).unwrap();
-            let (base, size) = memory0(&next);
-            assert_eq!((base, size), (old_base, PAGE), "the one slot is reused");
-            // SAFETY: in a child; the last byte is in bounds.
-            unsafe { touch(base.add(size - 1)) };
-            // SAFETY: in a child; a fault is the expected outcome (the last tenant's second page).
-            unsafe { touch(base.add(size)) };
-        },
-    );
+    let end = in_child(|| {
+        let mut pooling = PoolingConfig::new();
+        // No warm slots: a slot given back turns cold at once, keeping its accessible size.
+        pooling
+            .total_memories(1)
+            .max_memory_size(1 << 20)
+            .max_unused_warm_slots(0)
+            .decommit_batch_size(1);
+        let mut config = Config::new();
+        config
+            .memory_reservation(1 << 20)
+            .memory_reservation_for_growth(0)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+        let engine = Engine::new(&config).unwrap();
+        let load = |pages| memory_module(&engine, pages);
+        let (wide, narrow) = (load(3), load(1));
+        let (old_base, _) = memory0(&Instance::new(&wide).unwrap());
+        assert_eq!(engine.stats().warm_memory_slots, 0);
+        let next = Instance::new(&narrow).unwrap();
+        let (base, size) = memory0(&next);
+        assert_eq!((base, size), (old_base, PAGE), "the one slot is reused");
+        // SAFETY: in a child; the last byte is in bounds.
+        unsafe { touch(base.add(size - 1)) };
+        // SAFETY: in a child; a fault is the expected outcome (the last tenant's second page).
+        unsafe { touch(base.add(size)) };
+    });
     assert_eq!(end, ChildEnd::Faulted);
 }
 
 #[test]
 fn after_a_move_the_new_end_faults() {
-    let end = in_child("after_a_move_the_new_end_faults", || {
+    let end = in_child(|| {
         let mut config = Config::new();
         config
             .memory_reservation(PAGE as u64)
@@ -161,7 +153,7 @@ fn after_a_move_the_new_end_faults() {
 
 #[test]
 fn the_guard_faults() {
-    let end = in_child("the_guard_faults", || {
+    let end = in_child(|| {
         let mut config = Config::new();
         config
             .memory_reservation(4 * PAGE as u64)
@@ -177,7 +169,7 @@ fn the_guard_faults() {
 
 #[test]
 fn the_pre_guard_faults() {
-    let end = in_child("the_pre_guard_faults", || {
+    let end = in_child(|| {
         let mut config = Config::new();
         config
             .guard_before_linear_memory(true)
@@ -192,19 +184,16 @@ fn the_pre_guard_faults() {
 
 #[test]
 fn a_dropped_instance_memory_is_gone_without_cached_reservations() {
-    let end = in_child(
-        "a_dropped_instance_memory_is_gone_without_cached_reservations",
-        || {
-            let mut config = Config::new();
-            let allocator = OnDemandInstanceAllocator::new().with_cached_reservations(0);
-            config.allocation_strategy(InstanceAllocationStrategy::Custom(Arc::new(allocator)));
-            let instance = instance(&config, MemoryType::new(1, None));
-            let (base, _) = memory0(&instance);
-            drop(instance);
-            // SAFETY: in a child; a fault is the expected outcome (the reservation was unmapped).
-            unsafe { touch(base) };
-        },
-    );
+    let end = in_child(|| {
+        let mut config = Config::new();
+        let allocator = OnDemandInstanceAllocator::new().with_cached_reservations(0);
+        config.allocation_strategy(InstanceAllocationStrategy::Custom(Arc::new(allocator)));
+        let instance = instance(&config, MemoryType::new(1, None));
+        let (base, _) = memory0(&instance);
+        drop(instance);
+        // SAFETY: in a child; a fault is the expected outcome (the reservation was unmapped).
+        unsafe { touch(base) };
+    });
     assert_eq!(end, ChildEnd::Faulted);
 }
 

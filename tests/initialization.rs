@@ -1,8 +1,6 @@
 //! Initialization: element and data segments applied in order and bounds-checked, on both
 //! backends, with copy-on-write images and without, giving the same bytes.
 
-#![allow(clippy::cast_possible_truncation)] // Test models index with `as usize` on 64-bit hosts.
-
 use std::sync::Arc;
 
 use berth_core::{

@@ -29,11 +29,19 @@ pub enum ChildEnd {
     Other(String),
 }
 
-/// Runs `body` in a child process (this test binary, re-run with only `test_name`) and tells
-/// how the child ended. In the child, `body` runs and the process exits 0 if it returns.
+/// Runs `body` in a child process (this test binary, re-run with only the calling test, whose
+/// full name is its thread's) and tells how the child ended. In the child, `body` runs and the
+/// process exits 0 if it returns.
 ///
-/// `test_name` must be the full name of the calling `#[test]`, so the child runs it again.
-pub fn in_child(test_name: &str, body: impl FnOnce()) -> ChildEnd {
+/// # Panics
+///
+/// If called from a thread other than a `#[test]`'s own (the child could not find the test).
+pub fn in_child(body: impl FnOnce()) -> ChildEnd {
+    let thread = std::thread::current();
+    let test_name = thread
+        .name()
+        .filter(|n| *n != "main")
+        .expect("in_child runs from a #[test] on its own thread");
     if std::env::var(CHILD_VAR).as_deref() == Ok(test_name) {
         body();
         println!("{CHILD_DONE}");

@@ -3,8 +3,6 @@
 //! the pool had (a reset that asked the kernel only for *present* written pages skipped swapped
 //! ones), on every backend and for every knob that changes how a slot is reset.
 
-#![allow(clippy::cast_possible_truncation)] // Test sizes are small; the host is 64-bit.
-
 use std::sync::Arc;
 
 use berth_core::sys::PageEvent;

@@ -1,8 +1,6 @@
 //! A failure at any memory or table of an instantiation gives everything back: the error
 //! reaches the caller, nothing leaks, and the instance count is where it was.
 
-#![allow(clippy::cast_possible_truncation)] // Test models index with `as usize` on 64-bit hosts.
-
 use std::sync::Arc;
 
 use anyhow::Result;
