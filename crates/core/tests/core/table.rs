@@ -1,6 +1,5 @@
 //! `Table` against a model: get/set/fill/grow with bounds errors, -1 on failed growth.
 
-#![allow(clippy::cast_possible_truncation)] // Test models index with `as usize` on 64-bit hosts.
 
 use std::ptr::NonNull;
 
