@@ -122,10 +122,11 @@ fn pages_a_module_writes_are_faulted_in_for_its_next_instance() {
     let writer = engine.load(memory_module("writer", 4, None)).unwrap();
     let idle = engine.load(memory_module("idle", 4, None)).unwrap();
     let mut first = Instance::new(&writer).unwrap();
-    let Some(before) = resident(&first) else {
-        eprintln!("skipped: this kernel has no PAGEMAP_SCAN");
+    let available = berth_core::sys::page_map().is_some();
+    if !berth_testkit::page_states::require("prefaulted pages", "PAGEMAP_SCAN", available) {
         return;
-    };
+    }
+    let before = resident(&first).expect("PAGEMAP_SCAN is here");
     assert_eq!(before, [], "a first instance starts with nothing resident");
     first.memory_write(0, PAGE as u64, &[1; PAGE]).unwrap();
     drop(first);
@@ -158,12 +159,8 @@ fn a_memory_freed_after_its_module_was_purged_teaches_nothing_to_another_module(
         allocator: allocator.clone(),
         tunables: *Config::new().tunables(),
     };
-    if berth_core::sys::page_map().is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "this test needs PAGEMAP_SCAN"
-        );
-        eprintln!("skipped: this kernel has no PAGEMAP_SCAN");
+    let available = berth_core::sys::page_map().is_some();
+    if !berth_testkit::page_states::require("habits after a purge", "PAGEMAP_SCAN", available) {
         return;
     }
     let a = harness.load(memory_module("a", 4, None)).unwrap();

@@ -162,8 +162,8 @@ fn a_new_slot_inherits_what_scans_learned_about_its_module() {
     // Scans of a memory whose tenants write nothing stop after a few resets (the slot is then
     // decommitted blindly, one decommit per reset). A slot new to that memory starts blind too,
     // instead of scanning again from scratch.
-    if berth_core::sys::page_map().is_none() {
-        eprintln!("skipped: this kernel has no PAGEMAP_SCAN");
+    let available = berth_core::sys::page_map().is_some();
+    if !berth_testkit::page_states::require("inherited scan habits", "PAGEMAP_SCAN", available) {
         return;
     }
     let mut pooling = slots(8);

@@ -1,7 +1,6 @@
 //! The instance block: its layout holds an `Instance` and the vmctx, every definition
 //! location lies inside it, aligned.
 
-
 use berth_core::vmoffsets::VMCTX_ALIGN;
 use berth_core::{HostPtr, InstanceBlock, VMMemoryDefinition, VMOffsets, VMOffsetsFields, VMTableDefinition};
 use proptest::prelude::*;

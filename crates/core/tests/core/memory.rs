@@ -1,7 +1,6 @@
 //! `Memory` against a model: grow semantics (old size or -1, nothing changed on failure),
 //! reads and writes within bounds, contents kept across a move, the limiter's say.
 
-
 use std::ptr::NonNull;
 
 use anyhow::{Result, bail};

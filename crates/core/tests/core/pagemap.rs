@@ -50,7 +50,15 @@ fn written_pages_are_reported_and_read_or_untouched_ones_are_not() {
 
 #[test]
 fn many_written_runs_are_all_reported() {
-    let Some(map) = sys::page_map() else { return };
+    let Some(map) = sys::page_map() else {
+        // Skipping is allowed only off CI, and says so.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "many_written_runs_are_all_reported needs PAGEMAP_SCAN (CI=true: CI must provide it)"
+        );
+        eprintln!("skipped many_written_runs_are_all_reported: this kernel has no PAGEMAP_SCAN");
+        return;
+    };
     let page = sys::page_size();
     let pages = 200;
     let mut mmap = Mmap::with_accessible(pages * page, pages * page).unwrap();

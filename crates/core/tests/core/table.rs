@@ -1,6 +1,5 @@
 //! `Table` against a model: get/set/fill/grow with bounds errors, -1 on failed growth.
 
-
 use std::ptr::NonNull;
 
 use berth_core::{LimitExceeded, OutOfBounds, Table, TableType};

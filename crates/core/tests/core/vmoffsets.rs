@@ -1,7 +1,6 @@
 //! The vmctx layout: regions never overlap, are aligned, and are sized by the counts, for a
 //! 4-byte and an 8-byte pointer; a layout that cannot fit is an error.
 
-
 use berth_core::vmoffsets::VMCTX_ALIGN;
 use berth_core::{
     DefinedGlobalIndex, DefinedMemoryIndex, DefinedTableIndex, FuncIndex, GlobalIndex, HostPtr, MemoryIndex,
