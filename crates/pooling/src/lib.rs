@@ -433,7 +433,8 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         ty: &MemoryType,
         memory_index: DefinedMemoryIndex,
     ) -> Result<(MemoryAllocationIndex, Memory)> {
-        if *request.tunables != self.tunables {
+        // Once per instance: its memory 0 comes first (the provided methods allocate in order).
+        if memory_index.as_u32() == 0 && *request.tunables != self.tunables {
             anyhow::bail!("the pool was built for other tunables than this request's");
         }
         let key = (request.module.id(), memory_index);
