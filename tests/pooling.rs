@@ -735,3 +735,20 @@ fn releasing_idle_memory_gives_the_kept_pages_back_to_the_kernel() {
     instance.memory_read(0, 0, &mut bytes).unwrap();
     assert!(bytes.iter().all(|&b| b == 0), "a released slot shows old bytes");
 }
+
+#[test]
+fn a_request_with_other_tunables_than_the_pools_is_refused() {
+    // Slots are cut for the pool's tunables: a request carrying others (a reservation or guard
+    // of another size) must not get one.
+    let pool = PoolingInstanceAllocator::new(&slots(2), small_config().tunables()).unwrap();
+    let mut other = *small_config().tunables();
+    other.memory_guard_size *= 2;
+    let harness = berth_testkit::Harness {
+        allocator: Arc::new(pool),
+        tunables: other,
+    };
+    let a = harness.load(module("a", 1)).unwrap();
+    let error = harness.instantiate(&a, None).unwrap_err();
+    assert!(format!("{error:#}").contains("other tunables"), "{error:#}");
+    assert_eq!(harness.allocator.stats().live_memories, 0);
+}
