@@ -397,11 +397,7 @@ fn custom_backend_end_to_end() {
     assert_eq!(stats.resets(), 4, "two instances of two memories each were reset");
     assert_eq!(stats.reserved_bytes, 32 * PAGE as u64);
 
-    let too_big = Module::builder()
-        .name("big")
-        .memory(MemoryType::new(9, None))
-        .build()
-        .unwrap();
+    let too_big = berth_tests::named_memory("big", MemoryType::new(9, None));
     let error = engine.load(too_big).unwrap_err();
     assert!(format!("{error:#}").contains("does not fit a slot"), "{error:#}");
 }
@@ -433,14 +429,13 @@ fn inconsistent_configs_are_rejected_with_the_setting_named() {
 #[test]
 fn modules_no_backend_can_instantiate_fail_at_load() {
     let engine = Engine::new(&Config::new()).unwrap();
-    let shared = Module::builder()
-        .name("threads")
-        .memory(MemoryType {
+    let shared = berth_tests::named_memory(
+        "threads",
+        MemoryType {
             shared: true,
             ..MemoryType::new(1, Some(1))
-        })
-        .build()
-        .unwrap();
+        },
+    );
     let error = format!("{:#}", engine.load(shared).unwrap_err());
     assert!(error.contains("shared") && error.contains("threads"), "{error}");
 }
@@ -485,12 +480,7 @@ fn malformed_module_facts_are_errors() {
 fn instances_move_between_threads() {
     let engine = Engine::new(&Config::new()).unwrap();
     let module = engine
-        .load(
-            Module::builder()
-                .memory(MemoryType::new(1, None))
-                .build()
-                .unwrap(),
-        )
+        .load(berth_tests::one_memory(MemoryType::new(1, None)))
         .unwrap();
     let handles: Vec<_> = (0..2)
         .map(|t| {
@@ -547,12 +537,7 @@ impl Drop for PanicsOnDrop {
 fn a_panicking_host_state_still_gives_everything_back() {
     let engine = Engine::new(&Config::new()).unwrap();
     let module = engine
-        .load(
-            Module::builder()
-                .memory(MemoryType::new(1, None))
-                .build()
-                .unwrap(),
-        )
+        .load(berth_tests::one_memory(MemoryType::new(1, None)))
         .unwrap();
     let instance = Instance::builder(&module)
         .host_state(std::sync::Mutex::new(PanicsOnDrop))
@@ -577,12 +562,7 @@ fn on_demand_reserved_bytes_follow_a_moved_memory() {
         .memory_guard_size(PAGE as u64);
     let engine = Engine::new(&config).unwrap();
     let module = engine
-        .load(
-            Module::builder()
-                .memory(MemoryType::new(1, None))
-                .build()
-                .unwrap(),
-        )
+        .load(berth_tests::one_memory(MemoryType::new(1, None)))
         .unwrap();
     let mut instance = Instance::new(&module).unwrap();
     assert_eq!(engine.stats().reserved_bytes, 2 * PAGE as u64);

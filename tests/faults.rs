@@ -2,7 +2,7 @@
 //! a child process (this test binary re-run), so the test survives the signal; a control
 //! access in bounds must not fault, so a test cannot pass by crashing for another reason.
 
-use berth_core::{MemoryType, Module};
+use berth_core::MemoryType;
 use std::sync::Arc;
 
 use berth_engine::{
@@ -15,21 +15,14 @@ const PAGE: usize = 65536;
 
 fn instance(config: &Config, ty: MemoryType) -> Instance {
     let engine = Engine::new(config).unwrap();
-    let module = engine
-        .load(Module::builder().memory(ty).build().unwrap())
-        .unwrap();
+    let module = engine.load(berth_tests::one_memory(ty)).unwrap();
     Instance::new(&module).unwrap()
 }
 
 /// A module with one memory of `pages` pages, loaded into `engine`.
 fn memory_module(engine: &Engine, pages: u64) -> LoadedModule {
     engine
-        .load(
-            Module::builder()
-                .memory(MemoryType::new(pages, None))
-                .build()
-                .unwrap(),
-        )
+        .load(berth_tests::one_memory(MemoryType::new(pages, None)))
         .unwrap()
 }
 
@@ -203,12 +196,7 @@ fn a_dropped_instance_memory_kept_for_reuse_holds_none_of_its_bytes() {
     // are given back when the instance goes, not when the next one comes.
     let engine = Engine::new(&Config::new()).unwrap();
     let module = engine
-        .load(
-            Module::builder()
-                .memory(MemoryType::new(2, None))
-                .build()
-                .unwrap(),
-        )
+        .load(berth_tests::one_memory(MemoryType::new(2, None)))
         .unwrap();
     let mut instance = Instance::new(&module).unwrap();
     let ones = vec![0xa5; 2 * PAGE];

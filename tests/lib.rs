@@ -217,3 +217,20 @@ unsafe impl<A: InstanceAllocatorImpl> InstanceAllocatorImpl for FailingAllocator
         self.inner.release_idle_memory()
     }
 }
+
+/// A module with one memory of type `ty` and nothing else, unnamed.
+pub fn one_memory(ty: berth_core::MemoryType) -> berth_core::Module {
+    berth_core::Module::builder()
+        .memory(ty)
+        .build()
+        .expect("a module of one memory is well-formed")
+}
+
+/// A module named `name` with one memory of type `ty` and nothing else.
+pub fn named_memory(name: &str, ty: berth_core::MemoryType) -> berth_core::Module {
+    berth_core::Module::builder()
+        .name(name)
+        .memory(ty)
+        .build()
+        .expect("a module of one memory is well-formed")
+}

@@ -649,13 +649,8 @@ fn pages_a_slot_kept_for_another_module_stay_resident_only_as_pages_it_keeps() {
     let mut pooling = slots(1);
     pooling.max_unused_warm_slots(1);
     let (engine, allocator) = pool(&pooling);
-    let memory_only = |name: &str, pages: u64| {
-        Module::builder()
-            .name(name)
-            .memory(MemoryType::new(pages, Some(8)))
-            .build()
-            .unwrap()
-    };
+    let memory_only =
+        |name: &str, pages: u64| berth_tests::named_memory(name, MemoryType::new(pages, Some(8)));
     let a = engine.load(memory_only("a", 4)).unwrap();
     let b = engine.load(memory_only("b", 1)).unwrap();
     for round in 0..3u8 {

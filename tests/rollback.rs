@@ -145,12 +145,7 @@ fn backend_limits_are_typed_and_capacity_returns() {
     )));
     let engine = Engine::new(&config).unwrap();
     let module = engine
-        .load(
-            Module::builder()
-                .memory(MemoryType::new(1, None))
-                .build()
-                .unwrap(),
-        )
+        .load(berth_tests::one_memory(MemoryType::new(1, None)))
         .unwrap();
     let first = Instance::new(&module).unwrap();
     let second = Instance::new(&module).unwrap();
