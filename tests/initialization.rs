@@ -307,11 +307,16 @@ fn out_of_bounds_segments_fail_and_give_everything_back() {
         let memory = engine
             .load(data_module("bad-data", 1, &[(PAGE as u32 - 1, vec![1, 2])]))
             .unwrap();
-        let error = format!("{:#}", Instance::new(&memory).unwrap_err());
-        assert!(
-            error.contains("data segment 0") && error.contains("memory 0"),
-            "{error}"
+        let error = Instance::new(&memory).unwrap_err();
+        let oob = error
+            .chain()
+            .find_map(|e| e.downcast_ref::<OutOfBounds>())
+            .expect("typed");
+        assert_eq!(
+            (oob.resource.as_str(), oob.offset, oob.len, oob.size),
+            ("memory 0", PAGE as u64 - 1, 2, PAGE as u64)
         );
+        assert!(format!("{error:#}").contains("data segment 0"), "{error:#}");
         let stats = engine.stats();
         assert_eq!(
             (stats.live_instances, stats.live_memories, stats.live_tables),

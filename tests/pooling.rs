@@ -305,18 +305,31 @@ fn exhaustion_and_oversized_modules_name_their_limit() {
             GlobalInit::I64(i),
         )
     });
-    let error = format!("{:#}", engine.load(globals.build().unwrap()).unwrap_err());
+    let error = engine.load(globals.build().unwrap()).unwrap_err();
+    let limit = error
+        .chain()
+        .find_map(|e| e.downcast_ref::<LimitExceeded>())
+        .expect("typed");
+    assert_eq!(limit.limit, "max_core_instance_size");
+    // The context says where the bytes go.
     assert!(
-        error.contains("max_core_instance_size") && error.contains("defined globals 40 x 16"),
-        "{error}"
+        format!("{error:#}").contains("defined globals 40 x 16"),
+        "{error:#}"
     );
 
     let two = Module::builder()
         .name("two")
         .memory(MemoryType::new(0, None))
         .memory(MemoryType::new(0, None));
-    let error = format!("{:#}", engine.load(two.build().unwrap()).unwrap_err());
-    assert!(error.contains("max_memories_per_module"), "{error}");
+    let error = engine.load(two.build().unwrap()).unwrap_err();
+    let limit = error
+        .chain()
+        .find_map(|e| e.downcast_ref::<LimitExceeded>())
+        .expect("typed");
+    assert_eq!(
+        (limit.limit, limit.value, limit.requested),
+        ("max_memories_per_module", 1, 2)
+    );
 }
 
 #[test]
@@ -595,8 +608,15 @@ fn an_absurd_but_valid_pool_is_an_error_that_names_the_knob() {
                 .max_memory_size(4096)
                 .table_elements(16);
             config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
-            let error = format!("{:#}", Engine::new(&config).unwrap_err());
-            assert!(error.contains(knob), "{error}");
+            let error = Engine::new(&config).unwrap_err();
+            let limit = error
+                .chain()
+                .find_map(|e| e.downcast_ref::<berth_engine::MachineLimit>())
+                .unwrap_or_else(|| panic!("not a MachineLimit: {error:#}"));
+            assert_eq!(
+                (limit.knob, limit.resource, limit.fatal),
+                (knob, "physical memory", true)
+            );
         }
     }
 }
