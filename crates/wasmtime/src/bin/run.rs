@@ -2,7 +2,7 @@
 //! instantiates it, invokes an exported function with the arguments given, and prints its
 //! results and what Berth allocated.
 //!
-//! Run: `cargo run --release --manifest-path crates/wasmtime/Cargo.toml --bin berth-wasmtime-run -- examples/modules/hello.wat --invoke sum 2 3`
+//! Run: `cargo run --release --manifest-path crates/wasmtime/Cargo.toml --bin berth-wasmtime-run -- examples/modules/checksum.wat --invoke checksum 100000`
 
 use std::path::PathBuf;
 
