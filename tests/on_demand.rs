@@ -122,8 +122,7 @@ fn pages_a_module_writes_are_faulted_in_for_its_next_instance() {
     let writer = engine.load(memory_module("writer", 4, None)).unwrap();
     let idle = engine.load(memory_module("idle", 4, None)).unwrap();
     let mut first = Instance::new(&writer).unwrap();
-    let available = berth_core::sys::page_map().is_some();
-    if !berth_testkit::page_states::require("prefaulted pages", "PAGEMAP_SCAN", available) {
+    if berth_testkit::page_states::page_map_for("prefaulted pages").is_none() {
         return;
     }
     let before = resident(&first).expect("PAGEMAP_SCAN is here");
@@ -159,8 +158,7 @@ fn a_memory_freed_after_its_module_was_purged_teaches_nothing_to_another_module(
         allocator: allocator.clone(),
         tunables: *Config::new().tunables(),
     };
-    let available = berth_core::sys::page_map().is_some();
-    if !berth_testkit::page_states::require("habits after a purge", "PAGEMAP_SCAN", available) {
+    if berth_testkit::page_states::page_map_for("habits after a purge").is_none() {
         return;
     }
     let a = harness.load(memory_module("a", 4, None)).unwrap();

@@ -162,8 +162,7 @@ fn a_new_slot_inherits_what_scans_learned_about_its_module() {
     // Scans of a memory whose tenants write nothing stop after a few resets (the slot is then
     // decommitted blindly, one decommit per reset). A slot new to that memory starts blind too,
     // instead of scanning again from scratch.
-    let available = berth_core::sys::page_map().is_some();
-    if !berth_testkit::page_states::require("inherited scan habits", "PAGEMAP_SCAN", available) {
+    if berth_testkit::page_states::page_map_for("inherited scan habits").is_none() {
         return;
     }
     let mut pooling = slots(8);
@@ -661,11 +660,9 @@ fn pages_a_slot_kept_for_another_module_stay_resident_only_as_pages_it_keeps() {
     // memory can reach them (they read as zeros); the new tenant's reset accounts for them,
     // and those past the new memory's initial size go back at once. Whatever happens, what
     // stays resident in an idle slot is what the pool says it keeps.
-    let map = berth_core::sys::page_map();
-    if !berth_testkit::page_states::require("kept pages across modules", "PAGEMAP_SCAN", map.is_some()) {
+    let Some(map) = berth_testkit::page_states::page_map_for("kept pages across modules") else {
         return;
-    }
-    let map = map.expect("checked");
+    };
     let mut pooling = slots(1);
     pooling.max_unused_warm_slots(1);
     let (engine, allocator) = pool(&pooling);
@@ -712,11 +709,9 @@ fn pages_a_slot_kept_for_another_module_stay_resident_only_as_pages_it_keeps() {
 fn releasing_idle_memory_gives_the_kept_pages_back_to_the_kernel() {
     // A host that goes quiet: the pages idle slots keep leave the process, not only the
     // books; the next instance of the module starts fresh and works.
-    let map = berth_core::sys::page_map();
-    if !berth_testkit::page_states::require("released pages", "PAGEMAP_SCAN", map.is_some()) {
+    let Some(map) = berth_testkit::page_states::page_map_for("released pages") else {
         return;
-    }
-    let map = map.expect("checked");
+    };
     let mut pooling = slots(2);
     pooling
         .linear_memory_keep_resident(1 << 20)

@@ -17,6 +17,13 @@ fn module(name: &str) -> String {
     root.to_string_lossy().into_owned()
 }
 
+/// A fresh directory of this test process's own, for files a test writes.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -101,8 +108,7 @@ fn a_missing_file_is_a_clear_error() {
 
 #[test]
 fn a_malformed_file_is_a_clear_error() {
-    let dir = std::env::temp_dir().join(format!("berth-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("berth-cli-test");
     let path = dir.join("broken.wasm");
     let mut bytes = wat::parse_str("(module (memory 1) (data (i32.const 0) \"abc\"))").unwrap_or_default();
     bytes.truncate(bytes.len().saturating_sub(2));
@@ -163,8 +169,7 @@ fn check_reports_every_reason_with_the_flag_to_pass() {
 
 #[test]
 fn check_refuses_segments_out_of_bounds_and_imports_it_cannot_supply() {
-    let dir = std::env::temp_dir().join(format!("berth-cli-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("berth-cli-check");
     let cases = [
         (
             "data.wat",
@@ -402,8 +407,7 @@ fn instantiate_shows_declared_sizes_apart_from_the_reservation() {
 
 #[test]
 fn a_wasm_file_without_the_header_is_not_read_as_text() {
-    let dir = std::env::temp_dir().join(format!("berth-cli-empty-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("berth-cli-empty");
     let empty = dir.join("empty.wasm");
     std::fs::write(&empty, b"").unwrap();
     let path = empty.to_string_lossy().into_owned();

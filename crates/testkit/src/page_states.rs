@@ -43,6 +43,15 @@ pub fn require(case: &str, what: &str, available: bool) -> bool {
     false
 }
 
+/// The page map, for a test that needs `PAGEMAP_SCAN`: `None`, after saying that `case` skipped,
+/// where the kernel lacks it (and a panic under `CI=true`, as [`require`] does).
+pub fn page_map_for(case: &str) -> Option<&'static sys::PageMap> {
+    let map = sys::page_map();
+    require(case, "PAGEMAP_SCAN", map.is_some())
+        .then_some(map)
+        .flatten()
+}
+
 /// The page-aligned span of `len` bytes at `ptr`, for telling the kernel about them.
 fn span(ptr: *const u8, len: usize) -> Option<(NonNull<u8>, usize)> {
     let page = sys::page_size();
