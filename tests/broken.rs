@@ -65,7 +65,7 @@ struct Slab {
 // SAFETY: `first` points into `_mapping`, which lives as long as the slab; each slot is given
 // to one memory at a time through `free`.
 unsafe impl Send for Slab {}
-// SAFETY: as above; shared state is behind a `Mutex` or atomic.
+// SAFETY: `&Slab` reaches the mapping only through `free` (a `Mutex`) and counts in atomics.
 unsafe impl Sync for Slab {}
 
 impl Slab {
@@ -211,12 +211,14 @@ unsafe impl InstanceAllocatorImpl for Slab {
             unsafe { base.add(start).write_bytes(0, end - start) };
         }
         if had_image {
-            // SAFETY: as above; the image's private mapping over the first bytes is replaced by
-            // zeros, and the rest protected again below.
+            // SAFETY: the tenant is gone and the slot is not free yet: ours alone; the image's
+            // private mapping over its first `accessible` bytes is replaced by zeros, and the
+            // rest protected again below.
             unsafe { berth_core::sys::replace_with_zeros(base, accessible) }.expect("unmap the image");
         }
         if accessible > initial {
-            // SAFETY: as above; `initial..accessible` is page-aligned inside the slot.
+            // SAFETY: the slot is ours alone (tenant gone, not free yet); `initial..accessible` is
+            // page-aligned inside it.
             unsafe { berth_core::sys::make_inaccessible(base.add(initial), accessible - initial) }
                 .expect("protect");
         }

@@ -32,7 +32,8 @@ struct SlabAllocator {
 // SAFETY: `base` points into `slab`, which lives as long as the allocator; slots are handed
 // to one memory at a time through the `free` list.
 unsafe impl Send for SlabAllocator {}
-// SAFETY: as above; all shared state is behind a `Mutex` or atomic.
+// SAFETY: `&SlabAllocator` reaches the slab only through the `free` list and the slab's `Mutex`,
+// and counts in atomics.
 unsafe impl Sync for SlabAllocator {}
 
 impl SlabAllocator {
@@ -92,7 +93,8 @@ unsafe impl InstanceAllocatorImpl for SlabAllocator {
         // SAFETY: the slot is inside the slab (slot < slots), page-aligned, reset, and ours
         // alone until it is given back.
         let base = unsafe { self.base.add(slot as usize * self.slot_size) };
-        // SAFETY: as above; the slab outlives every memory.
+        // SAFETY: `base` is this slot's page-aligned start, `slot_size` bytes inside the slab, ours
+        // alone until given back; the slab outlives every memory.
         match unsafe { Memory::new_static(ty, base, self.slot_size, 0, request.limiter.as_deref_mut()) } {
             Ok(memory) => {
                 self.memories.fetch_add(1, Ordering::SeqCst);

@@ -423,7 +423,8 @@ fn segments_write_through_imported_memories_and_tables() {
     drop(b);
 
     let bad = engine.load(importer(PAGE as i32 - 4)).unwrap();
-    // SAFETY: as above.
+    // SAFETY: the imports point at `a`'s live memory and table definitions, and `a` outlives
+    // the attempt.
     let error = unsafe { Instance::builder(&bad).imports(imports()) }
         .instantiate()
         .unwrap_err();

@@ -123,6 +123,28 @@ pub struct PoolOptions {
     pub no_pagemap_scan: bool,
 }
 
+/// Calls `$m!` with every optional pool option's field (each a `PoolingConfig` setter of the
+/// same name and a `--flag` spelled with dashes), so the list is written once.
+macro_rules! pool_options {
+    ($m:ident) => {
+        $m!(
+            total_core_instances,
+            total_memories,
+            total_tables,
+            max_memory_size,
+            table_elements,
+            max_memories_per_module,
+            max_tables_per_module,
+            max_core_instance_size,
+            max_unused_warm_slots,
+            max_unused_warm_bytes,
+            decommit_batch_size,
+            linear_memory_keep_resident,
+            table_keep_resident
+        )
+    };
+}
+
 impl PoolOptions {
     /// The pool configuration these options describe. Fails on a `--max-memory-size` that is
     /// not a whole number of host pages, which the pool would round down without a word.
@@ -143,21 +165,7 @@ impl PoolOptions {
         macro_rules! set {
             ($($field:ident),*) => { $(if let Some(v) = self.$field { c.$field(v); })* };
         }
-        set!(
-            total_core_instances,
-            total_memories,
-            total_tables,
-            max_memory_size,
-            table_elements,
-            max_memories_per_module,
-            max_tables_per_module,
-            max_core_instance_size,
-            max_unused_warm_slots,
-            max_unused_warm_bytes,
-            decommit_batch_size,
-            linear_memory_keep_resident,
-            table_keep_resident
-        );
+        pool_options!(set);
         if self.no_pagemap_scan {
             c.pagemap_scan(false);
         }
@@ -174,21 +182,7 @@ impl PoolOptions {
                 })*
             };
         }
-        flag!(
-            total_core_instances,
-            total_memories,
-            total_tables,
-            max_memory_size,
-            table_elements,
-            max_memories_per_module,
-            max_tables_per_module,
-            max_core_instance_size,
-            max_unused_warm_slots,
-            max_unused_warm_bytes,
-            decommit_batch_size,
-            linear_memory_keep_resident,
-            table_keep_resident
-        );
+        pool_options!(flag);
         if self.no_pagemap_scan {
             given.push("--no-pagemap-scan".to_owned());
         }

@@ -176,7 +176,7 @@ unsafe impl<P: InstanceAllocatorImpl, S: InstanceAllocatorImpl> InstanceAllocato
         let accepts = self.accepts(request.module.id());
         let mut result = None;
         if accepts.primary {
-            // SAFETY: as for memories.
+            // SAFETY: the primary validated this module; the caller's contract covers the rest.
             match unsafe { self.primary.allocate_table(request, ty, table_index) } {
                 Err(error) if accepts.secondary && full(&error) => {}
                 other => result = Some(other.map(|(index, table)| (Side::Primary, index, table))),
@@ -185,7 +185,8 @@ unsafe impl<P: InstanceAllocatorImpl, S: InstanceAllocatorImpl> InstanceAllocato
         let (side, index, table) = match result {
             Some(result) => result?,
             None => {
-                // SAFETY: as for memories.
+                // SAFETY: the secondary validated this module (the primary did not, or it is
+                // full and the secondary accepts); the caller's contract covers the rest.
                 let (index, table) = unsafe { self.secondary.allocate_table(request, ty, table_index) }?;
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
                 (Side::Secondary, index, table)

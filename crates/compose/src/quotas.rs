@@ -278,7 +278,8 @@ unsafe impl<A: InstanceAllocatorImpl, G: Eq + Hash + Clone + fmt::Debug + Send +
             Ok(key) => Ok((MemoryAllocationIndex::from_u32(key), memory)),
             Err((error, charge)) => {
                 self.uncharge(&charge, 1, 0);
-                // SAFETY: as above: made by `inner` just now, handed to no one.
+                // SAFETY: `inner` made this memory for `memory_index` just now, with
+                // `charge.inner`; it was handed to no one.
                 unsafe { self.inner.deallocate_memory(memory_index, charge.inner, memory) };
                 Err(error)
             }

@@ -325,7 +325,7 @@ pub trait InstanceAllocator: InstanceAllocatorImpl {
         };
         // SAFETY: the caller validated the module with this allocator.
         unsafe { self.allocate_memories(&mut request, &mut guard.memories)? };
-        // SAFETY: as above.
+        // SAFETY: the caller validated the module, its tables included, with this allocator.
         unsafe { self.allocate_tables(&mut request, &mut guard.tables)? };
         let block = InstanceBlock::allocate(request.offsets)?;
         write_vmctx(&block, &request, &guard.memories, &guard.tables)?;
@@ -346,7 +346,8 @@ pub trait InstanceAllocator: InstanceAllocatorImpl {
         let (mut memories, mut tables) = unsafe { (*ptr.as_ptr()).take_resources() };
         // SAFETY: allocated by this allocator in `allocate_module` (caller's contract).
         unsafe { self.deallocate_memories(&mut memories) };
-        // SAFETY: as above.
+        // SAFETY: allocated by this allocator's `allocate_tables` in `allocate_module` (caller's
+        // contract), taken out of the instance just now, so given back once.
         unsafe { self.deallocate_tables(&mut tables) };
         /// Gives the count back last, also if dropping the instance's host state panics.
         struct Count<'a, A: InstanceAllocatorImpl + ?Sized>(&'a A);
@@ -525,7 +526,8 @@ fn write_vmctx(
     for (index, (_, memory)) in memories.iter() {
         if let Some(owned) = module.owned_memory_index(index) {
             let location = block.memory_definition_location(owned);
-            // SAFETY: as for tables.
+            // SAFETY: `memory_definition_location` checked the location lies inside the block's
+            // vmctx and is aligned for a `VMMemoryDefinition`; the block is not shared yet.
             unsafe { location.as_ptr().write(memory.vmmemory()) };
             put(block, offsets.vmctx_vmmemory_pointer(index), location.as_ptr());
         }

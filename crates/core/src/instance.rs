@@ -75,7 +75,8 @@ fn check_field<T>(offsets: &VMOffsets<HostPtr>, offset: u32) {
 // SAFETY: every field is `Send`/`Sync` except `vmctx_ptr`, which points into this
 // instance's own block and is only written through `&mut self`.
 unsafe impl Send for Instance {}
-// SAFETY: as above; `&Instance` only reads the vmctx.
+// SAFETY: `vmctx_ptr` is written only through `&mut self`; `&Instance` only reads the vmctx,
+// and every other field is `Sync`.
 unsafe impl Sync for Instance {}
 
 impl Instance {
@@ -527,6 +528,7 @@ pub(crate) unsafe fn free_instance(ptr: NonNull<Instance>) {
     // SAFETY: the block holds an initialized instance (caller's contract).
     let layout = unsafe { ptr.as_ref().layout };
     let _free = FreeBlock(ptr, layout);
-    // SAFETY: as above; after this the instance is not used again.
+    // SAFETY: the block holds an initialized instance (caller's contract), dropped once here;
+    // `_free` frees the block afterwards and nothing uses the instance again.
     unsafe { std::ptr::drop_in_place(ptr.as_ptr()) };
 }

@@ -23,7 +23,8 @@ pub struct Mmap {
 // SAFETY: an `Mmap` is plain address space; it has no thread affinity and `&Mmap` gives no
 // access to its bytes.
 unsafe impl Send for Mmap {}
-// SAFETY: as above; every method that changes the mapping takes `&mut self`.
+// SAFETY: `&Mmap` gives no access to the bytes and every method that changes the mapping
+// takes `&mut self`, so shared references cannot race.
 unsafe impl Sync for Mmap {}
 
 impl Mmap {

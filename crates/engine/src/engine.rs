@@ -132,8 +132,7 @@ impl Engine {
             offsets,
             engine: self.clone(),
         });
-        let lanes = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_LANES));
-        let lanes = (0..lanes)
+        let lanes = (0..lane_count())
             .map(|_| Arc::new(Lane { inner: inner.clone() }))
             .collect();
         Ok(LoadedModule { inner, lanes })
@@ -175,6 +174,13 @@ pub struct LoadedModule {
 
 /// Lanes a loaded module has at most (one per hardware thread up to this).
 const MAX_LANES: usize = 64;
+
+/// Lanes every loaded module has: one per hardware thread this process may use, up to
+/// [`MAX_LANES`], asked of the system once (it reads the affinity mask and cgroup limits).
+fn lane_count() -> usize {
+    static LANES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LANES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_LANES)))
+}
 
 /// A handle on a loaded module that keeps it (and its engine) alive, one of several so that
 /// instances on different threads count themselves apart.

@@ -131,7 +131,8 @@ impl<'m> InstanceBuilder<'m> {
             lane: self.module.lane(),
             limiter,
         };
-        // SAFETY: as above, the imports are live.
+        // SAFETY: the imports are live (the contract of `InstanceBuilder::imports`, or there are
+        // none), and the instance was allocated for this module's offsets just above.
         unsafe { berth_core::initialize(instance.handle.instance_mut(), &*resolver) }
             .with_context(|| format!("failed to initialize module {name}"))?;
         Ok(instance)

@@ -65,7 +65,7 @@ pub fn measure(n: usize) -> Result<Vec<Floor>> {
         });
         // SAFETY: the region is ours and accessible; no reference into it is live.
         unsafe { region.as_ptr().write_bytes(0x5A, KIB64) };
-        // SAFETY: as above.
+        // SAFETY: the region is our own private mapping and no reference into it is live.
         time(&mut madvise, || {
             unsafe { sys::decommit(region, KIB64) }.expect("madvise")
         });
@@ -95,7 +95,7 @@ pub fn measure(n: usize) -> Result<Vec<Floor>> {
     }
     // SAFETY: our own mappings, no longer used.
     unsafe { sys::unmap(region, KIB64) }?;
-    // SAFETY: as above.
+    // SAFETY: the four-slot mapping is our own, and nothing uses it after this.
     unsafe { sys::unmap(slots, 4 << 20) }?;
     Ok(vec![
         Floor {

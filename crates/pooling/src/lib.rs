@@ -78,11 +78,10 @@ impl PoolingInstanceAllocator {
         tunables.validate(sys::page_size())?;
         // What this process can have, measured before anything is reserved: a pool that cannot
         // be built here fails with the knob and the figures (a `MachineLimit`), not `ENOMEM`.
-        let preflight = preflight::preflight(config, tunables)?;
-        if let Some(fatal) = preflight.fatal() {
-            return Err(anyhow::Error::new(fatal.clone()));
+        let layout = PoolLayout::new(config, tunables)?;
+        if let Some(fatal) = preflight::fatal(config, &layout) {
+            return Err(anyhow::Error::new(fatal));
         }
-        let layout = preflight.layout;
         let space = |bytes: usize| human_bytes(bytes as u64);
         let mut memory_mapping = Mmap::reserve(layout.memory_pool_bytes).with_context(|| {
             format!(
@@ -109,7 +108,8 @@ impl PoolingInstanceAllocator {
         // computed from exactly that), which the allocator keeps until its shards are dropped;
         // the pre-guard and the stride are page multiples (`PoolLayout`), as is the mapping.
         let memories = unsafe { Region::new(memory_base, layout.memory_stride, layout.memory_slots) };
-        // SAFETY: as above, for the table slab of `table_slots` strides.
+        // SAFETY: `table_slots` strides are the table mapping (its size is computed from exactly
+        // that), kept until the shards are dropped; the stride is a page multiple.
         let tables = unsafe { Region::new(table_base, layout.table_stride, layout.table_slots) };
         // One shard per core that can instantiate at once (at most 16).
         let shards = std::thread::available_parallelism()

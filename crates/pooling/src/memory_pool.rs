@@ -312,7 +312,8 @@ impl MemoryPool {
                     .with_context(|| format!("failed to unmap an image from memory slot {slot}"))
             }
             Setup::Remap => {
-                // SAFETY: as above; nothing of it is known to be accessible.
+                // SAFETY: the slot is `Held` by this call (taken above, not yet leased), so no
+                // one else touches it; nothing of it is known to be accessible.
                 let mut bytes = unsafe { self.region.bytes(slot, len, 0) };
                 let remapped = bytes.remap().map(|()| 0);
                 if remapped.is_ok() {

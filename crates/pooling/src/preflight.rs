@@ -108,6 +108,26 @@ pub fn preflight(config: &PoolingConfig, tunables: &Tunables) -> Result<Prefligh
     })
 }
 
+/// The first reason a pool of `layout` cannot be built here, if any: what building needs is
+/// tried first (one reservation of each pool, made and given back, the bookkeeping against
+/// physical memory, the overcommit policy); only when that fails is the machine measured, to
+/// say by how much.
+pub(crate) fn fatal(config: &PoolingConfig, layout: &PoolLayout) -> Option<MachineLimit> {
+    let physical = sys::physical_memory();
+    let builds = sys::can_reserve(layout.memory_pool_bytes)
+        && sys::can_reserve(layout.table_pool_bytes)
+        && memory_pool::bookkeeping_bytes(config.total_memories) <= physical
+        && table_pool::bookkeeping_bytes(config.total_tables) <= physical
+        // Under strict overcommit the table pool's commit is judged by the full measurement.
+        && sys::overcommit() != Some(Overcommit::Strict);
+    if builds {
+        return None;
+    }
+    judge(config, layout, &Machine::measure())
+        .into_iter()
+        .find(|f| f.fatal)
+}
+
 /// The findings for `layout` on `machine`, fatal first.
 pub(crate) fn judge(config: &PoolingConfig, layout: &PoolLayout, machine: &Machine) -> Vec<MachineLimit> {
     let mut findings = Vec::new();

@@ -33,7 +33,8 @@ pub(crate) struct Region {
 // SAFETY: a `Region` is an address range description; the bytes behind it are reached only
 // through `SlotBytes`, whose constructor carries the obligation of exclusive use.
 unsafe impl Send for Region {}
-// SAFETY: as above; `&Region` only computes addresses.
+// SAFETY: `&Region` only computes addresses; the bytes are reached only through `SlotBytes`,
+// whose constructor carries the obligation of exclusive use.
 unsafe impl Sync for Region {}
 
 impl Region {

@@ -127,7 +127,8 @@ fn open_page_map() -> Option<PageMap> {
         let page = reserve(page_size()).ok()?;
         // SAFETY: a fresh mapping of one page, ours.
         unsafe { make_accessible(page, page_size()) }.ok()?;
-        // SAFETY: as above; wiping it in a child is the point.
+        // SAFETY: the fresh one-page mapping is ours and nothing refers into it; wiping it in a
+        // forked child is the point.
         unsafe { mm::madvise(page.as_ptr().cast(), page_size(), Advice::LinuxWipeOnFork) }.ok()?;
         marker = page.as_ptr();
         MARKER.store(marker, Ordering::Release);

@@ -61,7 +61,8 @@ pub fn provoke(ptr: *const u8, len: usize, event: PageEvent) -> io::Result<()> {
         // SAFETY: reclaim advice keeps every page's contents (a swapped page reads back the
         // same), so no Rust value in the range can observe it.
         PageEvent::SwapOut => unsafe { mm::madvise(at, len, Advice::LinuxPageOut)? },
-        // SAFETY: as above: aging changes no byte.
+        // SAFETY: moving pages to the inactive list changes no page's contents, so no Rust value
+        // in the range can observe it.
         PageEvent::Deactivate => unsafe { mm::madvise(at, len, Advice::LinuxCold)? },
         PageEvent::HugePage => {
             // SAFETY: marking a range as fit for huge pages changes no byte.
