@@ -1,5 +1,5 @@
 //! A fuzz-style property test: mutated binaries are an error or a module, never a panic.
-//! Run longer with `PROPTEST_CASES=100000 cargo test --release -p berth-wasm --test malformed`.
+//! Run longer with `PROPTEST_CASES=100000 cargo test --release -p berth-wasm --test wasm malformed::`.
 
 use proptest::prelude::*;
 
