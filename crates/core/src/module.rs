@@ -21,7 +21,7 @@ use crate::index::{
 };
 use crate::segments::{ConstExpr, DataKind, DataSegment, ElementItem, ElementKind, ElementSegment};
 use crate::types::{GlobalInit, GlobalType, MemoryType, TableType, ValType};
-use crate::vmoffsets::VMOffsetsFields;
+use crate::vmoffsets::{PtrSize, VMOffsets, VMOffsetsFields};
 
 /// A process-unique module identity. Backends key per-module state (warm slots, images) on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -644,8 +644,41 @@ impl ModuleBuilder {
             images: OnceCell::new(),
             vmctx_fields: VMOffsetsFields::default(),
         };
-        module.vmctx_fields = VMOffsetsFields::count(&module);
+        module.vmctx_fields = VMOffsetsFields {
+            num_imported_functions: module.num_imported_funcs(),
+            num_imported_tables: module.num_imported_tables(),
+            num_imported_memories: module.num_imported_memories(),
+            num_imported_globals: module.num_imported_globals(),
+            num_defined_tables: module.num_defined_tables(),
+            num_defined_memories: module.num_defined_memories(),
+            num_owned_memories: module.num_owned_memories(),
+            num_defined_globals: module.num_defined_globals(),
+        };
         Ok(module)
+    }
+}
+
+// A module's layout is built here, from the counts its loading computed: `vmoffsets` knows
+// counts and pointer widths, not modules.
+impl<P: PtrSize> VMOffsets<P> {
+    /// The layout for `module`: where compiled code finds each import, definition and global
+    /// in the vmctx.
+    ///
+    /// ```
+    /// use berth_core::{DefinedMemoryIndex, HostPtr, InstanceBlock, MemoryType, Module, VMOffsets};
+    ///
+    /// let module = Module::builder().memory(MemoryType::new(1, None)).build()?;
+    /// let offsets = VMOffsets::new(HostPtr, &module)?;
+    /// let definition = offsets.vmctx_vmmemory_definition(berth_core::OwnedMemoryIndex::from_u32(0));
+    /// assert!(definition + offsets.size_of_vmmemory_definition() <= offsets.size_of_vmctx());
+    /// // The instance block: the `Instance` with the vmctx after it.
+    /// let block = InstanceBlock::layout(&offsets)?;
+    /// assert!(block.size() > offsets.size_of_vmctx() as usize);
+    /// # let _ = DefinedMemoryIndex::from_u32(0);
+    /// # anyhow::Ok(())
+    /// ```
+    pub fn new(ptr: P, module: &Module) -> Result<Self> {
+        Self::from_fields(ptr, *module.vmctx_fields())
     }
 }
 

@@ -27,7 +27,6 @@ use crate::index::{
     DefinedGlobalIndex, DefinedMemoryIndex, DefinedTableIndex, FuncIndex, GlobalIndex, MemoryIndex,
     OwnedMemoryIndex, TableIndex,
 };
-use crate::module::Module;
 use anyhow::{Result, bail};
 
 /// A pointer width in bytes.
@@ -78,27 +77,6 @@ pub struct VMOffsetsFields {
     pub num_defined_globals: u32,
 }
 
-impl VMOffsetsFields {
-    /// The counts of `module` (computed when it was built).
-    pub fn from_module(module: &Module) -> Self {
-        *module.vmctx_fields()
-    }
-
-    /// Counts them, for the module being built.
-    pub(crate) fn count(module: &Module) -> Self {
-        VMOffsetsFields {
-            num_imported_functions: module.num_imported_funcs(),
-            num_imported_tables: module.num_imported_tables(),
-            num_imported_memories: module.num_imported_memories(),
-            num_imported_globals: module.num_imported_globals(),
-            num_defined_tables: module.num_defined_tables(),
-            num_defined_memories: module.num_defined_memories(),
-            num_owned_memories: module.num_owned_memories(),
-            num_defined_globals: module.num_defined_globals(),
-        }
-    }
-}
-
 /// One region of the vmctx, for error messages and tools.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VMRegion {
@@ -141,26 +119,6 @@ pub struct VMOffsets<P> {
 pub const VMCTX_ALIGN: u32 = 16;
 
 impl<P: PtrSize> VMOffsets<P> {
-    /// The layout for `module`: where compiled code finds each import, definition and global
-    /// in the vmctx.
-    ///
-    /// ```
-    /// use berth_core::{DefinedMemoryIndex, HostPtr, InstanceBlock, MemoryType, Module, VMOffsets};
-    ///
-    /// let module = Module::builder().memory(MemoryType::new(1, None)).build()?;
-    /// let offsets = VMOffsets::new(HostPtr, &module)?;
-    /// let definition = offsets.vmctx_vmmemory_definition(berth_core::OwnedMemoryIndex::from_u32(0));
-    /// assert!(definition + offsets.size_of_vmmemory_definition() <= offsets.size_of_vmctx());
-    /// // The instance block: the `Instance` with the vmctx after it.
-    /// let block = InstanceBlock::layout(&offsets)?;
-    /// assert!(block.size() > offsets.size_of_vmctx() as usize);
-    /// # let _ = DefinedMemoryIndex::from_u32(0);
-    /// # anyhow::Ok(())
-    /// ```
-    pub fn new(ptr: P, module: &Module) -> Result<Self> {
-        Self::from_fields(ptr, VMOffsetsFields::from_module(module))
-    }
-
     /// The layout for the given counts; an error if a pointer width other than 4 or 8 is
     /// given or the vmctx would not fit in `u32` offsets.
     pub fn from_fields(ptr: P, fields: VMOffsetsFields) -> Result<Self> {
