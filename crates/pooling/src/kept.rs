@@ -108,6 +108,14 @@ impl Kept {
         })
     }
 
+    /// Whether every page of `range` (not empty) is kept.
+    pub fn covers(&self, range: &Range<usize>) -> bool {
+        let at = self.runs.partition_point(|r| r.end <= range.start);
+        self.runs
+            .get(at)
+            .is_some_and(|run| run.start <= range.start && range.end <= run.end)
+    }
+
     /// The kept parts of `range`, in order.
     pub fn within(&self, range: Range<usize>) -> impl Iterator<Item = Range<usize>> + '_ {
         self.runs
@@ -161,6 +169,10 @@ mod tests {
             prop_assert_eq!(cut.bytes(), model[..40].iter().filter(|&&k| k).count() * PAGE);
             let (a, b) = window;
             let range = a.min(b) * PAGE..a.max(b) * PAGE;
+            if !range.is_empty() {
+                let all_kept = model[range.start / PAGE..range.end / PAGE].iter().all(|&k| k);
+                prop_assert_eq!(kept.covers(&range), all_kept, "covers {:?}", range);
+            }
             let mut covered = [0u8; 80];
             for gap in kept.gaps(range.clone()) {
                 for p in gap.start / PAGE..gap.end / PAGE {

@@ -49,6 +49,12 @@ const SCAN_BELOW: usize = 4 << 20;
 /// (at most the keep budget); the rest is decommitted.
 const READ_WINDOW: usize = 64 << 10;
 
+thread_local! {
+    /// The runs a scan reports, kept between resets on a thread so that a reset allocates
+    /// nothing.
+    static WRITTEN: std::cell::Cell<Vec<Range<usize>>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// What the resets of one slot have learned about its tenants, kept across tenants.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct History {
@@ -255,7 +261,8 @@ pub(crate) fn reset(
     if let Some(map) = policy.map.filter(|_| history.scans(accessible)) {
         // Ask the kernel which pages may hold what the tenant wrote; keep the new ones while
         // the budget lasts, decommit what is left from the first one that did not fit.
-        let mut written = Vec::new();
+        let mut written = WRITTEN.take();
+        written.clear();
         if bytes.written(map, 0..accessible, &mut written).is_err() {
             written.clear();
             written.push(0..accessible);
@@ -263,6 +270,11 @@ pub(crate) fn reset(
         let mut found = false;
         let mut over = accessible;
         for run in &written {
+            // Usually every page the scan reports is kept already (tenants write the same
+            // pages), and there is nothing to learn.
+            if run.start >= over || history.kept.covers(run) {
+                continue;
+            }
             let (new, n) = gaps(&history.kept, run.clone(), over);
             for part in new.into_iter().take(n) {
                 found = true;
@@ -273,6 +285,7 @@ pub(crate) fn reset(
                 }
             }
         }
+        WRITTEN.set(written);
         history.blind_resets = 0;
         history.clean_scans = if found {
             0
