@@ -108,7 +108,8 @@ impl Kept {
         })
     }
 
-    /// Whether every page of `range` (not empty) is kept.
+    /// Whether every page of `range` (not empty) is kept: since runs are never adjacent, that
+    /// is one run holding all of it.
     pub fn covers(&self, range: &Range<usize>) -> bool {
         let at = self.runs.partition_point(|r| r.end <= range.start);
         self.runs

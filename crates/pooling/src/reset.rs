@@ -285,6 +285,9 @@ pub(crate) fn reset(
                 }
             }
         }
+        // A scan of scattered writes in a large memory may report many runs: keep what the
+        // usual reset needs, not the largest ever seen.
+        written.shrink_to(MAX_RUNS);
         WRITTEN.set(written);
         history.blind_resets = 0;
         history.clean_scans = if found {
