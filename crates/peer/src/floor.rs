@@ -7,6 +7,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use berth_core::sys;
 
+use crate::workloads::Source;
+
 const KIB64: usize = 65536;
 
 /// One floor operation and its samples (nanoseconds).
@@ -31,7 +33,7 @@ pub fn measure(n: usize) -> Result<Vec<Floor>> {
     let mut refault = Vec::with_capacity(n);
     let mut memset = Vec::with_capacity(n);
     let mut memcpy = Vec::with_capacity(n);
-    let source = vec![0xA5u8; KIB64];
+    let source = Source::new(KIB64);
     let mut freelist = Vec::with_capacity(n);
     let mut idle = Vec::with_capacity(n);
 
@@ -81,7 +83,10 @@ pub fn measure(n: usize) -> Result<Vec<Floor>> {
         });
         time(&mut memcpy, || {
             // SAFETY: inside the accessible, resident region; `source` is a distinct buffer.
-            unsafe { black_box(region.as_ptr()).copy_from_nonoverlapping(black_box(source.as_ptr()), KIB64) };
+            unsafe {
+                black_box(region.as_ptr())
+                    .copy_from_nonoverlapping(black_box(source.get(KIB64).as_ptr()), KIB64)
+            };
         });
         time(&mut idle, || {
             // SAFETY: the ranges are page-aligned, inside our own private mapping, and nothing

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use crate::workloads::Workload;
+use crate::workloads::{Source, Workload};
 
 /// One thread's loop over a prepared (system, workload) pair: calling it runs one cycle.
 pub type Cycle = Box<dyn FnMut() -> Result<()> + Send>;
@@ -58,15 +58,15 @@ fn start(thread: usize, n: usize) -> usize {
     (thread * n.div_ceil(2)) % n.max(1)
 }
 
-/// The bytes a tenant writes, enough for its longest run.
-fn buffer(workload: &Workload) -> Vec<u8> {
+/// The bytes a tenant writes, enough for its longest run, shared by the threads.
+fn buffer(workload: &Workload) -> Arc<Source> {
     let longest = workload
         .modules
         .iter()
-        .flat_map(|m| m.tenant.writes.iter().map(|w| w.1))
+        .flat_map(|m| m.tenant.all_runs().map(|w| w.1))
         .max()
         .unwrap_or(0);
-    vec![0xA5u8; longest]
+    Arc::new(Source::new(longest))
 }
 
 /// One Wasmtime cycle: `Store::new` + instantiate (+ grow and write) + drop, each cycle the
@@ -87,21 +87,23 @@ fn wasmtime_system(name: &'static str, pooling: Option<bool>) -> Result<System> 
             Ok(Box::new(move |thread| {
                 let (engine, modules, buffer) = (engine.clone(), modules.clone(), buffer.clone());
                 let mut next = start(thread, modules.len());
+                let mut cycle = 0;
                 Box::new(move || {
                     let (module, tenant) = &modules[next];
                     next = (next + 1) % modules.len();
+                    cycle += 1;
                     let mut store = wasmtime::Store::new(&engine, ());
                     let instance = wt(wasmtime::Instance::new(&mut store, module, &[]))?;
-                    if tenant.grow > 0 || !tenant.writes.is_empty() {
+                    if tenant.uses_memory() {
                         let memory = instance
                             .get_memory(&mut store, "memory")
                             .context("no exported memory")?;
                         if tenant.grow > 0 {
                             wt(memory.grow(&mut store, tenant.grow))?;
                         }
-                        for &(offset, len) in &tenant.writes {
+                        for (offset, len) in tenant.runs(cycle) {
                             memory
-                                .write(&mut store, offset, &buffer[..len])
+                                .write(&mut store, offset, buffer.get(len))
                                 .map_err(|e| anyhow::anyhow!("{e}"))?;
                         }
                     }
@@ -142,17 +144,19 @@ fn berth_system(name: &'static str, pooling: bool) -> Result<System> {
             Ok(Box::new(move |thread| {
                 let (modules, buffer) = (modules.clone(), buffer.clone());
                 let mut next = start(thread, modules.len());
+                let mut cycle = 0;
                 Box::new(move || {
                     let (module, tenant) = &modules[next];
                     next = (next + 1) % modules.len();
+                    cycle += 1;
                     let mut instance = berth_engine::Instance::new(module)?;
                     if tenant.grow > 0 {
                         instance
                             .memory_grow(0, tenant.grow)?
                             .context("memory.grow failed")?;
                     }
-                    for &(offset, len) in &tenant.writes {
-                        instance.memory_write(0, offset as u64, &buffer[..len])?;
+                    for (offset, len) in tenant.runs(cycle) {
+                        instance.memory_write(0, offset as u64, buffer.get(len))?;
                     }
                     drop(instance);
                     Ok(())
@@ -225,7 +229,7 @@ pub fn growth_floor() -> System {
                 .iter()
                 .map(|m| {
                     let tenant = m.tenant.clone();
-                    let end = tenant.writes.iter().map(|w| w.0 + w.1).max().unwrap_or(0);
+                    let end = tenant.all_runs().map(|w| w.0 + w.1).max().unwrap_or(0);
                     let grown = usize::try_from(tenant.grow).context("growth")? * page;
                     let initial = end
                         .div_ceil(page)
@@ -244,6 +248,7 @@ pub fn growth_floor() -> System {
                     .map(|(_, initial, grown)| Mapping::new(initial + grown, *initial))
                     .collect();
                 let mut next = start(thread, shapes.len());
+                let mut cycle = 0;
                 let page_map = berth_core::sys::page_map();
                 let mut written = Vec::with_capacity(64);
                 Box::new(move || {
@@ -251,6 +256,7 @@ pub fn growth_floor() -> System {
                     let (initial, grown) = (*initial, *grown);
                     let base = mappings[next].base();
                     next = (next + 1) % shapes.len();
+                    cycle += 1;
                     let grow = base.wrapping_add(initial);
                     if grown > 0 {
                         // SAFETY: `initial` and `grown` are multiples of 64 KiB, so the range
@@ -258,12 +264,15 @@ pub fn growth_floor() -> System {
                         // cycle alone, and nothing refers into it.
                         unsafe { berth_core::sys::make_accessible(nonnull(grow), grown) }?;
                     }
-                    for &(offset, n) in &tenant.writes {
+                    for (offset, n) in tenant.runs(cycle) {
                         if offset + n <= initial + grown {
                             // SAFETY: `offset + n` is within `initial + grown` (checked), all
                             // readable and writable now, of the mapping this cycle alone uses; the
                             // buffer, a distinct allocation, holds the longest write.
-                            unsafe { base.add(offset).copy_from_nonoverlapping(buffer.as_ptr(), n) };
+                            unsafe {
+                                base.add(offset)
+                                    .copy_from_nonoverlapping(buffer.get(n).as_ptr(), n)
+                            };
                         }
                     }
                     if grown > 0 {
