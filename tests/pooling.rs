@@ -762,3 +762,85 @@ fn a_request_with_other_tunables_than_the_pools_is_refused() {
     assert!(format!("{error:#}").contains("other tunables"), "{error:#}");
     assert_eq!(harness.allocator.stats().live_memories, 0);
 }
+
+#[test]
+fn kept_pages_no_tenant_writes_any_more_go_back() {
+    // Tenants write one page for a while, then another: the first stays kept (and reset) only
+    // until the resets have seen it unchanged long enough, then goes back to the kernel.
+    let (engine, allocator) = pool(&slots(1));
+    let a = engine.load(module("a", 8)).unwrap();
+    let kept = || {
+        allocator.flush_decommits();
+        engine.stats().idle_memory_resident_bytes
+    };
+    let cycle = |at: u64, round: u8| {
+        let mut tenant = Instance::new(&a).unwrap();
+        let mut page = vec![1u8; 4096];
+        tenant.memory_read(0, at, &mut page).unwrap();
+        assert!(
+            page.iter().all(|&b| b == 0),
+            "round {round}: a previous tenant's bytes at {at:#x}"
+        );
+        tenant.memory_write(0, at, &[round | 1; 4096]).unwrap();
+    };
+    for round in 0..10 {
+        cycle(0, round);
+    }
+    assert_eq!(kept(), 4096, "the written page is kept");
+    for round in 0..100 {
+        cycle(5 * PAGE as u64, round);
+    }
+    assert_eq!(kept(), 4096, "only the page tenants still write is kept");
+    // Both pages read as a fresh memory's.
+    let tenant = Instance::new(&a).unwrap();
+    let mut bytes = vec![1u8; 8 * PAGE];
+    tenant.memory_read(0, 0, &mut bytes).unwrap();
+    assert!(bytes.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn tenants_that_write_somewhere_new_each_time_keep_little_resident() {
+    // Each tenant writes four pages of its own choosing in a 1 MiB memory (a hash table, a
+    // collected heap): a page is written again in one reset in 64, too seldom to be worth
+    // resetting at every reset, so the slot does not fill its 1 MiB budget with them; no
+    // tenant sees another's bytes.
+    let (engine, allocator) = pool(&slots(1));
+    let memory = MemoryType::new(16, Some(16));
+    let a = engine.load(berth_tests::named_memory("a", memory)).unwrap();
+    let mut state = 7u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (state >> 33) % 256
+    };
+    let mut most = 0;
+    for round in 0..600u32 {
+        let mut tenant = Instance::new(&a).unwrap();
+        let mut pages = Vec::new();
+        while pages.len() < 4 {
+            let page = next();
+            if !pages.contains(&page) {
+                pages.push(page);
+            }
+        }
+        for at in pages.into_iter().map(|page| page * 4096) {
+            let mut page = vec![1u8; 4096];
+            tenant.memory_read(0, at, &mut page).unwrap();
+            assert!(
+                page.iter().all(|&b| b == 0),
+                "round {round}: a previous tenant's bytes at {at:#x}"
+            );
+            tenant.memory_write(0, at, &[0xA5; 4096]).unwrap();
+        }
+        drop(tenant);
+        if round >= 300 {
+            allocator.flush_decommits();
+            most = most.max(engine.stats().idle_memory_resident_bytes);
+        }
+    }
+    assert!(
+        most <= 64 * 4096,
+        "tenants writing scattered pages kept {most} bytes resident in an idle slot"
+    );
+}

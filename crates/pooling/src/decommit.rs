@@ -93,6 +93,11 @@ impl Decommits {
         self.len += 1;
     }
 
+    /// How many more ranges it holds.
+    pub fn room(&self) -> usize {
+        self.ranges.len() - self.len
+    }
+
     pub fn as_slice(&self) -> &[Range<usize>] {
         &self.ranges[..self.len]
     }

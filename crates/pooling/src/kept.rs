@@ -15,12 +15,52 @@ pub(crate) const MAX_RUNS: usize = 64;
 /// reset decommits).
 pub(crate) const BLIND_RUNS: usize = 8;
 
+/// What the resets of a slot have seen of one kept page: how many in a row found it as a fresh
+/// memory holds it (saturating at 127), and whether a tenant changed it since it was kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct PageUse(u8);
+
+impl PageUse {
+    const CHANGED: u8 = 0x80;
+    const IDLE: u8 = 0x7F;
+
+    /// A reset found the page changed by its tenant; returns whether that is the first time
+    /// since the page was kept.
+    pub fn changed(&mut self) -> bool {
+        let first = self.0 & Self::CHANGED == 0;
+        self.0 = Self::CHANGED;
+        first
+    }
+
+    /// A reset found the page as a fresh memory holds it (or could not reach it).
+    pub fn unchanged(&mut self) {
+        if self.0 & Self::IDLE < Self::IDLE {
+            self.0 += 1;
+        }
+    }
+
+    /// Resets in a row that found it unchanged.
+    pub fn idle(self) -> u8 {
+        self.0 & Self::IDLE
+    }
+
+    /// Whether a tenant changed it since it was kept (it was worth keeping once).
+    pub fn reused(self) -> bool {
+        self.0 & Self::CHANGED != 0
+    }
+}
+
 /// Kept pages: sorted, disjoint, non-adjacent page-aligned runs of offsets from the slot's
-/// start, at most [`MAX_RUNS`] of them; `bytes` is their total.
+/// start, at most [`MAX_RUNS`] of them; `bytes` is their total. Each kept page has its
+/// [`PageUse`] (`uses`, in address order, one per page: `uses.len() * page == bytes`), by which
+/// pages no tenant writes any more are given back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Kept {
     runs: Vec<Range<usize>>,
+    uses: Vec<PageUse>,
     bytes: usize,
+    /// The page size the runs are counted in (0 until a page is kept).
+    page: usize,
 }
 
 impl Kept {
@@ -34,10 +74,20 @@ impl Kept {
         &self.runs
     }
 
+    /// How many kept pages lie below `offset`.
+    fn pages_below(&self, offset: usize) -> usize {
+        self.runs
+            .iter()
+            .take_while(|r| r.start < offset)
+            .map(|r| (r.end.min(offset) - r.start) / self.page)
+            .sum()
+    }
+
     /// Keeps as much of `range` (page-aligned, disjoint from every kept run) as `budget` total
     /// bytes allow, from its start; returns the part kept (empty if none fits, or if keeping
-    /// it would take a run more than [`MAX_RUNS`]).
+    /// it would take a run more than [`MAX_RUNS`]). Its pages start unchanged and not idle.
     pub fn add(&mut self, range: Range<usize>, budget: usize, page: usize) -> Range<usize> {
+        debug_assert!(self.page == 0 || self.page == page, "one page size per slot");
         let room = budget.saturating_sub(self.bytes) / page * page;
         let end = range.end.min(range.start.saturating_add(room));
         if end <= range.start {
@@ -60,25 +110,111 @@ impl Kept {
                 self.runs.insert(at, range.start..end);
             }
         }
+        self.page = page;
+        let index = self.pages_below(range.start);
+        let pages = (end - range.start) / page;
+        self.uses
+            .splice(index..index, std::iter::repeat_n(PageUse::default(), pages));
         self.bytes += end - range.start;
         range.start..end
     }
 
-    /// Forgets the kept pages from `from` on (they are given back).
-    pub fn truncate(&mut self, from: usize) {
-        let at = self.runs.partition_point(|r| r.end <= from);
-        for run in &mut self.runs[at..] {
-            let cut = run.start.max(from)..run.end;
-            self.bytes -= cut.len();
-            run.end = cut.start;
+    /// Forgets the kept pages inside `range` (page-aligned; they are given back), and returns
+    /// how many of them no tenant changed since they were kept. The pages on either side keep
+    /// their uses.
+    pub fn remove(&mut self, range: Range<usize>) -> usize {
+        if self.bytes == 0 || range.is_empty() {
+            return 0;
         }
-        self.runs.retain(|r| !r.is_empty());
+        let (first, last) = (self.pages_below(range.start), self.pages_below(range.end));
+        let unused = self.uses.drain(first..last).filter(|u| !u.reused()).count();
+        self.bytes -= (last - first) * self.page;
+        let at = self.runs.partition_point(|r| r.end <= range.start);
+        let mut i = at;
+        while i < self.runs.len() && self.runs[i].start < range.end {
+            let run = self.runs[i].clone();
+            let (left, right) = (
+                run.start..range.start.max(run.start),
+                range.end.min(run.end)..run.end,
+            );
+            match (left.is_empty(), right.is_empty()) {
+                (true, true) => {
+                    self.runs.remove(i);
+                    continue;
+                }
+                (false, true) => self.runs[i] = left,
+                (true, false) => self.runs[i] = right,
+                (false, false) => {
+                    self.runs[i] = left;
+                    self.runs.insert(i + 1, right);
+                    i += 1;
+                }
+            }
+            i += 1;
+        }
+        unused
     }
 
     /// Forgets every kept page (they were given back, or replaced by a fresh mapping).
     pub fn clear(&mut self) {
         self.runs.clear();
+        self.uses.clear();
         self.bytes = 0;
+    }
+
+    /// Every kept run, in order, with the uses of its pages.
+    pub fn runs_mut(&mut self) -> impl Iterator<Item = (Range<usize>, &mut [PageUse])> + '_ {
+        let page = self.page.max(1);
+        let mut uses = self.uses.as_mut_slice();
+        self.runs.iter().map(move |run| {
+            let (these, rest) = std::mem::take(&mut uses).split_at_mut(run.len() / page);
+            uses = rest;
+            (run.clone(), these)
+        })
+    }
+
+    /// The longest stretches of kept pages, each inside one run, that are all `stale` (given
+    /// each page's offset and use); with `whole`, only the runs that are stale through.
+    pub fn stale<'a>(
+        &'a self,
+        stale: impl Fn(usize, PageUse) -> bool + 'a,
+        whole: bool,
+    ) -> impl Iterator<Item = Range<usize>> + 'a {
+        let page = self.page.max(1);
+        let (mut run, mut index) = (0, 0);
+        let mut at = self.runs.first().map_or(0, |r| r.start);
+        std::iter::from_fn(move || {
+            while let Some(current) = self.runs.get(run) {
+                if whole {
+                    let pages = current.len() / page;
+                    let through = (0..pages).all(|i| stale(current.start + i * page, self.uses[index + i]));
+                    index += pages;
+                    run += 1;
+                    if through {
+                        return Some(current.clone());
+                    }
+                    continue;
+                }
+                while at < current.end && !stale(at, self.uses[index]) {
+                    at += page;
+                    index += 1;
+                }
+                let from = at;
+                while at < current.end && stale(at, self.uses[index]) {
+                    at += page;
+                    index += 1;
+                }
+                let stretch = from..at;
+                if at == current.end {
+                    run += 1;
+                    at = self.runs.get(run).map_or(at, |next| next.start);
+                }
+                if !stretch.is_empty() {
+                    return Some(stretch);
+                }
+            }
+            None
+        })
     }
 
     /// The parts of `range` that are not kept, in order.
@@ -115,14 +251,6 @@ impl Kept {
         self.runs
             .get(at)
             .is_some_and(|run| run.start <= range.start && range.end <= run.end)
-    }
-
-    /// The kept parts of `range`, in order.
-    pub fn within(&self, range: Range<usize>) -> impl Iterator<Item = Range<usize>> + '_ {
-        self.runs
-            .iter()
-            .map(move |run| run.start.max(range.start)..run.end.min(range.end))
-            .filter(|part| !part.is_empty())
     }
 }
 
@@ -165,7 +293,7 @@ mod tests {
                 prop_assert!(pair[0].end < pair[1].start, "runs sorted, disjoint, not adjacent");
             }
             let mut cut = kept.clone();
-            cut.truncate(40 * PAGE);
+            cut.remove(40 * PAGE..usize::MAX);
             prop_assert!(cut.runs().iter().all(|r| r.end <= 40 * PAGE && !r.is_empty()));
             prop_assert_eq!(cut.bytes(), model[..40].iter().filter(|&&k| k).count() * PAGE);
             let (a, b) = window;
@@ -181,7 +309,12 @@ mod tests {
                     covered[p] += 1;
                 }
             }
-            for part in kept.within(range.clone()) {
+            let within = kept
+                .runs()
+                .iter()
+                .map(|run| run.start.max(range.start)..run.end.min(range.end))
+                .filter(|part| !part.is_empty());
+            for part in within {
                 for p in part.start / PAGE..part.end / PAGE {
                     prop_assert!(model[p]);
                     covered[p] += 1;
@@ -190,6 +323,146 @@ mod tests {
             for (p, &times) in covered.iter().enumerate() {
                 let inside = (range.start / PAGE..range.end / PAGE).contains(&p);
                 prop_assert_eq!(times, u8::from(inside), "page {} covered once iff inside", p);
+            }
+        }
+    }
+
+    /// One step of a program run against [`Kept`] and a model of one `Option<(u8, bool)>` (kept,
+    /// with its idle count and whether it was changed since kept) per page.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Add(usize, usize, usize),
+        Remove(usize, usize),
+        /// A reset: the pages whose bit is set were changed by the tenant (idle count back to
+        /// 0, changed), every other kept page is one reset idler.
+        Reset(u64),
+        Truncate(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0usize..64, 1usize..8, 0usize..48).prop_map(|(s, l, b)| Op::Add(s, l, b)),
+            1 => (0usize..64, 1usize..12).prop_map(|(s, l)| Op::Remove(s, l)),
+            4 => any::<u64>().prop_map(Op::Reset),
+            1 => (0usize..70).prop_map(Op::Truncate),
+        ]
+    }
+
+    /// The maximal stretches of model pages, inside one run of kept pages, idle `limit` or
+    /// more (or the whole runs idle through).
+    fn model_idle(model: &[Option<(u8, bool)>], limit: u8, whole: bool) -> Vec<Range<usize>> {
+        let stale = |p: usize| model[p].is_some_and(|(idle, _)| idle >= limit) && !p.is_multiple_of(3);
+        let mut out = Vec::new();
+        let mut p = 0;
+        while p < model.len() {
+            if model[p].is_none() {
+                p += 1;
+                continue;
+            }
+            let run_start = p;
+            while p < model.len() && model[p].is_some() {
+                p += 1;
+            }
+            let run = run_start..p;
+            if whole {
+                if run.clone().all(stale) {
+                    out.push(run.start * PAGE..run.end * PAGE);
+                }
+                continue;
+            }
+            let mut q = run.start;
+            while q < run.end {
+                if !stale(q) {
+                    q += 1;
+                    continue;
+                }
+                let from = q;
+                while q < run.end && stale(q) {
+                    q += 1;
+                }
+                out.push(from * PAGE..q * PAGE);
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn idle_counts_follow_their_pages_through_adds_removes_and_resets(
+            ops in proptest::collection::vec(op(), 0..60),
+            limit in 1u8..4,
+        ) {
+            let mut kept = Kept::default();
+            let mut model: Vec<Option<(u8, bool)>> = vec![None; 80];
+            for op in ops {
+                match op {
+                    Op::Add(start, len, budget_pages) => {
+                        let gaps: Vec<_> = kept.gaps(start * PAGE..(start + len) * PAGE).collect();
+                        for gap in gaps {
+                            let added = kept.add(gap, budget_pages * PAGE, PAGE);
+                            for page in &mut model[added.start / PAGE..added.end / PAGE] {
+                                *page = Some((0, false));
+                            }
+                        }
+                    }
+                    Op::Remove(start, len) => {
+                        let unused = kept.remove(start * PAGE..(start + len) * PAGE);
+                        let expected = model[start..start + len].iter().filter(|p| matches!(p, Some((_, false)))).count();
+                        prop_assert_eq!(unused, expected, "pages removed that were never changed");
+                        for page in &mut model[start..start + len] {
+                            *page = None;
+                        }
+                    }
+                    Op::Reset(changed) => {
+                        let pages = kept
+                            .runs_mut()
+                            .flat_map(|(run, uses)| (run.start / PAGE..run.end / PAGE).zip(uses.iter_mut()));
+                        for (p, page_use) in pages {
+                            if changed >> (p % 64) & 1 == 1 {
+                                let first = page_use.changed();
+                                prop_assert_eq!(first, matches!(model[p], Some((_, false))), "first change of page {}", p);
+                            } else {
+                                page_use.unchanged();
+                            }
+                        }
+                        for (p, page) in model.iter_mut().enumerate() {
+                            if let Some((idle, reused)) = page {
+                                if changed >> (p % 64) & 1 == 1 {
+                                    (*idle, *reused) = (0, true);
+                                } else {
+                                    *idle = (*idle + 1).min(127);
+                                }
+                            }
+                        }
+                    }
+                    Op::Truncate(from) => {
+                        kept.remove(from * PAGE..usize::MAX);
+                        for page in &mut model[from.min(80)..] {
+                            *page = None;
+                        }
+                    }
+                }
+                let kept_pages = model.iter().filter(|p| p.is_some()).count();
+                prop_assert_eq!(kept.bytes(), kept_pages * PAGE);
+                prop_assert!(kept.runs().len() <= MAX_RUNS);
+                for pair in kept.runs().windows(2) {
+                    prop_assert!(pair[0].end < pair[1].start, "runs sorted, disjoint, not adjacent");
+                }
+                prop_assert!(kept.runs().iter().all(|r| !r.is_empty()));
+                let pages: Vec<(usize, (u8, bool))> = kept
+                    .runs_mut()
+                    .flat_map(|(run, uses)| (run.start / PAGE..run.end / PAGE).zip(uses.iter().map(|u| (u.idle(), u.reused()))))
+                    .collect();
+                let expected: Vec<(usize, (u8, bool))> = model
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(p, n)| n.map(|n| (p, n)))
+                    .collect();
+                prop_assert_eq!(pages, expected);
+                for whole in [false, true] {
+                    let idle: Vec<_> = kept.stale(|at, u| u.idle() >= limit && !at.is_multiple_of(3 * PAGE), whole).collect();
+                    prop_assert_eq!(idle, model_idle(&model, limit, whole), "whole {}", whole);
+                }
             }
         }
     }

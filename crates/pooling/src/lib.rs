@@ -16,6 +16,7 @@
 mod check;
 mod config;
 mod decommit;
+mod history;
 mod kept;
 mod layout;
 mod memory_pool;

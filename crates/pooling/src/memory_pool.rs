@@ -16,8 +16,9 @@ use anyhow::{Context, Result, anyhow};
 use berth_core::{DefinedMemoryIndex, MemoryImage, ModuleId, Released, human_bytes, sys};
 
 use crate::decommit::Decommits;
+use crate::history::Learned;
 use crate::layout::PoolLayout;
-use crate::reset::{self, Learned, MemoryReset, Policy};
+use crate::reset::{self, MemoryReset, Policy};
 use crate::slot_bytes::Region;
 use crate::slots::{FastMap, Idle, MemorySlots, SlotId, Warm};
 use crate::warm::WarmBudget;

@@ -1,12 +1,14 @@
-//! How a memory slot is reset when its tenant gives it back, and what its resets learn.
+//! How a memory slot is reset when its tenant gives it back.
 //!
 //! The rule (see docs/pooling.md): **every page the tenant could have written is reset,
 //! whatever state the kernel holds it in; a page is skipped only where the kernel proves it
 //! clean.** What the tenant could write is its accessible bytes at deallocation. Within them:
 //!
 //! - the slot's kept pages ([`Kept`]: pages tenants wrote before, up to `keep_resident` bytes,
-//!   wherever they lie) are reset in place: zeroed, or, inside the image, the image's bytes
-//!   copied back. They stay resident, so the next tenant writes them without a page fault;
+//!   wherever they lie) are read, and those whose bytes differ from what a fresh memory holds
+//!   there are reset in place: zeroed, or, inside the image, the image's bytes copied back.
+//!   They stay resident, so the next tenant writes them without a page fault; kept pages no
+//!   tenant changes any more are given back;
 //! - every other page is reset where the kernel does not prove it clean ([`PageMap::written`]:
 //!   present or swapped or migrating, not the zero page, not the image file's own page): pages
 //!   written for the first time are kept and reset in place while the budget lasts, the rest are
@@ -20,6 +22,10 @@
 //!
 //! What the policy learns (a [`History`]) chooses between resetting in place and
 //! decommitting, and whether to ask the kernel; never whether a page is reset.
+//!
+//! Reading a kept page rather than rewriting it is sound in any state the kernel holds it in:
+//! the read goes through the slot's own mapping, so it sees exactly what the next tenant
+//! would (a swapped page is read back, a page the kernel reclaimed reads as it will then).
 
 use std::io;
 use std::ops::Range;
@@ -29,90 +35,24 @@ use berth_core::MemoryImage;
 use berth_core::sys::PageMap;
 
 use crate::decommit::Decommits;
+use crate::history::{History, Seen, is_cold};
 use crate::kept::{BLIND_RUNS, Kept, MAX_RUNS};
 use crate::slot_bytes::SlotBytes;
 
-/// Clean scans after which a slot's resets stop scanning (and decommit blindly instead).
-const CLEAN_SCANS_BEFORE_BLIND: u8 = 4;
-/// While blind, one reset in this many scans again, to notice tenants that start writing;
-/// each clean rescan doubles the interval, up to [`RESCAN_EVERY_MAX`].
-const RESCAN_EVERY: u8 = 16;
-/// The longest interval between rescans of a slot whose rescans keep finding nothing.
-const RESCAN_EVERY_MAX: u8 = 128;
-/// Bytes from which a memory's scan costs more than decommitting the gaps around up to
-/// [`BLIND_RUNS`] kept runs; below it, a slot goes blind only with at most one kept run (two
-/// gaps). Scans take the process's memory map for reading and flush no TLB, where every
-/// decommit may interrupt the other threads of the process: measured here, a scan costs about
-/// 2.7 µs plus 0.65 µs a MiB, a decommit about 0.5 µs a range.
-const SCAN_BELOW: usize = 4 << 20;
 /// Without a page map, the bytes from a slot's start that a reset reads to find written pages
 /// (at most the keep budget); the rest is decommitted.
 const READ_WINDOW: usize = 64 << 10;
+/// Stale stretches one reset gives back at most (each is a range to decommit; the rest wait).
+const IDLE_DROPS: usize = BLIND_RUNS;
+/// New parts a scanning reset does not keep (past the budget, or past the runs a churning slot
+/// keeps) that it decommits one range each; from the next one on, everything above goes back
+/// in one range.
+const LEFT_OUT: usize = 4;
 
 thread_local! {
     /// The runs a scan reports, kept between resets on a thread so that a reset allocates
     /// nothing.
     static WRITTEN: std::cell::Cell<Vec<Range<usize>>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// What the resets of one slot have learned about its tenants, kept across tenants.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct History {
-    /// Pages kept resident and reset in place (some tenant wrote them).
-    pub kept: Kept,
-    /// Consecutive scans that found nothing written outside the kept pages.
-    clean_scans: u8,
-    /// Resets since the last scan while scans are skipped.
-    blind_resets: u8,
-}
-
-impl History {
-    /// Whether this reset of `accessible` bytes asks the kernel what was written, rather than
-    /// decommit blindly. A blind reset decommits the gaps between the kept runs: it is for
-    /// slots that keep at most one run, or at most [`BLIND_RUNS`] in a memory of
-    /// [`SCAN_BELOW`] or more, where one scan costs more than their gaps' decommits.
-    fn scans(&self, accessible: usize) -> bool {
-        let rescans = self.clean_scans.saturating_sub(CLEAN_SCANS_BEFORE_BLIND).min(3);
-        let every = (RESCAN_EVERY << rescans).min(RESCAN_EVERY_MAX);
-        let runs = self.kept.runs().len();
-        let blind_runs = if accessible >= SCAN_BELOW { BLIND_RUNS } else { 1 };
-        self.clean_scans < CLEAN_SCANS_BEFORE_BLIND || self.blind_resets >= every || runs > blind_runs
-    }
-
-    /// What a slot new to the same module memory starts from.
-    pub fn learned(&self) -> Learned {
-        Learned {
-            streak: self.clean_scans,
-            kept: self.kept.bytes(),
-        }
-    }
-
-    /// This history for a slot that changes module memory: its kept pages stay (they are
-    /// still there, and reset like any page), what it learned about its tenants gives way to
-    /// what the new module memory's other slots learned. A slot that keeps less than they do
-    /// scans until it has learned the module's pages, whatever their streak: going blind at
-    /// once would give those pages back at every reset.
-    pub fn for_new_key(self, learned: Learned) -> History {
-        let streak = if self.kept.bytes() < learned.kept {
-            0
-        } else {
-            learned.streak
-        };
-        History {
-            kept: self.kept,
-            clean_scans: streak,
-            blind_resets: 0,
-        }
-    }
-}
-
-/// What the slots of one module memory learned about its tenants, for a slot new to it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Learned {
-    /// Scans in a row that found nothing new.
-    pub streak: u8,
-    /// Bytes a slot keeps for it.
-    pub kept: usize,
 }
 
 /// A memory slot given back by its tenant.
@@ -194,7 +134,8 @@ fn gaps(kept: &Kept, range: Range<usize>, limit: usize) -> ([Range<usize>; MAX_R
 }
 
 /// Gives back `from..accessible`: the pages kept there are no longer kept (one range to
-/// decommit, rather than one per gap between them).
+/// decommit, rather than one per gap between them). Kept pages above what this tenant could
+/// reach stay kept (they were reset when they were last reachable, and are still resident).
 fn give_back(
     bytes: &SlotBytes,
     history: &mut History,
@@ -205,14 +146,55 @@ fn give_back(
     if from >= accessible {
         return;
     }
-    let above: Vec<Range<usize>> = history.kept.within(accessible..usize::MAX).collect();
-    history.kept.truncate(from);
-    // Kept pages above what this tenant could reach stay kept (they were reset when they were
-    // last reachable, and are still resident).
-    for run in above {
-        history.kept.add(run, usize::MAX, 1);
-    }
+    history.kept.remove(from..accessible);
     decommits.push(bytes.address_range(from..accessible));
+}
+
+/// Resets the kept pages within the tenant's reach that it changed, in place (zeros, or the
+/// image's bytes), and counts one more idle reset for every other kept page: one whose bytes
+/// are already what a fresh memory holds there needs nothing, and one out of reach was
+/// reset when it was last reachable. Reading a page costs about half what rewriting it does.
+fn refresh(
+    bytes: &mut SlotBytes,
+    image: &Image<'_>,
+    kept: &mut Kept,
+    accessible: usize,
+    page: usize,
+) -> Seen {
+    // Changed pages next to each other are reset in one go.
+    let mut changed: Option<Range<usize>> = None;
+    let mut seen = Seen::default();
+    for (run, uses) in kept.runs_mut() {
+        for (at, page_use) in (run.start..run.end).step_by(page).zip(uses) {
+            let this = at..at + page;
+            if this.end > accessible {
+                page_use.unchanged();
+                seen.idle += u32::from(is_cold(*page_use));
+                continue;
+            }
+            let cold = is_cold(*page_use);
+            seen.cold += u32::from(cold);
+            if !image.dirty(bytes, this.clone()) {
+                page_use.unchanged();
+                seen.idle += u32::from(is_cold(*page_use));
+                continue;
+            }
+            seen.cold_changed += u32::from(cold);
+            seen.first_changes += u32::from(page_use.changed());
+            changed = match changed {
+                Some(pending) if pending.end == at => Some(pending.start..this.end),
+                Some(pending) => {
+                    image.restore(bytes, pending);
+                    Some(this)
+                }
+                None => Some(this),
+            };
+        }
+    }
+    if let Some(pending) = changed {
+        image.restore(bytes, pending);
+    }
+    seen
 }
 
 /// Resets `bytes` (a slot whose tenant could write `job.accessible` bytes) all but its
@@ -253,10 +235,8 @@ pub(crate) fn reset(
             }
         },
     };
-    // The kept pages within reach: reset in place.
-    for part in history.kept.within(0..accessible) {
-        image.restore(bytes, part);
-    }
+    let seen = refresh(bytes, &image, &mut history.kept, accessible, page);
+    history.saw(seen);
     let mut decommits;
     if let Some(map) = policy.map.filter(|_| history.scans(accessible)) {
         // Ask the kernel which pages may hold what the tenant wrote; keep the new ones while
@@ -267,8 +247,10 @@ pub(crate) fn reset(
             written.clear();
             written.push(0..accessible);
         }
+        decommits = Decommits::dirty();
         let mut found = false;
         let mut over = accessible;
+        let mut left_out = 0;
         for run in &written {
             // Usually every page the scan reports is kept already (tenants write the same
             // pages), and there is nothing to learn.
@@ -277,11 +259,25 @@ pub(crate) fn reset(
             }
             let (new, n) = gaps(&history.kept, run.clone(), over);
             for part in new.into_iter().take(n) {
+                if part.start >= over {
+                    break;
+                }
                 found = true;
-                let kept = history.kept.add(part.clone(), policy.keep, page);
+                let kept = if !history.admits_run() {
+                    part.start..part.start
+                } else {
+                    history.kept.add(part.clone(), policy.keep, page)
+                };
                 image.restore(bytes, kept.clone());
                 if kept.end < part.end {
-                    over = over.min(kept.end);
+                    // Not kept: decommitted alone while there is room, and from the first
+                    // that is not on (with every page kept above it).
+                    if left_out < LEFT_OUT {
+                        left_out += 1;
+                        decommits.push(bytes.address_range(kept.end..part.end));
+                    } else {
+                        over = kept.end;
+                    }
                 }
             }
         }
@@ -289,20 +285,30 @@ pub(crate) fn reset(
         // usual reset needs, not the largest ever seen.
         written.shrink_to(MAX_RUNS);
         WRITTEN.set(written);
-        history.blind_resets = 0;
-        history.clean_scans = if found {
-            0
-        } else {
-            history.clean_scans.saturating_add(1)
-        };
-        decommits = Decommits::dirty();
+        history.scanned(found);
         give_back(bytes, history, over, accessible, &mut decommits);
+        // Kept pages no tenant writes any more go back with them, in the room left.
+        if seen.idle > 0 {
+            let (stale, n) = history.drop_stale::<IDLE_DROPS>(false, usize::MAX, decommits.room(), page);
+            for stretch in stale.into_iter().take(n) {
+                decommits.push(bytes.address_range(stretch));
+            }
+        }
     } else if policy.map.is_some() {
-        // Blind: everything not kept (the gaps around at most `BLIND_RUNS` runs) goes back.
-        // That is usually nothing (the scans before found nothing new), and waits for a
-        // batch; the module's next tenant that finds the slot waiting runs the batch early.
-        history.blind_resets = history.blind_resets.saturating_add(1);
-        decommits = Decommits::blind();
+        // Blind: everything not kept (the gaps around at most `BLIND_RUNS` runs) goes back,
+        // with the stale kept runs in reach (they become gaps). That is usually nothing (the
+        // scans before found nothing new), and waits for a batch; the module's next tenant
+        // that finds the slot waiting runs the batch early. A churning slot's gaps hold what
+        // its tenant wrote, and go back at once.
+        history.went_blind();
+        if seen.idle > 0 {
+            history.drop_stale::<BLIND_RUNS>(true, accessible, BLIND_RUNS, page);
+        }
+        decommits = if history.churning() {
+            Decommits::dirty()
+        } else {
+            Decommits::blind()
+        };
         for gap in history.kept.gaps(0..accessible) {
             decommits.push(bytes.address_range(gap));
         }
@@ -326,6 +332,12 @@ pub(crate) fn reset(
         }
         decommits = Decommits::blind();
         give_back(bytes, history, over, accessible, &mut decommits);
+        if seen.idle > 0 {
+            let (stale, n) = history.drop_stale::<IDLE_DROPS>(true, usize::MAX, decommits.room(), page);
+            for run in stale.into_iter().take(n) {
+                decommits.push(bytes.address_range(run));
+            }
+        }
     }
     bytes.protect_from(job.initial.min(accessible))?;
     Ok(decommits)

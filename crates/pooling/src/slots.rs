@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use berth_core::MemoryImage;
 
-use crate::reset::{History, Learned};
+use crate::history::{History, Learned};
 
 /// A map with a fast hash for small keys of integers (module ids and indices), which need no
 /// protection against flooding: they are made by this process, not by tenants.
