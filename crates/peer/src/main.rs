@@ -284,10 +284,10 @@ fn table(
         print!(" {} |", system.name);
     }
     println!(
-        " berth/wasmtime on-demand | berth/wasmtime pooling | berth/wasmtime tuned |{} floor/wasmtime tuned |",
+        " berth/wasmtime on-demand | berth/wasmtime pooling | berth/wasmtime tuned |{} floor/wasmtime tuned | fresh floor/wasmtime pooling | fresh floor/wasmtime tuned |",
         if p99 { " p99: berth/wasmtime tuned |" } else { "" }
     );
-    println!("|---|{}", "---|".repeat(systems.len() + 4 + usize::from(p99)));
+    println!("|---|{}", "---|".repeat(systems.len() + 6 + usize::from(p99)));
     for (workload, row) in workloads.iter().zip(cells) {
         let values: Vec<(f64, String)> = row.iter().map(&cell).collect();
         print!("| {} |", workload.name);
@@ -299,8 +299,9 @@ fn table(
         if p99 {
             print!(" {:.2} |", row[4].p99 / row[2].p99);
         }
-        // Where this exceeds a target ratio, the target lies below what the machine allows.
-        println!(" {:.2} |", ratio(5, 2));
+        // Where these exceed a target ratio, the target lies below what the machine allows
+        // (the fresh-page floor, for tenants that write where the next ones will not).
+        println!(" {:.2} | {:.2} | {:.2} |", ratio(5, 2), ratio(6, 1), ratio(6, 2));
     }
 }
 
@@ -312,6 +313,7 @@ fn threads_table(args: &Args, workloads: &[workloads::Workload]) -> Result<()> {
         systems::pooled(false)?,
         systems::control(),
         systems::growth_floor(),
+        systems::fresh_floor(),
     ];
     let more: Vec<usize> = args.threads.iter().copied().filter(|&t| t > 2).collect();
     println!(

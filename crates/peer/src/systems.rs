@@ -175,6 +175,7 @@ pub fn all() -> Result<Vec<System>> {
         berth_system("berth on-demand", false)?,
         berth_system("berth pooling", true)?,
         growth_floor(),
+        fresh_floor(),
     ])
 }
 
@@ -219,9 +220,35 @@ pub fn control() -> System {
 /// Its times and two-thread ratio are what this machine allows a growing tenant, in the same
 /// run; for a workload that does not grow it is the writes alone.
 pub fn growth_floor() -> System {
+    floor("floor: growth, writes and reset, nothing shared", Reset::Keep)
+}
+
+/// Not an allocator: what a tenant costs in a mapping of each thread's own when nothing is kept
+/// for the next: the growth, the tenant's writes into pages faulted in afresh, one decommit of
+/// everything it could reach (`madvise(MADV_DONTNEED)`, as Wasmtime's default pool does, without
+/// the instantiation), and the undoing of the growth. Where each tenant writes pages the next
+/// ones will not (more than a slot may keep), every write takes a page fault whatever
+/// allocates the memory, and this is the floor.
+pub fn fresh_floor() -> System {
+    floor(
+        "floor: fresh pages and one decommit, nothing shared",
+        Reset::Fresh,
+    )
+}
+
+/// How a floor gives its mapping back for the next tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reset {
+    /// Keep the written pages: a scan and a `memset` of what it reports, growth only.
+    Keep,
+    /// Decommit everything the tenant could reach.
+    Fresh,
+}
+
+fn floor(name: &'static str, reset: Reset) -> System {
     System {
-        name: "floor: growth, writes and reset, nothing shared",
-        prepare: Box::new(|workload: &Workload| -> Result<Cycles> {
+        name,
+        prepare: Box::new(move |workload: &Workload| -> Result<Cycles> {
             let page = 65536usize;
             // Per module: its tenant, and the bytes accessible before and after its growth.
             let shapes = workload
@@ -275,8 +302,12 @@ pub fn growth_floor() -> System {
                             };
                         }
                     }
-                    if grown > 0 {
-                        let accessible = initial + grown;
+                    let accessible = initial + grown;
+                    if reset == Reset::Fresh {
+                        // SAFETY: the mapping's first `accessible` bytes, page-aligned, which
+                        // this cycle alone uses, and nothing refers into them.
+                        unsafe { berth_core::sys::decommit(nonnull(base), accessible) }?;
+                    } else if grown > 0 {
                         written.clear();
                         match page_map {
                             Some(map) => map.written(nonnull(base), accessible, &mut written)?,
@@ -288,8 +319,10 @@ pub fn growth_floor() -> System {
                             // and writable now, of the mapping this cycle alone uses.
                             unsafe { base.add(range.start).write_bytes(0, range.len()) };
                         }
-                        // SAFETY: the same page-aligned range, of the mapping this cycle alone
-                        // uses, and nothing refers into it.
+                    }
+                    if grown > 0 {
+                        // SAFETY: the same page-aligned range as above, of the mapping this
+                        // cycle alone uses, and nothing refers into it.
                         unsafe { berth_core::sys::make_inaccessible(nonnull(grow), grown) }?;
                     }
                     Ok(())
@@ -303,7 +336,7 @@ fn nonnull(ptr: *mut u8) -> std::ptr::NonNull<u8> {
     std::ptr::NonNull::new(ptr).expect("a mapping is never at address 0")
 }
 
-/// One thread's mapping for the growth floor, unmapped when dropped. Holds its address (with
+/// One thread's mapping for a floor, unmapped when dropped. Holds its address (with
 /// its provenance exposed), so that a cycle owning it can move to its thread.
 struct Mapping {
     address: usize,
