@@ -153,7 +153,8 @@ fn give_back(
 /// Resets the kept pages within the tenant's reach that it changed, in place (zeros, or the
 /// image's bytes), and counts one more idle reset for every other kept page: one whose bytes
 /// are already what a fresh memory holds there needs nothing, and one out of reach was
-/// reset when it was last reachable. Reading a page costs about half what rewriting it does.
+/// reset when it was last reachable. Reading a page costs a half to three quarters of what
+/// rewriting it does.
 fn refresh(
     bytes: &mut SlotBytes,
     image: &Image<'_>,
