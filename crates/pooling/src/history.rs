@@ -4,7 +4,7 @@
 //!
 //! The costs behind the numbers, measured on the machine of docs/performance.md: a scan costs
 //! about 1 µs plus 3 ns per page-table entry walked; a decommit about 0.5 µs a range; a page
-//! fault 1.3 to 2.6 µs; a kept page costs a read of its 4 KiB at every reset (40 to 70 ns),
+//! fault 1.3 to 3.4 µs; a kept page costs a read of its 4 KiB at every reset (40 to 75 ns),
 //! and a `memset` or copy when its tenant changed it.
 
 use std::ops::Range;
@@ -34,11 +34,14 @@ const COLD: u8 = 4;
 const BREAK_EVEN: u64 = 40;
 /// Checks of cold pages before their rate decides anything.
 const MIN_SAMPLE: u32 = 512;
-/// Checks of cold pages after which both counts are halved: the rate covers the last few
-/// hundred resets, long enough for tenants that use much of their memory only now and then.
+/// Checks of cold pages after which both counts are halved, as they are every 256 resets: the
+/// rate covers the last few hundred resets (long enough for tenants that use much of their
+/// memory only now and then), and a slot whose cold pages all go back, so that none is checked
+/// any more, comes to measure again.
 const HALVE_AT: u32 = 1 << 16;
-/// One kept page in this many (by its offset) is a sentinel: kept while cold even when cold
-/// pages do not pay, so that the rate keeps being measured and notices tenants that change.
+/// A kept page whose offset is a multiple of this many pages is a sentinel: kept while cold
+/// even when cold pages do not pay, so that the rate goes on being measured and notices
+/// tenants that change (where no kept page is one, the halving of the counts does).
 const SENTINEL_EVERY: usize = 16;
 /// Pages the scans kept that went back unused (less four for each written again) from which a
 /// slot is churning.
@@ -63,18 +66,22 @@ pub(crate) struct Seen {
     pub idle: u32,
 }
 
-/// How often tenants change the slot's cold kept pages, over its last few hundred resets.
+/// How often tenants change the slot's cold kept pages, over its last few hundred resets (both
+/// counts halved every 256 resets, or sooner at [`HALVE_AT`] checks).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct ColdRate {
     checked: u32,
     changed: u32,
+    /// Resets since both counts were last halved.
+    resets: u8,
 }
 
 impl ColdRate {
     fn add(&mut self, seen: Seen) {
         self.checked = self.checked.saturating_add(seen.cold);
         self.changed = self.changed.saturating_add(seen.cold_changed);
-        if self.checked >= HALVE_AT {
+        self.resets = self.resets.wrapping_add(1);
+        if self.resets == 0 || self.checked >= HALVE_AT {
             (self.checked, self.changed) = (self.checked / 2, self.changed / 2);
         }
     }
@@ -108,7 +115,7 @@ impl History {
     /// [`SCAN_BELOW`] or more, where one scan costs more than their gaps' decommits. A churning
     /// slot resets blind with up to [`BLIND_RUNS`] kept runs whatever its size (its gaps hold
     /// what its tenants wrote, which a scanning reset decommits as well), and scans one reset
-    /// in [`RESCAN_EVERY`] to notice tenants that settle.
+    /// in [`CHURN_RESCAN_EVERY`] to notice tenants that settle.
     pub fn scans(&self, accessible: usize) -> bool {
         let runs = self.kept.runs().len();
         if self.churning() {
@@ -168,7 +175,8 @@ impl History {
     }
 
     /// Stops keeping the stale pages below `below` (at most `most` stretches of them, or with
-    /// `whole` only runs stale through, up to `N`), and returns them to be given back.
+    /// `whole` only runs stale through, up to `N`), and returns what it stopped keeping, to be
+    /// given back (a stretch may have taken the rest of its run along: see [`Kept::remove`]).
     pub fn drop_stale<const N: usize>(
         &mut self,
         whole: bool,
@@ -176,20 +184,27 @@ impl History {
         most: usize,
         page: usize,
     ) -> ([Range<usize>; N], usize) {
-        let mut out: [Range<usize>; N] = std::array::from_fn(|_| 0..0);
-        let mut n = 0;
-        let stale = self
+        let mut stale: [Range<usize>; N] = std::array::from_fn(|_| 0..0);
+        let mut found = 0;
+        let stretches = self
             .kept
             .stale(self.stale(page), whole)
             .filter(|stretch| stretch.end <= below);
-        for stretch in stale.take(most.min(N)) {
-            out[n] = stretch;
+        for stretch in stretches.take(most.min(N)) {
+            stale[found] = stretch;
+            found += 1;
+        }
+        let mut out: [Range<usize>; N] = std::array::from_fn(|_| 0..0);
+        let (mut n, mut unused) = (0, 0);
+        for stretch in &stale[..found] {
+            if n > 0 && stretch.end <= out[n - 1].end {
+                continue;
+            }
+            let (removed, count) = self.kept.remove(stretch.clone());
+            unused += count;
+            out[n] = removed;
             n += 1;
         }
-        let unused: usize = out[..n]
-            .iter()
-            .map(|stretch| self.kept.remove(stretch.clone()))
-            .sum();
         self.futile = self
             .futile
             .saturating_add(u8::try_from(unused).unwrap_or(u8::MAX));

@@ -32,7 +32,7 @@ impl PageUse {
         first
     }
 
-    /// A reset found the page as a fresh memory holds it (or could not reach it).
+    /// A reset found the page as a fresh memory holds it.
     pub fn unchanged(&mut self) {
         if self.0 & Self::IDLE < Self::IDLE {
             self.0 += 1;
@@ -104,7 +104,7 @@ impl Kept {
             (true, false) => self.runs[at - 1].end = end,
             (false, true) => self.runs[at].start = range.start,
             (false, false) => {
-                if self.runs.len() == MAX_RUNS {
+                if self.runs.len() >= MAX_RUNS {
                     return range.start..range.start;
                 }
                 self.runs.insert(at, range.start..end);
@@ -119,17 +119,27 @@ impl Kept {
         range.start..end
     }
 
-    /// Forgets the kept pages inside `range` (page-aligned; they are given back), and returns
-    /// how many of them no tenant changed since they were kept. The pages on either side keep
-    /// their uses.
-    pub fn remove(&mut self, range: Range<usize>) -> usize {
+    /// Forgets the kept pages inside `range` (page-aligned; they are given back). Where that
+    /// would split a run while [`MAX_RUNS`] are kept, it forgets the rest of that run as well,
+    /// so that the runs never number more. Returns the range forgotten (`range`, or longer: all
+    /// of it to be given back), and how many of its pages no tenant changed since they were
+    /// kept. The pages on either side keep their uses.
+    pub fn remove(&mut self, range: Range<usize>) -> (Range<usize>, usize) {
         if self.bytes == 0 || range.is_empty() {
-            return 0;
+            return (range, 0);
+        }
+        let at = self.runs.partition_point(|r| r.end <= range.start);
+        let mut range = range;
+        if let Some(run) = self.runs.get(at)
+            && run.start < range.start
+            && range.end < run.end
+            && self.runs.len() >= MAX_RUNS
+        {
+            range.end = run.end;
         }
         let (first, last) = (self.pages_below(range.start), self.pages_below(range.end));
         let unused = self.uses.drain(first..last).filter(|u| !u.reused()).count();
         self.bytes -= (last - first) * self.page;
-        let at = self.runs.partition_point(|r| r.end <= range.start);
         let mut i = at;
         while i < self.runs.len() && self.runs[i].start < range.end {
             let run = self.runs[i].clone();
@@ -152,7 +162,7 @@ impl Kept {
             }
             i += 1;
         }
-        unused
+        (range, unused)
     }
 
     /// Forgets every kept page (they were given back, or replaced by a fresh mapping).
@@ -293,7 +303,7 @@ mod tests {
                 prop_assert!(pair[0].end < pair[1].start, "runs sorted, disjoint, not adjacent");
             }
             let mut cut = kept.clone();
-            cut.remove(40 * PAGE..usize::MAX);
+            let _ = cut.remove(40 * PAGE..usize::MAX);
             prop_assert!(cut.runs().iter().all(|r| r.end <= 40 * PAGE && !r.is_empty()));
             prop_assert_eq!(cut.bytes(), model[..40].iter().filter(|&&k| k).count() * PAGE);
             let (a, b) = window;
@@ -339,12 +349,15 @@ mod tests {
         Truncate(usize),
     }
 
+    /// Pages the program runs over: enough for more than [`MAX_RUNS`] runs.
+    const PAGES: usize = 200;
+
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            3 => (0usize..64, 1usize..8, 0usize..48).prop_map(|(s, l, b)| Op::Add(s, l, b)),
-            1 => (0usize..64, 1usize..12).prop_map(|(s, l)| Op::Remove(s, l)),
-            4 => any::<u64>().prop_map(Op::Reset),
-            1 => (0usize..70).prop_map(Op::Truncate),
+            6 => (0usize..PAGES - 8, 1usize..3, 0usize..PAGES).prop_map(|(s, l, b)| Op::Add(s, l, b)),
+            2 => (0usize..PAGES - 12, 1usize..12).prop_map(|(s, l)| Op::Remove(s, l)),
+            3 => any::<u64>().prop_map(Op::Reset),
+            1 => (0usize..PAGES).prop_map(Op::Truncate),
         ]
     }
 
@@ -388,12 +401,12 @@ mod tests {
 
     proptest! {
         #[test]
-        fn idle_counts_follow_their_pages_through_adds_removes_and_resets(
-            ops in proptest::collection::vec(op(), 0..60),
+        fn page_uses_follow_their_pages_and_runs_stay_bounded_through_programs(
+            ops in proptest::collection::vec(op(), 0..400),
             limit in 1u8..4,
         ) {
             let mut kept = Kept::default();
-            let mut model: Vec<Option<(u8, bool)>> = vec![None; 80];
+            let mut model: Vec<Option<(u8, bool)>> = vec![None; PAGES];
             for op in ops {
                 match op {
                     Op::Add(start, len, budget_pages) => {
@@ -406,10 +419,17 @@ mod tests {
                         }
                     }
                     Op::Remove(start, len) => {
-                        let unused = kept.remove(start * PAGE..(start + len) * PAGE);
-                        let expected = model[start..start + len].iter().filter(|p| matches!(p, Some((_, false)))).count();
+                        let (removed, unused) = kept.remove(start * PAGE..(start + len) * PAGE);
+                        prop_assert_eq!(removed.start, start * PAGE);
+                        prop_assert!(removed.end >= (start + len) * PAGE);
+                        // Longer only to keep the runs within bound: to the end of a run.
+                        if removed.end > (start + len) * PAGE {
+                            prop_assert_eq!(model[start + len - 1..removed.end / PAGE].iter().filter(|p| p.is_none()).count(), 0);
+                        }
+                        let gone = start..removed.end / PAGE;
+                        let expected = model[gone.clone()].iter().filter(|p| matches!(p, Some((_, false)))).count();
                         prop_assert_eq!(unused, expected, "pages removed that were never changed");
-                        for page in &mut model[start..start + len] {
+                        for page in &mut model[gone] {
                             *page = None;
                         }
                     }
@@ -436,8 +456,8 @@ mod tests {
                         }
                     }
                     Op::Truncate(from) => {
-                        kept.remove(from * PAGE..usize::MAX);
-                        for page in &mut model[from.min(80)..] {
+                        let _ = kept.remove(from * PAGE..usize::MAX);
+                        for page in &mut model[from..] {
                             *page = None;
                         }
                     }
@@ -465,5 +485,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_removal_that_would_split_a_run_at_the_bound_takes_the_rest_of_it() {
+        let mut kept = Kept::default();
+        // MAX_RUNS runs of one page, every other page, then one of three pages.
+        for run in 0..MAX_RUNS - 1 {
+            kept.add(2 * run * PAGE..(2 * run + 1) * PAGE, usize::MAX, PAGE);
+        }
+        let last = 2 * (MAX_RUNS - 1) * PAGE;
+        kept.add(last..last + 3 * PAGE, usize::MAX, PAGE);
+        assert_eq!(kept.runs().len(), MAX_RUNS);
+        assert!(
+            kept.add(last + 10 * PAGE..last + 11 * PAGE, usize::MAX, PAGE)
+                .is_empty()
+        );
+        // The middle page of the last run: splitting would make one run too many.
+        let (removed, unused) = kept.remove(last + PAGE..last + 2 * PAGE);
+        assert_eq!(removed, last + PAGE..last + 3 * PAGE);
+        assert_eq!(unused, 2);
+        assert_eq!(kept.runs().len(), MAX_RUNS);
+        assert_eq!(kept.bytes(), MAX_RUNS * PAGE);
+        // Below the bound, a removal splits.
+        let (removed, _) = kept.remove(0..PAGE);
+        assert_eq!(removed, 0..PAGE);
+        kept.add(last + PAGE..last + 3 * PAGE, usize::MAX, PAGE);
+        let (removed, _) = kept.remove(last + PAGE..last + 2 * PAGE);
+        assert_eq!(removed, last + PAGE..last + 2 * PAGE);
+        assert_eq!(kept.runs().len(), MAX_RUNS);
     }
 }

@@ -135,7 +135,8 @@ fn gaps(kept: &Kept, range: Range<usize>, limit: usize) -> ([Range<usize>; MAX_R
 
 /// Gives back `from..accessible`: the pages kept there are no longer kept (one range to
 /// decommit, rather than one per gap between them). Kept pages above what this tenant could
-/// reach stay kept (they were reset when they were last reachable, and are still resident).
+/// reach stay kept (they were reset when they were last reachable, and are still resident),
+/// but for the rest of a run that spans both ends when the slot keeps all the runs it may.
 fn give_back(
     bytes: &SlotBytes,
     history: &mut History,
@@ -146,15 +147,15 @@ fn give_back(
     if from >= accessible {
         return;
     }
-    history.kept.remove(from..accessible);
-    decommits.push(bytes.address_range(from..accessible));
+    let (removed, _) = history.kept.remove(from..accessible);
+    decommits.push(bytes.address_range(removed));
 }
 
 /// Resets the kept pages within the tenant's reach that it changed, in place (zeros, or the
-/// image's bytes), and counts one more idle reset for every other kept page: one whose bytes
-/// are already what a fresh memory holds there needs nothing, and one out of reach was
-/// reset when it was last reachable. Reading a page costs a half to three quarters of what
-/// rewriting it does.
+/// image's bytes), and counts one more idle reset for every other kept page in reach: one
+/// whose bytes are already what a fresh memory holds there needs nothing. Kept pages out of
+/// reach keep their counts: they were reset when they were last reachable, and wait for a
+/// tenant that grows. Reading a page costs a half to three quarters of what rewriting it does.
 fn refresh(
     bytes: &mut SlotBytes,
     image: &Image<'_>,
@@ -169,8 +170,6 @@ fn refresh(
         for (at, page_use) in (run.start..run.end).step_by(page).zip(uses) {
             let this = at..at + page;
             if this.end > accessible {
-                page_use.unchanged();
-                seen.idle += u32::from(is_cold(*page_use));
                 continue;
             }
             let cold = is_cold(*page_use);
