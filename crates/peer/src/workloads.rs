@@ -120,20 +120,26 @@ fn wandering(
     span: usize,
     seed: u64,
 ) -> Vec<Vec<(usize, usize)>> {
-    let mut state = seed;
-    let slots = ((span - len) / (4 * KIB)) as u64;
+    let mut places = draws(seed, ((span - len) / (4 * KIB)) as u64);
     (0..count)
         .map(|_| {
-            (0..runs)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6_364_136_223_846_793_005)
-                        .wrapping_add(1_442_695_040_888_963_407);
-                    (from + ((state >> 33) % slots) as usize * 4 * KIB, len)
-                })
+            (&mut places)
+                .take(runs)
+                .map(|slot| (from + slot as usize * 4 * KIB, len))
                 .collect()
         })
         .collect()
+}
+
+/// Numbers below `below`, the same sequence on every run (a linear congruential generator).
+fn draws(seed: u64, below: u64) -> impl Iterator<Item = u64> {
+    let mut state = seed;
+    std::iter::repeat_with(move || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (state >> 33) % below
+    })
 }
 
 /// A module shaped like a compiled program: a memory of `pages` with `low` bytes of data near
@@ -191,12 +197,16 @@ pub fn all() -> Vec<Workload> {
         varying: Vec::new(),
     };
     // A heap used by each tenant as far as its request needs: mostly a little, now and then
-    // much more (13 sizes in turn, 16 KiB to 768 KiB, 111 KiB on average).
+    // much more (251 requests in turn, each drawn from 13 sizes of 16 KiB to 768 KiB, 111 KiB
+    // on average; the sequence is longer than any of the pools' counts of resets).
     let heap_sizes = [16, 16, 16, 32, 16, 64, 16, 32, 256, 16, 16, 64, 768];
     let heap = Tenant {
         grow: 0,
         writes: vec![(1024 * KIB - 16 * KIB, 16 * KIB)],
-        varying: heap_sizes.iter().map(|&k| vec![(1024 * KIB, k * KIB)]).collect(),
+        varying: draws(5, heap_sizes.len() as u64)
+            .take(251)
+            .map(|size| vec![(1024 * KIB, heap_sizes[size as usize] * KIB)])
+            .collect(),
     };
     let program_1m = program(16, 4 * KIB, 100 * KIB, 300, 10, 1);
     let program_2m = program(32, 2 * KIB, 160 * KIB, 500, 12, 2);
@@ -305,28 +315,28 @@ pub fn all() -> Vec<Workload> {
         ),
         Workload::one(
             "heap-4m",
-            "a 4 MiB memory with 8 KiB of data low; each tenant writes 16 KiB of stack below 1 MiB and a heap from 1 MiB as large as its request needs: 16 KiB to 768 KiB, mostly small",
+            "a 4 MiB memory with 8 KiB of data low; each tenant writes 16 KiB of stack below 1 MiB and a heap from 1 MiB as large as its request needs: 16 KiB to 768 KiB, mostly small (251 requests in turn)",
             format!("(module (memory (export \"memory\") 64) (data (i32.const 4096) \"{}\"))", data(8 * KIB, 5)),
             heap,
         ),
         Workload::one(
             "wander-16m",
-            "a 16 MiB memory; each tenant writes eight 4 KiB runs at places of its own (61 sets in turn), like a hash table or a collected heap",
+            "a 16 MiB memory; each tenant writes eight 4 KiB runs at places of its own (257 sets in turn), like a hash table or a collected heap",
             "(module (memory (export \"memory\") 256))".into(),
             Tenant {
                 grow: 0,
                 writes: Vec::new(),
-                varying: wandering(61, 8, 4 * KIB, 0, 16 << 20, 7),
+                varying: wandering(257, 8, 4 * KIB, 0, 16 << 20, 7),
             },
         ),
         Workload::one(
             "wander-1m",
-            "a 1 MiB memory with 64 KiB of data; each tenant writes 4 KiB at two fixed places and four 2 KiB runs at places of its own (61 sets in turn)",
+            "a 1 MiB memory with 64 KiB of data; each tenant writes 4 KiB at two fixed places and four 2 KiB runs at places of its own (257 sets in turn)",
             format!("(module (memory (export \"memory\") 16) (data (i32.const 65536) \"{}\"))", data(PAGE, 6)),
             Tenant {
                 grow: 0,
                 writes: vec![(0, 4 * KIB), (1020 * KIB, 4 * KIB)],
-                varying: wandering(61, 4, 2 * KIB, 4 * KIB, 1016 * KIB, 11),
+                varying: wandering(257, 4, 2 * KIB, 4 * KIB, 1016 * KIB, 11),
             },
         ),
         many(64),
