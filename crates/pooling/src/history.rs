@@ -34,6 +34,10 @@ const COLD: u8 = 4;
 const BREAK_EVEN: u64 = 40;
 /// Checks of cold pages before their rate decides anything.
 const MIN_SAMPLE: u32 = 512;
+/// Resets the rate must cover before it decides anything: tenants that use much of their
+/// memory now and then change all those pages in one reset of many, and a few resets of
+/// checks right after one would count none of them.
+const MIN_SPAN: u8 = 64;
 /// Checks of cold pages after which both counts are halved, as they are every 256 resets: the
 /// rate covers the last few hundred resets (long enough for tenants that use much of their
 /// memory only now and then), and a slot whose cold pages all go back, so that none is checked
@@ -74,21 +78,27 @@ struct ColdRate {
     changed: u32,
     /// Resets since both counts were last halved.
     resets: u8,
+    /// Resets the counts cover (up to 255).
+    span: u8,
 }
 
 impl ColdRate {
     fn add(&mut self, seen: Seen) {
         self.checked = self.checked.saturating_add(seen.cold);
         self.changed = self.changed.saturating_add(seen.cold_changed);
+        self.span = self.span.saturating_add(1);
         self.resets = self.resets.wrapping_add(1);
         if self.resets == 0 || self.checked >= HALVE_AT {
             (self.checked, self.changed) = (self.checked / 2, self.changed / 2);
         }
     }
 
-    /// Whether keeping cold pages pays (or too few were checked to tell).
+    /// Whether keeping cold pages pays (or too few were checked, or over too few resets, to
+    /// tell).
     fn pays(&self) -> bool {
-        self.checked < MIN_SAMPLE || u64::from(self.changed) * BREAK_EVEN >= u64::from(self.checked)
+        self.span < MIN_SPAN
+            || self.checked < MIN_SAMPLE
+            || u64::from(self.changed) * BREAK_EVEN >= u64::from(self.checked)
     }
 }
 
