@@ -304,8 +304,9 @@ fn floor(name: &'static str, reset: Reset) -> System {
                     }
                     let accessible = initial + grown;
                     if reset == Reset::Fresh {
-                        // SAFETY: the mapping's first `accessible` bytes, page-aligned, which
-                        // this cycle alone uses, and nothing refers into them.
+                        // SAFETY: `0..accessible` (a multiple of 64 KiB) starts the private
+                        // mapping `Mapping::new` made with `reserve` for this cycle alone, and no
+                        // Rust reference points into it.
                         unsafe { berth_core::sys::decommit(nonnull(base), accessible) }?;
                     } else if grown > 0 {
                         written.clear();
@@ -321,8 +322,9 @@ fn floor(name: &'static str, reset: Reset) -> System {
                         }
                     }
                     if grown > 0 {
-                        // SAFETY: the same page-aligned range as above, of the mapping this
-                        // cycle alone uses, and nothing refers into it.
+                        // SAFETY: `initial..initial + grown` (multiples of 64 KiB) lies inside
+                        // the private mapping `Mapping::new` made with `reserve` for this cycle
+                        // alone, and no Rust reference points into it.
                         unsafe { berth_core::sys::make_inaccessible(nonnull(grow), grown) }?;
                     }
                     Ok(())

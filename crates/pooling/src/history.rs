@@ -7,9 +7,7 @@
 //! fault 1.3 to 3.4 µs; a kept page costs a read of its 4 KiB at every reset (40 to 75 ns),
 //! and a `memset` or copy when its tenant changed it.
 
-use std::ops::Range;
-
-use crate::kept::{BLIND_RUNS, Kept, PageUse};
+use crate::kept::{BLIND_RUNS, Kept, PageUse, Ranges};
 
 /// Clean scans after which a slot's resets stop scanning (and decommit blindly instead).
 const CLEAN_SCANS_BEFORE_BLIND: u8 = 4;
@@ -193,32 +191,31 @@ impl History {
         below: usize,
         most: usize,
         page: usize,
-    ) -> ([Range<usize>; N], usize) {
-        let mut stale: [Range<usize>; N] = std::array::from_fn(|_| 0..0);
-        let mut found = 0;
+    ) -> Ranges<N> {
         let stretches = self
             .kept
             .stale(self.stale(page), whole)
-            .filter(|stretch| stretch.end <= below);
-        for stretch in stretches.take(most.min(N)) {
-            stale[found] = stretch;
-            found += 1;
-        }
-        let mut out: [Range<usize>; N] = std::array::from_fn(|_| 0..0);
+            .filter(|stretch| stretch.end <= below)
+            .take(most);
+        let mut stale = Ranges::<N>::first(stretches);
+        // Each stretch is replaced by what `remove` forgot; one inside the run an earlier one
+        // took along is gone already.
         let (mut n, mut unused) = (0, 0);
-        for stretch in &stale[..found] {
-            if n > 0 && stretch.end <= out[n - 1].end {
+        let items = stale.as_mut_slice();
+        for i in 0..items.len() {
+            if n > 0 && items[i].end <= items[n - 1].end {
                 continue;
             }
-            let (removed, count) = self.kept.remove(stretch.clone());
+            let (removed, count) = self.kept.remove(items[i].clone());
             unused += count;
-            out[n] = removed;
+            items[n] = removed;
             n += 1;
         }
+        stale.truncate(n);
         self.futile = self
             .futile
             .saturating_add(u8::try_from(unused).unwrap_or(u8::MAX));
-        (out, n)
+        stale
     }
 
     /// What a slot new to the same module memory starts from.

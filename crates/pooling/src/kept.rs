@@ -15,6 +15,42 @@ pub(crate) const MAX_RUNS: usize = 64;
 /// reset decommits).
 pub(crate) const BLIND_RUNS: usize = 8;
 
+/// Up to `N` ranges, in order, without a heap allocation: what a reset takes from [`Kept`]
+/// before it changes it.
+#[derive(Debug)]
+pub(crate) struct Ranges<const N: usize> {
+    items: [Range<usize>; N],
+    len: usize,
+}
+
+impl<const N: usize> Ranges<N> {
+    /// The first `N` of `ranges`.
+    pub fn first(ranges: impl Iterator<Item = Range<usize>>) -> Ranges<N> {
+        let mut out = Ranges {
+            items: std::array::from_fn(|_| 0..0),
+            len: 0,
+        };
+        for range in ranges.take(N) {
+            out.items[out.len] = range;
+            out.len += 1;
+        }
+        out
+    }
+
+    pub fn as_slice(&self) -> &[Range<usize>] {
+        &self.items[..self.len]
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [Range<usize>] {
+        &mut self.items[..self.len]
+    }
+
+    /// Keeps the first `len` ranges.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
 /// What the resets of a slot have seen of one kept page: how many in a row found it as a fresh
 /// memory holds it (saturating at 127), and whether a tenant changed it since it was kept.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

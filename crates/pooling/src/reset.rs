@@ -36,7 +36,7 @@ use berth_core::sys::PageMap;
 
 use crate::decommit::Decommits;
 use crate::history::{History, Seen, is_cold};
-use crate::kept::{BLIND_RUNS, Kept, MAX_RUNS};
+use crate::kept::{BLIND_RUNS, Kept, MAX_RUNS, Ranges};
 use crate::slot_bytes::SlotBytes;
 
 /// Without a page map, the bytes from a slot's start that a reset reads to find written pages
@@ -123,14 +123,8 @@ impl Image<'_> {
 }
 
 /// The parts of `range` below `limit` that `kept` does not hold, without borrowing it.
-fn gaps(kept: &Kept, range: Range<usize>, limit: usize) -> ([Range<usize>; MAX_RUNS + 1], usize) {
-    let mut out: [Range<usize>; MAX_RUNS + 1] = std::array::from_fn(|_| 0..0);
-    let mut n = 0;
-    for gap in kept.gaps(range.start..range.end.min(limit)) {
-        out[n] = gap;
-        n += 1;
-    }
-    (out, n)
+fn gaps(kept: &Kept, range: Range<usize>, limit: usize) -> Ranges<{ MAX_RUNS + 1 }> {
+    Ranges::first(kept.gaps(range.start..range.end.min(limit)))
 }
 
 /// Gives back `from..accessible`: the pages kept there are no longer kept (one range to
@@ -257,8 +251,8 @@ pub(crate) fn reset(
             if run.start >= over || history.kept.covers(run) {
                 continue;
             }
-            let (new, n) = gaps(&history.kept, run.clone(), over);
-            for part in new.into_iter().take(n) {
+            let new = gaps(&history.kept, run.clone(), over);
+            for part in new.as_slice().iter().cloned() {
                 if part.start >= over {
                     break;
                 }
@@ -289,9 +283,9 @@ pub(crate) fn reset(
         give_back(bytes, history, over, accessible, &mut decommits);
         // Kept pages no tenant writes any more go back with them, in the room left.
         if seen.idle > 0 {
-            let (stale, n) = history.drop_stale::<IDLE_DROPS>(false, usize::MAX, decommits.room(), page);
-            for stretch in stale.into_iter().take(n) {
-                decommits.push(bytes.address_range(stretch));
+            let stale = history.drop_stale::<IDLE_DROPS>(false, usize::MAX, decommits.room(), page);
+            for stretch in stale.as_slice() {
+                decommits.push(bytes.address_range(stretch.clone()));
             }
         }
     } else if policy.map.is_some() {
@@ -317,8 +311,8 @@ pub(crate) fn reset(
         // ones a tenant wrote while the budget lasts; decommit everything else.
         let window = policy.keep.min(READ_WINDOW).min(accessible);
         let mut over = window;
-        let (unread, n) = gaps(&history.kept, 0..window, window);
-        for gap in unread.into_iter().take(n) {
+        let unread = gaps(&history.kept, 0..window, window);
+        for gap in unread.as_slice().iter().cloned() {
             for start in gap.step_by(page) {
                 let one = start..start + page;
                 if image.dirty(bytes, one.clone()) {
@@ -333,9 +327,9 @@ pub(crate) fn reset(
         decommits = Decommits::blind();
         give_back(bytes, history, over, accessible, &mut decommits);
         if seen.idle > 0 {
-            let (stale, n) = history.drop_stale::<IDLE_DROPS>(true, usize::MAX, decommits.room(), page);
-            for run in stale.into_iter().take(n) {
-                decommits.push(bytes.address_range(run));
+            let stale = history.drop_stale::<IDLE_DROPS>(true, usize::MAX, decommits.room(), page);
+            for run in stale.as_slice() {
+                decommits.push(bytes.address_range(run.clone()));
             }
         }
     }
