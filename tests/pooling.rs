@@ -843,3 +843,55 @@ fn tenants_that_write_somewhere_new_each_time_keep_little_resident() {
         "tenants writing scattered pages kept {most} bytes resident in an idle slot"
     );
 }
+
+#[test]
+fn a_rare_tenant_that_reaches_further_has_its_pages_learned_at_once() {
+    // Tenants write a stack down from 512 KiB and a heap up from it, mostly small, a third of
+    // them a little larger: the slot learns those pages and stops scanning. A tenant that
+    // reaches far further (a deep stack, a large heap) is seen at its first reset, so the
+    // slot keeps its pages for the next such tenant rather than fault them in at each one;
+    // and no tenant ever sees another's bytes.
+    if berth_testkit::page_states::page_map_for("a rare large tenant").is_none() {
+        return;
+    }
+    let (engine, allocator) = pool(&slots(1));
+    let memory = MemoryType::new(16, Some(16));
+    let a = engine.load(berth_tests::named_memory("a", memory)).unwrap();
+    const MIDDLE: u64 = 512 << 10;
+    let mut whole = vec![1u8; 1 << 20];
+    let mut cycle = |stack: u64, heap: u64, round: usize| {
+        let mut tenant = Instance::new(&a).unwrap();
+        tenant.memory_read(0, 0, &mut whole).unwrap();
+        if let Some(at) = whole.iter().position(|&b| b != 0) {
+            panic!("round {round}: a previous tenant's bytes at {at:#x}");
+        }
+        let fill = vec![round as u8 | 1; (stack + heap) as usize];
+        tenant.memory_write(0, MIDDLE - stack, &fill).unwrap();
+        drop(tenant);
+        allocator.flush_decommits();
+        engine.stats().idle_memory_resident_bytes
+    };
+    let small = (16 << 10, 16 << 10);
+    let medium = (32 << 10, 48 << 10);
+    for round in 0..60 {
+        let (stack, heap) = if round % 3 == 2 { medium } else { small };
+        cycle(stack, heap, round);
+    }
+    assert_eq!(
+        cycle(small.0, small.1, 60),
+        80 << 10,
+        "the pages of the usual tenants are kept"
+    );
+    let (stack, heap) = (128 << 10, 256 << 10);
+    let kept = cycle(stack, heap, 61);
+    assert!(
+        kept >= stack + heap,
+        "the large tenant's {} KiB went back: {} KiB kept",
+        (stack + heap) >> 10,
+        kept >> 10
+    );
+    for round in 62..70 {
+        cycle(small.0, small.1, round);
+    }
+    cycle(stack, heap, 70);
+}

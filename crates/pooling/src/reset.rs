@@ -166,6 +166,9 @@ fn refresh(
             if this.end > accessible {
                 continue;
             }
+            // A page at the end of its run with an unkept page in reach beyond it.
+            let edge = (at == run.start && at > 0) || (this.end == run.end && run.end < accessible);
+            let idle = page_use.idle();
             let cold = is_cold(*page_use);
             seen.cold += u32::from(cold);
             if !image.dirty(bytes, this.clone()) {
@@ -174,6 +177,7 @@ fn refresh(
                 continue;
             }
             seen.cold_changed += u32::from(cold);
+            seen.edge_reached |= edge && idle > 0;
             seen.first_changes += u32::from(page_use.changed());
             changed = match changed {
                 Some(pending) if pending.end == at => Some(pending.start..this.end),
