@@ -895,3 +895,39 @@ fn a_rare_tenant_that_reaches_further_has_its_pages_learned_at_once() {
     }
     cycle(stack, heap, 70);
 }
+
+#[test]
+fn tenants_taking_turns_at_two_sizes_leave_the_slot_blind() {
+    // Tenants write 16 or 32 KiB from 512 KiB in turn: each larger one changes the kept run's
+    // end page that the one before left unchanged, but writes nothing past it, so the slot's
+    // resets go on decommitting around its kept pages without scanning (two ranges a reset,
+    // below and above them, with a batch of one).
+    if berth_testkit::page_states::page_map_for("two sizes in turn").is_none() {
+        return;
+    }
+    let mut pooling = slots(1);
+    pooling.decommit_batch_size(1);
+    let (engine, _) = pool(&pooling);
+    let memory = MemoryType::new(16, Some(16));
+    let a = engine.load(berth_tests::named_memory("a", memory)).unwrap();
+    let cycle = |round: usize| {
+        let mut tenant = Instance::new(&a).unwrap();
+        let len = if round.is_multiple_of(2) {
+            16 << 10
+        } else {
+            32 << 10
+        };
+        tenant
+            .memory_write(0, 512 << 10, &vec![round as u8 | 1; len])
+            .unwrap();
+    };
+    (0..40).for_each(cycle);
+    let before = engine.stats().decommit_ranges;
+    (40..140).for_each(cycle);
+    let ranges = engine.stats().decommit_ranges - before;
+    // Rescans (one reset in 16, then fewer) decommit nothing.
+    assert!(
+        ranges >= 2 * 90,
+        "{ranges} ranges decommitted in 100 resets: the resets scanned"
+    );
+}

@@ -66,10 +66,20 @@ pub(crate) struct Seen {
     pub cold_changed: u32,
     /// Kept pages cold after the reset (which may go back).
     pub idle: u32,
-    /// Whether the tenant changed a kept page at an end of its run, next to a page in its
-    /// reach that is not kept, which the tenant before left unchanged: it reached further than
-    /// the last one did, maybe past what the slot keeps.
-    pub edge_reached: bool,
+    /// Where the tenant may have written past the kept pages: at the end of a kept run, beside
+    /// unkept pages in reach, whose end page the tenant changed and the one before left
+    /// unchanged (of several, the page unchanged longest). Such a tenant reached further than
+    /// the last one.
+    pub beyond: Option<Edge>,
+}
+
+/// The end of a kept run, with unkept pages beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Edge {
+    /// The run's end offset; the pages from there up are not kept.
+    Above(usize),
+    /// The run's start offset; the pages below it are not kept.
+    Below(usize),
 }
 
 /// How often tenants change the slot's cold kept pages, over its last few hundred resets (both
@@ -118,8 +128,6 @@ pub(crate) struct History {
     /// or more, tenants write where the next ones do not: learning their pages does not pay.
     futile: u8,
     cold: ColdRate,
-    /// Whether this reset's tenant reached a kept run's edge (see [`Seen::edge_reached`]).
-    reached: bool,
 }
 
 impl History {
@@ -129,10 +137,8 @@ impl History {
     /// [`SCAN_BELOW`] or more, where one scan costs more than their gaps' decommits. A churning
     /// slot resets blind with up to [`BLIND_RUNS`] kept runs whatever its size (its gaps hold
     /// what its tenants wrote, which a scanning reset decommits as well), and scans one reset
-    /// in [`CHURN_RESCAN_EVERY`] to notice tenants that settle. Otherwise a reset whose tenant
-    /// reached further than the one before ([`Seen::edge_reached`]) scans: a slot whose tenants
-    /// mostly stay small learns a rare large one's pages at its first visit, rather than fault
-    /// them in again at every one until a periodic rescan happens to meet it.
+    /// in [`CHURN_RESCAN_EVERY`] to notice tenants that settle. (A reset also scans where a
+    /// probe past a kept run finds its tenant wrote there: see `reset.rs`.)
     pub fn scans(&self, accessible: usize) -> bool {
         let runs = self.kept.runs().len();
         if self.churning() {
@@ -141,10 +147,7 @@ impl History {
         let rescans = self.clean_scans.saturating_sub(CLEAN_SCANS_BEFORE_BLIND).min(3);
         let every = (RESCAN_EVERY << rescans).min(RESCAN_EVERY_MAX);
         let blind_runs = if accessible >= SCAN_BELOW { BLIND_RUNS } else { 1 };
-        self.clean_scans < CLEAN_SCANS_BEFORE_BLIND
-            || self.blind_resets >= every
-            || runs > blind_runs
-            || self.reached
+        self.clean_scans < CLEAN_SCANS_BEFORE_BLIND || self.blind_resets >= every || runs > blind_runs
     }
 
     /// Whether the slot's tenants keep writing pages the next ones do not (see `futile`).
@@ -160,7 +163,6 @@ impl History {
     /// Records what a reset saw of the kept pages.
     pub fn saw(&mut self, seen: Seen) {
         self.cold.add(seen);
-        self.reached = seen.edge_reached;
         let first = u8::try_from(seen.first_changes.saturating_mul(4)).unwrap_or(u8::MAX);
         self.futile = self.futile.saturating_sub(first);
     }

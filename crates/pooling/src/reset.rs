@@ -14,7 +14,7 @@
 //!   written for the first time are kept and reset in place while the budget lasts, the rest are
 //!   decommitted (the image's come back from its file). Once scans keep finding nothing new,
 //!   all of them are decommitted without asking (a periodic rescan notices tenants that start
-//!   writing elsewhere);
+//!   writing elsewhere, and a probe past a kept run one that reaches further than the last);
 //! - without a page map, pages near the start are read (and kept where a tenant wrote them),
 //!   the rest decommitted;
 //! - access above the memory's initial size is removed again, so the slot is left exactly as
@@ -35,13 +35,17 @@ use berth_core::MemoryImage;
 use berth_core::sys::PageMap;
 
 use crate::decommit::Decommits;
-use crate::history::{History, Seen, is_cold};
+use crate::history::{Edge, History, Seen, is_cold};
 use crate::kept::{BLIND_RUNS, Kept, MAX_RUNS, Ranges};
 use crate::slot_bytes::SlotBytes;
 
 /// Without a page map, the bytes from a slot's start that a reset reads to find written pages
 /// (at most the keep budget); the rest is decommitted.
 const READ_WINDOW: usize = 64 << 10;
+/// Bytes past a kept run's end that a reset asks the kernel about when its tenant reached
+/// further than the one before (see [`reached_past`]): a heap or a stack grows page by page,
+/// and an allocator may leave a few pages untouched between blocks.
+const PROBE: usize = 64 << 10;
 /// Stale stretches one reset gives back at most (each is a range to decommit; the rest wait).
 const IDLE_DROPS: usize = BLIND_RUNS;
 /// New parts a scanning reset does not keep (past the budget, or past the runs a churning slot
@@ -127,6 +131,28 @@ fn gaps(kept: &Kept, range: Range<usize>, limit: usize) -> Ranges<{ MAX_RUNS + 1
     Ranges::first(kept.gaps(range.start..range.end.min(limit)))
 }
 
+/// Whether the kernel does not prove clean the [`PROBE`] bytes past `edge` (up to the next
+/// kept run, within `accessible`): then a slot that stopped scanning scans, and keeps what a
+/// tenant reaching further than the usual ones wrote, where its blind reset would give those
+/// pages back and the next such tenant fault them in again. A probe costs one system call
+/// over at most 16 page-table entries (about 1 µs here), a scan of the whole memory up to
+/// 14 µs for 16 MiB.
+fn reached_past(bytes: &SlotBytes, map: &PageMap, kept: &Kept, edge: Edge, accessible: usize) -> bool {
+    let part = match edge {
+        Edge::Above(end) => kept.gaps(end..(end + PROBE).min(accessible)).next(),
+        Edge::Below(start) => kept.gaps(start.saturating_sub(PROBE)..start).last(),
+    };
+    let Some(part) = part else {
+        return false;
+    };
+    let mut written = WRITTEN.take();
+    written.clear();
+    // A probe that fails finds nothing: the blind reset gives the pages back anyway.
+    let found = bytes.written(map, part, &mut written).is_ok() && !written.is_empty();
+    WRITTEN.set(written);
+    found
+}
+
 /// Gives back `from..accessible`: the pages kept there are no longer kept (one range to
 /// decommit, rather than one per gap between them). Kept pages above what this tenant could
 /// reach stay kept (they were reset when they were last reachable, and are still resident),
@@ -160,14 +186,13 @@ fn refresh(
     // Changed pages next to each other are reset in one go.
     let mut changed: Option<Range<usize>> = None;
     let mut seen = Seen::default();
+    let mut reach = 0;
     for (run, uses) in kept.runs_mut() {
         for (at, page_use) in (run.start..run.end).step_by(page).zip(uses) {
             let this = at..at + page;
             if this.end > accessible {
                 continue;
             }
-            // A page at the end of its run with an unkept page in reach beyond it.
-            let edge = (at == run.start && at > 0) || (this.end == run.end && run.end < accessible);
             let idle = page_use.idle();
             let cold = is_cold(*page_use);
             seen.cold += u32::from(cold);
@@ -177,8 +202,18 @@ fn refresh(
                 continue;
             }
             seen.cold_changed += u32::from(cold);
-            seen.edge_reached |= edge && idle > 0;
             seen.first_changes += u32::from(page_use.changed());
+            // A run's end page with unkept pages in reach beyond it, which the tenant before
+            // left unchanged: this one reached further.
+            if idle > reach {
+                if this.end == run.end && run.end < accessible {
+                    reach = idle;
+                    seen.beyond = Some(Edge::Above(run.end));
+                } else if at == run.start && at > 0 {
+                    reach = idle;
+                    seen.beyond = Some(Edge::Below(at));
+                }
+            }
             changed = match changed {
                 Some(pending) if pending.end == at => Some(pending.start..this.end),
                 Some(pending) => {
@@ -236,7 +271,14 @@ pub(crate) fn reset(
     let seen = refresh(bytes, &image, &mut history.kept, accessible, page);
     history.saw(seen);
     let mut decommits;
-    if let Some(map) = policy.map.filter(|_| history.scans(accessible)) {
+    let scans = |map: &PageMap| {
+        history.scans(accessible)
+            || (!history.churning()
+                && seen
+                    .beyond
+                    .is_some_and(|edge| reached_past(bytes, map, &history.kept, edge, accessible)))
+    };
+    if let Some(map) = policy.map.filter(|map| scans(map)) {
         // Ask the kernel which pages may hold what the tenant wrote; keep the new ones while
         // the budget lasts, decommit what is left from the first one that did not fit.
         let mut written = WRITTEN.take();
