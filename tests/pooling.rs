@@ -844,56 +844,86 @@ fn tenants_that_write_somewhere_new_each_time_keep_little_resident() {
     );
 }
 
-#[test]
-fn a_rare_tenant_that_reaches_further_has_its_pages_learned_at_once() {
-    // Tenants write a stack down from 512 KiB and a heap up from it, mostly small, a third of
-    // them a little larger: the slot learns those pages and stops scanning. A tenant that
-    // reaches far further (a deep stack, a large heap) is seen at its first reset, so the
-    // slot keeps its pages for the next such tenant rather than fault them in at each one;
-    // and no tenant ever sees another's bytes.
-    if berth_testkit::page_states::page_map_for("a rare large tenant").is_none() {
-        return;
-    }
-    let (engine, allocator) = pool(&slots(1));
-    let memory = MemoryType::new(16, Some(16));
+/// Runs tenants on a one-slot pool of a memory of `mib` MiB: 60 taking turns at `small`,
+/// `small`, `medium` (each a list of writes: offset and length), then `large` after a `small`
+/// one, then `small` ones and `large` again. Every tenant checks that it reads zeros. Returns
+/// the bytes the slot keeps resident after the tenants before the first `large` one, and after
+/// it.
+fn kept_around_a_rare_large_tenant(
+    mib: u64,
+    small: &[(u64, u64)],
+    medium: &[(u64, u64)],
+    large: &[(u64, u64)],
+) -> (u64, u64) {
+    let mut config = small_config();
+    config.memory_reservation(mib << 20);
+    let mut pooling = slots(1);
+    pooling.max_memory_size((mib << 20) as usize);
+    let allocator = Arc::new(PoolingInstanceAllocator::new(&pooling, config.tunables()).unwrap());
+    config.allocation_strategy(InstanceAllocationStrategy::Custom(allocator.clone()));
+    let engine = Engine::new(&config).unwrap();
+    let memory = MemoryType::new(16 * mib, Some(16 * mib));
     let a = engine.load(berth_tests::named_memory("a", memory)).unwrap();
-    const MIDDLE: u64 = 512 << 10;
-    let mut whole = vec![1u8; 1 << 20];
-    let mut cycle = |stack: u64, heap: u64, round: usize| {
+    let mut whole = vec![1u8; (mib << 20) as usize];
+    let mut cycle = |writes: &[(u64, u64)], round: usize| {
         let mut tenant = Instance::new(&a).unwrap();
         tenant.memory_read(0, 0, &mut whole).unwrap();
         if let Some(at) = whole.iter().position(|&b| b != 0) {
             panic!("round {round}: a previous tenant's bytes at {at:#x}");
         }
-        let fill = vec![round as u8 | 1; (stack + heap) as usize];
-        tenant.memory_write(0, MIDDLE - stack, &fill).unwrap();
+        for &(at, len) in writes {
+            tenant
+                .memory_write(0, at, &vec![round as u8 | 1; len as usize])
+                .unwrap();
+        }
         drop(tenant);
         allocator.flush_decommits();
         engine.stats().idle_memory_resident_bytes
     };
-    let small = (16 << 10, 16 << 10);
-    let medium = (32 << 10, 48 << 10);
     for round in 0..60 {
-        let (stack, heap) = if round % 3 == 2 { medium } else { small };
-        cycle(stack, heap, round);
+        cycle(if round % 3 == 2 { medium } else { small }, round);
     }
-    assert_eq!(
-        cycle(small.0, small.1, 60),
-        80 << 10,
-        "the pages of the usual tenants are kept"
-    );
-    let (stack, heap) = (128 << 10, 256 << 10);
-    let kept = cycle(stack, heap, 61);
-    assert!(
-        kept >= stack + heap,
-        "the large tenant's {} KiB went back: {} KiB kept",
-        (stack + heap) >> 10,
-        kept >> 10
-    );
+    let before = cycle(small, 60);
+    let after = cycle(large, 61);
     for round in 62..70 {
-        cycle(small.0, small.1, round);
+        cycle(small, round);
     }
-    cycle(stack, heap, 70);
+    assert!(cycle(large, 70) >= after, "the large tenant's pages went back");
+    cycle(small, 71);
+    (before, after)
+}
+
+#[test]
+fn a_rare_tenant_that_reaches_further_has_its_pages_learned_at_once() {
+    // The usual tenants' pages are learned and the slot stops scanning. A tenant that reaches
+    // further than the one before it is seen at its first reset, so the slot keeps its pages
+    // for the next such tenant rather than fault them in at each one.
+    if berth_testkit::page_states::page_map_for("a rare large tenant").is_none() {
+        return;
+    }
+    const K: u64 = 1024;
+    // A stack growing down from 512 KiB in a 4 MiB memory (where a slot with a few kept runs
+    // stops scanning), with 8 KiB of data kept below it: the deep stack writes between the
+    // data and the usual stack.
+    let data = (440 * K, 8 * K);
+    let (before, after) = kept_around_a_rare_large_tenant(
+        4,
+        &[data, (496 * K, 16 * K)],
+        &[data, (480 * K, 32 * K)],
+        &[data, (456 * K, 56 * K)],
+    );
+    assert_eq!(before, 40 * K, "the usual tenants' data and stack are kept");
+    assert_eq!(after, 64 * K, "the deep stack's pages are kept");
+    // A heap growing up from 512 KiB, whose large tenant leaves 8 KiB untouched past the
+    // usual heap (an allocator aligning a large block).
+    let (before, after) = kept_around_a_rare_large_tenant(
+        1,
+        &[(512 * K, 16 * K)],
+        &[(512 * K, 32 * K)],
+        &[(512 * K, 32 * K), (552 * K, 216 * K)],
+    );
+    assert_eq!(before, 32 * K, "the usual tenants' heap is kept");
+    assert_eq!(after, 248 * K, "the large heap's pages are kept");
 }
 
 #[test]
@@ -928,6 +958,49 @@ fn tenants_taking_turns_at_two_sizes_leave_the_slot_blind() {
     // Rescans (one reset in 16, then fewer) decommit nothing.
     assert!(
         ranges >= 2 * 90,
+        "{ranges} ranges decommitted in 100 resets: the resets scanned"
+    );
+}
+
+#[test]
+fn tenants_past_a_full_budget_leave_the_slot_blind() {
+    // The keep budget is 32 KiB and the usual tenants fill it; one in ten writes 64 KiB. Each
+    // of those reaches past the kept run, but a scan could keep none of it, so the slot's
+    // resets go on decommitting around the kept pages without scanning (two ranges a reset,
+    // with a batch of one), the large tenants' pages with them.
+    if berth_testkit::page_states::page_map_for("a full budget").is_none() {
+        return;
+    }
+    let mut pooling = slots(1);
+    pooling
+        .decommit_batch_size(1)
+        .linear_memory_keep_resident(32 << 10);
+    let (engine, _) = pool(&pooling);
+    let memory = MemoryType::new(16, Some(16));
+    let a = engine.load(berth_tests::named_memory("a", memory)).unwrap();
+    let mut whole = vec![1u8; 1 << 20];
+    let mut cycle = |round: usize| {
+        let mut tenant = Instance::new(&a).unwrap();
+        tenant.memory_read(0, 0, &mut whole).unwrap();
+        assert!(
+            whole.iter().all(|&b| b == 0),
+            "round {round}: a previous tenant's bytes"
+        );
+        let len = match round % 10 {
+            9 => 64 << 10,
+            odd if odd % 2 == 1 => 32 << 10,
+            _ => 16 << 10,
+        };
+        tenant
+            .memory_write(0, 512 << 10, &vec![round as u8 | 1; len])
+            .unwrap();
+    };
+    (0..40).for_each(&mut cycle);
+    let before = engine.stats().decommit_ranges;
+    (40..140).for_each(&mut cycle);
+    let ranges = engine.stats().decommit_ranges - before;
+    assert!(
+        ranges >= 170,
         "{ranges} ranges decommitted in 100 resets: the resets scanned"
     );
 }

@@ -67,9 +67,10 @@ pub(crate) struct Seen {
     /// Kept pages cold after the reset (which may go back).
     pub idle: u32,
     /// Where the tenant may have written past the kept pages: at the end of a kept run, beside
-    /// unkept pages in reach, whose end page the tenant changed and the one before left
+    /// unkept pages in reach, whose end page this tenant changed and the tenant before left
     /// unchanged (of several, the page unchanged longest). Such a tenant reached further than
-    /// the last one.
+    /// the last one. (Where every tenant changes a run's end pages, a larger one does not show
+    /// here; the periodic rescans find its pages.)
     pub beyond: Option<Edge>,
 }
 

@@ -42,9 +42,9 @@ use crate::slot_bytes::SlotBytes;
 /// Without a page map, the bytes from a slot's start that a reset reads to find written pages
 /// (at most the keep budget); the rest is decommitted.
 const READ_WINDOW: usize = 64 << 10;
-/// Bytes past a kept run's end that a reset asks the kernel about when its tenant reached
-/// further than the one before (see [`reached_past`]): a heap or a stack grows page by page,
-/// and an allocator may leave a few pages untouched between blocks.
+/// Bytes beyond a kept run's end, or below its start, that a reset asks the kernel about when
+/// its tenant reached further than the one before (see [`reached_past`]): a heap or a stack
+/// grows page by page, and an allocator may leave a few pages untouched between blocks.
 const PROBE: usize = 64 << 10;
 /// Stale stretches one reset gives back at most (each is a range to decommit; the rest wait).
 const IDLE_DROPS: usize = BLIND_RUNS;
@@ -134,9 +134,12 @@ fn gaps(kept: &Kept, range: Range<usize>, limit: usize) -> Ranges<{ MAX_RUNS + 1
 /// Whether the kernel does not prove clean the [`PROBE`] bytes past `edge` (up to the next
 /// kept run, within `accessible`): then a slot that stopped scanning scans, and keeps what a
 /// tenant reaching further than the usual ones wrote, where its blind reset would give those
-/// pages back and the next such tenant fault them in again. A probe costs one system call
-/// over at most 16 page-table entries (about 1 µs here), a scan of the whole memory up to
-/// 14 µs for 16 MiB.
+/// pages back and the next such tenant fault them in again (and, having found something, it
+/// scans its next four resets too, as after any scan that finds new pages). A probe costs one
+/// system call over at most 16 page-table entries of 4 KiB pages (about 1 µs here), a scan of
+/// the whole memory up to 14 µs for 16 MiB. The caller probes only for a slot that is not
+/// churning and has room in its budget for one more page: otherwise the scan would keep
+/// nothing, and the blind reset gives the pages back all the same.
 fn reached_past(bytes: &SlotBytes, map: &PageMap, kept: &Kept, edge: Edge, accessible: usize) -> bool {
     let part = match edge {
         Edge::Above(end) => kept.gaps(end..(end + PROBE).min(accessible)).next(),
@@ -271,9 +274,11 @@ pub(crate) fn reset(
     let seen = refresh(bytes, &image, &mut history.kept, accessible, page);
     history.saw(seen);
     let mut decommits;
+    let room = history.kept.bytes() + page <= policy.keep;
     let scans = |map: &PageMap| {
         history.scans(accessible)
             || (!history.churning()
+                && room
                 && seen
                     .beyond
                     .is_some_and(|edge| reached_past(bytes, map, &history.kept, edge, accessible)))
