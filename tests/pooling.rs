@@ -896,7 +896,7 @@ fn kept_around_a_rare_large_tenant(
 #[test]
 fn a_rare_tenant_that_reaches_further_has_its_pages_learned_at_once() {
     // The usual tenants' pages are learned and the slot stops scanning. A tenant that reaches
-    // further than the one before it is seen at its first reset, so the slot keeps its pages
+    // further than the ones before it is seen at its first reset, so the slot keeps its pages
     // for the next such tenant rather than fault them in at each one.
     if berth_testkit::page_states::page_map_for("a rare large tenant").is_none() {
         return;
@@ -924,6 +924,12 @@ fn a_rare_tenant_that_reaches_further_has_its_pages_learned_at_once() {
     );
     assert_eq!(before, 32 * K, "the usual tenants' heap is kept");
     assert_eq!(after, 248 * K, "the large heap's pages are kept");
+    // Tenants that all use the same heap but for the rare large one: every one changes the
+    // kept run's end page, and the large one writes the page past it.
+    let usual = [(512 * K, 32 * K)];
+    let (before, after) = kept_around_a_rare_large_tenant(1, &usual, &usual, &[(512 * K, 256 * K)]);
+    assert_eq!(before, 32 * K, "the usual tenants' heap is kept");
+    assert_eq!(after, 256 * K, "the large heap's pages are kept");
 }
 
 #[test]

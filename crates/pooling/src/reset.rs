@@ -13,8 +13,10 @@
 //!   present or swapped or migrating, not the zero page, not the image file's own page): pages
 //!   written for the first time are kept and reset in place while the budget lasts, the rest are
 //!   decommitted (the image's come back from its file). Once scans keep finding nothing new,
-//!   all of them are decommitted without asking (a periodic rescan notices tenants that start
-//!   writing elsewhere, and a probe past a kept run one that reaches further than the last);
+//!   all of them are decommitted without asking, but for the page next to each end of a kept
+//!   run, which is read like a kept page and left alone where it holds zeros (a periodic
+//!   rescan notices tenants that start writing elsewhere; such a page found written, or a
+//!   probe past a kept run, one that reaches further than the last);
 //! - without a page map, pages near the start are read (and kept where a tenant wrote them),
 //!   the rest decommitted;
 //! - access above the memory's initial size is removed again, so the slot is left exactly as
@@ -156,6 +158,49 @@ fn reached_past(bytes: &SlotBytes, map: &PageMap, kept: &Kept, edge: Edge, acces
     found
 }
 
+/// Watch pages: the unkept pages in reach next to the kept runs (the first page of each gap
+/// after a run, the last before one), outside the image, up to two for each of [`BLIND_RUNS`]
+/// runs. A blind reset reads them rather than decommit them: a clean one (zeros) stays out of
+/// the decommit, mapped to the zero page, and the next read of it costs less than a kept
+/// page's; a changed one means the tenant wrote past the kept pages. Tenants of one usual
+/// size change the end page of a run at every reset, so a rare larger one shows here where it
+/// does not show in [`Seen::beyond`]. (A page inside the image would cost a comparison with
+/// the image's bytes at every reset; a tenant's stack and heap lie outside its data.)
+fn watch_pages(
+    kept: &Kept,
+    image: &Range<usize>,
+    accessible: usize,
+    page: usize,
+) -> Ranges<{ 2 * BLIND_RUNS }> {
+    let outside = move |at: &Range<usize>| at.end <= image.start || image.end <= at.start;
+    Ranges::first(
+        kept.gaps(0..accessible)
+            .flat_map(move |gap| {
+                let first = (gap.start > 0).then(|| gap.start..gap.start + page);
+                let last = gap.end - page;
+                let last = (gap.end < accessible && first.as_ref().is_none_or(|first| first.start != last))
+                    .then_some(last..gap.end);
+                first.into_iter().chain(last)
+            })
+            .filter(outside),
+    )
+}
+
+/// `gap` without its first and last pages where they are clean watch pages.
+fn trim(gap: Range<usize>, clean: &[Range<usize>], page: usize) -> Range<usize> {
+    let start = if clean.iter().any(|w| w.start == gap.start) {
+        gap.start + page
+    } else {
+        gap.start
+    };
+    let end = if clean.iter().any(|w| w.end == gap.end) {
+        gap.end - page
+    } else {
+        gap.end
+    };
+    start..end.max(start)
+}
+
 /// Gives back `from..accessible`: the pages kept there are no longer kept (one range to
 /// decommit, rather than one per gap between them). Kept pages above what this tenant could
 /// reach stay kept (they were reset when they were last reachable, and are still resident),
@@ -274,14 +319,26 @@ pub(crate) fn reset(
     let seen = refresh(bytes, &image, &mut history.kept, accessible, page);
     history.saw(seen);
     let mut decommits;
-    let room = history.kept.bytes() + page <= policy.keep;
+    // A slot that may learn more pages.
+    let learns = !history.churning() && history.kept.bytes() + page <= policy.keep;
+    // Such a slot about to reset blind reads its watch pages; where all are clean, they stay.
+    let watch = if learns && policy.map.is_some() && !history.scans(accessible) {
+        watch_pages(&history.kept, &image.range, accessible, page)
+    } else {
+        Ranges::first(std::iter::empty())
+    };
+    let wrote_past = watch
+        .as_slice()
+        .iter()
+        .any(|watched| image.dirty(bytes, watched.clone()));
+    let clean: &[Range<usize>] = if wrote_past { &[] } else { watch.as_slice() };
     let scans = |map: &PageMap| {
         history.scans(accessible)
-            || (!history.churning()
-                && room
-                && seen
-                    .beyond
-                    .is_some_and(|edge| reached_past(bytes, map, &history.kept, edge, accessible)))
+            || (learns
+                && (wrote_past
+                    || seen
+                        .beyond
+                        .is_some_and(|edge| reached_past(bytes, map, &history.kept, edge, accessible))))
     };
     if let Some(map) = policy.map.filter(|map| scans(map)) {
         // Ask the kernel which pages may hold what the tenant wrote; keep the new ones while
@@ -355,7 +412,10 @@ pub(crate) fn reset(
             Decommits::blind()
         };
         for gap in history.kept.gaps(0..accessible) {
-            decommits.push(bytes.address_range(gap));
+            let gap = trim(gap, clean, page);
+            if !gap.is_empty() {
+                decommits.push(bytes.address_range(gap));
+            }
         }
     } else {
         // No page map: read the pages near the start that are not kept, keep (and reset) the
@@ -386,4 +446,67 @@ pub(crate) fn reset(
     }
     bytes.protect_from(job.initial.min(accessible))?;
     Ok(decommits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: usize = 4096;
+
+    /// Kept runs, as (first page, page past the end).
+    fn kept(runs: &[(usize, usize)]) -> Kept {
+        let mut kept = Kept::default();
+        for &(start, end) in runs {
+            kept.add(start * PAGE..end * PAGE, usize::MAX, PAGE);
+        }
+        kept
+    }
+
+    fn pages(ranges: &[Range<usize>]) -> Vec<usize> {
+        ranges
+            .iter()
+            .map(|r| {
+                assert_eq!(r.len(), PAGE);
+                r.start / PAGE
+            })
+            .collect()
+    }
+
+    #[test]
+    fn watch_pages_border_the_kept_runs_in_reach_outside_the_image() {
+        let none = 0..0;
+        // Runs at pages 4..6 and 9..10 in 16 pages: the pages either side of each.
+        let runs = kept(&[(4, 6), (9, 10)]);
+        assert_eq!(
+            pages(watch_pages(&runs, &none, 16 * PAGE, PAGE).as_slice()),
+            [3, 6, 8, 10]
+        );
+        // A gap of one page between two runs is watched once; a run at the start or at the
+        // end of what the tenant could reach has nothing to watch on that side.
+        let runs = kept(&[(0, 2), (3, 5), (7, 8)]);
+        assert_eq!(
+            pages(watch_pages(&runs, &none, 8 * PAGE, PAGE).as_slice()),
+            [2, 5, 6]
+        );
+        // Pages inside the image are not watched.
+        let runs = kept(&[(4, 6)]);
+        let image = 6 * PAGE..12 * PAGE;
+        assert_eq!(pages(watch_pages(&runs, &image, 16 * PAGE, PAGE).as_slice()), [3]);
+        // Nothing kept: nothing to watch.
+        assert!(
+            watch_pages(&Kept::default(), &none, 16 * PAGE, PAGE)
+                .as_slice()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_trimmed_gap_loses_only_its_clean_watch_pages() {
+        let clean = [3 * PAGE..4 * PAGE, 6 * PAGE..7 * PAGE];
+        assert_eq!(trim(0..4 * PAGE, &clean, PAGE), 0..3 * PAGE);
+        assert_eq!(trim(6 * PAGE..9 * PAGE, &clean, PAGE), 7 * PAGE..9 * PAGE);
+        assert_eq!(trim(6 * PAGE..7 * PAGE, &clean, PAGE).len(), 0);
+        assert_eq!(trim(10 * PAGE..12 * PAGE, &clean, PAGE), 10 * PAGE..12 * PAGE);
+    }
 }
