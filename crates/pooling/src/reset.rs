@@ -14,9 +14,9 @@
 //!   written for the first time are kept and reset in place while the budget lasts, the rest are
 //!   decommitted (the image's come back from its file). Once scans keep finding nothing new,
 //!   all of them are decommitted without asking, but for the page next to each end of a kept
-//!   run, which is read like a kept page and left alone where it holds zeros (a periodic
+//!   run, which is read like a kept page and left alone where it holds zeros. A periodic
 //!   rescan notices tenants that start writing elsewhere; such a page found written, or a
-//!   probe past a kept run, one that reaches further than the last);
+//!   probe past a kept run, notices one that reaches further than the last;
 //! - without a page map, pages near the start are read (and kept where a tenant wrote them),
 //!   the rest decommitted;
 //! - access above the memory's initial size is removed again, so the slot is left exactly as
@@ -161,8 +161,9 @@ fn reached_past(bytes: &SlotBytes, map: &PageMap, kept: &Kept, edge: Edge, acces
 /// Watch pages: the unkept pages in reach next to the kept runs (the first page of each gap
 /// after a run, the last before one), outside the image, up to two for each of [`BLIND_RUNS`]
 /// runs. A blind reset reads them rather than decommit them: a clean one (zeros) stays out of
-/// the decommit, mapped to the zero page, and the next read of it costs less than a kept
-/// page's; a changed one means the tenant wrote past the kept pages. Tenants of one usual
+/// the decommit, usually mapped to the zero page by that read, which makes the next read of it
+/// cheaper than a kept page's (a page a tenant filled with zeros stays resident, and a later
+/// scan reports it); a changed one means the tenant wrote past the kept pages. Tenants of one usual
 /// size change the end page of a run at every reset, so a rare larger one shows here where it
 /// does not show in [`Seen::beyond`]. (A page inside the image would cost a comparison with
 /// the image's bytes at every reset; a tenant's stack and heap lie outside its data.)
@@ -178,8 +179,8 @@ fn watch_pages(
             .flat_map(move |gap| {
                 let first = (gap.start > 0).then(|| gap.start..gap.start + page);
                 let last = gap.end - page;
-                let last = (gap.end < accessible && first.as_ref().is_none_or(|first| first.start != last))
-                    .then_some(last..gap.end);
+                let last =
+                    (gap.end < accessible && (first.is_none() || gap.len() != page)).then_some(last..gap.end);
                 first.into_iter().chain(last)
             })
             .filter(outside),
@@ -508,5 +509,9 @@ mod tests {
         assert_eq!(trim(6 * PAGE..9 * PAGE, &clean, PAGE), 7 * PAGE..9 * PAGE);
         assert_eq!(trim(6 * PAGE..7 * PAGE, &clean, PAGE).len(), 0);
         assert_eq!(trim(10 * PAGE..12 * PAGE, &clean, PAGE), 10 * PAGE..12 * PAGE);
+        // Runs at pages 2, 5 and 8 were watched on both sides; the one at 5 went back (stale)
+        // before the gaps were taken: the merged gap keeps the pages that watched it.
+        let clean: Vec<_> = [1, 3, 4, 6, 7, 9].map(|p| p * PAGE..(p + 1) * PAGE).into();
+        assert_eq!(trim(3 * PAGE..8 * PAGE, &clean, PAGE), 4 * PAGE..7 * PAGE);
     }
 }
