@@ -932,55 +932,17 @@ fn a_rare_tenant_that_reaches_further_has_its_pages_learned_at_once() {
     assert_eq!(after, 256 * K, "the large heap's pages are kept");
 }
 
-#[test]
-fn tenants_taking_turns_at_two_sizes_leave_the_slot_blind() {
-    // Tenants write 16 or 32 KiB from 512 KiB in turn: each larger one changes the kept run's
-    // end page that the one before left unchanged, but writes nothing past it, so the slot's
-    // resets go on decommitting around its kept pages without scanning (two ranges a reset,
-    // below and above them, with a batch of one).
-    if berth_testkit::page_states::page_map_for("two sizes in turn").is_none() {
-        return;
-    }
+/// Runs tenants on a one-slot pool of a 1 MiB memory with a decommit batch of one (and
+/// `keep` bytes of keep budget, if given): tenant `round` writes `len(round)` bytes from
+/// 512 KiB, after checking that it reads zeros. Returns the ranges the 100 resets after 40
+/// warm-up rounds decommitted: two a blind reset (below and above the kept run), none a scan
+/// that finds nothing new.
+fn ranges_decommitted_by_a_blind_slot(keep: Option<usize>, len: impl Fn(usize) -> usize) -> u64 {
     let mut pooling = slots(1);
     pooling.decommit_batch_size(1);
-    let (engine, _) = pool(&pooling);
-    let memory = MemoryType::new(16, Some(16));
-    let a = engine.load(berth_tests::named_memory("a", memory)).unwrap();
-    let cycle = |round: usize| {
-        let mut tenant = Instance::new(&a).unwrap();
-        let len = if round.is_multiple_of(2) {
-            16 << 10
-        } else {
-            32 << 10
-        };
-        tenant
-            .memory_write(0, 512 << 10, &vec![round as u8 | 1; len])
-            .unwrap();
-    };
-    (0..40).for_each(cycle);
-    let before = engine.stats().decommit_ranges;
-    (40..140).for_each(cycle);
-    let ranges = engine.stats().decommit_ranges - before;
-    // Rescans (one reset in 16, then fewer) decommit nothing.
-    assert!(
-        ranges >= 2 * 90,
-        "{ranges} ranges decommitted in 100 resets: the resets scanned"
-    );
-}
-
-#[test]
-fn tenants_past_a_full_budget_leave_the_slot_blind() {
-    // The keep budget is 32 KiB and the usual tenants fill it; one in ten writes 64 KiB. Each
-    // of those reaches past the kept run, but a scan could keep none of it, so the slot's
-    // resets go on decommitting around the kept pages without scanning (two ranges a reset,
-    // with a batch of one), the large tenants' pages with them.
-    if berth_testkit::page_states::page_map_for("a full budget").is_none() {
-        return;
+    if let Some(keep) = keep {
+        pooling.linear_memory_keep_resident(keep);
     }
-    let mut pooling = slots(1);
-    pooling
-        .decommit_batch_size(1)
-        .linear_memory_keep_resident(32 << 10);
     let (engine, _) = pool(&pooling);
     let memory = MemoryType::new(16, Some(16));
     let a = engine.load(berth_tests::named_memory("a", memory)).unwrap();
@@ -992,19 +954,52 @@ fn tenants_past_a_full_budget_leave_the_slot_blind() {
             whole.iter().all(|&b| b == 0),
             "round {round}: a previous tenant's bytes"
         );
-        let len = match round % 10 {
-            9 => 64 << 10,
-            odd if odd % 2 == 1 => 32 << 10,
-            _ => 16 << 10,
-        };
         tenant
-            .memory_write(0, 512 << 10, &vec![round as u8 | 1; len])
+            .memory_write(0, 512 << 10, &vec![round as u8 | 1; len(round)])
             .unwrap();
     };
     (0..40).for_each(&mut cycle);
     let before = engine.stats().decommit_ranges;
     (40..140).for_each(&mut cycle);
-    let ranges = engine.stats().decommit_ranges - before;
+    engine.stats().decommit_ranges - before
+}
+
+#[test]
+fn tenants_taking_turns_at_two_sizes_leave_the_slot_blind() {
+    // Tenants write 16 or 32 KiB in turn: each larger one changes the kept run's end page that
+    // the one before left unchanged, but writes nothing past it, so the slot's resets go on
+    // decommitting around its kept pages without scanning.
+    if berth_testkit::page_states::page_map_for("two sizes in turn").is_none() {
+        return;
+    }
+    let ranges = ranges_decommitted_by_a_blind_slot(None, |round| {
+        if round.is_multiple_of(2) {
+            16 << 10
+        } else {
+            32 << 10
+        }
+    });
+    // Rescans (one reset in 16, then fewer) decommit nothing.
+    assert!(
+        ranges >= 2 * 90,
+        "{ranges} ranges decommitted in 100 resets: the resets scanned"
+    );
+}
+
+#[test]
+fn tenants_past_a_full_budget_leave_the_slot_blind() {
+    // The keep budget is 32 KiB and the usual tenants fill it; one in ten writes 64 KiB. Each
+    // of those reaches past the kept run, but a scan could keep none of it, so the slot's
+    // resets go on decommitting around the kept pages without scanning, the large tenants'
+    // pages with them.
+    if berth_testkit::page_states::page_map_for("a full budget").is_none() {
+        return;
+    }
+    let ranges = ranges_decommitted_by_a_blind_slot(Some(32 << 10), |round| match round % 10 {
+        9 => 64 << 10,
+        odd if odd % 2 == 1 => 32 << 10,
+        _ => 16 << 10,
+    });
     assert!(
         ranges >= 170,
         "{ranges} ranges decommitted in 100 resets: the resets scanned"

@@ -320,10 +320,12 @@ pub(crate) fn reset(
     let seen = refresh(bytes, &image, &mut history.kept, accessible, page);
     history.saw(seen);
     let mut decommits;
-    // A slot that may learn more pages.
+    // Whether the slot's habits have it scan; else, whether it may learn more pages.
+    let habit = history.scans(accessible);
     let learns = !history.churning() && history.kept.bytes() + page <= policy.keep;
-    // Such a slot about to reset blind reads its watch pages; where all are clean, they stay.
-    let watch = if learns && policy.map.is_some() && !history.scans(accessible) {
+    // A slot that may learn, about to reset blind, reads its watch pages; where all are
+    // clean, they stay.
+    let watch = if learns && policy.map.is_some() && !habit {
         watch_pages(&history.kept, &image.range, accessible, page)
     } else {
         Ranges::first(std::iter::empty())
@@ -334,7 +336,7 @@ pub(crate) fn reset(
         .any(|watched| image.dirty(bytes, watched.clone()));
     let clean: &[Range<usize>] = if wrote_past { &[] } else { watch.as_slice() };
     let scans = |map: &PageMap| {
-        history.scans(accessible)
+        habit
             || (learns
                 && (wrote_past
                     || seen
