@@ -1005,3 +1005,47 @@ fn tenants_past_a_full_budget_leave_the_slot_blind() {
         "{ranges} ranges decommitted in 100 resets: the resets scanned"
     );
 }
+
+#[test]
+fn a_blind_slot_that_keeps_a_run_runs_its_decommits_one_deallocation_in_a_batch() {
+    // Each tenant writes 8 KiB in the middle of a 1 MiB memory: once its slot stops scanning,
+    // every reset leaves two gaps to decommit, around the kept run. A batch counts slots, not
+    // ranges: with a batch of four, one deallocation in four makes the system call (and the
+    // module's tenants take turns at four slots meanwhile), rather than one in two.
+    if berth_testkit::page_states::page_map_for("a blind slot's batch").is_none() {
+        return;
+    }
+    let mut pooling = slots(8);
+    pooling.decommit_batch_size(4);
+    let (engine, _) = pool(&pooling);
+    let a = engine
+        .load(berth_tests::named_memory("a", MemoryType::new(16, Some(16))))
+        .unwrap();
+    let mut whole = vec![1u8; 1 << 20];
+    let mut cycle = |round: usize| {
+        let mut tenant = Instance::new(&a).unwrap();
+        tenant.memory_read(0, 0, &mut whole).unwrap();
+        assert!(
+            whole.iter().all(|&b| b == 0),
+            "round {round}: a previous tenant's bytes"
+        );
+        tenant
+            .memory_write(0, 512 << 10, &[round as u8 | 1; 8 << 10])
+            .unwrap();
+    };
+    (0..40).for_each(&mut cycle);
+    let before = engine.stats();
+    (40..140).for_each(&mut cycle);
+    let after = engine.stats();
+    let ranges = after.decommit_ranges - before.decommit_ranges;
+    let calls = after.decommit_calls - before.decommit_calls;
+    assert!(ranges >= 180, "{ranges} ranges in 100 resets: the slots scanned");
+    // One call a batch where the kernel takes several ranges in one (`process_madvise`);
+    // elsewhere one a range, which says nothing about batches.
+    if berth_testkit::page_states::require("a blind slot's batch", "process_madvise", calls < ranges) {
+        assert!(
+            calls <= 30,
+            "{calls} system calls for {ranges} ranges in 100 resets: batches of fewer than four slots"
+        );
+    }
+}

@@ -109,7 +109,7 @@ pub struct PoolOptions {
     /// Bytes of memory pages the idle slots keep resident together [default: 100M]
     #[arg(long, value_parser = usize_size, help_heading = "Pool")]
     pub max_unused_warm_bytes: Option<usize>,
-    /// Ranges of idle slots a shard collects before decommitting them in one system call [default: 4]
+    /// Idle slots whose decommits a shard collects for one system call (at most 16 ranges) [default: 4]
     #[arg(long, help_heading = "Pool")]
     pub decommit_batch_size: Option<usize>,
     /// Bytes of each memory slot kept resident between tenants (pages tenants wrote) [default: 1M]

@@ -2,10 +2,12 @@
 //!
 //! A reset does everything at once but give pages back to the kernel: the ranges to decommit
 //! are queued with the slot they belong to, which stays held (handed to no one) until they have
-//! run. Once a queue holds `batch` ranges, one system call decommits them all
-//! ([`sys::decommit_all`]), and each slot is finished. Why: one `madvise` per reset pays a
-//! system call and, with other threads running, a TLB shootdown each; a batch pays both once
-//! (see docs/pooling.md).
+//! run. Once a queue holds `batch` slots (or [`MAX_RANGES`] ranges), one system call
+//! decommits them all ([`sys::decommit_all`]), and each slot is finished. Why: one `madvise`
+//! per reset pays a system call and, with other threads running, a TLB shootdown each; a batch
+//! pays both once (see docs/pooling.md). Counting slots rather than ranges means a slot that
+//! keeps several runs, and so leaves several gaps, waits as long as one that leaves one: its
+//! deallocations run the batch one time in `batch`, not every other time.
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -121,6 +123,10 @@ impl Decommits {
 /// The most batches a queue holds while other threads are decommitting: past that, a thread
 /// waits for its turn rather than hold more slots back.
 const DEFERRED: usize = 4;
+/// Ranges from which a queue runs with fewer than `batch` slots: each range costs the
+/// deallocation that runs the batch about half a microsecond here (more where its page tables
+/// are populated), so this bounds what that one deallocation pays.
+const MAX_RANGES: usize = 16;
 
 /// A held slot (`T` says which, and what it becomes) and what must be decommitted before it
 /// is finished.
@@ -186,12 +192,13 @@ struct Queue<T> {
 }
 
 impl<T> DecommitQueue<T> {
-    /// A queue that runs once it holds `batch` ranges.
+    /// A queue that runs once it holds `batch` slots or [`MAX_RANGES`] ranges.
     pub fn new(batch: usize) -> Self {
-        // Room for what may wait while other threads decommit, so that requeued batches
-        // allocate nothing either (vectors that grow past it keep their room when recycled).
+        // Room for a batch (the push that fills it may bring `BLIND_RUNS + 1` ranges), and for
+        // what may wait while other threads decommit, so that requeued batches allocate
+        // nothing either (vectors that grow past it keep their room when recycled).
         let slots = (batch * DEFERRED).min(64);
-        let ranges = slots + BLIND_RUNS + 1;
+        let ranges = (MAX_RANGES + BLIND_RUNS) * DEFERRED;
         DecommitQueue {
             batch,
             queue: Mutex::new(Queue {
@@ -211,13 +218,14 @@ impl<T> DecommitQueue<T> {
         berth_core::sync::lock_spinning(&self.queue)
     }
 
-    /// Queues `pending`. Returns the whole queue, to run now, once it holds a batch; `queued`
+    /// Queues `pending`. Returns the whole queue, to run now, once it holds a batch (`batch`
+    /// slots, or [`MAX_RANGES`] ranges); `queued`
     /// is called with how many slots leave the queue that way, under its lock (so a count of
     /// slots in flight never misses one).
     pub fn push(&self, pending: Pending<T>, queued: impl FnOnce(usize)) -> Option<Batch<T>> {
         let mut queue = self.lock();
         queue.waiting.add(pending);
-        if queue.waiting.ranges.len() < self.batch {
+        if queue.waiting.slots() < self.batch && queue.waiting.ranges.len() < MAX_RANGES {
             return None;
         }
         queued(queue.waiting.slots());
@@ -230,7 +238,7 @@ impl<T> DecommitQueue<T> {
     /// instead if the queue would then hold more than [`DEFERRED`] batches: it must run now.
     pub fn requeue(&self, mut batch: Batch<T>, requeued: impl FnOnce()) -> Result<(), Batch<T>> {
         let mut queue = self.lock();
-        if queue.waiting.ranges.len() + batch.ranges.len() > self.batch * DEFERRED {
+        if queue.waiting.slots() + batch.slots() > self.batch * DEFERRED {
             return Err(batch);
         }
         let later = &mut queue.waiting;
@@ -412,6 +420,38 @@ mod tests {
         let mut decommits = Decommits::blind();
         decommits.push(range);
         decommits
+    }
+
+    /// What a slot that keeps runs leaves to decommit: the gaps around them.
+    fn gaps(n: usize) -> Decommits {
+        let mut decommits = Decommits::blind();
+        for i in 0..n {
+            decommits.push(2 * i..2 * i + 1);
+        }
+        decommits
+    }
+
+    #[test]
+    fn a_batch_is_a_count_of_slots_however_many_gaps_each_leaves_up_to_a_bound_on_ranges() {
+        let queue = DecommitQueue::new(4);
+        for slot in 0..3 {
+            assert!(
+                queue.push((slot, gaps(3)), |_| {}).is_none(),
+                "slot {slot} of 4 waits, with {} ranges queued",
+                3 * (slot + 1)
+            );
+        }
+        let batch = queue
+            .push((3, gaps(3)), |n| assert_eq!(n, 4))
+            .expect("the fourth slot fills the batch");
+        assert_eq!(batch.ranges.len(), 12);
+        // Slots that leave many gaps: the batch runs once it holds `MAX_RANGES` ranges.
+        let per_slot = BLIND_RUNS + 1;
+        assert!(queue.push((10, gaps(per_slot)), |_| {}).is_none());
+        let batch = queue
+            .push((11, gaps(per_slot)), |n| assert_eq!(n, 2))
+            .expect("two slots of nine gaps pass the bound on ranges");
+        assert!(batch.ranges.len() >= MAX_RANGES && batch.ranges.len() < MAX_RANGES + per_slot);
     }
 
     #[test]
