@@ -290,6 +290,18 @@ pub fn all() -> Vec<Workload> {
             scattered(&[(16 * KIB, 8 * KIB), (700 * KIB, 4 * KIB), (1536 * KIB, 4 * KIB), (1950 * KIB, 2 * KIB)]),
         ),
         Workload::one(
+            "program-4m",
+            "the same shape at 4 MiB: 8 KiB of data low, 256 KiB near the top, an 800-entry table, 16 globals; the tenant writes five runs of 4 to 12 KiB spread over the memory (one inside the high data)",
+            program(64, 8 * KIB, 256 * KIB, 800, 16, 7),
+            scattered(&[
+                (32 * KIB, 8 * KIB),
+                (900 * KIB, 4 * KIB),
+                (2 << 20, 4 * KIB),
+                (3 << 20, 12 * KIB),
+                (3996 * KIB, 4 * KIB),
+            ]),
+        ),
+        Workload::one(
             "grow-15",
             "a one-page memory the tenant grows by 15 pages, writing 1 KiB into each of its 16 pages",
             "(module (memory (export \"memory\") 1 64))".into(),
@@ -312,6 +324,27 @@ pub fn all() -> Vec<Workload> {
             "an 8 MiB memory with a 1 MiB image at 2 MiB; the tenant writes three runs of 4 to 8 KiB inside it",
             image_1m.clone(),
             image_1m_tenant.clone(),
+        ),
+        Workload::one(
+            "image-8m",
+            "a 32 MiB memory with a dense 8 MiB data image; the tenant writes 32 KiB inside the image",
+            format!(
+                "(module (memory (export \"memory\") 512) (data (i32.const 0) \"{}\"))",
+                data(8 << 20, 22)
+            ),
+            scattered(&[(3 << 20, 32 * KIB)]),
+        ),
+        Workload::one(
+            "scatter-8m",
+            "an 8 MiB memory, no data; the tenant writes five runs of 4 to 8 KiB, one in each of its 2 MiB quarters and one more",
+            "(module (memory (export \"memory\") 128))".into(),
+            scattered(&[
+                (0, 4 * KIB),
+                (1 << 20, 4 * KIB),
+                (3 << 20, 8 * KIB),
+                (5 << 20, 4 * KIB),
+                (7 << 20, 4 * KIB),
+            ]),
         ),
         Workload::one(
             "heap-4m",
