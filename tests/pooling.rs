@@ -943,7 +943,14 @@ fn ranges_decommitted_by_a_blind_slot(keep: Option<usize>, len: impl Fn(usize) -
     if let Some(keep) = keep {
         pooling.linear_memory_keep_resident(keep);
     }
-    let (engine, _) = pool(&pooling);
+    decommits_of_tenants(&pooling, len).0
+}
+
+/// Runs tenants of a 1 MiB memory on `pooling`: tenant `round` writes `len(round)` bytes from
+/// 512 KiB, after checking that it reads zeros. Returns the ranges decommitted, and the system
+/// calls that did it, in the 100 resets after 40 warm-up rounds.
+fn decommits_of_tenants(pooling: &PoolingConfig, len: impl Fn(usize) -> usize) -> (u64, u64) {
+    let (engine, _) = pool(pooling);
     let memory = MemoryType::new(16, Some(16));
     let a = engine.load(berth_tests::named_memory("a", memory)).unwrap();
     let mut whole = vec![1u8; 1 << 20];
@@ -959,9 +966,13 @@ fn ranges_decommitted_by_a_blind_slot(keep: Option<usize>, len: impl Fn(usize) -
             .unwrap();
     };
     (0..40).for_each(&mut cycle);
-    let before = engine.stats().decommit_ranges;
+    let before = engine.stats();
     (40..140).for_each(&mut cycle);
-    engine.stats().decommit_ranges - before
+    let after = engine.stats();
+    (
+        after.decommit_ranges - before.decommit_ranges,
+        after.decommit_calls - before.decommit_calls,
+    )
 }
 
 #[test]
@@ -1017,28 +1028,7 @@ fn a_blind_slot_that_keeps_a_run_runs_its_decommits_one_deallocation_in_a_batch(
     }
     let mut pooling = slots(8);
     pooling.decommit_batch_size(4);
-    let (engine, _) = pool(&pooling);
-    let a = engine
-        .load(berth_tests::named_memory("a", MemoryType::new(16, Some(16))))
-        .unwrap();
-    let mut whole = vec![1u8; 1 << 20];
-    let mut cycle = |round: usize| {
-        let mut tenant = Instance::new(&a).unwrap();
-        tenant.memory_read(0, 0, &mut whole).unwrap();
-        assert!(
-            whole.iter().all(|&b| b == 0),
-            "round {round}: a previous tenant's bytes"
-        );
-        tenant
-            .memory_write(0, 512 << 10, &[round as u8 | 1; 8 << 10])
-            .unwrap();
-    };
-    (0..40).for_each(&mut cycle);
-    let before = engine.stats();
-    (40..140).for_each(&mut cycle);
-    let after = engine.stats();
-    let ranges = after.decommit_ranges - before.decommit_ranges;
-    let calls = after.decommit_calls - before.decommit_calls;
+    let (ranges, calls) = decommits_of_tenants(&pooling, |_| 8 << 10);
     assert!(ranges >= 180, "{ranges} ranges in 100 resets: the slots scanned");
     // One call a batch where the kernel takes several ranges in one (`process_madvise`);
     // elsewhere one a range, which says nothing about batches.
