@@ -52,14 +52,14 @@ pub struct PoolingConfig {
     pub max_unused_warm_bytes: usize,
     /// Slots whose ranges a shard collects before giving them back to the kernel in one system
     /// call (`process_madvise`, one `madvise` each on kernels before 6.13), or fewer once they
-    /// leave 16 ranges. Default 4; 1 decommits at once. Only ranges a reset gives back without knowing them written are batched (they
-    /// are usually empty); pages a reset found written are given back at once, by the
-    /// deallocation that left them, unless another thread is decommitting at that moment (then
-    /// they wait in the queue too, up to four batches). A slot with pages left to decommit is
-    /// not reused before its batch runs: its module's next tenant runs the queue early, and an
-    /// exhausted pool runs every queue and retries. Batching saves a system call and, with
-    /// other threads running, a TLB shootdown per reset; keep it well below
-    /// `max_unused_warm_slots`, or held slots push warm ones out.
+    /// leave 16 ranges. Default 4; 1 decommits at once. Only ranges a reset gives back without
+    /// knowing them written are batched (they are usually empty); pages a reset found written
+    /// are given back at once, by the deallocation that left them, unless another thread is
+    /// decommitting at that moment (then they wait in the queue too, up to four batches). A slot
+    /// with pages left to decommit is not reused before its batch runs: its module's next
+    /// tenant runs the queue early, and an exhausted pool runs every queue and retries.
+    /// Batching saves a system call and, with other threads running, a TLB shootdown per reset;
+    /// keep it well below `max_unused_warm_slots`, or held slots push warm ones out.
     pub decommit_batch_size: usize,
     /// Bytes of each memory slot kept resident between tenants: the pages tenants write,
     /// wherever they lie (in up to 64 runs), are reset in place (zeroed, or the image's bytes

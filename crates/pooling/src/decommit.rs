@@ -219,9 +219,8 @@ impl<T> DecommitQueue<T> {
     }
 
     /// Queues `pending`. Returns the whole queue, to run now, once it holds a batch (`batch`
-    /// slots, or [`MAX_RANGES`] ranges); `queued`
-    /// is called with how many slots leave the queue that way, under its lock (so a count of
-    /// slots in flight never misses one).
+    /// slots, or [`MAX_RANGES`] ranges); `queued` is called with how many slots leave the queue
+    /// that way, under its lock (so a count of slots in flight never misses one).
     pub fn push(&self, pending: Pending<T>, queued: impl FnOnce(usize)) -> Option<Batch<T>> {
         let mut queue = self.lock();
         queue.waiting.add(pending);
