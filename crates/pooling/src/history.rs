@@ -68,9 +68,9 @@ pub(crate) struct Seen {
     pub idle: u32,
     /// Where the tenant may have written past the kept pages: an end of a kept run (its last
     /// page, or its first), beside unkept pages in reach, whose page there this tenant changed
-    /// and the tenant before left unchanged (of several, the page unchanged longest). Such a tenant reached further than
-    /// the last one. (Where every tenant changes a run's end pages, a larger one does not show
-    /// here; the periodic rescans find its pages.)
+    /// and the tenant before left unchanged (of several, the page unchanged longest). Such a
+    /// tenant reached further than the last one. (Where every tenant changes a run's end pages,
+    /// a larger one does not show here; the periodic rescans find its pages.)
     pub beyond: Option<Edge>,
 }
 
