@@ -133,20 +133,9 @@ impl SlotBytes {
         unsafe { std::slice::from_raw_parts(self.base.add(range.start).as_ptr(), range.len()) }
     }
 
-    /// Whether every byte of `range` is zero. Reads whole 256-byte blocks without an early exit
-    /// inside them, so the compiler can vectorize the check; stops at the first non-zero block.
-    /// (Measured here: a quarter faster than a `memset` of the same bytes from 64 KiB up, where
-    /// 64-byte blocks were as slow as the `memset`.)
+    /// Whether every byte of `range` is zero (see [`all_zero`]).
     pub fn is_zero(&self, range: Range<usize>) -> bool {
-        let (blocks, rest) = self.read(range).as_chunks::<256>();
-        blocks.iter().all(|block| {
-            block
-                .as_chunks::<16>()
-                .0
-                .iter()
-                .fold(0, |acc, w| acc | u128::from_ne_bytes(*w))
-                == 0
-        }) && rest.iter().all(|&b| b == 0)
+        all_zero(self.read(range))
     }
 
     /// Appends to `out` the runs of pages of `range` that the kernel does not prove clean (see
@@ -223,5 +212,73 @@ impl SlotBytes {
         unsafe { sys::reset_to_reserved(self.base, self.len) }?;
         self.accessible = 0;
         Ok(())
+    }
+}
+
+/// Whether every byte of `bytes` is zero. Reads whole 256-byte blocks without an early exit
+/// inside them, so the compiler vectorizes the check (64-byte blocks were as slow as a
+/// `memset`), and stops at the first block that is not zero. On x86-64 it runs with 32-byte
+/// AVX2 loads where the processor has them, the baseline's being 16 bytes: measured here, a
+/// 4 KiB page is read in half the time, and 64 to 800 KiB a fifth to a third faster.
+fn all_zero(bytes: &[u8]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the processor has AVX2 (detected just above), the one feature
+        // `all_zero_avx2` is compiled for beyond the baseline.
+        return unsafe { all_zero_avx2(bytes) };
+    }
+    all_zero_blocks(bytes)
+}
+
+/// [`all_zero_blocks`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn all_zero_avx2(bytes: &[u8]) -> bool {
+    all_zero_blocks(bytes)
+}
+
+/// The check itself, inlined into each caller so that it is compiled for the caller's
+/// features (plain loops: an iterator adapter left out of line would not be).
+#[inline(always)]
+fn all_zero_blocks(bytes: &[u8]) -> bool {
+    let (blocks, rest) = bytes.as_chunks::<256>();
+    for block in blocks {
+        let mut acc = [0u64; 4];
+        for lanes in block.as_chunks::<32>().0 {
+            for (acc, lane) in acc.iter_mut().zip(lanes.as_chunks::<8>().0) {
+                *acc |= u64::from_ne_bytes(*lane);
+            }
+        }
+        if acc != [0; 4] {
+            return false;
+        }
+    }
+    rest.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every length around the 256-byte blocks, one non-zero byte at each place that matters:
+    /// both the dispatching check and the baseline one see it, and see zeros as zeros.
+    #[test]
+    fn one_non_zero_byte_anywhere_is_seen() {
+        let mut bytes = vec![0u8; 4096 + 300];
+        for len in [0, 1, 31, 32, 255, 256, 257, 511, 512, 4096, 4096 + 300] {
+            let slice = &mut bytes[..len];
+            assert!(all_zero(slice) && all_zero_blocks(slice), "{len} zeros");
+            let places = [0, 1, 31, 32, 200, 255, 256, 300, 4095, 4096, 4096 + 299];
+            for at in places.into_iter().filter(|&at| at < len) {
+                for value in [1, 0x80, 0xff] {
+                    slice[at] = value;
+                    assert!(
+                        !all_zero(slice) && !all_zero_blocks(slice),
+                        "{value:#x} at {at} of {len}"
+                    );
+                    slice[at] = 0;
+                }
+            }
+        }
     }
 }
