@@ -22,6 +22,13 @@ const PAUSES: usize = 8;
 /// taken as it is: every caller's critical section leaves its data consistent at every step
 /// (a panic in one cannot hand a slot out twice), so carrying on is safe.
 pub fn lock_spinning<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    lock_spinning_for(mutex, SPIN)
+}
+
+/// [`lock_spinning`], trying for `spin` before sleeping: for a lock held across a system call
+/// whose usual length the caller knows (at least the few microseconds `lock_spinning` tries).
+pub fn lock_spinning_for<T>(mutex: &Mutex<T>, spin: Duration) -> MutexGuard<'_, T> {
+    let spin = spin.max(SPIN);
     let mut started = None;
     loop {
         if let Some(guard) = try_lock(mutex) {
@@ -29,7 +36,7 @@ pub fn lock_spinning<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         }
         // The clock is read only once the lock was found taken.
         let since = *started.get_or_insert_with(Instant::now);
-        if since.elapsed() >= SPIN {
+        if since.elapsed() >= spin {
             return mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         for _ in 0..PAUSES {

@@ -10,13 +10,18 @@
 //! Calls run one at a time in the process. A zap that finds another zap of the same process
 //! in progress flushes the TLB of every core the process runs on, even when it cleared nothing
 //! (it cannot rely on the other's deferred flush), so two threads decommitting at once make
-//! each other pay a shootdown; taking turns costs a short wait instead.
+//! each other pay a shootdown; taking turns costs a short wait instead. A thread waits for its
+//! turn by spinning for about twice as long as the last call took (see [`turn_spin`]), not by
+//! sleeping: on a virtual machine the wake-up of a sleeping thread costs tens of microseconds,
+//! more than most calls, and a batch of many ranges in large slots can take longer than the
+//! few microseconds the pool's other locks are tried for.
 
 use std::io;
 use std::ops::Range;
 use std::ptr::{self, NonNull};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use super::decommit;
 
@@ -30,6 +35,16 @@ const PER_CALL: usize = 64;
 static REFUSED: AtomicBool = AtomicBool::new(false);
 /// Held while a thread decommits: one decommit at a time per process.
 static TURN: Mutex<()> = Mutex::new(());
+/// How long the last call holding [`TURN`] took, in nanoseconds.
+static LAST_TURN_NS: AtomicU64 = AtomicU64::new(0);
+/// The longest a thread spins for its turn before it sleeps.
+const MAX_TURN_SPIN: Duration = Duration::from_micros(100);
+
+/// How long a thread waiting for [`TURN`] spins before sleeping: twice the last call's length
+/// (the holder may have just started one like it), at most [`MAX_TURN_SPIN`].
+fn turn_spin() -> Duration {
+    Duration::from_nanos(LAST_TURN_NS.load(Ordering::Relaxed).saturating_mul(2)).min(MAX_TURN_SPIN)
+}
 
 /// Gives every range of `ranges` (addresses) back to the kernel, as [`decommit`] does for
 /// one: their next read sees zeros (or the file's bytes, in a private file mapping). Uses one
@@ -42,7 +57,7 @@ static TURN: Mutex<()> = Mutex::new(());
 /// Every range is page-aligned and inside a private mapping made by [`reserve`](super::reserve)
 /// or [`map_image`](super::map_image), owned by the caller, with no Rust reference into it live.
 pub unsafe fn decommit_all(ranges: &[Range<usize>]) -> io::Result<u64> {
-    let _turn = crate::sync::lock_spinning(&TURN);
+    let _turn = crate::sync::lock_spinning_for(&TURN, turn_spin());
     // SAFETY: the caller's obligations are this function's.
     unsafe { decommit_in_turn(ranges) }
 }
@@ -70,6 +85,22 @@ pub unsafe fn try_decommit_all(ranges: &[Range<usize>]) -> io::Result<Option<u64
 /// Every range is page-aligned and inside a private mapping made by [`reserve`](super::reserve)
 /// or [`map_image`](super::map_image), owned by the caller, with no Rust reference into it live.
 unsafe fn decommit_in_turn(ranges: &[Range<usize>]) -> io::Result<u64> {
+    let started = Instant::now();
+    // SAFETY: the caller owns every range (page-aligned, inside a private mapping of ours) and
+    // holds no reference into any, as this function's contract requires.
+    let result = unsafe { decommit_ranges(ranges) };
+    let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    LAST_TURN_NS.store(took, Ordering::Relaxed);
+    result
+}
+
+/// The system calls of [`decommit_in_turn`].
+///
+/// # Safety
+///
+/// Every range is page-aligned and inside a private mapping made by [`reserve`](super::reserve)
+/// or [`map_image`](super::map_image), owned by the caller, with no Rust reference into it live.
+unsafe fn decommit_ranges(ranges: &[Range<usize>]) -> io::Result<u64> {
     let mut done = 0;
     let mut calls = 0;
     let mut refused = false;
