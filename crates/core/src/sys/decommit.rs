@@ -58,7 +58,8 @@ fn turn_spin() -> Duration {
 /// or [`map_image`](super::map_image), owned by the caller, with no Rust reference into it live.
 pub unsafe fn decommit_all(ranges: &[Range<usize>]) -> io::Result<u64> {
     let _turn = crate::sync::lock_spinning_for(&TURN, turn_spin());
-    // SAFETY: the caller's obligations are this function's.
+    // SAFETY: every range is page-aligned, inside a `reserve` or `map_image` mapping the caller
+    // owns, with no Rust reference into it (this function's contract); `TURN` is held.
     unsafe { decommit_in_turn(ranges) }
 }
 
@@ -74,7 +75,8 @@ pub unsafe fn try_decommit_all(ranges: &[Range<usize>]) -> io::Result<Option<u64
     let Some(_turn) = crate::sync::try_lock(&TURN) else {
         return Ok(None);
     };
-    // SAFETY: the caller's obligations are this function's.
+    // SAFETY: every range is page-aligned, inside a `reserve` or `map_image` mapping the caller
+    // owns, with no Rust reference into it (this function's contract); `TURN` is held.
     unsafe { decommit_in_turn(ranges) }.map(Some)
 }
 
@@ -86,8 +88,8 @@ pub unsafe fn try_decommit_all(ranges: &[Range<usize>]) -> io::Result<Option<u64
 /// or [`map_image`](super::map_image), owned by the caller, with no Rust reference into it live.
 unsafe fn decommit_in_turn(ranges: &[Range<usize>]) -> io::Result<u64> {
     let started = Instant::now();
-    // SAFETY: the caller owns every range (page-aligned, inside a private mapping of ours) and
-    // holds no reference into any, as this function's contract requires.
+    // SAFETY: every range is page-aligned, inside a `reserve` or `map_image` mapping the caller
+    // owns, with no Rust reference into it (this function's contract).
     let result = unsafe { decommit_ranges(ranges) };
     let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
     LAST_TURN_NS.store(took, Ordering::Relaxed);
