@@ -802,8 +802,8 @@ fn kept_pages_no_tenant_writes_any_more_go_back() {
 fn tenants_that_write_somewhere_new_each_time_keep_little_resident() {
     // Each tenant writes four pages of its own choosing in a 1 MiB memory (a hash table, a
     // collected heap): a page is written again in one reset in 64, too seldom to be worth
-    // resetting at every reset, so the slot does not fill its 1 MiB budget with them; every
-    // tenant finds the whole memory zeroed.
+    // resetting at every reset, so the slot does not keep the memory resident for them (its
+    // budget would hold all of it); every tenant finds the whole memory zeroed.
     let (engine, allocator) = pool(&slots(1));
     let memory = MemoryType::new(16, Some(16));
     let a = engine.load(berth_tests::named_memory("a", memory)).unwrap();

@@ -353,6 +353,12 @@ pub fn all() -> Vec<Workload> {
             heap,
         ),
         Workload::one(
+            "working-2m",
+            "a 4 MiB memory with 16 KiB of data low; each tenant writes 64 KiB of stack below 1 MiB and 2 MiB of heap from 1 MiB: a working set larger than the 1 MiB Wasmtime's tuned pool keeps",
+            format!("(module (memory (export \"memory\") 64) (data (i32.const 4096) \"{}\"))", data(16 * KIB, 23)),
+            scattered(&[(1024 * KIB - 64 * KIB, 64 * KIB), (1024 * KIB, 2048 * KIB)]),
+        ),
+        Workload::one(
             "wander-16m",
             "a 16 MiB memory; each tenant writes eight 4 KiB runs at places of its own (257 sets in turn), like a hash table or a collected heap",
             "(module (memory (export \"memory\") 256))".into(),
