@@ -218,7 +218,8 @@ pub fn control() -> System {
 /// and the undoing of the growth (`mprotect` to `PROT_NONE`, which makes the kernel flush the
 /// TLB of every core running the process), so that bytes past the next tenant's size fault.
 /// Its times and two-thread ratio are what this machine allows a growing tenant, in the same
-/// run; for a workload that does not grow it is the writes alone.
+/// run. For a workload that does not grow it is the writes and a `memset` of the pages they
+/// touched, without the scan: the least any reset that keeps those pages resident does.
 pub fn growth_floor() -> System {
     floor("floor: growth, writes and reset, nothing shared", Reset::Keep)
 }
@@ -239,7 +240,8 @@ pub fn fresh_floor() -> System {
 /// How a floor gives its mapping back for the next tenant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reset {
-    /// Keep the written pages: a scan and a `memset` of what it reports, growth only.
+    /// Keep the written pages: a `memset` of them (after a scan of what was accessible, for a
+    /// tenant that grew).
     Keep,
     /// Decommit everything the tenant could reach.
     Fresh,
@@ -308,7 +310,19 @@ fn floor(name: &'static str, reset: Reset) -> System {
                         // mapping `Mapping::new` made with `reserve` for this cycle alone, and no
                         // Rust reference points into it.
                         unsafe { berth_core::sys::decommit(nonnull(base), accessible) }?;
-                    } else if grown > 0 {
+                    } else if grown == 0 {
+                        // The pages the tenant wrote, which it knows here, zeroed: what any
+                        // reset that keeps them resident does at least.
+                        for (offset, n) in tenant.runs(cycle) {
+                            let start = offset / 4096 * 4096;
+                            let end = (offset + n).div_ceil(4096).saturating_mul(4096).min(accessible);
+                            if start < end {
+                                // SAFETY: `start..end` lies within `0..accessible`, all readable
+                                // and writable, of the mapping this cycle alone uses.
+                                unsafe { base.add(start).write_bytes(0, end - start) };
+                            }
+                        }
+                    } else {
                         written.clear();
                         match page_map {
                             Some(map) => map.written(nonnull(base), accessible, &mut written)?,
