@@ -894,6 +894,41 @@ fn kept_around_a_rare_large_tenant(
 }
 
 #[test]
+fn the_default_pool_keeps_a_working_set_larger_than_one_mib() {
+    // Tenants that each write 2 MiB of a 4 MiB memory, a heap larger than the 1 MiB Wasmtime's
+    // users keep: with the default bound a slot keeps all of it resident and resets it in place,
+    // where a 1 MiB bound gives half of it back and the next tenant faults it in again. Every
+    // tenant finds the memory zeroed.
+    let mut config = small_config();
+    config.memory_reservation(4 << 20);
+    let mut pooling = slots(1);
+    pooling.max_memory_size(4 << 20);
+    let allocator = Arc::new(PoolingInstanceAllocator::new(&pooling, config.tunables()).unwrap());
+    config.allocation_strategy(InstanceAllocationStrategy::Custom(allocator.clone()));
+    let engine = Engine::new(&config).unwrap();
+    let memory = MemoryType::new(64, Some(64));
+    let a = engine.load(berth_tests::named_memory("a", memory)).unwrap();
+    let mut whole = vec![1u8; 4 << 20];
+    for round in 0..12u8 {
+        let mut tenant = Instance::new(&a).unwrap();
+        tenant.memory_read(0, 0, &mut whole).unwrap();
+        if let Some(at) = whole.iter().position(|&b| b != 0) {
+            panic!("round {round}: a previous tenant's bytes at {at:#x}");
+        }
+        tenant
+            .memory_write(0, 1 << 20, &vec![round | 1; 2 << 20])
+            .unwrap();
+        drop(tenant);
+        allocator.flush_decommits();
+        assert_eq!(
+            engine.stats().idle_memory_resident_bytes,
+            2 << 20,
+            "round {round}: the tenant's 2 MiB kept resident"
+        );
+    }
+}
+
+#[test]
 fn a_rare_tenant_that_reaches_further_has_its_pages_learned_at_once() {
     // The usual tenants' pages are learned and the slot stops scanning. A tenant that reaches
     // further than the ones before it is seen at its first reset, so the slot keeps its pages
