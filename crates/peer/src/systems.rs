@@ -317,8 +317,10 @@ fn floor(name: &'static str, reset: Reset) -> System {
                             let start = offset / 4096 * 4096;
                             let end = (offset + n).div_ceil(4096).saturating_mul(4096).min(accessible);
                             if start < end {
-                                // SAFETY: `start..end` lies within `0..accessible`, all readable
-                                // and writable, of the mapping this cycle alone uses.
+                                // SAFETY: `start < end <= accessible` (checked, `end` clipped),
+                                // so the range lies in `0..accessible`, all readable and writable,
+                                // of the private mapping `Mapping::new` made for this cycle alone,
+                                // and no Rust reference points into it.
                                 unsafe { base.add(start).write_bytes(0, end - start) };
                             }
                         }
