@@ -279,6 +279,7 @@ fn floor(name: &'static str, reset: Reset) -> System {
                 let mut next = start(thread, shapes.len());
                 let mut cycle = 0;
                 let page_map = berth_core::sys::page_map();
+                let host_page = berth_core::sys::page_size();
                 let mut written = Vec::with_capacity(64);
                 Box::new(move || {
                     let (tenant, initial, grown) = &shapes[next];
@@ -314,8 +315,11 @@ fn floor(name: &'static str, reset: Reset) -> System {
                         // The pages the tenant wrote, which it knows here, zeroed: what any
                         // reset that keeps them resident does at least.
                         for (offset, n) in tenant.runs(cycle) {
-                            let start = offset / 4096 * 4096;
-                            let end = (offset + n).div_ceil(4096).saturating_mul(4096).min(accessible);
+                            let start = offset / host_page * host_page;
+                            let end = (offset + n)
+                                .div_ceil(host_page)
+                                .saturating_mul(host_page)
+                                .min(accessible);
                             if start < end {
                                 // SAFETY: `start < end <= accessible` (checked, `end` clipped),
                                 // so the range lies in `0..accessible`, all readable and writable,
