@@ -42,16 +42,17 @@ pub fn measure(n: usize) -> Result<Vec<Floor>> {
     // SAFETY: our own fresh mapping.
     unsafe { sys::make_accessible(region, KIB64) }?;
     let list = Mutex::new((0..1000u32).collect::<Vec<_>>());
-    // Four 64 KiB memories 1 MiB apart, accessible and never written: what a pool gives back
-    // for four idle tenants, in one call.
-    let slots = sys::reserve(4 << 20).context("reserve")?;
-    let idle_ranges: Vec<std::ops::Range<usize>> = (0..4)
+    // A default batch of 64 KiB memories 1 MiB apart, accessible and never written: what the
+    // pool gives back for that many idle tenants, in one call.
+    let batch = berth_engine::PoolingConfig::default().decommit_batch_size;
+    let slots = sys::reserve(batch << 20).context("reserve")?;
+    let idle_ranges: Vec<std::ops::Range<usize>> = (0..batch)
         .map(|i| {
             let start = slots.as_ptr().addr() + (i << 20);
             start..start + KIB64
         })
         .collect();
-    for i in 0..4 {
+    for i in 0..batch {
         // SAFETY: our own fresh mapping; each range lies inside it.
         unsafe { sys::make_accessible(slots.add(i << 20), KIB64) }?;
     }
@@ -128,7 +129,7 @@ pub fn measure(n: usize) -> Result<Vec<Floor>> {
             samples: freelist,
         },
         Floor {
-            name: "decommit of four 64 KiB memories never written, in one call (an idle tenant's reset pays a quarter)",
+            name: "decommit of a default batch (`decommit_batch_size`) of 64 KiB memories never written, in one call (an idle tenant's reset pays its share)",
             samples: idle,
         },
     ])

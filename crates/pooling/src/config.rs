@@ -52,7 +52,7 @@ pub struct PoolingConfig {
     pub max_unused_warm_bytes: usize,
     /// Slots whose ranges a shard collects before giving them back to the kernel in one system
     /// call (`process_madvise`, one `madvise` each on kernels before 6.13), or fewer once they
-    /// leave 16 ranges. Default 4; 1 decommits at once. Only ranges a reset gives back without
+    /// leave 16 ranges. Default 8; 1 decommits at once. Only ranges a reset gives back without
     /// knowing them written are batched (they are usually empty); pages a reset found written
     /// are given back at once, by the deallocation that left them, unless another thread is
     /// decommitting at that moment (then they wait in the queue too, up to four batches). A slot
@@ -95,7 +95,7 @@ impl Default for PoolingConfig {
             max_core_instance_size: 1 << 20,
             max_unused_warm_slots: 1000,
             max_unused_warm_bytes: 100 << 20,
-            decommit_batch_size: 4,
+            decommit_batch_size: 8,
             linear_memory_keep_resident: 4 << 20,
             table_keep_resident: 16 << 10,
             pagemap_scan: true,

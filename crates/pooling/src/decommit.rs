@@ -2,7 +2,7 @@
 //!
 //! A reset does everything at once but give pages back to the kernel: the ranges to decommit
 //! are queued with the slot they belong to, which stays held (handed to no one) until they have
-//! run. Once a queue holds `batch` slots (or [`MAX_RANGES`] ranges), one system call
+//! run. Once a queue holds `batch` slots (or about [`MAX_RANGES`] ranges), one system call
 //! decommits them all ([`sys::decommit_all`]), and each slot is finished. Why: one `madvise`
 //! per reset pays a system call and, with other threads running, a TLB shootdown each; a batch
 //! pays both once (see docs/pooling.md). Counting slots rather than ranges means a slot that
@@ -124,9 +124,15 @@ impl Decommits {
 /// waits for its turn rather than hold more slots back.
 const DEFERRED: usize = 4;
 /// Ranges from which a queue runs with fewer than `batch` slots: each range costs the
-/// deallocation that runs the batch about half a microsecond here (more where its page tables
-/// are populated), so this bounds what that one deallocation pays.
+/// deallocation that runs the batch about a third of a microsecond here (a microsecond where
+/// its page tables are populated), so this bounds what that one deallocation pays.
 const MAX_RANGES: usize = 16;
+/// Slots from which a queue runs, rather than take a slot whose ranges would carry it past
+/// [`MAX_RANGES`]: the slot starts the next batch. With fewer, the slot joins it (and the batch
+/// runs, past the bound): a batch of three slots has at most one deallocation in three pay for
+/// it, so a module's median deallocation pays nothing, where a batch of two has every other one
+/// pay (slots that leave 8 or 9 gaps, which fill the bound two at a time, do).
+const BOUNDED_SLOTS: usize = 3;
 
 /// A held slot (`T` says which, and what it becomes) and what must be decommitted before it
 /// is finished.
@@ -219,10 +225,20 @@ impl<T> DecommitQueue<T> {
     }
 
     /// Queues `pending`. Returns the whole queue, to run now, once it holds a batch (`batch`
-    /// slots, or [`MAX_RANGES`] ranges); `queued` is called with how many slots leave the queue
-    /// that way, under its lock (so a count of slots in flight never misses one).
+    /// slots, or [`MAX_RANGES`] ranges), or, without `pending`, which then waits alone, when
+    /// `pending` would carry a queue of [`BOUNDED_SLOTS`] slots or more past [`MAX_RANGES`];
+    /// `queued` is called with how many slots leave the queue that way, under its lock (so a
+    /// count of slots in flight never misses one).
     pub fn push(&self, pending: Pending<T>, queued: impl FnOnce(usize)) -> Option<Batch<T>> {
         let mut queue = self.lock();
+        if queue.waiting.slots() >= BOUNDED_SLOTS
+            && queue.waiting.ranges.len() + pending.1.as_slice().len() > MAX_RANGES
+        {
+            queued(queue.waiting.slots());
+            let full = queue.leave();
+            queue.waiting.add(pending);
+            return Some(full);
+        }
         queue.waiting.add(pending);
         if queue.waiting.slots() < self.batch && queue.waiting.ranges.len() < MAX_RANGES {
             return None;
@@ -451,6 +467,32 @@ mod tests {
             .push((11, gaps(per_slot)), |n| assert_eq!(n, 2))
             .expect("two slots of nine gaps pass the bound on ranges");
         assert!(batch.ranges.len() >= MAX_RANGES && batch.ranges.len() < MAX_RANGES + per_slot);
+    }
+
+    #[test]
+    fn a_batch_of_three_slots_or_more_runs_before_a_slot_would_carry_it_past_the_bound() {
+        let queue = DecommitQueue::new(8);
+        // Slots of five gaps: three fit under the bound, a fourth would carry the batch past
+        // it and starts the next one instead.
+        for slot in 0..3 {
+            assert!(queue.push((slot, gaps(5)), |_| {}).is_none());
+        }
+        let batch = queue
+            .push((3, gaps(5)), |n| assert_eq!(n, 3))
+            .expect("the three waiting slots run");
+        assert_eq!(batch.pending.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(batch.ranges.len(), 15);
+        let rest = queue.take_all(|n| assert_eq!(n, 1));
+        assert_eq!(rest.pending.iter().map(|p| p.0).collect::<Vec<_>>(), [3]);
+        // Slots of seven gaps: two are under the bound; the third joins them (a batch of two
+        // would have every other deallocation pay), and the batch runs past the bound.
+        for slot in 0..2 {
+            assert!(queue.push((slot, gaps(7)), |_| {}).is_none());
+        }
+        let batch = queue
+            .push((2, gaps(7)), |n| assert_eq!(n, 3))
+            .expect("three slots of seven gaps pass the bound");
+        assert_eq!(batch.ranges.len(), 21);
     }
 
     #[test]
