@@ -2,7 +2,7 @@
 //!
 //! A reset does everything at once but give pages back to the kernel: the ranges to decommit
 //! are queued with the slot they belong to, which stays held (handed to no one) until they have
-//! run. Once a queue holds `batch` slots (or about [`MAX_RANGES`] ranges), one system call
+//! run. Once a queue holds `batch` slots (or about [`BOUND_RANGES`] ranges), one system call
 //! decommits them all ([`sys::decommit_all`]), and each slot is finished. Why: one `madvise`
 //! per reset pays a system call and, with other threads running, a TLB shootdown each; a batch
 //! pays both once (see docs/pooling.md). Counting slots rather than ranges means a slot that
@@ -123,16 +123,19 @@ impl Decommits {
 /// The most batches a queue holds while other threads are decommitting: past that, a thread
 /// waits for its turn rather than hold more slots back.
 const DEFERRED: usize = 4;
-/// Ranges from which a queue runs with fewer than `batch` slots: each range costs the
-/// deallocation that runs the batch about a third of a microsecond here (a microsecond where
-/// its page tables are populated), so this bounds what that one deallocation pays.
-const MAX_RANGES: usize = 16;
-/// Slots from which a queue runs, rather than take a slot whose ranges would carry it past
-/// [`MAX_RANGES`]: the slot starts the next batch. With fewer, the slot joins it (and the batch
-/// runs, past the bound): a batch of three slots has at most one deallocation in three pay for
-/// it, so a module's median deallocation pays nothing, where a batch of two has every other one
-/// pay (slots that leave 8 or 9 gaps, which fill the bound two at a time, do).
+/// Ranges a batch of [`BOUNDED_SLOTS`] slots or more holds at most: each range costs the
+/// deallocation that runs the batch about a third of a microsecond here, and a microsecond or
+/// more where its page tables are populated (the gaps around the kept pages of a slot with an
+/// image, or of one whose tenants write all over a large memory), so this bounds what that one
+/// deallocation pays. A slot whose ranges would carry such a batch past it starts the next one.
+const BOUND_RANGES: usize = 8;
+/// Slots a batch holds before [`BOUND_RANGES`] applies: with three, at most one deallocation in
+/// three pays for a batch, so a module's median deallocation pays nothing, where a batch of
+/// two would have every other one pay.
 const BOUNDED_SLOTS: usize = 3;
+/// Ranges from which a batch runs even with fewer than [`BOUNDED_SLOTS`] slots (two slots that
+/// leave 8 or 9 gaps each).
+const MAX_RANGES: usize = 2 * BOUND_RANGES;
 
 /// A held slot (`T` says which, and what it becomes) and what must be decommitted before it
 /// is finished.
@@ -198,7 +201,8 @@ struct Queue<T> {
 }
 
 impl<T> DecommitQueue<T> {
-    /// A queue that runs once it holds `batch` slots or [`MAX_RANGES`] ranges.
+    /// A queue that runs once it holds `batch` slots or about [`BOUND_RANGES`] ranges (see
+    /// [`push`](Self::push)).
     pub fn new(batch: usize) -> Self {
         // Room for a batch (the push that fills it may bring `BLIND_RUNS + 1` ranges), and for
         // what may wait while other threads decommit, so that requeued batches allocate
@@ -224,26 +228,29 @@ impl<T> DecommitQueue<T> {
         berth_core::sync::lock_spinning(&self.queue)
     }
 
-    /// Queues `pending`. Returns the whole queue, to run now, once it holds a batch (`batch`
-    /// slots, or [`MAX_RANGES`] ranges), or, without `pending`, which then waits alone, when
-    /// `pending` would carry a queue of [`BOUNDED_SLOTS`] slots or more past [`MAX_RANGES`];
-    /// `queued` is called with how many slots leave the queue that way, under its lock (so a
-    /// count of slots in flight never misses one).
+    /// Queues `pending`. Returns the whole queue, to run now, once it holds a batch: `batch`
+    /// slots, or [`BOUND_RANGES`] ranges in [`BOUNDED_SLOTS`] slots or more, or [`MAX_RANGES`]
+    /// ranges; or, without `pending` (which then waits alone), when `pending` would carry a
+    /// queue of [`BOUNDED_SLOTS`] slots or more past [`BOUND_RANGES`]. `queued` is called with
+    /// how many slots leave the queue that way, under its lock (so a count of slots in flight
+    /// never misses one).
     pub fn push(&self, pending: Pending<T>, queued: impl FnOnce(usize)) -> Option<Batch<T>> {
         let mut queue = self.lock();
-        if queue.waiting.slots() >= BOUNDED_SLOTS
-            && queue.waiting.ranges.len() + pending.1.as_slice().len() > MAX_RANGES
-        {
-            queued(queue.waiting.slots());
+        let (slots, ranges) = (queue.waiting.slots(), queue.waiting.ranges.len());
+        if slots >= BOUNDED_SLOTS && ranges + pending.1.as_slice().len() > BOUND_RANGES {
+            queued(slots);
             let full = queue.leave();
             queue.waiting.add(pending);
             return Some(full);
         }
         queue.waiting.add(pending);
-        if queue.waiting.slots() < self.batch && queue.waiting.ranges.len() < MAX_RANGES {
+        let (slots, ranges) = (queue.waiting.slots(), queue.waiting.ranges.len());
+        let full =
+            slots >= self.batch || (slots >= BOUNDED_SLOTS && ranges >= BOUND_RANGES) || ranges >= MAX_RANGES;
+        if !full {
             return None;
         }
-        queued(queue.waiting.slots());
+        queued(slots);
         Some(queue.leave())
     }
 
@@ -446,21 +453,45 @@ mod tests {
         decommits
     }
 
+    /// The slots of the batch `push` returned.
+    fn slots(batch: &Batch<usize>) -> Vec<usize> {
+        batch.pending.iter().map(|p| p.0).collect()
+    }
+
     #[test]
-    fn a_batch_is_a_count_of_slots_however_many_gaps_each_leaves_up_to_a_bound_on_ranges() {
-        let queue = DecommitQueue::new(4);
-        for slot in 0..3 {
+    fn a_batch_is_a_count_of_slots_up_to_a_bound_on_ranges() {
+        // Slots that leave one range each (idle tenants): `batch` of them.
+        let queue = DecommitQueue::new(8);
+        for slot in 0..7 {
             assert!(
-                queue.push((slot, gaps(3)), |_| {}).is_none(),
-                "slot {slot} of 4 waits, with {} ranges queued",
-                3 * (slot + 1)
+                queue.push((slot, gaps(1)), |_| {}).is_none(),
+                "slot {slot} of 8 waits"
             );
         }
         let batch = queue
-            .push((3, gaps(3)), |n| assert_eq!(n, 4))
-            .expect("the fourth slot fills the batch");
-        assert_eq!(batch.ranges.len(), 12);
-        // Slots that leave many gaps: the batch runs once it holds `MAX_RANGES` ranges.
+            .push((7, gaps(1)), |n| assert_eq!(n, 8))
+            .expect("the eighth slot fills the batch");
+        assert_eq!(batch.ranges.len(), 8);
+        // Slots that leave two gaps: the bound on ranges, four slots.
+        for slot in 0..3 {
+            assert!(queue.push((slot, gaps(2)), |_| {}).is_none());
+        }
+        let batch = queue
+            .push((3, gaps(2)), |n| assert_eq!(n, 4))
+            .expect("four slots of two gaps reach the bound");
+        assert_eq!(batch.ranges.len(), BOUND_RANGES);
+        // Slots that leave five or seven gaps: never fewer than three slots, so that at most
+        // one deallocation in three runs a batch, past the bound if need be.
+        for gaps_each in [5, 7] {
+            for slot in 0..2 {
+                assert!(queue.push((slot, gaps(gaps_each)), |_| {}).is_none());
+            }
+            let batch = queue
+                .push((2, gaps(gaps_each)), |n| assert_eq!(n, 3))
+                .expect("the third slot runs the batch");
+            assert_eq!(batch.ranges.len(), 3 * gaps_each);
+        }
+        // Slots that leave nine gaps: two pass the most ranges any batch waits with.
         let per_slot = BLIND_RUNS + 1;
         assert!(queue.push((10, gaps(per_slot)), |_| {}).is_none());
         let batch = queue
@@ -470,29 +501,19 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_of_three_slots_or_more_runs_before_a_slot_would_carry_it_past_the_bound() {
+    fn a_slot_that_would_carry_a_batch_of_three_past_the_bound_starts_the_next_one() {
         let queue = DecommitQueue::new(8);
-        // Slots of five gaps: three fit under the bound, a fourth would carry the batch past
-        // it and starts the next one instead.
         for slot in 0..3 {
-            assert!(queue.push((slot, gaps(5)), |_| {}).is_none());
+            assert!(queue.push((slot, gaps(2)), |_| {}).is_none());
         }
+        // Six ranges wait; a slot of three more would make nine.
         let batch = queue
-            .push((3, gaps(5)), |n| assert_eq!(n, 3))
+            .push((3, gaps(3)), |n| assert_eq!(n, 3))
             .expect("the three waiting slots run");
-        assert_eq!(batch.pending.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 1, 2]);
-        assert_eq!(batch.ranges.len(), 15);
+        assert_eq!(slots(&batch), [0, 1, 2]);
+        assert_eq!(batch.ranges.len(), 6);
         let rest = queue.take_all(|n| assert_eq!(n, 1));
-        assert_eq!(rest.pending.iter().map(|p| p.0).collect::<Vec<_>>(), [3]);
-        // Slots of seven gaps: two are under the bound; the third joins them (a batch of two
-        // would have every other deallocation pay), and the batch runs past the bound.
-        for slot in 0..2 {
-            assert!(queue.push((slot, gaps(7)), |_| {}).is_none());
-        }
-        let batch = queue
-            .push((2, gaps(7)), |n| assert_eq!(n, 3))
-            .expect("three slots of seven gaps pass the bound");
-        assert_eq!(batch.ranges.len(), 21);
+        assert_eq!(slots(&rest), [3], "the slot waits alone for the next batch");
     }
 
     #[test]
