@@ -1053,11 +1053,49 @@ fn tenants_past_a_full_budget_leave_the_slot_blind() {
 }
 
 #[test]
+fn an_instance_of_several_memories_is_one_deallocation_in_a_batch() {
+    // Tenants of a module with four memories write nothing: once the slots stop scanning,
+    // each deallocation leaves four ranges (one a memory) to decommit. With a batch of two,
+    // every other deallocation makes the system call, for eight ranges, rather than every
+    // deallocation two calls of two slots each.
+    if berth_testkit::page_states::page_map_for("a batch of instances").is_none() {
+        return;
+    }
+    let mut pooling = slots(64);
+    pooling.max_memories_per_module(4).decommit_batch_size(2);
+    let (engine, _) = pool(&pooling);
+    let four = (0..4).fold(Module::builder().name("four"), |module, _| {
+        module.memory(MemoryType::new(1, Some(16)))
+    });
+    let module = engine.load(four.build().unwrap()).unwrap();
+    let cycle = || drop(Instance::new(&module).unwrap());
+    (0..40).for_each(|_| cycle());
+    let before = engine.stats();
+    (0..100).for_each(|_| cycle());
+    let after = engine.stats();
+    let (ranges, calls) = (
+        after.decommit_ranges - before.decommit_ranges,
+        after.decommit_calls - before.decommit_calls,
+    );
+    assert!(
+        ranges >= 360,
+        "{ranges} ranges in 100 deallocations: the slots scanned"
+    );
+    if berth_testkit::page_states::require("a batch of instances", "process_madvise", calls < ranges) {
+        assert!(
+            calls <= 60,
+            "{calls} system calls for {ranges} ranges in 100 deallocations: batches counted slots"
+        );
+    }
+}
+
+#[test]
 fn a_blind_slot_that_keeps_a_run_runs_its_decommits_one_deallocation_in_a_batch() {
     // Each tenant writes 8 KiB in the middle of a 1 MiB memory: once its slot stops scanning,
-    // every reset leaves two gaps to decommit, around the kept run. A batch counts slots, not
-    // ranges: with a batch of four, one deallocation in four makes the system call (and the
-    // module's tenants take turns at four slots meanwhile), rather than one in two.
+    // every reset leaves two gaps to decommit, around the kept run. A batch counts
+    // deallocations, not ranges: with a batch of four, one deallocation in four makes the
+    // system call (and the module's tenants take turns at four slots meanwhile), rather than
+    // one in two.
     if berth_testkit::page_states::page_map_for("a blind slot's batch").is_none() {
         return;
     }

@@ -50,9 +50,11 @@ pub struct PoolingConfig {
     /// `linear_memory_keep_resident` bytes, so idle resident memory stays under the smaller of
     /// this and `max_unused_warm_slots × linear_memory_keep_resident`.
     pub max_unused_warm_bytes: usize,
-    /// Slots whose ranges a shard collects before giving them back to the kernel in one system
-    /// call (`process_madvise`, one `madvise` each on kernels before 6.13), or fewer once three
-    /// or more of them leave 8 ranges (or two leave 16). Default 8; 1 decommits at once. Only ranges a reset gives back without
+    /// Deallocations (of an instance's memories and tables) whose slots' ranges a shard collects
+    /// before giving them back to the kernel in one system call (`process_madvise`, one
+    /// `madvise` each on kernels before 6.13), or fewer once three or more of them leave 8
+    /// ranges around pages their slots keep, or 16 ranges of any kind. Default 8; 1 decommits
+    /// at once. Only ranges a reset gives back without
     /// knowing them written are batched (they are usually empty); pages a reset found written
     /// are given back at once, by the deallocation that left them, unless another thread is
     /// decommitting at that moment (then they wait in the queue too, up to four batches). A slot

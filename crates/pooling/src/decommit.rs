@@ -2,12 +2,13 @@
 //!
 //! A reset does everything at once but give pages back to the kernel: the ranges to decommit
 //! are queued with the slot they belong to, which stays held (handed to no one) until they have
-//! run. Once a queue holds `batch` slots (or about [`BOUND_RANGES`] ranges), one system call
-//! decommits them all ([`sys::decommit_all`]), and each slot is finished. Why: one `madvise`
-//! per reset pays a system call and, with other threads running, a TLB shootdown each; a batch
-//! pays both once (see docs/pooling.md). Counting slots rather than ranges means a slot that
-//! keeps several runs, and so leaves several gaps, waits as long as one that leaves one: its
-//! deallocations run the batch one time in `batch`, not every other time.
+//! run. Once a queue holds the slots of `batch` deallocations (or about [`BOUND_RANGES`]
+//! ranges), one system call decommits them all ([`sys::decommit_all`]), and each slot is
+//! finished. Why: one `madvise` per reset pays a system call and, with other threads running, a
+//! TLB shootdown each; a batch pays both once (see docs/pooling.md). Counting deallocations
+//! rather than ranges means a slot that keeps several runs, and so leaves several gaps, waits
+//! as long as one that leaves one, and an instance with several memories as long as one with
+//! one: one deallocation in `batch` runs the batch, not every other one.
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -55,12 +56,30 @@ impl std::ops::AddAssign for Decommitted {
 /// are usually empty, and cheap to give back in a batch; ranges a scan found written are not,
 /// and the deallocation that leaves them pays for them at once, so that no other deallocation
 /// pays for many.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Decommits {
     ranges: [Range<usize>; BLIND_RUNS + 1],
     len: usize,
     /// The ranges hold pages a tenant wrote.
     dirty: bool,
+    /// The ranges may lie in populated page tables (around pages the slot keeps, or where a
+    /// tenant wrote), which the kernel walks: they count toward a batch's bound on ranges.
+    walked: bool,
+    /// The slot is the first its instance's deallocation gives back (an instance with several
+    /// memories gives back several slots, one after the other): batches count deallocations.
+    opens: bool,
+}
+
+impl Default for Decommits {
+    fn default() -> Self {
+        Decommits {
+            ranges: Default::default(),
+            len: 0,
+            dirty: false,
+            walked: true,
+            opens: true,
+        }
+    }
 }
 
 impl Decommits {
@@ -69,12 +88,33 @@ impl Decommits {
         Decommits::default()
     }
 
+    /// What a blind reset gives back of a slot that keeps no page, whose scans found nothing
+    /// written: its memory, where no page table is left to walk (the kernel frees a page table
+    /// that a decommit empties). Such ranges cost the call about a third of a microsecond each,
+    /// and are bounded by the batch's count of slots alone.
+    pub fn idle() -> Decommits {
+        Decommits {
+            walked: false,
+            ..Decommits::default()
+        }
+    }
+
     /// Ranges a scan found written (given back at once).
     pub fn dirty() -> Decommits {
         Decommits {
             dirty: true,
             ..Decommits::default()
         }
+    }
+
+    /// Marks the slot as one its instance's deallocation gives back after another.
+    pub fn continues_deallocation(&mut self) {
+        self.opens = false;
+    }
+
+    /// The ranges that count toward a batch's bound on ranges.
+    fn walked_len(&self) -> usize {
+        if self.walked { self.len } else { 0 }
     }
 
     /// Adds a range (an empty one is ignored).
@@ -123,18 +163,19 @@ impl Decommits {
 /// The most batches a queue holds while other threads are decommitting: past that, a thread
 /// waits for its turn rather than hold more slots back.
 const DEFERRED: usize = 4;
-/// Ranges a batch of [`BOUNDED_SLOTS`] slots or more holds at most: each range costs the
-/// deallocation that runs the batch about a third of a microsecond here, and a microsecond or
-/// more where its page tables are populated (the gaps around the kept pages of a slot with an
-/// image, or of one whose tenants write all over a large memory), so this bounds what that one
-/// deallocation pays. A slot whose ranges would carry such a batch past it starts the next one.
+/// Ranges in populated page tables (all but [`Decommits::idle`]'s) that a batch of the slots
+/// of [`BOUNDED`] deallocations or more holds at most: each costs the deallocation that runs
+/// the batch a microsecond or more here (the gaps around the kept pages of a slot with an
+/// image, or of one whose tenants write all over a large memory), where an idle slot's range
+/// costs a third of one, so this bounds what that one deallocation pays. A slot whose ranges
+/// would carry such a batch past it starts the next one.
 const BOUND_RANGES: usize = 8;
-/// Slots a batch holds before [`BOUND_RANGES`] applies: with three, at most one deallocation in
-/// three pays for a batch, so a module's median deallocation pays nothing, where a batch of
-/// two would have every other one pay.
-const BOUNDED_SLOTS: usize = 3;
-/// Ranges from which a batch runs even with fewer than [`BOUNDED_SLOTS`] slots (two slots that
-/// leave 8 or 9 gaps each).
+/// Deallocations a batch holds the slots of before [`BOUND_RANGES`] applies: with three, at
+/// most one deallocation in three pays for a batch, so a module's median deallocation pays
+/// nothing, where a batch of two would have every other one pay.
+const BOUNDED: usize = 3;
+/// Ranges from which a batch runs whatever it holds: the slots of two deallocations that
+/// leave 8 or 9 gaps each, or of a few instances with several memories each.
 const MAX_RANGES: usize = 2 * BOUND_RANGES;
 
 /// A held slot (`T` says which, and what it becomes) and what must be decommitted before it
@@ -151,6 +192,10 @@ pub(crate) type Pending<T> = (T, Decommits);
 pub(crate) struct Batch<T> {
     pending: Vec<Pending<T>>,
     ranges: Vec<Range<usize>>,
+    /// How many of `ranges` count toward the bound on ranges ([`Decommits::idle`]'s do not).
+    walked: usize,
+    /// Deallocations the slots come from (see [`Decommits::continues_deallocation`]).
+    deallocations: usize,
 }
 
 impl<T> Default for Batch<T> {
@@ -158,6 +203,8 @@ impl<T> Default for Batch<T> {
         Batch {
             pending: Vec::new(),
             ranges: Vec::new(),
+            walked: 0,
+            deallocations: 0,
         }
     }
 }
@@ -174,7 +221,17 @@ impl<T> Batch<T> {
 
     fn add(&mut self, pending: Pending<T>) {
         self.ranges.extend_from_slice(pending.1.as_slice());
+        self.walked += pending.1.walked_len();
+        self.deallocations += usize::from(pending.1.opens);
         self.pending.push(pending);
+    }
+
+    /// Forgets every slot and range, keeping the vectors' room.
+    fn clear(&mut self) {
+        self.pending.clear();
+        self.ranges.clear();
+        self.walked = 0;
+        self.deallocations = 0;
     }
 
     /// Room for `slots` slots and `ranges` ranges without reallocating.
@@ -182,6 +239,8 @@ impl<T> Batch<T> {
         Batch {
             pending: Vec::with_capacity(slots),
             ranges: Vec::with_capacity(ranges),
+            walked: 0,
+            deallocations: 0,
         }
     }
 }
@@ -201,7 +260,8 @@ struct Queue<T> {
 }
 
 impl<T> DecommitQueue<T> {
-    /// A queue that runs once it holds `batch` slots or about [`BOUND_RANGES`] ranges (see
+    /// A queue that runs once it holds the slots of `batch` deallocations, or about
+    /// [`BOUND_RANGES`] ranges (see
     /// [`push`](Self::push)).
     pub fn new(batch: usize) -> Self {
         // Room for a batch (the push that fills it may bring `BLIND_RUNS + 1` ranges), and for
@@ -228,29 +288,31 @@ impl<T> DecommitQueue<T> {
         berth_core::sync::lock_spinning(&self.queue)
     }
 
-    /// Queues `pending`. Returns the whole queue, to run now, once it holds a batch: `batch`
-    /// slots, or [`BOUND_RANGES`] ranges in [`BOUNDED_SLOTS`] slots or more, or [`MAX_RANGES`]
-    /// ranges; or, without `pending` (which then waits alone), when `pending` would carry a
-    /// queue of [`BOUNDED_SLOTS`] slots or more past [`BOUND_RANGES`]. `queued` is called with
-    /// how many slots leave the queue that way, under its lock (so a count of slots in flight
-    /// never misses one).
+    /// Queues `pending`. Returns the whole queue, to run now, once it holds a batch: the slots
+    /// of `batch` deallocations, or [`BOUND_RANGES`] ranges in populated page tables from
+    /// [`BOUNDED`] deallocations or more, or [`MAX_RANGES`] ranges; or, without `pending`
+    /// (which then waits alone), when `pending` would carry a queue of [`BOUNDED`]
+    /// deallocations or more past [`BOUND_RANGES`]. `queued` is called with how many slots
+    /// leave the queue that way, under its lock (so a count of slots in flight never misses
+    /// one).
     pub fn push(&self, pending: Pending<T>, queued: impl FnOnce(usize)) -> Option<Batch<T>> {
         let mut queue = self.lock();
-        let (slots, ranges) = (queue.waiting.slots(), queue.waiting.ranges.len());
-        if slots >= BOUNDED_SLOTS && ranges + pending.1.as_slice().len() > BOUND_RANGES {
-            queued(slots);
+        let waiting = &queue.waiting;
+        if waiting.deallocations >= BOUNDED && waiting.walked + pending.1.walked_len() > BOUND_RANGES {
+            queued(waiting.slots());
             let full = queue.leave();
             queue.waiting.add(pending);
             return Some(full);
         }
         queue.waiting.add(pending);
-        let (slots, ranges) = (queue.waiting.slots(), queue.waiting.ranges.len());
-        let full =
-            slots >= self.batch || (slots >= BOUNDED_SLOTS && ranges >= BOUND_RANGES) || ranges >= MAX_RANGES;
+        let waiting = &queue.waiting;
+        let full = waiting.deallocations >= self.batch
+            || (waiting.deallocations >= BOUNDED && waiting.walked >= BOUND_RANGES)
+            || waiting.ranges.len() >= MAX_RANGES;
         if !full {
             return None;
         }
-        queued(slots);
+        queued(waiting.slots());
         Some(queue.leave())
     }
 
@@ -266,6 +328,8 @@ impl<T> DecommitQueue<T> {
         let later = &mut queue.waiting;
         batch.pending.append(&mut later.pending);
         batch.ranges.append(&mut later.ranges);
+        batch.walked += std::mem::take(&mut later.walked);
+        batch.deallocations += std::mem::take(&mut later.deallocations);
         let emptied = std::mem::replace(&mut queue.waiting, batch);
         queue.keep_spare(emptied);
         requeued();
@@ -308,8 +372,7 @@ impl<T> Queue<T> {
 
     /// Keeps an empty batch's vectors as the spare ones, if they have more room.
     fn keep_spare(&mut self, mut emptied: Batch<T>) {
-        emptied.pending.clear();
-        emptied.ranges.clear();
+        emptied.clear();
         if emptied.pending.capacity() > self.spare.pending.capacity() {
             self.spare = emptied;
         }
@@ -420,6 +483,8 @@ unsafe fn settle<T>(
         Decommitted::of(batch.ranges.len(), result)
     };
     batch.ranges.clear();
+    batch.walked = 0;
+    batch.deallocations = 0;
     for (slot, decommits) in batch.pending.drain(..) {
         let ranges = decommits.as_slice();
         let ok = result.is_ok() || ranges.is_empty() || {
@@ -458,21 +523,36 @@ mod tests {
         batch.pending.iter().map(|p| p.0).collect()
     }
 
+    /// What a slot that keeps nothing leaves: its memory, in no populated page table.
+    fn idle(range: Range<usize>) -> Decommits {
+        let mut decommits = Decommits::idle();
+        decommits.push(range);
+        decommits
+    }
+
     #[test]
     fn a_batch_is_a_count_of_slots_up_to_a_bound_on_ranges() {
-        // Slots that leave one range each (idle tenants): `batch` of them.
-        let queue = DecommitQueue::new(8);
-        for slot in 0..7 {
+        // Slots that keep nothing (idle tenants): `batch` of them, their ranges unbounded.
+        let queue = DecommitQueue::new(12);
+        for slot in 0..11 {
             assert!(
-                queue.push((slot, gaps(1)), |_| {}).is_none(),
-                "slot {slot} of 8 waits"
+                queue.push((slot, idle(slot..slot + 1)), |_| {}).is_none(),
+                "slot {slot} of 12 waits"
             );
         }
         let batch = queue
+            .push((11, idle(11..12)), |n| assert_eq!(n, 12))
+            .expect("the twelfth slot fills the batch");
+        assert_eq!(batch.ranges.len(), 12);
+        // Slots that leave one range each around kept pages: the bound on ranges, in eight.
+        for slot in 0..7 {
+            assert!(queue.push((slot, gaps(1)), |_| {}).is_none());
+        }
+        let batch = queue
             .push((7, gaps(1)), |n| assert_eq!(n, 8))
-            .expect("the eighth slot fills the batch");
-        assert_eq!(batch.ranges.len(), 8);
-        // Slots that leave two gaps: the bound on ranges, four slots.
+            .expect("the eighth slot reaches the bound");
+        assert_eq!(batch.ranges.len(), BOUND_RANGES);
+        // Slots that leave two gaps: four slots.
         for slot in 0..3 {
             assert!(queue.push((slot, gaps(2)), |_| {}).is_none());
         }
@@ -492,6 +572,7 @@ mod tests {
             assert_eq!(batch.ranges.len(), 3 * gaps_each);
         }
         // Slots that leave nine gaps: two pass the most ranges any batch waits with.
+        let queue = DecommitQueue::new(8);
         let per_slot = BLIND_RUNS + 1;
         assert!(queue.push((10, gaps(per_slot)), |_| {}).is_none());
         let batch = queue
@@ -501,19 +582,53 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_counts_deallocations_not_the_slots_of_each() {
+        // Instances of four idle memories: a batch of two deallocations holds eight slots.
+        let queue = DecommitQueue::new(2);
+        let instance = |queue: &DecommitQueue<usize>, first: usize| {
+            let mut full = None;
+            for slot in first..first + 4 {
+                let mut decommits = idle(slot..slot + 1);
+                if slot > first {
+                    decommits.continues_deallocation();
+                }
+                if let Some(batch) = queue.push((slot, decommits), |_| {}) {
+                    assert!(full.is_none(), "one batch a deallocation");
+                    full = Some(batch);
+                }
+            }
+            full
+        };
+        assert!(instance(&queue, 0).is_none());
+        // The second deallocation fills the batch with its first slot; its others wait.
+        let batch = instance(&queue, 4).expect("two deallocations");
+        assert_eq!(slots(&batch), [0, 1, 2, 3, 4]);
+        assert_eq!(slots(&queue.take_all(|_| {})), [5, 6, 7]);
+        // With a larger batch, the bound on all ranges stops it: four such instances.
+        let queue = DecommitQueue::new(8);
+        for first in [0, 4, 8] {
+            assert!(instance(&queue, first).is_none());
+        }
+        let batch = instance(&queue, 12).expect("sixteen ranges");
+        assert_eq!(batch.ranges.len(), MAX_RANGES);
+    }
+
+    #[test]
     fn a_slot_that_would_carry_a_batch_of_three_past_the_bound_starts_the_next_one() {
         let queue = DecommitQueue::new(8);
         for slot in 0..3 {
             assert!(queue.push((slot, gaps(2)), |_| {}).is_none());
         }
-        // Six ranges wait; a slot of three more would make nine.
+        // Six ranges wait; an idle slot's range does not count toward the bound.
+        assert!(queue.push((3, idle(100..101)), |_| {}).is_none());
+        // A slot of three more would make nine.
         let batch = queue
-            .push((3, gaps(3)), |n| assert_eq!(n, 3))
-            .expect("the three waiting slots run");
-        assert_eq!(slots(&batch), [0, 1, 2]);
-        assert_eq!(batch.ranges.len(), 6);
+            .push((4, gaps(3)), |n| assert_eq!(n, 4))
+            .expect("the four waiting slots run");
+        assert_eq!(slots(&batch), [0, 1, 2, 3]);
+        assert_eq!(batch.ranges.len(), 7);
         let rest = queue.take_all(|n| assert_eq!(n, 1));
-        assert_eq!(slots(&rest), [3], "the slot waits alone for the next batch");
+        assert_eq!(slots(&rest), [4], "the slot waits alone for the next batch");
     }
 
     #[test]

@@ -234,12 +234,13 @@ impl PoolingInstanceAllocator {
         any
     }
 
-    /// Resets a slot a tenant gave back, in the shard it belongs to. The reset (or a batch of
+    /// Resets a slot a tenant gave back, in the shard it belongs to (`opens`: the first its
+    /// instance's deallocation gives back, memory or table 0). The reset (or a batch of
     /// decommits it completes) may add warm slots to a shard that is not borrowing while another
     /// is, so the warm set is brought back under its caps before this returns, whether a memory
     /// or a table was released.
-    fn release(&self, shard: &Shard, release: Release) {
-        shard.release(release);
+    fn release(&self, shard: &Shard, release: Release, opens: bool) {
+        shard.release(release, opens);
         self.rebalance_warm();
     }
 
@@ -504,7 +505,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
 
     unsafe fn deallocate_memory(
         &self,
-        _memory_index: DefinedMemoryIndex,
+        memory_index: DefinedMemoryIndex,
         allocation_index: MemoryAllocationIndex,
         memory: Memory,
     ) {
@@ -522,7 +523,8 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         drop(memory);
         let shard = self.memory_shard(reset.slot);
         shard.live_memories.fetch_sub(1, Ordering::Relaxed);
-        self.release(shard, Release::Memory(reset));
+        // The provided `deallocate_memories` gives an instance's memories back in order.
+        self.release(shard, Release::Memory(reset), memory_index.as_u32() == 0);
     }
 
     unsafe fn allocate_table(
@@ -561,7 +563,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
 
     unsafe fn deallocate_table(
         &self,
-        _table_index: DefinedTableIndex,
+        table_index: DefinedTableIndex,
         allocation_index: TableAllocationIndex,
         table: Table,
     ) {
@@ -572,7 +574,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         drop(table);
         let shard = self.table_shard(reset.slot);
         shard.live_tables.fetch_sub(1, Ordering::Relaxed);
-        self.release(shard, Release::Table(reset));
+        self.release(shard, Release::Table(reset), table_index.as_u32() == 0);
     }
 
     fn purge_module(&self, module: ModuleId) {

@@ -411,6 +411,8 @@ pub(crate) fn reset(
         }
         decommits = if history.churning() {
             Decommits::dirty()
+        } else if history.kept.bytes() == 0 {
+            Decommits::idle()
         } else {
             Decommits::blind()
         };

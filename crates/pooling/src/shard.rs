@@ -105,10 +105,12 @@ impl Shard {
         }
     }
 
-    /// Resets a slot a tenant gave back. What must be given back to the kernel is decommitted
-    /// at once when not batching, else queued: the batch runs (one system call for all its
-    /// ranges) once it holds enough ranges, and the slots go back to their pools after it.
-    pub fn release(&self, release: Release) {
+    /// Resets a slot a tenant gave back; `opens` says it is the first its instance's
+    /// deallocation gives back (batches count deallocations). What must be given back to the
+    /// kernel is decommitted at once when not batching, else queued: the batch runs (one
+    /// system call for all its ranges) once it holds enough, and the slots go back to their
+    /// pools after it.
+    pub fn release(&self, release: Release, opens: bool) {
         let counted = self.count_in_flight(1);
         let resets = match &release {
             Release::Memory(_) => &self.memory_resets,
@@ -127,6 +129,9 @@ impl Shard {
                 None => return,
             },
         };
+        if !opens {
+            decommits.continues_deallocation();
+        }
         let held = self.hold(done, &mut decommits);
         let mut pending = (held, decommits);
         if pending.1.is_empty() || !self.queue.batches() {
