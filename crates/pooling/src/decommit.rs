@@ -83,7 +83,9 @@ impl Default for Decommits {
 }
 
 impl Decommits {
-    /// Ranges a blind reset gives back (batched).
+    /// Ranges a blind reset gives back (batched), around pages the slot keeps; the slot opens
+    /// a deallocation unless [`continues_deallocation`](Self::continues_deallocation) says
+    /// otherwise.
     pub fn blind() -> Decommits {
         Decommits::default()
     }
@@ -91,7 +93,7 @@ impl Decommits {
     /// What a blind reset gives back of a slot that keeps no page, whose scans found nothing
     /// written: its memory, where no page table is left to walk (the kernel frees a page table
     /// that a decommit empties). Such ranges cost the call about a third of a microsecond each,
-    /// and are bounded by the batch's count of slots alone.
+    /// and count only toward a batch's [`MAX_RANGES`], not its [`BOUND_RANGES`].
     pub fn idle() -> Decommits {
         Decommits {
             walked: false,
@@ -261,8 +263,7 @@ struct Queue<T> {
 
 impl<T> DecommitQueue<T> {
     /// A queue that runs once it holds the slots of `batch` deallocations, or about
-    /// [`BOUND_RANGES`] ranges (see
-    /// [`push`](Self::push)).
+    /// [`BOUND_RANGES`] ranges (see [`push`](Self::push)).
     pub fn new(batch: usize) -> Self {
         // Room for a batch (the push that fills it may bring `BLIND_RUNS + 1` ranges), and for
         // what may wait while other threads decommit, so that requeued batches allocate
@@ -531,7 +532,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_is_a_count_of_slots_up_to_a_bound_on_ranges() {
+    fn a_batch_is_a_count_of_deallocations_up_to_bounds_on_ranges() {
         // Slots that keep nothing (idle tenants): `batch` of them, their ranges unbounded.
         let queue = DecommitQueue::new(12);
         for slot in 0..11 {
