@@ -109,10 +109,10 @@ pub struct PoolOptions {
     /// Bytes of memory pages the idle slots keep resident together [default: 100M]
     #[arg(long, value_parser = usize_size, help_heading = "Pool")]
     pub max_unused_warm_bytes: Option<usize>,
-    /// Idle slots whose decommits a shard collects for one system call (at most 16 ranges) [default: 4]
+    /// Deallocations whose idle slots' decommits a shard collects for one system call [default: 8]
     #[arg(long, help_heading = "Pool")]
     pub decommit_batch_size: Option<usize>,
-    /// Bytes of each memory slot kept resident between tenants (pages tenants wrote) [default: 1M]
+    /// Bytes of each memory slot kept resident between tenants (pages tenants wrote) [default: 4M]
     #[arg(long, value_parser = usize_size, help_heading = "Pool")]
     pub linear_memory_keep_resident: Option<usize>,
     /// Bytes of each table slot reset by memset [default: 16K]
@@ -192,7 +192,56 @@ impl PoolOptions {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{PoolOptions, TunableOptions, parse_size};
+    use berth_core::Tunables;
+    use berth_engine::PoolingConfig;
+    use clap::{Args, Command};
+
+    /// The number an option's help gives as its `[default: ...]`.
+    fn help_default(command: &Command, id: &str) -> u64 {
+        let arg = command
+            .get_arguments()
+            .find(|arg| arg.get_id() == id)
+            .unwrap_or_else(|| panic!("no option {id}"));
+        let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+        let default = help
+            .rsplit_once("[default: ")
+            .and_then(|(_, rest)| rest.strip_suffix(']'))
+            .unwrap_or_else(|| panic!("--{id}: no default in {help:?}"));
+        parse_size(default).unwrap_or_else(|e| panic!("--{id}: {e}"))
+    }
+
+    #[test]
+    fn the_help_gives_the_libraries_defaults() {
+        let pool = PoolOptions::augment_args(Command::new("pool"));
+        let d = PoolingConfig::default();
+        let size = |bytes: usize| bytes as u64;
+        for (id, value) in [
+            ("total_core_instances", u64::from(d.total_core_instances)),
+            ("total_memories", u64::from(d.total_memories)),
+            ("total_tables", u64::from(d.total_tables)),
+            ("max_memory_size", size(d.max_memory_size)),
+            ("table_elements", size(d.table_elements)),
+            ("max_memories_per_module", u64::from(d.max_memories_per_module)),
+            ("max_tables_per_module", u64::from(d.max_tables_per_module)),
+            ("max_core_instance_size", size(d.max_core_instance_size)),
+            ("max_unused_warm_slots", u64::from(d.max_unused_warm_slots)),
+            ("max_unused_warm_bytes", size(d.max_unused_warm_bytes)),
+            ("decommit_batch_size", size(d.decommit_batch_size)),
+            ("linear_memory_keep_resident", size(d.linear_memory_keep_resident)),
+            ("table_keep_resident", size(d.table_keep_resident)),
+        ] {
+            assert_eq!(help_default(&pool, id), value, "--{id}'s help");
+        }
+        let engine = TunableOptions::augment_args(Command::new("engine"));
+        let t = Tunables::default();
+        for (id, value) in [
+            ("memory_reservation", t.memory_reservation),
+            ("memory_guard_size", t.memory_guard_size),
+        ] {
+            assert_eq!(help_default(&engine, id), value, "--{id}'s help");
+        }
+    }
 
     #[test]
     fn sizes_parse_with_units() {
