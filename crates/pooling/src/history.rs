@@ -151,6 +151,12 @@ impl History {
         self.clean_scans < CLEAN_SCANS_BEFORE_BLIND || self.blind_resets >= every || runs > blind_runs
     }
 
+    /// Whether this reset reads every kept page, also those the last two resets found changed
+    /// (which the others reset without reading): one reset in 8.
+    pub fn verifies(&self) -> bool {
+        self.cold.resets.is_multiple_of(8)
+    }
+
     /// Whether the slot's tenants keep writing pages the next ones do not (see `futile`).
     pub fn churning(&self) -> bool {
         self.futile >= CHURN

@@ -52,32 +52,43 @@ impl<const N: usize> Ranges<N> {
 }
 
 /// What the resets of a slot have seen of one kept page: how many in a row found it as a fresh
-/// memory holds it (saturating at 127), and whether a tenant changed it since it was kept.
+/// memory holds it (saturating at 127), how many in a row found it changed (saturating at 3),
+/// and whether a tenant changed it since it was kept.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct PageUse(u8);
+pub(crate) struct PageUse(u16);
 
 impl PageUse {
-    const CHANGED: u8 = 0x80;
-    const IDLE: u8 = 0x7F;
+    const IDLE: u16 = 0x7F;
+    const CHANGED: u16 = 0x80;
+    const STREAK: u16 = 0x300;
+    const STREAK_ONE: u16 = 0x100;
 
     /// A reset found the page changed by its tenant; returns whether that is the first time
     /// since the page was kept.
     pub fn changed(&mut self) -> bool {
         let first = self.0 & Self::CHANGED == 0;
-        self.0 = Self::CHANGED;
+        let streak = (self.0 & Self::STREAK)
+            .saturating_add(Self::STREAK_ONE)
+            .min(Self::STREAK);
+        self.0 = Self::CHANGED | streak;
         first
     }
 
     /// A reset found the page as a fresh memory holds it.
     pub fn unchanged(&mut self) {
-        if self.0 & Self::IDLE < Self::IDLE {
-            self.0 += 1;
-        }
+        let idle = (self.0 & Self::IDLE).saturating_add(1).min(Self::IDLE);
+        self.0 = (self.0 & Self::CHANGED) | idle;
     }
 
     /// Resets in a row that found it unchanged.
     pub fn idle(self) -> u8 {
-        self.0 & Self::IDLE
+        // At most 127: fits.
+        (self.0 & Self::IDLE) as u8
+    }
+
+    /// Whether the last two resets found it changed: a tenant changes it at every reset.
+    pub fn hot(self) -> bool {
+        self.0 & Self::STREAK >= 2 * Self::STREAK_ONE
     }
 
     /// Whether a tenant changed it since it was kept (it was worth keeping once).
@@ -521,6 +532,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_page_is_hot_once_two_resets_in_a_row_found_it_changed() {
+        let mut page = PageUse::default();
+        assert!(page.changed(), "the first change since it was kept");
+        assert!(
+            !page.hot(),
+            "changed once: tenants may change it one time in several"
+        );
+        assert!(!page.changed());
+        assert!(page.hot() && page.idle() == 0);
+        page.changed();
+        assert!(page.hot(), "the streak saturates, and stays hot");
+        page.unchanged();
+        assert!(!page.hot() && page.idle() == 1 && page.reused());
+        page.changed();
+        assert!(
+            !page.hot(),
+            "a change after an unchanged reset starts a new streak"
+        );
+        for _ in 0..200 {
+            page.unchanged();
+        }
+        assert_eq!(page.idle(), 127, "idle resets saturate");
     }
 
     #[test]

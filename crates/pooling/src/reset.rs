@@ -5,10 +5,11 @@
 //! clean.** What the tenant could write is its accessible bytes at deallocation. Within them:
 //!
 //! - the slot's kept pages ([`Kept`]: pages tenants wrote before, up to `keep_resident` bytes,
-//!   wherever they lie) are read, and those whose bytes differ from what a fresh memory holds
-//!   there are reset in place: zeroed, or, inside the image, the image's bytes copied back.
-//!   They stay resident, so the next tenant writes them without a page fault; kept pages no
-//!   tenant changes any more are given back;
+//!   wherever they lie) are reset in place where their bytes differ from what a fresh memory
+//!   holds there: zeroed, or, inside the image, the image's bytes copied back. A page the last
+//!   two resets found changed is reset without being read (but at one reset in 8, which reads
+//!   every kept page); the others are read first. They stay resident, so the next tenant
+//!   writes them without a page fault; kept pages no tenant changes any more are given back;
 //! - every other page is reset where the kernel does not prove it clean ([`PageMap::written`]:
 //!   present or swapped or migrating, not the zero page, not the image file's own page): pages
 //!   written for the first time are kept and reset in place while the budget lasts, the rest are
@@ -224,13 +225,19 @@ fn give_back(
 /// image's bytes), and counts one more idle reset for every other kept page in reach: one
 /// whose bytes are already what a fresh memory holds there needs nothing. Kept pages out of
 /// reach keep their counts: they were reset when they were last reachable, and wait for a
-/// tenant that grows. Reading a page costs a half to three quarters of what rewriting it does.
+/// tenant that grows. Reading a page costs a half to three quarters of what rewriting it does,
+/// and only delays the rewrite of a page tenants change at every reset: unless `verify`, a page
+/// the last two resets found changed is counted changed again and rewritten unread (a page
+/// tenants stopped changing is rewritten needlessly until the next reset that verifies). A page
+/// changed once is read, so that the next tenant's leaving it unchanged shows, and with it a
+/// later tenant that reaches further (see [`Seen::beyond`]).
 fn refresh(
     bytes: &mut SlotBytes,
     image: &Image<'_>,
     kept: &mut Kept,
     accessible: usize,
     page: usize,
+    verify: bool,
 ) -> Seen {
     // Changed pages next to each other are reset in one go.
     let mut changed: Option<Range<usize>> = None;
@@ -245,7 +252,7 @@ fn refresh(
             let idle = page_use.idle();
             let cold = is_cold(*page_use);
             seen.cold += u32::from(cold);
-            if !image.dirty(bytes, this.clone()) {
+            if (verify || !page_use.hot()) && !image.dirty(bytes, this.clone()) {
                 page_use.unchanged();
                 seen.idle += u32::from(is_cold(*page_use));
                 continue;
@@ -317,7 +324,8 @@ pub(crate) fn reset(
             }
         },
     };
-    let seen = refresh(bytes, &image, &mut history.kept, accessible, page);
+    let verify = history.verifies();
+    let seen = refresh(bytes, &image, &mut history.kept, accessible, page, verify);
     history.saw(seen);
     let mut decommits;
     // Whether the slot's habits have it scan; else, whether it may learn more pages.
