@@ -190,6 +190,11 @@ pub(crate) type Pending<T> = (T, Decommits);
 /// ([`DecommitQueue::recycle`]), so slots pass through the queue without a heap allocation:
 /// with two threads, a vector one allocates and the other frees takes the first one's
 /// allocator lock, and the two threads then sleep on it (seen with glibc's `malloc`).
+///
+/// Invariant: `ranges` is the concatenation of the pending slots' ranges, and `walked` and
+/// `deallocations` are sums over their [`Decommits`] (kept so that a push needs no walk of
+/// the queue); only [`add`](Self::add), [`append`](Self::append) and [`clear`](Self::clear)
+/// change these fields.
 #[derive(Debug)]
 pub(crate) struct Batch<T> {
     pending: Vec<Pending<T>>,
@@ -202,12 +207,7 @@ pub(crate) struct Batch<T> {
 
 impl<T> Default for Batch<T> {
     fn default() -> Self {
-        Batch {
-            pending: Vec::new(),
-            ranges: Vec::new(),
-            walked: 0,
-            deallocations: 0,
-        }
+        Batch::with_room(0, 0)
     }
 }
 
@@ -226,6 +226,14 @@ impl<T> Batch<T> {
         self.walked += pending.1.walked_len();
         self.deallocations += usize::from(pending.1.opens);
         self.pending.push(pending);
+    }
+
+    /// Moves every slot of `later` after this batch's, leaving `later` empty.
+    fn append(&mut self, later: &mut Batch<T>) {
+        self.pending.append(&mut later.pending);
+        self.ranges.append(&mut later.ranges);
+        self.walked += std::mem::take(&mut later.walked);
+        self.deallocations += std::mem::take(&mut later.deallocations);
     }
 
     /// Forgets every slot and range, keeping the vectors' room.
@@ -326,11 +334,7 @@ impl<T> DecommitQueue<T> {
         if queue.waiting.slots() + batch.slots() > self.batch * DEFERRED {
             return Err(batch);
         }
-        let later = &mut queue.waiting;
-        batch.pending.append(&mut later.pending);
-        batch.ranges.append(&mut later.ranges);
-        batch.walked += std::mem::take(&mut later.walked);
-        batch.deallocations += std::mem::take(&mut later.deallocations);
+        batch.append(&mut queue.waiting);
         let emptied = std::mem::replace(&mut queue.waiting, batch);
         queue.keep_spare(emptied);
         requeued();
@@ -483,9 +487,6 @@ unsafe fn settle<T>(
     } else {
         Decommitted::of(batch.ranges.len(), result)
     };
-    batch.ranges.clear();
-    batch.walked = 0;
-    batch.deallocations = 0;
     for (slot, decommits) in batch.pending.drain(..) {
         let ranges = decommits.as_slice();
         let ok = result.is_ok() || ranges.is_empty() || {
@@ -497,6 +498,7 @@ unsafe fn settle<T>(
         };
         finish(slot, ok);
     }
+    batch.clear();
     total
 }
 
