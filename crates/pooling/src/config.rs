@@ -55,7 +55,9 @@ pub struct PoolingConfig {
     /// `madvise` each on kernels before 6.13), or fewer once three or more of them leave 8
     /// ranges around pages their slots keep, or 16 ranges of any kind. Default 8; 1 decommits
     /// at once. Only ranges a reset gives back without
-    /// knowing them written are batched (they are usually empty); pages a reset found written
+    /// knowing them written are batched (they are usually empty), but for those of a slot that
+    /// keeps 128 KiB or more, which is then its module's next slot while its pages are still in
+    /// the cache; pages a reset found written
     /// are given back at once, by the deallocation that left them, unless another thread is
     /// decommitting at that moment (then they wait in the queue too, up to four batches). A slot
     /// with pages left to decommit is not reused before its batch runs: its module's next

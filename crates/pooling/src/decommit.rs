@@ -55,13 +55,14 @@ impl std::ops::AddAssign for Decommitted {
 /// Whether they are expected to hold pages decides who pays: ranges a blind reset gives back
 /// are usually empty, and cheap to give back in a batch; ranges a scan found written are not,
 /// and the deallocation that leaves them pays for them at once, so that no other deallocation
-/// pays for many.
+/// pays for many. The gaps of a slot that keeps many pages go at once as well (see
+/// [`Decommits::at_once`]).
 #[derive(Debug)]
 pub(crate) struct Decommits {
     ranges: [Range<usize>; BLIND_RUNS + 1],
     len: usize,
-    /// The ranges hold pages a tenant wrote.
-    dirty: bool,
+    /// The deallocation that leaves them gives them back (see [`Decommits::at_once`]).
+    at_once: bool,
     /// The ranges may lie in populated page tables (around pages the slot keeps, or where a
     /// tenant wrote), which the kernel walks: they count toward a batch's bound on ranges.
     walked: bool,
@@ -75,7 +76,7 @@ impl Default for Decommits {
         Decommits {
             ranges: Default::default(),
             len: 0,
-            dirty: false,
+            at_once: false,
             walked: true,
             opens: true,
         }
@@ -101,10 +102,16 @@ impl Decommits {
         }
     }
 
-    /// Ranges a scan found written (given back at once).
-    pub fn dirty() -> Decommits {
+    /// Ranges the deallocation that leaves them gives back, rather than a batch: those a scan
+    /// found written (or a churning slot's tenant wrote), which hold pages, and the gaps of a
+    /// slot that keeps many pages. Such a slot, finished at once, is the one the module's next
+    /// tenant gets, with its pages still in the core's cache; waiting for a batch, it would
+    /// leave its module's tenants turning over three slots or more, whose kept pages together
+    /// outgrow the cache, and each reset would read its kept pages from further away (see
+    /// `reset::CACHED`).
+    pub fn at_once() -> Decommits {
         Decommits {
-            dirty: true,
+            at_once: true,
             ..Decommits::default()
         }
     }
@@ -150,9 +157,9 @@ impl Decommits {
         self.len == 0
     }
 
-    /// Whether the ranges hold pages a tenant wrote, to be given back at once.
-    pub fn is_dirty(&self) -> bool {
-        self.dirty && self.len > 0
+    /// Whether there are ranges, to be given back at once.
+    pub fn runs_at_once(&self) -> bool {
+        self.at_once && self.len > 0
     }
 
     /// Forgets the ranges (tests inject a failed decommit this way).

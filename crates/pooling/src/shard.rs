@@ -141,10 +141,11 @@ impl Shard {
             self.count(done);
             return;
         }
-        // What a scan found written is given back now, by the deallocation that left it; only
-        // blind decommits (usually of nothing) wait for a batch. Unless another thread is in
-        // the kernel decommitting: then the slot waits in the queue instead of this thread.
-        if pending.1.is_dirty() {
+        // What a scan found written, and the gaps of a slot that keeps many pages, are given
+        // back now, by the deallocation that left them; only blind decommits of slots that
+        // keep little (usually of nothing) wait for a batch. Unless another thread is in the
+        // kernel decommitting: then the slot waits in the queue instead of this thread.
+        if pending.1.runs_at_once() {
             // SAFETY: the ranges came from this slot's reset, through its `SlotBytes`; the
             // slot stays `Resetting` (handed to no one, touched by no one) until `finish`.
             match unsafe { decommit::try_run_one(pending, |held, ok| self.finish(held, ok)) } {

@@ -215,7 +215,7 @@ impl TablePool {
         self.lock().release(local);
         // `keep` is a multiple of the page size.
         let rest = keep..end;
-        let mut decommits = Decommits::dirty();
+        let mut decommits = Decommits::at_once();
         decommits.push(bytes.address_range(rest.clone()));
         let done = TableDone {
             slot: job.slot,
