@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use anyhow::Result;
 
 use crate::decommit::{self, Batch, DecommitQueue, Decommits, Decommitted};
-use crate::memory_pool::{self, Choose, Lease, MemoryKey, MemoryPool, Wanted};
+use crate::memory_pool::{self, Choose, Finishing, Lease, MemoryKey, MemoryPool, Wanted};
 use crate::reset::MemoryReset;
 use crate::table_pool::{TableDone, TablePool, TableReset};
 
@@ -163,9 +163,13 @@ impl Shard {
         });
         drop(counted);
         if let Some(mut batch) = full {
+            let mut memories = self.memories.finishing();
             // SAFETY: every range came from the reset of a slot of this shard, through its
-            // `SlotBytes`; the slot stays `Resetting` until `finish` is called for it.
-            match unsafe { decommit::try_run(&mut batch, |held, ok| self.finish(held, ok)) } {
+            // `SlotBytes`; the slot stays `Resetting` until `finish_in` is called for it.
+            let ran =
+                unsafe { decommit::try_run(&mut batch, |held, ok| self.finish_in(&mut memories, held, ok)) };
+            drop(memories);
+            match ran {
                 Some(done) => {
                     self.count(done);
                     self.queue.recycle(batch);
@@ -208,20 +212,28 @@ impl Shard {
     /// Returns a held slot to its pool: warm (or free), or, if its decommit failed, stale (a
     /// memory slot) or zeroed (a table slot).
     fn finish(&self, held: Held, decommitted: bool) {
+        self.finish_in(&mut self.memories.finishing(), held, decommitted);
+    }
+
+    /// [`finish`](Self::finish), a memory slot through `memories` (a batch's slots are
+    /// finished under one lock of the memory pool: see [`Finishing`]).
+    fn finish_in(&self, memories: &mut Finishing<'_>, held: Held, decommitted: bool) {
         #[cfg(test)]
         let decommitted = decommitted && !held.injected;
         match held.done {
-            Done::Memory(reset) => self.memories.finish(reset, decommitted),
+            Done::Memory(reset) => memories.finish(reset, decommitted),
             Done::Table(done) => self.tables.finish(done, decommitted),
         }
     }
 
     /// Decommits a batch's ranges and finishes its slots (counted in flight by the caller).
     fn run(&self, mut batch: Batch<Held>) {
+        let mut memories = self.memories.finishing();
         // SAFETY: every range came from the reset of a slot of this shard, through its
         // `SlotBytes`; the slot stays `Resetting` (handed to no one, touched by no one) until
-        // `finish` is called for it here.
-        let done = unsafe { decommit::run(&mut batch, |held, ok| self.finish(held, ok)) };
+        // `finish_in` is called for it here.
+        let done = unsafe { decommit::run(&mut batch, |held, ok| self.finish_in(&mut memories, held, ok)) };
+        drop(memories);
         self.count(done);
         self.queue.recycle(batch);
     }
