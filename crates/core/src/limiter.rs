@@ -7,7 +7,7 @@ use crate::error::{LimitExceeded, LimiterDenied};
 /// Consulted before a memory or table is created or grown.
 ///
 /// Return `Ok(true)` to allow, `Ok(false)` to refuse (creation fails with a
-/// [`LimiterDenied`](crate::LimiterDenied) error; `memory.grow` / `table.grow` return -1 and
+/// [`LimiterDenied`] error; `memory.grow` / `table.grow` return -1 and
 /// leave the resource untouched), or an error to abort the operation with it (a trap).
 pub trait ResourceLimiter: Send {
     /// A memory wants to go from `current` to `desired` bytes; `maximum` is its maximum in

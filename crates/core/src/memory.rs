@@ -258,6 +258,12 @@ impl Memory {
         self.image.as_ref()
     }
 
+    /// Drops this memory and hands back its image, if any (for a pool whose slot keeps the
+    /// image mapped for the next memory, without touching its reference count).
+    pub fn into_image(mut self) -> Option<Arc<MemoryImage>> {
+        self.image.take()
+    }
+
     /// Maps `image` over the start of this memory (one `mmap`), so its initial data is in place
     /// without a copy. The image must lie within the accessible bytes.
     pub fn map_image(&mut self, image: Arc<MemoryImage>) -> Result<()> {

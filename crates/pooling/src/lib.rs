@@ -321,7 +321,7 @@ impl PoolingInstanceAllocator {
     /// (the queue runs early); its own slot in another shard (a module instantiated from several
     /// threads keeps its slots wherever they are); one being reset anywhere, waited for
     /// briefly; a cold slot. Only then does a shard hand out another module's warm slot.
-    fn take_memory(&self, key: MemoryKey, wanted: &Wanted) -> Result<Lease> {
+    fn take_memory(&self, key: MemoryKey, wanted: &Wanted<'_>) -> Result<Lease> {
         let n = self.shards.len();
         let home = shard::home(n);
         let own = &self.shards[home];
@@ -446,7 +446,9 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         let image = if self.tunables.memory_init_cow {
             request
                 .module
-                .memory_image(memory_index)?
+                .memory_images()?
+                .get(memory_index)
+                .and_then(Option::as_ref)
                 .filter(|image| image.len() > self.layout.page_size)
         } else {
             None
@@ -478,7 +480,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
                 // one wanted), and its reset brought back the image's bytes; it lies within the
                 // initial size, now accessible.
                 (Some(kept), Some(_)) => unsafe { memory.assume_image(kept) },
-                (None, Some(image)) => memory.map_image(image)?,
+                (None, Some(image)) => memory.map_image(image.clone())?,
                 _ => {}
             }
             Ok(memory)
@@ -514,13 +516,14 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
             .ty()
             .minimum_bytes()
             .map_or(0, |b| usize::try_from(b).unwrap_or(0));
+        let accessible = memory.accessible_bytes();
         let reset = MemoryReset {
             slot: allocation_index.as_u32(),
-            image: memory.image().cloned(),
-            accessible: memory.accessible_bytes(),
+            // Moved to the slot (no reference count touched).
+            image: memory.into_image(),
+            accessible,
             initial: initial.next_multiple_of(page),
         };
-        drop(memory);
         let shard = self.memory_shard(reset.slot);
         shard.live_memories.fetch_sub(1, Ordering::Relaxed);
         // The provided `deallocate_memories` gives an instance's memories back in order.

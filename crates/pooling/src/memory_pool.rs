@@ -48,11 +48,13 @@ pub(crate) struct Lease {
     pub image: Option<Arc<MemoryImage>>,
 }
 
-/// What a memory wants of its slot.
+/// What a memory wants of its slot. The image is borrowed from the module: an instance
+/// takes a reference to it only where its slot does not hold one already (a warm slot keeps
+/// its own), so that threads instantiating one module do not share a reference count.
 #[derive(Debug)]
-pub(crate) struct Wanted {
+pub(crate) struct Wanted<'a> {
     /// The image to find mapped (or to map).
-    pub image: Option<Arc<MemoryImage>>,
+    pub image: Option<&'a Arc<MemoryImage>>,
     /// Its initial size in bytes, page-rounded.
     pub initial: usize,
 }
@@ -287,7 +289,7 @@ impl MemoryPool {
     /// Takes a slot for `key`'s memory, which wants what `wanted` says, and makes it ready:
     /// `None` if no slot of the kind `choose` allows is free. A slot that is not ready for the
     /// memory as it is gets its mapping fixed.
-    pub fn take(&self, key: MemoryKey, wanted: &Wanted, choose: Choose) -> Option<Result<Lease>> {
+    pub fn take(&self, key: MemoryKey, wanted: &Wanted<'_>, choose: Choose) -> Option<Result<Lease>> {
         let (local, idle) = {
             let mut state = self.lock();
             let State { slots, learned } = &mut *state;
@@ -314,7 +316,7 @@ impl MemoryPool {
         };
         let slot = self.first + local.as_u32();
         let len = self.layout.memory_reservation;
-        let image = wanted.image.as_ref();
+        let image = wanted.image;
         let setup = match idle {
             // Taken from another module memory. The pages it kept for that one read as zeros
             // (their reset left them so), or as that one's image, which the set-up below

@@ -247,7 +247,7 @@ impl Shard {
     /// but one waits in the decommit queue, runs the queue first: a batch run early costs less
     /// than a slot set up again, and a thread that went to another shard for its slot would
     /// give it back there, sharing that shard's locks from then on.
-    pub fn take_own(&self, key: MemoryKey, wanted: &Wanted) -> Option<Result<Lease>> {
+    pub fn take_own(&self, key: MemoryKey, wanted: &Wanted<'_>) -> Option<Result<Lease>> {
         self.memories
             .take(key, wanted, Choose::Own)
             .or_else(|| self.take_queued(key, wanted, None))
@@ -261,7 +261,7 @@ impl Shard {
     pub fn take_queued(
         &self,
         key: MemoryKey,
-        wanted: &Wanted,
+        wanted: &Wanted<'_>,
         another: Option<Choose>,
     ) -> Option<Result<Lease>> {
         let keeps = self.queue.find(|held| match &held.done {

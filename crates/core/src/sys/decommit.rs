@@ -46,7 +46,7 @@ fn turn_spin() -> Duration {
     Duration::from_nanos(LAST_TURN_NS.load(Ordering::Relaxed).saturating_mul(2)).min(MAX_TURN_SPIN)
 }
 
-/// Gives every range of `ranges` (addresses) back to the kernel, as [`decommit`] does for
+/// Gives every range of `ranges` (addresses) back to the kernel, as [`decommit()`] does for
 /// one: their next read sees zeros (or the file's bytes, in a private file mapping). Uses one
 /// system call per 64 ranges where the kernel allows it, and returns how many system calls it
 /// made. On error, some ranges may have been decommitted and others not. Waits while another

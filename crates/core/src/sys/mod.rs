@@ -56,7 +56,7 @@ pub unsafe fn unmap(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
 }
 
 /// Makes `len` bytes at `ptr` readable and writable. Untouched pages read as zero until
-/// written, unless they held data that was not [`decommit`]ted.
+/// written, unless they held data that was not [`decommit()`]ed.
 ///
 /// # Safety
 ///
