@@ -985,6 +985,21 @@ fn ranges_decommitted_by_a_blind_slot(keep: Option<usize>, len: impl Fn(usize) -
 /// 512 KiB, after checking that it reads zeros. Returns the ranges decommitted, and the system
 /// calls that did it, in the 100 resets after 40 warm-up rounds.
 fn decommits_of_tenants(pooling: &PoolingConfig, len: impl Fn(usize) -> usize) -> (u64, u64) {
+    let tenants = tenants_of(pooling, len);
+    (tenants.ranges, tenants.calls)
+}
+
+/// What [`tenants_of`] saw of the 100 tenants after the warm-up.
+struct Tenants {
+    /// Ranges decommitted, and the system calls that did it.
+    ranges: u64,
+    calls: u64,
+    /// Each tenant's memory base, in turn.
+    bases: Vec<usize>,
+}
+
+/// The tenants of [`decommits_of_tenants`], with where each one's memory was.
+fn tenants_of(pooling: &PoolingConfig, len: impl Fn(usize) -> usize) -> Tenants {
     let (engine, _) = pool(pooling);
     let memory = MemoryType::new(16, Some(16));
     let a = engine.load(berth_tests::named_memory("a", memory)).unwrap();
@@ -999,15 +1014,19 @@ fn decommits_of_tenants(pooling: &PoolingConfig, len: impl Fn(usize) -> usize) -
         tenant
             .memory_write(0, 512 << 10, &vec![round as u8 | 1; len(round)])
             .unwrap();
+        memory_base(&tenant)
     };
-    (0..40).for_each(&mut cycle);
+    for round in 0..40 {
+        cycle(round);
+    }
     let before = engine.stats();
-    (40..140).for_each(&mut cycle);
+    let bases = (40..140).map(&mut cycle).collect();
     let after = engine.stats();
-    (
-        after.decommit_ranges - before.decommit_ranges,
-        after.decommit_calls - before.decommit_calls,
-    )
+    Tenants {
+        ranges: after.decommit_ranges - before.decommit_ranges,
+        calls: after.decommit_calls - before.decommit_calls,
+        bases,
+    }
 }
 
 #[test]
@@ -1098,28 +1117,7 @@ fn a_blind_slot_that_keeps_many_pages_is_its_modules_next_slot_each_time() {
     if berth_testkit::page_states::page_map_for("a slot that keeps many pages").is_none() {
         return;
     }
-    let (engine, _) = pool(&slots(16));
-    let memory = MemoryType::new(16, Some(16));
-    let a = engine.load(berth_tests::named_memory("a", memory)).unwrap();
-    let mut whole = vec![1u8; 1 << 20];
-    let mut cycle = |round: usize| {
-        let mut tenant = Instance::new(&a).unwrap();
-        tenant.memory_read(0, 0, &mut whole).unwrap();
-        assert!(
-            whole.iter().all(|&b| b == 0),
-            "round {round}: a previous tenant's bytes"
-        );
-        tenant
-            .memory_write(0, 512 << 10, &vec![round as u8 | 1; 256 << 10])
-            .unwrap();
-        memory_base(&tenant)
-    };
-    (0..40).for_each(|round| {
-        cycle(round);
-    });
-    let before = engine.stats();
-    let bases: Vec<usize> = (40..140).map(&mut cycle).collect();
-    let ranges = engine.stats().decommit_ranges - before.decommit_ranges;
+    let Tenants { ranges, bases, .. } = tenants_of(&slots(16), |_| 256 << 10);
     assert!(ranges >= 180, "{ranges} ranges in 100 resets: the slot scanned");
     // A tenant gets another slot only when its slot's decommit waited because another
     // thread (another test) was decommitting; taking turns at a batch's slots, 70 or more do.

@@ -83,7 +83,9 @@ impl Reset {
 /// time stamp is taken once, and what the shard keeps is published once, at the drop. A batch
 /// of decommits finishes its slots this way: finishing each on its own took a tenth of a
 /// microsecond or more (the lock, the clock and the published counters), paid eight times by
-/// the deallocation that runs a batch of idle slots.
+/// the deallocation that runs a batch of idle slots. The lock stays held between slots, also
+/// while a batch whose system call failed gives each slot's ranges back on its own (rare), and
+/// while table slots of the batch go back to their pool (whose lock never waits for this one).
 pub(crate) struct Finishing<'a> {
     pool: &'a MemoryPool,
     state: Option<std::sync::MutexGuard<'a, State>>,
