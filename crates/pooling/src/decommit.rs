@@ -554,22 +554,17 @@ mod tests {
             .push((11, idle(11..12)), |n| assert_eq!(n, 12))
             .expect("the twelfth slot fills the batch");
         assert_eq!(batch.ranges.len(), 12);
-        // Slots that leave one range each around kept pages: the bound on ranges, in eight.
-        for slot in 0..7 {
-            assert!(queue.push((slot, gaps(1)), |_| {}).is_none());
+        // Slots that leave one range each around kept pages reach the bound on ranges in eight;
+        // slots that leave two gaps, in four.
+        for (gaps_each, last) in [(1, 7), (2, 3)] {
+            for slot in 0..last {
+                assert!(queue.push((slot, gaps(gaps_each)), |_| {}).is_none());
+            }
+            let batch = queue
+                .push((last, gaps(gaps_each)), |n| assert_eq!(n, last + 1))
+                .unwrap_or_else(|| panic!("{} slots of {gaps_each} gaps reach the bound", last + 1));
+            assert_eq!(batch.ranges.len(), BOUND_RANGES);
         }
-        let batch = queue
-            .push((7, gaps(1)), |n| assert_eq!(n, 8))
-            .expect("the eighth slot reaches the bound");
-        assert_eq!(batch.ranges.len(), BOUND_RANGES);
-        // Slots that leave two gaps: four slots.
-        for slot in 0..3 {
-            assert!(queue.push((slot, gaps(2)), |_| {}).is_none());
-        }
-        let batch = queue
-            .push((3, gaps(2)), |n| assert_eq!(n, 4))
-            .expect("four slots of two gaps reach the bound");
-        assert_eq!(batch.ranges.len(), BOUND_RANGES);
         // Slots that leave five or seven gaps: never fewer than three slots, so that at most
         // one deallocation in three runs a batch, past the bound if need be.
         for gaps_each in [5, 7] {
