@@ -40,7 +40,12 @@ impl ModuleId {
 }
 
 /// The facts about one WebAssembly module that instance allocation needs.
+///
+/// Aligned to 128 bytes (two cache lines, the unit the processor's adjacent-line prefetcher
+/// fetches) so that in an `Arc<Module>` the reference count, which every instance updates,
+/// shares no cache line with the fields every instantiation reads.
 #[derive(Debug)]
+#[repr(align(128))]
 pub struct Module {
     id: ModuleId,
     name: Option<String>,
