@@ -187,9 +187,9 @@ const BOUNDED: usize = 3;
 /// leave 8 or 9 gaps each, or of a few instances with several memories each.
 const MAX_RANGES: usize = 2 * BOUND_RANGES;
 
-/// A held slot (`T` says which, and what it becomes) and what must be decommitted before it
-/// is finished.
-pub(crate) type Pending<T> = (T, Decommits);
+/// A held slot in a batch (`T` says which, and what it becomes), and how many of the batch's
+/// ranges, following those of the slots before it, are its own.
+type Queued<T> = (T, usize);
 
 /// Held slots waiting for a batch of decommits, with all their ranges in order.
 ///
@@ -198,13 +198,15 @@ pub(crate) type Pending<T> = (T, Decommits);
 /// with two threads, a vector one allocates and the other frees takes the first one's
 /// allocator lock, and the two threads then sleep on it (seen with glibc's `malloc`).
 ///
-/// Invariant: `ranges` is the concatenation of the pending slots' ranges, and `walked` and
-/// `deallocations` are sums over their [`Decommits`] (kept so that a push needs no walk of
-/// the queue); only [`add`](Self::add), [`append`](Self::append) and [`clear`](Self::clear)
-/// change these fields.
+/// Invariant: `ranges` is the concatenation of the pending slots' ranges, each slot's count
+/// of them beside it, and `walked` and `deallocations` are sums over their [`Decommits`]
+/// (kept so that a push needs no walk of the queue); only [`add`](Self::add),
+/// [`append`](Self::append) and [`clear`](Self::clear) change these fields. A slot's
+/// [`Decommits`] is not kept: its ranges are copied in, and the slot moves in alone (a slot and
+/// its decommits were 312 bytes, copied twice a push).
 #[derive(Debug)]
 pub(crate) struct Batch<T> {
-    pending: Vec<Pending<T>>,
+    pending: Vec<Queued<T>>,
     ranges: Vec<Range<usize>>,
     /// How many of `ranges` count toward the bound on ranges ([`Decommits::idle`]'s do not).
     walked: usize,
@@ -228,11 +230,11 @@ impl<T> Batch<T> {
         self.pending.is_empty()
     }
 
-    fn add(&mut self, pending: Pending<T>) {
-        self.ranges.extend_from_slice(pending.1.as_slice());
-        self.walked += pending.1.walked_len();
-        self.deallocations += usize::from(pending.1.opens);
-        self.pending.push(pending);
+    fn add(&mut self, slot: T, decommits: &Decommits) {
+        self.ranges.extend_from_slice(decommits.as_slice());
+        self.walked += decommits.walked_len();
+        self.deallocations += usize::from(decommits.opens);
+        self.pending.push((slot, decommits.len));
     }
 
     /// Moves every slot of `later` after this batch's, leaving `later` empty.
@@ -304,23 +306,23 @@ impl<T> DecommitQueue<T> {
         berth_core::sync::lock_spinning(&self.queue)
     }
 
-    /// Queues `pending`. Returns the whole queue, to run now, once it holds a batch: the slots
-    /// of `batch` deallocations, or [`BOUND_RANGES`] ranges in populated page tables from
-    /// [`BOUNDED`] deallocations or more, or [`MAX_RANGES`] ranges; or, without `pending`
-    /// (which then waits alone), when `pending` would carry a queue of [`BOUNDED`]
-    /// deallocations or more past [`BOUND_RANGES`]. `queued` is called with how many slots
-    /// leave the queue that way, under its lock (so a count of slots in flight never misses
-    /// one).
-    pub fn push(&self, pending: Pending<T>, queued: impl FnOnce(usize)) -> Option<Batch<T>> {
+    /// Queues `slot` with its `decommits`. Returns the whole queue, to run now, once it holds
+    /// a batch: the slots of `batch` deallocations, or [`BOUND_RANGES`] ranges in populated
+    /// page tables from [`BOUNDED`] deallocations or more, or [`MAX_RANGES`] ranges; or,
+    /// without `slot` (which then waits alone), when its decommits would carry a queue of
+    /// [`BOUNDED`] deallocations or more past [`BOUND_RANGES`]. `queued` is called with how
+    /// many slots leave the queue that way, under its lock (so a count of slots in flight
+    /// never misses one).
+    pub fn push(&self, slot: T, decommits: &Decommits, queued: impl FnOnce(usize)) -> Option<Batch<T>> {
         let mut queue = self.lock();
         let waiting = &queue.waiting;
-        if waiting.deallocations >= BOUNDED && waiting.walked + pending.1.walked_len() > BOUND_RANGES {
+        if waiting.deallocations >= BOUNDED && waiting.walked + decommits.walked_len() > BOUND_RANGES {
             queued(waiting.slots());
             let full = queue.leave();
-            queue.waiting.add(pending);
+            queue.waiting.add(slot, decommits);
             return Some(full);
         }
-        queue.waiting.add(pending);
+        queue.waiting.add(slot, decommits);
         let waiting = &queue.waiting;
         let full = waiting.deallocations >= self.batch
             || (waiting.deallocations >= BOUNDED && waiting.walked >= BOUND_RANGES)
@@ -397,7 +399,7 @@ impl<T> Queue<T> {
 /// # Safety
 ///
 /// As for [`run`].
-pub(crate) unsafe fn run_one<T>((slot, decommits): Pending<T>, finish: impl FnOnce(T, bool)) -> Decommitted {
+pub(crate) unsafe fn run_one<T>(slot: T, decommits: &Decommits, finish: impl FnOnce(T, bool)) -> Decommitted {
     let ranges = decommits.as_slice();
     if ranges.is_empty() {
         finish(slot, true);
@@ -433,27 +435,24 @@ pub(crate) unsafe fn try_run<T>(batch: &mut Batch<T>, finish: impl FnMut(T, bool
 ///
 /// # Safety
 ///
-/// Every range of `pending` came from [`SlotBytes::address_range`](crate::slot_bytes::SlotBytes)
-/// of a slot the caller holds (no tenant, no other thread touches it) until `finish` is called
-/// for it.
-#[expect(
-    clippy::result_large_err,
-    reason = "the slot comes back by value, as it went in: boxing it would allocate per release"
-)]
+/// Every range of `decommits` came from
+/// [`SlotBytes::address_range`](crate::slot_bytes::SlotBytes) of a slot the caller holds (no
+/// tenant, no other thread touches it) until `finish` is called for it.
 pub(crate) unsafe fn try_run_one<T>(
-    pending: Pending<T>,
+    slot: T,
+    decommits: &Decommits,
     finish: impl FnOnce(T, bool),
-) -> Result<Decommitted, Pending<T>> {
-    let ranges = pending.1.as_slice().len();
+) -> Result<Decommitted, T> {
+    let ranges = decommits.as_slice();
     // SAFETY: per the caller, every range is a held slot's, inside the pool's private mapping,
     // with nothing referring into it.
-    let result = match unsafe { sys::try_decommit_all(pending.1.as_slice()) } {
-        Ok(None) => return Err(pending),
+    let result = match unsafe { sys::try_decommit_all(ranges) } {
+        Ok(None) => return Err(slot),
         Ok(Some(calls)) => Ok(calls),
         Err(error) => Err(error),
     };
-    finish(pending.0, result.is_ok());
-    Ok(Decommitted::of(ranges, &result))
+    finish(slot, result.is_ok());
+    Ok(Decommitted::of(ranges.len(), &result))
 }
 
 /// Decommits the ranges of `batch` in one system call (per 64 ranges) and hands each slot to
@@ -494,8 +493,10 @@ unsafe fn settle<T>(
     } else {
         Decommitted::of(batch.ranges.len(), result)
     };
-    for (slot, decommits) in batch.pending.drain(..) {
-        let ranges = decommits.as_slice();
+    let mut from = 0;
+    for (slot, len) in batch.pending.drain(..) {
+        let ranges = &batch.ranges[from..from + len];
+        from += len;
         let ok = result.is_ok() || ranges.is_empty() || {
             // SAFETY: per the caller, this slot's ranges are its own, inside the pool's
             // private mapping, with nothing referring into them.
@@ -546,22 +547,22 @@ mod tests {
         let queue = DecommitQueue::new(12);
         for slot in 0..11 {
             assert!(
-                queue.push((slot, idle(slot..slot + 1)), |_| {}).is_none(),
+                queue.push(slot, &idle(slot..slot + 1), |_| {}).is_none(),
                 "slot {slot} of 12 waits"
             );
         }
         let batch = queue
-            .push((11, idle(11..12)), |n| assert_eq!(n, 12))
+            .push(11, &idle(11..12), |n| assert_eq!(n, 12))
             .expect("the twelfth slot fills the batch");
         assert_eq!(batch.ranges.len(), 12);
         // Slots that leave one range each around kept pages reach the bound on ranges in eight;
         // slots that leave two gaps, in four.
         for (gaps_each, last) in [(1, 7), (2, 3)] {
             for slot in 0..last {
-                assert!(queue.push((slot, gaps(gaps_each)), |_| {}).is_none());
+                assert!(queue.push(slot, &gaps(gaps_each), |_| {}).is_none());
             }
             let batch = queue
-                .push((last, gaps(gaps_each)), |n| assert_eq!(n, last + 1))
+                .push(last, &gaps(gaps_each), |n| assert_eq!(n, last + 1))
                 .unwrap_or_else(|| panic!("{} slots of {gaps_each} gaps reach the bound", last + 1));
             assert_eq!(batch.ranges.len(), BOUND_RANGES);
         }
@@ -569,19 +570,19 @@ mod tests {
         // one deallocation in three runs a batch, past the bound if need be.
         for gaps_each in [5, 7] {
             for slot in 0..2 {
-                assert!(queue.push((slot, gaps(gaps_each)), |_| {}).is_none());
+                assert!(queue.push(slot, &gaps(gaps_each), |_| {}).is_none());
             }
             let batch = queue
-                .push((2, gaps(gaps_each)), |n| assert_eq!(n, 3))
+                .push(2, &gaps(gaps_each), |n| assert_eq!(n, 3))
                 .expect("the third slot runs the batch");
             assert_eq!(batch.ranges.len(), 3 * gaps_each);
         }
         // Slots that leave nine gaps: two pass the most ranges any batch waits with.
         let queue = DecommitQueue::new(8);
         let per_slot = BLIND_RUNS + 1;
-        assert!(queue.push((10, gaps(per_slot)), |_| {}).is_none());
+        assert!(queue.push(10, &gaps(per_slot), |_| {}).is_none());
         let batch = queue
-            .push((11, gaps(per_slot)), |n| assert_eq!(n, 2))
+            .push(11, &gaps(per_slot), |n| assert_eq!(n, 2))
             .expect("two slots of nine gaps pass the bound on ranges");
         assert!(batch.ranges.len() >= MAX_RANGES && batch.ranges.len() < MAX_RANGES + per_slot);
     }
@@ -597,7 +598,7 @@ mod tests {
                 if slot > first {
                     decommits.continues_deallocation();
                 }
-                if let Some(batch) = queue.push((slot, decommits), |_| {}) {
+                if let Some(batch) = queue.push(slot, &decommits, |_| {}) {
                     assert!(full.is_none(), "one batch a deallocation");
                     full = Some(batch);
                 }
@@ -622,13 +623,13 @@ mod tests {
     fn a_slot_that_would_carry_a_batch_of_three_past_the_bound_starts_the_next_one() {
         let queue = DecommitQueue::new(8);
         for slot in 0..3 {
-            assert!(queue.push((slot, gaps(2)), |_| {}).is_none());
+            assert!(queue.push(slot, &gaps(2), |_| {}).is_none());
         }
         // Six ranges wait; an idle slot's range does not count toward the bound.
-        assert!(queue.push((3, idle(100..101)), |_| {}).is_none());
+        assert!(queue.push(3, &idle(100..101), |_| {}).is_none());
         // A slot of three more would make nine.
         let batch = queue
-            .push((4, gaps(3)), |n| assert_eq!(n, 4))
+            .push(4, &gaps(3), |n| assert_eq!(n, 4))
             .expect("the four waiting slots run");
         assert_eq!(slots(&batch), [0, 1, 2, 3]);
         assert_eq!(batch.ranges.len(), 7);
@@ -639,11 +640,11 @@ mod tests {
     #[test]
     fn a_batch_that_could_not_run_goes_back_ahead_of_later_slots_until_the_queue_is_long() {
         let queue = DecommitQueue::new(2);
-        assert!(queue.push((1, one(0..1)), |_| {}).is_none());
+        assert!(queue.push(1, &one(0..1), |_| {}).is_none());
         let batch = queue
-            .push((2, one(1..2)), |n| assert_eq!(n, 2))
+            .push(2, &one(1..2), |n| assert_eq!(n, 2))
             .expect("a full batch");
-        assert!(queue.push((3, one(2..3)), |_| {}).is_none());
+        assert!(queue.push(3, &one(2..3), |_| {}).is_none());
         let mut requeued = false;
         assert!(queue.requeue(batch, || requeued = true).is_ok());
         assert!(requeued, "slots back in the queue stop counting in flight");
@@ -656,11 +657,11 @@ mod tests {
         // Up to `DEFERRED` batches wait; past that, a batch must run now.
         let mut waiting = Batch::default();
         for slot in 0..2 * DEFERRED {
-            waiting.add((slot, one(0..1)));
+            waiting.add(slot, &one(0..1));
         }
         assert!(queue.requeue(waiting, || {}).is_ok());
         let mut late = Batch::default();
-        late.add((99, one(0..1)));
+        late.add(99, &one(0..1));
         assert!(queue.requeue(late, || panic!("not requeued")).is_err());
     }
 
@@ -694,9 +695,9 @@ mod tests {
     fn batches_pass_through_the_queue_without_allocating() {
         let queue = DecommitQueue::new(2);
         let cycle = |round: usize| {
-            assert!(queue.push((round, one(0..1)), |_| {}).is_none());
+            assert!(queue.push(round, &one(0..1), |_| {}).is_none());
             let mut batch = queue
-                .push((round, one(1..2)), |n| assert_eq!(n, 2))
+                .push(round, &one(1..2), |n| assert_eq!(n, 2))
                 .expect("a full batch");
             assert_eq!(batch.ranges, [0..1, 1..2]);
             // What `run` leaves of a batch.

@@ -132,12 +132,11 @@ impl Shard {
         if !opens {
             decommits.continues_deallocation();
         }
-        let held = self.hold(done, &mut decommits);
-        let mut pending = (held, decommits);
-        if pending.1.is_empty() || !self.queue.batches() {
+        let mut held = self.hold(done, &mut decommits);
+        if decommits.is_empty() || !self.queue.batches() {
             // SAFETY: the ranges came from this slot's reset, through its `SlotBytes`; the
             // slot stays `Resetting` (handed to no one, touched by no one) until `finish`.
-            let done = unsafe { decommit::run_one(pending, |held, ok| self.finish(held, ok)) };
+            let done = unsafe { decommit::run_one(held, &decommits, |held, ok| self.finish(held, ok)) };
             self.count(done);
             return;
         }
@@ -145,20 +144,20 @@ impl Shard {
         // back now, by the deallocation that left them; only blind decommits of slots that
         // keep little (usually of nothing) wait for a batch. Unless another thread is in the
         // kernel decommitting: then the slot waits in the queue instead of this thread.
-        if pending.1.runs_at_once() {
+        if decommits.runs_at_once() {
             // SAFETY: the ranges came from this slot's reset, through its `SlotBytes`; the
             // slot stays `Resetting` (handed to no one, touched by no one) until `finish`.
-            match unsafe { decommit::try_run_one(pending, |held, ok| self.finish(held, ok)) } {
+            match unsafe { decommit::try_run_one(held, &decommits, |held, ok| self.finish(held, ok)) } {
                 Ok(done) => {
                     self.count(done);
                     return;
                 }
-                Err(back) => pending = back,
+                Err(back) => held = back,
             }
         }
         // Slots leaving in a full batch stay counted in flight until it has run.
         let mut batch_counted = None;
-        let full = self.queue.push(pending, |n| {
+        let full = self.queue.push(held, &decommits, |n| {
             batch_counted = Some(self.count_in_flight(n));
         });
         drop(counted);
