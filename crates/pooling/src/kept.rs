@@ -98,14 +98,12 @@ impl PageUse {
 }
 
 /// Kept pages: sorted, disjoint, non-adjacent page-aligned runs of offsets from the slot's
-/// start, at most [`MAX_RUNS`] of them; `bytes` is their total. Each kept page has its
-/// [`PageUse`] (`uses`, in address order, one per page: `uses.len() * page == bytes`), by which
-/// pages no tenant writes any more are given back.
+/// start, at most [`MAX_RUNS`] of them. Each kept page has its [`PageUse`] (`uses`, in address
+/// order, one per page), by which pages no tenant writes any more are given back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Kept {
     runs: Vec<Range<usize>>,
     uses: Vec<PageUse>,
-    bytes: usize,
     /// The page size the runs are counted in (0 until a page is kept).
     page: usize,
 }
@@ -113,7 +111,7 @@ pub(crate) struct Kept {
 impl Kept {
     /// Bytes kept.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.uses.len() * self.page
     }
 
     /// The runs, in order.
@@ -135,7 +133,7 @@ impl Kept {
     /// it would take a run more than [`MAX_RUNS`]). Its pages start unchanged and not idle.
     pub fn add(&mut self, range: Range<usize>, budget: usize, page: usize) -> Range<usize> {
         debug_assert!(self.page == 0 || self.page == page, "one page size per slot");
-        let room = budget.saturating_sub(self.bytes) / page * page;
+        let room = budget.saturating_sub(self.bytes()) / page * page;
         let end = range.end.min(range.start.saturating_add(room));
         if end <= range.start {
             return range.start..range.start;
@@ -162,7 +160,6 @@ impl Kept {
         let pages = (end - range.start) / page;
         self.uses
             .splice(index..index, std::iter::repeat_n(PageUse::default(), pages));
-        self.bytes += end - range.start;
         range.start..end
     }
 
@@ -172,7 +169,7 @@ impl Kept {
     /// of it to be given back), and how many of its pages no tenant changed since they were
     /// kept. The pages on either side keep their uses.
     pub fn remove(&mut self, range: Range<usize>) -> (Range<usize>, usize) {
-        if self.bytes == 0 || range.is_empty() {
+        if self.uses.is_empty() || range.is_empty() {
             return (range, 0);
         }
         let at = self.runs.partition_point(|r| r.end <= range.start);
@@ -186,7 +183,6 @@ impl Kept {
         }
         let (first, last) = (self.pages_below(range.start), self.pages_below(range.end));
         let unused = self.uses.drain(first..last).filter(|u| !u.reused()).count();
-        self.bytes -= (last - first) * self.page;
         let mut i = at;
         while i < self.runs.len() && self.runs[i].start < range.end {
             let run = self.runs[i].clone();
@@ -216,7 +212,6 @@ impl Kept {
     pub fn clear(&mut self) {
         self.runs.clear();
         self.uses.clear();
-        self.bytes = 0;
     }
 
     /// Every kept run, in order, with the uses of its pages.

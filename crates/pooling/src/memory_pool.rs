@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow};
 use berth_core::{DefinedMemoryIndex, MemoryImage, ModuleId, Released, human_bytes, sys};
 
 use crate::decommit::Decommits;
-use crate::history::Learned;
+use crate::history::{History, Learned};
 use crate::layout::PoolLayout;
 use crate::reset::{self, MemoryReset, Policy};
 use crate::slot_bytes::Region;
@@ -59,22 +59,27 @@ pub(crate) struct Wanted<'a> {
     pub initial: usize,
 }
 
-/// A reset slot waiting for its decommits: what it becomes once they ran.
+/// A reset slot waiting for its decommits: what it becomes once they ran (a [`Warm`] slot,
+/// without its places in the lists and its time stamp, which it gets then; under 128 bytes, it
+/// moves through the decommit queue without a call to `memcpy`).
 #[derive(Debug)]
 pub(crate) struct Reset {
     slot: u32,
-    warm: Warm<MemoryKey>,
+    key: MemoryKey,
+    accessible: usize,
+    image: Option<Arc<MemoryImage>>,
+    history: History,
 }
 
 impl Reset {
     /// The module memory the slot is reset for.
     pub fn key(&self) -> MemoryKey {
-        self.warm.key
+        self.key
     }
 
     /// Whether the slot keeps pages resident.
     pub fn keeps_pages(&self) -> bool {
-        self.warm.history.kept.bytes() > 0
+        self.history.kept.bytes() > 0
     }
 }
 
@@ -105,10 +110,16 @@ impl Finishing<'_> {
             slots.finish(pool.local(reset.slot), None);
             return;
         };
-        let Reset { slot, mut warm } = reset;
+        let Reset {
+            slot,
+            key,
+            accessible,
+            image,
+            history,
+        } = reset;
+        let lesson = history.learned();
+        let mut warm = Warm::new(key, accessible, image, history);
         warm.stamp = stamp;
-        let lesson = warm.history.learned();
-        let key = warm.key;
         // The pool's caps are enforced pool-wide (`rebalance_warm`); a shard alone never keeps
         // more than all of one.
         slots.set_max_warm(pool.budget.cap());
@@ -453,9 +464,14 @@ impl MemoryPool {
         };
         match done {
             Ok(decommits) => {
-                let initial = job.initial.min(job.accessible);
-                let warm = Warm::new(key, initial, job.image, history);
-                Some((Reset { slot: job.slot, warm }, decommits))
+                let reset = Reset {
+                    slot: job.slot,
+                    key,
+                    accessible: job.initial.min(job.accessible),
+                    image: job.image,
+                    history,
+                };
+                Some((reset, decommits))
             }
             Err(_) => {
                 self.finish_stale(job.slot);

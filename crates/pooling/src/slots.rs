@@ -23,6 +23,7 @@ use std::collections::TryReserveError;
 use std::hash::Hash;
 
 use berth_core::cranelift_entity::EntityRef;
+use berth_core::cranelift_entity::packed_option::PackedOption;
 use std::sync::Arc;
 
 use berth_core::MemoryImage;
@@ -117,12 +118,13 @@ enum SlotState<K> {
     Resetting(Taken<K>),
 }
 
-/// A warm slot's places in the LRU list and in its key's list.
+/// A warm slot's places in the LRU list and in its key's list (packed: a slot's state is
+/// moved whole at every transition, and under 128 bytes it moves without a call to `memcpy`).
 #[derive(Debug, Clone, Copy, Default)]
 struct Links {
-    prev: Option<SlotId>,
-    next: Option<SlotId>,
-    key_pos: usize,
+    prev: PackedOption<SlotId>,
+    next: PackedOption<SlotId>,
+    key_pos: u32,
 }
 
 /// How a reset ended, for [`MemorySlots::finish`]'s caller.
@@ -439,7 +441,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
                 self.unlink(slot);
                 return Some((slot, self.make_stale(slot)));
             }
-            at = self.links(slot).next;
+            at = self.links(slot).next.expand();
         }
         None
     }
@@ -493,16 +495,17 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     fn link(&mut self, slot: SlotId) {
         let key = self.warm_at(slot).key;
         let list = self.per_key.entry(key).or_default();
-        let key_pos = list.len();
+        let key_pos =
+            u32::try_from(list.len()).expect("a key's list holds distinct slots, fewer than u32::MAX");
         list.push(slot);
         let prev = self.lru_tail;
         *self.links(slot) = Links {
-            prev,
-            next: None,
+            prev: prev.into(),
+            next: None.into(),
             key_pos,
         };
         match prev {
-            Some(tail) => self.links(tail).next = Some(slot),
+            Some(tail) => self.links(tail).next = slot.into(),
             None => self.lru_head = Some(slot),
         }
         self.lru_tail = Some(slot);
@@ -516,17 +519,17 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
         let key = self.warm_at(slot).key;
         self.warm_resident -= self.warm_at(slot).history.kept.bytes();
         let Links { prev, next, key_pos } = *self.links(slot);
-        match prev {
+        match prev.expand() {
             Some(prev) => self.links(prev).next = next,
-            None => self.lru_head = next,
+            None => self.lru_head = next.expand(),
         }
-        match next {
+        match next.expand() {
             Some(next) => self.links(next).prev = prev,
-            None => self.lru_tail = prev,
+            None => self.lru_tail = prev.expand(),
         }
         let list = self.per_key.get_mut(&key).expect("a warm slot's key has a list");
-        list.swap_remove(key_pos);
-        let moved = list.get(key_pos).copied();
+        list.swap_remove(key_pos as usize);
+        let moved = list.get(key_pos as usize).copied();
         if list.is_empty() {
             self.per_key.remove(&key);
         }
