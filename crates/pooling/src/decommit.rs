@@ -56,12 +56,12 @@ impl std::ops::AddAssign for Decommitted {
 /// are usually empty, and cheap to give back in a batch; ranges a scan found written are not,
 /// and the deallocation that leaves them pays for them at once, so that no other deallocation
 /// pays for many. The gaps of a slot that keeps many pages go at once as well (see
-/// [`Decommits::at_once`]).
+/// [`Kind::AtOnce`]).
 #[derive(Debug)]
 pub(crate) struct Decommits {
     ranges: [Range<usize>; BLIND_RUNS + 1],
     len: usize,
-    /// The deallocation that leaves them gives them back (see [`Decommits::at_once`]).
+    /// The deallocation that leaves them gives them back (see [`Kind::AtOnce`]).
     at_once: bool,
     /// The ranges may lie in populated page tables (around pages the slot keeps, or where a
     /// tenant wrote), which the kernel walks: they count toward a batch's bound on ranges.
@@ -71,37 +71,16 @@ pub(crate) struct Decommits {
     opens: bool,
 }
 
-impl Default for Decommits {
-    fn default() -> Self {
-        Decommits {
-            ranges: Default::default(),
-            len: 0,
-            at_once: false,
-            walked: true,
-            opens: true,
-        }
-    }
-}
-
-impl Decommits {
-    /// Ranges a blind reset gives back (batched), around pages the slot keeps; the slot opens
-    /// a deallocation unless [`continues_deallocation`](Self::continues_deallocation) says
-    /// otherwise.
-    pub fn blind() -> Decommits {
-        Decommits::default()
-    }
-
+/// What a slot's decommits are for, which decides who gives them back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Ranges a blind reset gives back (batched), around pages the slot keeps.
+    Blind,
     /// What a blind reset gives back of a slot that keeps no page, whose scans found nothing
     /// written: its memory, where no page table is left to walk (the kernel frees a page table
     /// that a decommit empties). Such ranges cost the call about a third of a microsecond each,
     /// and count only toward a batch's [`MAX_RANGES`], not its [`BOUND_RANGES`].
-    pub fn idle() -> Decommits {
-        Decommits {
-            walked: false,
-            ..Decommits::default()
-        }
-    }
-
+    Idle,
     /// Ranges the deallocation that leaves them gives back, rather than a batch: those a scan
     /// found written (or a churning slot's tenant wrote), which hold pages, and the gaps of a
     /// slot that keeps many pages. Such a slot, finished at once, is the one the module's next
@@ -109,11 +88,30 @@ impl Decommits {
     /// leave its module's tenants turning over three slots or more, whose kept pages together
     /// outgrow the cache, and each reset would read its kept pages from further away (see
     /// `reset::CACHED`).
-    pub fn at_once() -> Decommits {
-        Decommits {
-            at_once: true,
-            ..Decommits::default()
-        }
+    AtOnce,
+}
+
+impl Decommits {
+    /// No ranges yet, of `kind`; the slot opens a deallocation unless
+    /// [`continues_deallocation`](Self::continues_deallocation) says otherwise.
+    pub fn new(kind: Kind) -> Decommits {
+        let mut decommits = Decommits {
+            ranges: Default::default(),
+            len: 0,
+            at_once: false,
+            walked: true,
+            opens: true,
+        };
+        decommits.restart(kind);
+        decommits
+    }
+
+    /// Starts over as `kind`, with no range. A reset fills the decommits its caller holds in
+    /// place this way: at 160 bytes, each move of them was a call to `memcpy`, three a reset.
+    pub fn restart(&mut self, kind: Kind) {
+        self.len = 0;
+        self.at_once = kind == Kind::AtOnce;
+        self.walked = kind != Kind::Idle;
     }
 
     /// Marks the slot as one its instance's deallocation gives back after another.
@@ -172,7 +170,7 @@ impl Decommits {
 /// The most batches a queue holds while other threads are decommitting: past that, a thread
 /// waits for its turn rather than hold more slots back.
 const DEFERRED: usize = 4;
-/// Ranges in populated page tables (all but [`Decommits::idle`]'s) that a batch of the slots
+/// Ranges in populated page tables (all but [`Kind::Idle`] slots') that a batch of the slots
 /// of [`BOUNDED`] deallocations or more holds at most: each costs the deallocation that runs
 /// the batch a microsecond or more here (the gaps around the kept pages of a slot with an
 /// image, or of one whose tenants write all over a large memory), where an idle slot's range
@@ -208,7 +206,7 @@ type Queued<T> = (T, usize);
 pub(crate) struct Batch<T> {
     pending: Vec<Queued<T>>,
     ranges: Vec<Range<usize>>,
-    /// How many of `ranges` count toward the bound on ranges ([`Decommits::idle`]'s do not).
+    /// How many of `ranges` count toward the bound on ranges ([`Kind::Idle`] slots' do not).
     walked: usize,
     /// Deallocations the slots come from (see [`Decommits::continues_deallocation`]).
     deallocations: usize,
@@ -515,14 +513,14 @@ mod tests {
     use super::*;
 
     fn one(range: Range<usize>) -> Decommits {
-        let mut decommits = Decommits::blind();
+        let mut decommits = Decommits::new(Kind::Blind);
         decommits.push(range);
         decommits
     }
 
     /// What a slot that keeps runs leaves to decommit: the gaps around them.
     fn gaps(n: usize) -> Decommits {
-        let mut decommits = Decommits::blind();
+        let mut decommits = Decommits::new(Kind::Blind);
         for i in 0..n {
             decommits.push(2 * i..2 * i + 1);
         }
@@ -536,7 +534,7 @@ mod tests {
 
     /// What a slot that keeps nothing leaves: its memory, in no populated page table.
     fn idle(range: Range<usize>) -> Decommits {
-        let mut decommits = Decommits::idle();
+        let mut decommits = Decommits::new(Kind::Idle);
         decommits.push(range);
         decommits
     }

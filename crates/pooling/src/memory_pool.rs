@@ -425,11 +425,12 @@ impl MemoryPool {
         self.lock().slots.abandon(self.local(slot));
     }
 
-    /// Resets a slot its tenant gave back, all but the decommits, which it returns with the
-    /// slot for the caller to run (alone or in a batch) before [`Finishing::finish`]. Only
-    /// that slot is touched, so this runs without the lock. A reset that fails leaves the slot
-    /// stale (finished here: it is re-mapped before its next use), and returns `None`.
-    pub fn reset(&self, job: MemoryReset) -> Option<(Reset, Decommits)> {
+    /// Resets a slot its tenant gave back, all but the decommits, which it leaves in
+    /// `decommits` for the caller to run (alone or in a batch) before [`Finishing::finish`],
+    /// and returns the slot. Only that slot is touched, so this runs without the lock. A reset
+    /// that fails leaves the slot stale (finished here: it is re-mapped before its next use),
+    /// and returns `None`.
+    pub fn reset(&self, job: MemoryReset, decommits: &mut Decommits) -> Option<Reset> {
         let local = self.local(job.slot);
         let (key, mut history) = {
             let mut state = self.lock();
@@ -460,10 +461,10 @@ impl MemoryPool {
         let done = if injected {
             Err(std::io::Error::other("injected reset failure"))
         } else {
-            reset::reset(&mut bytes, &job, &mut history, policy)
+            reset::reset(&mut bytes, &job, &mut history, policy, decommits)
         };
         match done {
-            Ok(decommits) => {
+            Ok(()) => {
                 let reset = Reset {
                     slot: job.slot,
                     key,
@@ -471,7 +472,7 @@ impl MemoryPool {
                     image: job.image,
                     history,
                 };
-                Some((reset, decommits))
+                Some(reset)
             }
             Err(_) => {
                 self.finish_stale(job.slot);

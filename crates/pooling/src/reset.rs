@@ -37,7 +37,7 @@ use std::sync::Arc;
 use berth_core::MemoryImage;
 use berth_core::sys::PageMap;
 
-use crate::decommit::Decommits;
+use crate::decommit::{Decommits, Kind};
 use crate::history::{Edge, History, Seen, is_cold};
 use crate::kept::{BLIND_RUNS, Kept, MAX_RUNS, Ranges};
 use crate::slot_bytes::SlotBytes;
@@ -52,7 +52,7 @@ const PROBE: usize = 64 << 10;
 /// Stale stretches one reset gives back at most (each is a range to decommit; the rest wait).
 const IDLE_DROPS: usize = BLIND_RUNS;
 /// Kept bytes from which a slot's blind decommits run at once rather than wait for a batch
-/// ([`Decommits::at_once`]): a module's tenants would otherwise turn over three slots or more
+/// ([`Kind::AtOnce`]): a module's tenants would otherwise turn over three slots or more
 /// (a batch holds three deallocations or more), whose kept pages together, at this size,
 /// outgrow a core's L2 cache (512 KiB to 2 MiB on current x86 cores), and each reset would read
 /// its kept pages from L3 or memory. Measured here (`heap-4m`, 784 KiB kept, four slots in
@@ -296,15 +296,16 @@ fn refresh(
 }
 
 /// Resets `bytes` (a slot whose tenant could write `job.accessible` bytes) all but its
-/// decommits, which it returns for the caller to run before the slot is used again, and
-/// updates `history`. Afterwards `job.initial` bytes are accessible. An error (a protection
+/// decommits, which it leaves in `decommits` (whatever they held before) for the caller to run
+/// before the slot is used again, and updates `history`. Afterwards `job.initial` bytes are accessible. An error (a protection
 /// change refused) leaves the slot in no known state.
 pub(crate) fn reset(
     bytes: &mut SlotBytes,
     job: &MemoryReset,
     history: &mut History,
     policy: Policy<'_>,
-) -> io::Result<Decommits> {
+    decommits: &mut Decommits,
+) -> io::Result<()> {
     let accessible = job.accessible.min(bytes.accessible());
     let page = policy.page;
     let no_image: &[u8] = &[];
@@ -326,17 +327,15 @@ pub(crate) fn reset(
             // everything the tenant could reach (the image's pages come from its file); kept
             // pages above it stay kept.
             None => {
-                let mut decommits = Decommits::blind();
-                give_back(bytes, history, 0, accessible, &mut decommits);
-                bytes.protect_from(job.initial.min(accessible))?;
-                return Ok(decommits);
+                decommits.restart(Kind::Blind);
+                give_back(bytes, history, 0, accessible, decommits);
+                return bytes.protect_from(job.initial.min(accessible));
             }
         },
     };
     let verify = history.verifies();
     let seen = refresh(bytes, &image, &mut history.kept, accessible, page, verify);
     history.saw(seen);
-    let mut decommits;
     // Whether the slot's habits have it scan; else, whether it may learn more pages.
     let habit = history.scans(accessible);
     let learns = !history.churning() && history.kept.bytes() + page <= policy.keep;
@@ -369,7 +368,7 @@ pub(crate) fn reset(
             written.clear();
             written.push(0..accessible);
         }
-        decommits = Decommits::at_once();
+        decommits.restart(Kind::AtOnce);
         let mut found = false;
         let mut over = accessible;
         let mut left_out = 0;
@@ -408,7 +407,7 @@ pub(crate) fn reset(
         written.shrink_to(MAX_RUNS);
         WRITTEN.set(written);
         history.scanned(found);
-        give_back(bytes, history, over, accessible, &mut decommits);
+        give_back(bytes, history, over, accessible, decommits);
         // Kept pages no tenant writes any more go back with them, in the room left.
         if seen.idle > 0 {
             let stale = history.drop_stale::<IDLE_DROPS>(false, usize::MAX, decommits.room(), page);
@@ -427,13 +426,13 @@ pub(crate) fn reset(
         if seen.idle > 0 {
             history.drop_stale::<BLIND_RUNS>(true, accessible, BLIND_RUNS, page);
         }
-        decommits = if history.churning() || history.kept.bytes() >= CACHED {
-            Decommits::at_once()
+        decommits.restart(if history.churning() || history.kept.bytes() >= CACHED {
+            Kind::AtOnce
         } else if history.kept.bytes() == 0 {
-            Decommits::idle()
+            Kind::Idle
         } else {
-            Decommits::blind()
-        };
+            Kind::Blind
+        });
         for gap in history.kept.gaps(0..accessible) {
             let gap = trim(gap, clean, page);
             if !gap.is_empty() {
@@ -458,8 +457,8 @@ pub(crate) fn reset(
                 }
             }
         }
-        decommits = Decommits::blind();
-        give_back(bytes, history, over, accessible, &mut decommits);
+        decommits.restart(Kind::Blind);
+        give_back(bytes, history, over, accessible, decommits);
         if seen.idle > 0 {
             let stale = history.drop_stale::<IDLE_DROPS>(true, usize::MAX, decommits.room(), page);
             for run in stale.as_slice() {
@@ -467,8 +466,7 @@ pub(crate) fn reset(
             }
         }
     }
-    bytes.protect_from(job.initial.min(accessible))?;
-    Ok(decommits)
+    bytes.protect_from(job.initial.min(accessible))
 }
 
 #[cfg(test)]

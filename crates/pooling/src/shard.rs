@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use anyhow::Result;
 
-use crate::decommit::{self, Batch, DecommitQueue, Decommits, Decommitted};
+use crate::decommit::{self, Batch, DecommitQueue, Decommits, Decommitted, Kind};
 use crate::memory_pool::{self, Choose, Finishing, Lease, MemoryKey, MemoryPool, Wanted};
 use crate::reset::MemoryReset;
 use crate::table_pool::{TableDone, TablePool, TableReset};
@@ -117,14 +117,15 @@ impl Shard {
             Release::Table(_) => &self.table_resets,
         };
         resets.fetch_add(1, Ordering::Relaxed);
-        let (done, mut decommits) = match release {
-            Release::Memory(job) => match self.memories.reset(job) {
-                Some((reset, decommits)) => (Done::Memory(reset), decommits),
+        let mut decommits = Decommits::new(Kind::Blind);
+        let done = match release {
+            Release::Memory(job) => match self.memories.reset(job, &mut decommits) {
+                Some(reset) => Done::Memory(reset),
                 // The reset failed and already left its slot stale.
                 None => return,
             },
-            Release::Table(job) => match self.tables.reset(job) {
-                Some((done, decommits)) => (Done::Table(done), decommits),
+            Release::Table(job) => match self.tables.reset(job, &mut decommits) {
+                Some(done) => Done::Table(done),
                 // Nothing to decommit: already free.
                 None => return,
             },

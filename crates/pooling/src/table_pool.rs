@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use anyhow::{Result, anyhow};
 use berth_core::{Released, human_bytes};
 
-use crate::decommit::{Decommits, Decommitted};
+use crate::decommit::{Decommits, Decommitted, Kind};
 use crate::layout::PoolLayout;
 use crate::slot_bytes::{Region, SlotBytes};
 use berth_core::cranelift_entity::EntityRef;
@@ -196,9 +196,9 @@ impl TablePool {
 
     /// Zeroes the first `table_keep_resident` bytes the tenant could have written. If that is
     /// all it could have written, the slot is free again at once and this returns `None`; else
-    /// the slot is `Resetting` and this returns it with the rest to decommit (addresses,
-    /// page-aligned), for [`finish`](Self::finish) once that ran.
-    pub fn reset(&self, job: TableReset) -> Option<(TableDone, Decommits)> {
+    /// the slot is `Resetting` and this returns it, the rest to decommit (addresses,
+    /// page-aligned) left in `decommits`, for [`finish`](Self::finish) once that ran.
+    pub fn reset(&self, job: TableReset, decommits: &mut Decommits) -> Option<TableDone> {
         let stride = self.layout.table_stride;
         let dirty = job.dirty.min(stride);
         let keep = self.layout.table_keep_resident;
@@ -215,14 +215,14 @@ impl TablePool {
         self.lock().release(local);
         // `keep` is a multiple of the page size.
         let rest = keep..end;
-        let mut decommits = Decommits::at_once();
+        decommits.restart(Kind::AtOnce);
         decommits.push(bytes.address_range(rest.clone()));
         let done = TableDone {
             slot: job.slot,
             resident: keep,
             rest,
         };
-        Some((done, decommits))
+        Some(done)
     }
 
     /// Returns a reset slot to the free list; if its decommit failed (`decommitted` false),
