@@ -303,7 +303,8 @@ impl MemoryPool {
     /// `None` if no slot of the kind `choose` allows is free. A slot that is not ready for the
     /// memory as it is gets its mapping fixed.
     pub fn take(&self, key: MemoryKey, wanted: &Wanted<'_>, choose: Choose) -> Option<Result<Lease>> {
-        let (local, idle) = {
+        let mut idle = Idle::Stale;
+        let local = {
             let mut state = self.lock();
             let State { slots, learned } = &mut *state;
             // A cold slot only while the pool keeps fewer warm slots than its cap: at the cap,
@@ -323,9 +324,9 @@ impl MemoryPool {
             if refused {
                 return None;
             }
-            let (local, _, idle) = slots.take(key, || learned.get(&key).copied().unwrap_or_default())?;
+            let (local, _) = slots.take(key, || learned.get(&key).copied().unwrap_or_default(), &mut idle)?;
             self.publish(slots);
-            (local, idle)
+            local
         };
         let slot = self.first + local.as_u32();
         let len = self.layout.memory_reservation;

@@ -160,6 +160,9 @@ pub(crate) struct MemorySlots<K> {
     lru_head: Option<SlotId>,
     /// Most recently freed warm slot.
     lru_tail: Option<SlotId>,
+    /// Each key's warm slots. A key whose slots are all taken keeps its empty list (and its
+    /// room) until its module is purged: slots that pass through the decommit queue together
+    /// would otherwise free the list and allocate it again at every batch.
     per_key: FastMap<K, Vec<SlotId>>,
     /// Slots being reset (a few: each thread resets one at a time, and a queue holds a few
     /// batches).
@@ -235,7 +238,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
 
     /// Whether a slot of `key` is warm.
     pub fn has_warm(&self, key: K) -> bool {
-        self.per_key.contains_key(&key)
+        self.per_key.get(&key).is_some_and(|list| !list.is_empty())
     }
 
     /// Warm slots and slots being reset (which turn warm soon): what counts against the
@@ -259,18 +262,21 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     /// Whether [`take`](Self::take) for `key` would take another key's warm slot (or find
     /// nothing): no slot of `key` is warm and no cold one may be taken.
     pub fn would_steal(&self, key: K) -> bool {
-        !self.per_key.contains_key(&key) && !self.may_take_cold()
+        !self.has_warm(key) && !self.may_take_cold()
     }
 
-    /// Hands a slot to a tenant of `key` (it becomes `Held`) with what it held, or `None` if
-    /// every slot is taken. A slot that was not `key`'s starts its history from `learned()`
-    /// (what `key`'s other slots learned); the pages it kept for another key are in what it
-    /// held, for the caller to give back.
+    /// Hands a slot to a tenant of `key` (it becomes `Held`), or `None` if every slot is
+    /// taken, and puts what it held in `held` (left as it was if none). A slot that was not
+    /// `key`'s starts its history from `learned()` (what `key`'s other slots learned); the
+    /// pages it kept for another key are in what it held, for the caller to give back. (What
+    /// it held comes out through `held` since, at 128 bytes, returned with the slot's number
+    /// it was copied by a call to `memcpy`.)
     pub fn take(
         &mut self,
         key: K,
         learned: impl FnOnce() -> Learned,
-    ) -> Option<(SlotId, Choice<K>, Idle<K>)> {
+        held: &mut Idle<K>,
+    ) -> Option<(SlotId, Choice<K>)> {
         let affine = self.per_key.get(&key).and_then(|list| list.last().copied());
         let (slot, choice) = if let Some(slot) = affine {
             self.unlink(slot);
@@ -298,21 +304,21 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
             purged: false,
         };
         self.held += 1;
-        let mut idle = match std::mem::replace(&mut self.states[slot.index()], SlotState::Held(taken)) {
+        *held = match std::mem::replace(&mut self.states[slot.index()], SlotState::Held(taken)) {
             SlotState::Idle(idle) => idle,
             other => unreachable!("slot {slot} chosen while {other:?}"),
         };
         // The history moves to the held slot if the slot stays with its key; a slot taken from
         // another key starts afresh, and the caller gives back the pages it kept for that key
         // (they are still in `idle`), which would only take the new key's budget.
-        let history = match (&mut idle, choice) {
+        let history = match (&mut *held, choice) {
             (Idle::Warm(warm), Choice::Affine) => std::mem::take(&mut warm.history),
             _ => History::default().for_new_key(learned()),
         };
         if let SlotState::Held(taken) = &mut self.states[slot.index()] {
             taken.history = history;
         }
-        Some((slot, choice, idle))
+        Some((slot, choice))
     }
 
     fn warm_at(&self, slot: SlotId) -> &Warm<K> {
@@ -471,6 +477,7 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
                 self.unlink(slot);
                 out.push((slot, self.make_stale(slot)));
             }
+            self.per_key.remove(&key);
         }
         for state in &mut self.states {
             if let SlotState::Held(taken) | SlotState::Resetting(taken) = state
@@ -530,9 +537,6 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
         let list = self.per_key.get_mut(&key).expect("a warm slot's key has a list");
         list.swap_remove(key_pos as usize);
         let moved = list.get(key_pos as usize).copied();
-        if list.is_empty() {
-            self.per_key.remove(&key);
-        }
         if let Some(moved) = moved {
             self.links(moved).key_pos = key_pos;
         }
@@ -547,6 +551,18 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// [`MemorySlots::take`], with what the slot held returned beside it.
+    fn take<K: Copy + Eq + Hash + std::fmt::Debug>(
+        slots: &mut MemorySlots<K>,
+        key: K,
+        learned: impl FnOnce() -> Learned,
+    ) -> Option<(SlotId, Choice<K>, Idle<K>)> {
+        let mut held = Idle::Stale;
+        slots
+            .take(key, learned, &mut held)
+            .map(|(slot, choice)| (slot, choice, held))
+    }
 
     #[derive(Debug, Clone)]
     enum Op {
@@ -600,7 +616,7 @@ mod tests {
                 match op {
                     Op::Take(key, abandon) => {
                         let would_steal = slots.would_steal(key);
-                        match slots.take(key, Learned::default) {
+                        match take(&mut slots, key, Learned::default) {
                             Some((slot, choice, idle)) => {
                                 prop_assert_eq!(would_steal, matches!(choice, Choice::Stolen(_)), "would_steal disagrees with take");
                                 prop_assert!(slot.as_u32() < len);
@@ -710,34 +726,37 @@ mod tests {
     #[test]
     fn the_least_recently_used_warm_slot_is_stolen_at_the_cap() {
         let mut slots = MemorySlots::<u8>::new(3, 2).unwrap();
-        let (a, ..) = slots.take(1, Learned::default).unwrap();
-        let (b, ..) = slots.take(2, Learned::default).unwrap();
+        let (a, ..) = take(&mut slots, 1, Learned::default).unwrap();
+        let (b, ..) = take(&mut slots, 2, Learned::default).unwrap();
         assert!(give(&mut slots, a, 1).is_none());
         assert!(give(&mut slots, b, 2).is_none());
         // Two warm slots: at the cap, so key 3 takes the LRU one (a) rather than the cold one.
-        let (slot, choice, _) = slots.take(3, Learned::default).unwrap();
+        let (slot, choice, _) = take(&mut slots, 3, Learned::default).unwrap();
         assert_eq!((slot, choice), (a, Choice::Stolen(1)));
         // Under the cap again: key 4 takes the cold slot.
-        assert_eq!(slots.take(4, Learned::default).map(|t| t.1), Some(Choice::Cold));
         assert_eq!(
-            slots.take(2, Learned::default).map(|t| (t.0, t.1)),
+            take(&mut slots, 4, Learned::default).map(|t| t.1),
+            Some(Choice::Cold)
+        );
+        assert_eq!(
+            take(&mut slots, 2, Learned::default).map(|t| (t.0, t.1)),
             Some((b, Choice::Affine))
         );
-        assert!(slots.take(2, Learned::default).is_none());
+        assert!(take(&mut slots, 2, Learned::default).is_none());
     }
 
     #[test]
     fn finishing_over_the_cap_pushes_the_least_recently_used_out_stale() {
         let mut slots = MemorySlots::<u8>::new(3, 1).unwrap();
-        let (a, ..) = slots.take(1, Learned::default).unwrap();
-        let (b, ..) = slots.take(2, Learned::default).unwrap();
+        let (a, ..) = take(&mut slots, 1, Learned::default).unwrap();
+        let (b, ..) = take(&mut slots, 2, Learned::default).unwrap();
         assert!(give(&mut slots, a, 1).is_none());
         let (evicted, warm) = give(&mut slots, b, 2).unwrap();
         assert_eq!((evicted, warm.key), (a, 1));
         assert_eq!(slots.warm(), 1);
         // Stale until cooled: taken cold (under a higher cap), holding nothing known.
         slots.set_max_warm(2);
-        let (c, choice, idle) = slots.take(3, Learned::default).unwrap();
+        let (c, choice, idle) = take(&mut slots, 3, Learned::default).unwrap();
         assert_eq!((c, choice), (a, Choice::Cold));
         assert!(matches!(idle, Idle::Stale));
     }
@@ -745,7 +764,7 @@ mod tests {
     #[test]
     fn a_slot_new_to_a_key_starts_from_the_keys_streak_and_hands_its_kept_pages_back() {
         let mut slots = MemorySlots::<u8>::new(2, 1).unwrap();
-        let (a, ..) = slots.take(1, Learned::default).unwrap();
+        let (a, ..) = take(&mut slots, 1, Learned::default).unwrap();
         slots.release(a);
         let mut learned = History::default();
         learned.kept.add(8192..16384, 1 << 20, 4096);
@@ -759,7 +778,7 @@ mod tests {
         // At a cap of 0, key 2 takes key 1's warm slot rather than the one never used.
         slots.set_max_warm(0);
         let key_learned = Learned { streak: 7, kept: 0 };
-        let (stolen, choice, idle) = slots.take(2, || key_learned).unwrap();
+        let (stolen, choice, idle) = take(&mut slots, 2, || key_learned).unwrap();
         assert_eq!((stolen, choice), (a, Choice::Stolen(1)));
         assert_eq!(slots.warm_resident(), 0);
         let Idle::Warm(previous) = idle else {
