@@ -133,20 +133,22 @@ impl Instance {
         unsafe { self.get_unchecked_mut() }
     }
 
+    // The module's name is read only for the error: copied up front, it cost every growth
+    // and write an allocation.
     fn memory_mut(&mut self, index: DefinedMemoryIndex) -> Result<&mut Memory> {
-        let name = self.module.name().unwrap_or("<unnamed>").to_owned();
-        self.memories
-            .get_mut(index)
-            .map(|(_, m)| m)
-            .ok_or_else(|| anyhow!("module {name} has no defined memory {}", index.as_u32()))
+        let module = &self.module;
+        self.memories.get_mut(index).map(|(_, m)| m).ok_or_else(|| {
+            let name = module.name().unwrap_or("<unnamed>");
+            anyhow!("module {name} has no defined memory {}", index.as_u32())
+        })
     }
 
     fn table_mut(&mut self, index: DefinedTableIndex) -> Result<&mut Table> {
-        let name = self.module.name().unwrap_or("<unnamed>").to_owned();
-        self.tables
-            .get_mut(index)
-            .map(|(_, t)| t)
-            .ok_or_else(|| anyhow!("module {name} has no defined table {}", index.as_u32()))
+        let module = &self.module;
+        self.tables.get_mut(index).map(|(_, t)| t).ok_or_else(|| {
+            let name = module.name().unwrap_or("<unnamed>");
+            anyhow!("module {name} has no defined table {}", index.as_u32())
+        })
     }
 
     /// Reads `buf.len()` bytes of memory `index` at `offset`.
