@@ -41,10 +41,15 @@ impl ModuleId {
 
 /// The facts about one WebAssembly module that instance allocation needs.
 ///
+/// Cloning is cheap and keeps the module's identity: a clone has the same id and shares the
+/// segments and the images (built once for all clones), so that threads can each count their
+/// instances on an `Arc<Module>` of their own (one shared count, updated by every instance,
+/// cost two threads on a 1 µs cycle a tenth of their speed).
+///
 /// Aligned to 128 bytes (two cache lines, the unit the processor's adjacent-line prefetcher
 /// fetches) so that in an `Arc<Module>` the reference count, which every instance updates,
 /// shares no cache line with the fields every instantiation reads.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 #[repr(align(128))]
 pub struct Module {
     id: ModuleId,
@@ -58,15 +63,22 @@ pub struct Module {
     tables: PrimaryMap<TableIndex, TableType>,
     globals: PrimaryMap<GlobalIndex, GlobalType>,
     global_inits: PrimaryMap<DefinedGlobalIndex, GlobalInit>,
+    /// What clones share.
+    segments: Arc<Segments>,
+    /// The counts its vmctx layout depends on, computed once when it is built (every
+    /// instantiation checks its offsets against them).
+    vmctx_fields: VMOffsetsFields,
+}
+
+/// The parts of a module its clones share: the segments, and the images built from them.
+#[derive(Debug)]
+struct Segments {
     data: Vec<DataSegment>,
     elements: Vec<ElementSegment>,
     /// Each element segment's items as packed function indices (null as the reserved value),
     /// the form resolvers read in bulk.
     element_funcs: Vec<Box<[PackedOption<FuncIndex>]>>,
     images: OnceCell<PrimaryMap<DefinedMemoryIndex, Option<Arc<MemoryImage>>>>,
-    /// The counts its vmctx layout depends on, computed once when it is built (every
-    /// instantiation checks its offsets against them).
-    vmctx_fields: VMOffsetsFields,
 }
 
 impl Module {
@@ -243,7 +255,7 @@ impl Module {
                 found.push(anyhow::Error::new(error).context(what));
             }
         };
-        for (i, segment) in self.elements.iter().enumerate() {
+        for (i, segment) in self.segments.elements.iter().enumerate() {
             if let ElementKind::Active { table, offset } = &segment.kind {
                 let size = self
                     .defined_table_index(*table)
@@ -258,7 +270,7 @@ impl Module {
                 );
             }
         }
-        for (i, segment) in self.data.iter().enumerate() {
+        for (i, segment) in self.segments.data.iter().enumerate() {
             if let DataKind::Active { memory, offset } = &segment.kind {
                 let size = self
                     .defined_memory_index(*memory)
@@ -286,18 +298,18 @@ impl Module {
 
     /// The data segments, in module order.
     pub fn data_segments(&self) -> &[DataSegment] {
-        &self.data
+        &self.segments.data
     }
 
     /// The element segments, in module order.
     pub fn element_segments(&self) -> &[ElementSegment] {
-        &self.elements
+        &self.segments.elements
     }
 
     /// Element segment `index`'s items as packed function indices (null entries as
     /// `PackedOption::default()`), in the form [`FuncResolver::resolve_funcs`](crate::FuncResolver::resolve_funcs) takes.
     pub fn element_funcs(&self, index: usize) -> &[PackedOption<FuncIndex>] {
-        self.element_funcs.get(index).map_or(&[], |funcs| funcs)
+        self.segments.element_funcs.get(index).map_or(&[], |funcs| funcs)
     }
 
     /// The copy-on-write images of the defined memories' initial data (`None` for a memory
@@ -306,7 +318,7 @@ impl Module {
     /// instantiation finds them built. An image that cannot be made (the kernel refuses the
     /// file) is an error, here and every time it is asked again, never a silent copy.
     pub fn memory_images(&self) -> Result<&PrimaryMap<DefinedMemoryIndex, Option<Arc<MemoryImage>>>> {
-        self.images.get_or_try_init(|| {
+        self.segments.images.get_or_try_init(|| {
             let mut images = PrimaryMap::new();
             for (defined, _) in self.defined_memories() {
                 let image = match self.image_data(defined) {
@@ -343,7 +355,7 @@ impl Module {
             .minimum_bytes()
             .and_then(|b| usize::try_from(b).ok())?;
         let mut placed = Vec::new();
-        for segment in &self.data {
+        for segment in &self.segments.data {
             let DataKind::Active {
                 memory: target,
                 offset,
@@ -630,23 +642,25 @@ impl ModuleBuilder {
             tables,
             globals,
             global_inits,
-            data: self.data,
-            element_funcs: self
-                .elements
-                .iter()
-                .map(|segment| {
-                    segment
-                        .items
-                        .iter()
-                        .map(|item| match item {
-                            ElementItem::Func(func) => PackedOption::from(*func),
-                            ElementItem::Null => PackedOption::default(),
-                        })
-                        .collect()
-                })
-                .collect(),
-            elements: self.elements,
-            images: OnceCell::new(),
+            segments: Arc::new(Segments {
+                data: self.data,
+                element_funcs: self
+                    .elements
+                    .iter()
+                    .map(|segment| {
+                        segment
+                            .items
+                            .iter()
+                            .map(|item| match item {
+                                ElementItem::Func(func) => PackedOption::from(*func),
+                                ElementItem::Null => PackedOption::default(),
+                            })
+                            .collect()
+                    })
+                    .collect(),
+                elements: self.elements,
+                images: OnceCell::new(),
+            }),
             vmctx_fields: VMOffsetsFields::default(),
         };
         module.vmctx_fields = VMOffsetsFields {

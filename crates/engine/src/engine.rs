@@ -133,7 +133,12 @@ impl Engine {
             engine: self.clone(),
         });
         let lanes = (0..lane_count())
-            .map(|_| Arc::new(Lane { inner: inner.clone() }))
+            .map(|_| {
+                Arc::new(Lane {
+                    inner: inner.clone(),
+                    module: Arc::new(Module::clone(&inner.module)),
+                })
+            })
             .collect();
         Ok(LoadedModule { inner, lanes })
     }
@@ -183,13 +188,16 @@ fn lane_count() -> usize {
 }
 
 /// A handle on a loaded module that keeps it (and its engine) alive, one of several so that
-/// instances on different threads count themselves apart.
+/// instances on different threads count themselves apart: on the lane itself, and on the
+/// lane's own clone of the module, which the allocator's instance block holds.
 ///
 /// Aligned so that each lane's reference count has its cache lines to itself.
 #[derive(Debug)]
 #[repr(align(128))]
 pub(crate) struct Lane {
     pub(crate) inner: Arc<LoadedInner>,
+    /// The module (a clone of `inner`'s, the same module) that instances of this lane hold.
+    pub(crate) module: Arc<Module>,
 }
 
 #[derive(Debug)]

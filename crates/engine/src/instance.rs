@@ -100,12 +100,13 @@ impl<'m> InstanceBuilder<'m> {
 
     /// Allocates the instance.
     pub fn instantiate(self) -> Result<Instance> {
+        let lane = self.module.lane();
         let inner = &self.module.inner;
         let engine = &inner.engine;
         let mut limiter = self.limiter;
         let resolver = self.resolver;
         let request = InstanceAllocationRequest {
-            module: &inner.module,
+            module: &lane.module,
             offsets: &inner.offsets,
             tunables: engine.tunables(),
             imports: Imports {
@@ -128,7 +129,7 @@ impl<'m> InstanceBuilder<'m> {
         // initialization fails.
         let mut instance = Instance {
             handle,
-            lane: self.module.lane(),
+            lane,
             limiter,
         };
         // SAFETY: the imports are live (the contract of `InstanceBuilder::imports`, or there are
@@ -175,7 +176,7 @@ impl Instance {
 
     /// The facts of the module this is an instance of.
     pub fn module(&self) -> &Arc<Module> {
-        &self.lane.inner.module
+        &self.lane.module
     }
 
     /// The engine this instance was made by.
