@@ -505,6 +505,44 @@ fn a_module_purged_while_its_slot_waits_for_reset_leaves_no_warm_slot() {
     );
 }
 
+/// A clone of a module is the same module (same id, shared images): loaded twice, it is
+/// forgotten by the backend only when both loaded modules are gone, and instances of either
+/// reuse the same warm slot.
+#[test]
+fn clones_of_a_module_loaded_twice_are_purged_with_the_last() {
+    let mut config = Config::new();
+    config.memory_reservation(1 << 20).memory_guard_size(PAGE as u64);
+    let mut pool = PoolingConfig::new();
+    pool.total_memories(4).total_tables(4).max_memory_size(1 << 20);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    let engine = Engine::new(&config).unwrap();
+    let module = data_module("twice", 1, &[(0, vec![7; 2 * 4096])]);
+    assert_eq!(module.clone().id(), module.id());
+    let first = engine.load(module.clone()).unwrap();
+    let second = engine.load(module).unwrap();
+    drop(Instance::new(&first).unwrap());
+    let warm = engine.stats().warm_memory_slots;
+    assert_eq!(warm, 1, "the first loaded module's slot is warm");
+    drop(first);
+    assert_eq!(
+        engine.stats().warm_memory_slots,
+        warm,
+        "the module is still loaded: its warm slot stays"
+    );
+    let tenant = Instance::new(&second).unwrap();
+    let mut byte = [0u8];
+    tenant.memory_read(0, 4096, &mut byte).unwrap();
+    assert_eq!(byte, [7], "the image is the module's");
+    drop(tenant);
+    assert_eq!(engine.stats().warm_memory_slots, 1, "one slot, reused");
+    drop(second);
+    assert_eq!(
+        engine.stats().warm_memory_slots,
+        0,
+        "purged with the last loaded module"
+    );
+}
+
 /// Constant expressions may `global.get` any earlier immutable global, defined ones included
 /// (Wasm 3.0): global initializers and data and element offsets read them, on both backends,
 /// with and without images, and an offset loading can resolve still makes an image.

@@ -1,11 +1,12 @@
 //! The engine and the modules loaded into it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use berth_core::{
-    AllocatorStats, HostPtr, InstanceAllocator, InstanceAllocatorImpl, MemoryType, Module, Released,
-    StandaloneMemories, StandaloneMemory, Tunables, VMOffsets, sys,
+    AllocatorStats, HostPtr, InstanceAllocator, InstanceAllocatorImpl, MemoryType, Module, ModuleId,
+    Released, StandaloneMemories, StandaloneMemory, Tunables, VMOffsets, sys,
 };
 use berth_on_demand::OnDemandInstanceAllocator;
 use berth_pooling::PoolingInstanceAllocator;
@@ -27,6 +28,9 @@ struct EngineInner {
     allocator: Arc<dyn InstanceAllocatorImpl>,
     strategy: &'static str,
     memories: StandaloneMemories,
+    /// How many loaded modules hold each module id (clones of a `Module` keep its id, and each
+    /// may be loaded): the backend forgets a module when the last of them goes.
+    loaded: Mutex<HashMap<ModuleId, usize>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -60,8 +64,17 @@ impl Engine {
                 memories: StandaloneMemories::new(allocator.clone(), tunables),
                 allocator,
                 strategy,
+                loaded: Mutex::default(),
             }),
         })
+    }
+
+    fn loaded(&self) -> std::sync::MutexGuard<'_, HashMap<ModuleId, usize>> {
+        // A count and an insert or remove: nothing a panic leaves half done.
+        self.inner
+            .loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The frozen tunables every backend honours.
@@ -127,6 +140,8 @@ impl Engine {
                 .memory_images()
                 .with_context(|| format!("module {name}: copy-on-write memory images"))?;
         }
+        // Counted before the loaded module exists, whose drop uncounts it.
+        *self.loaded().entry(module.id()).or_default() += 1;
         let inner = Arc::new(LoadedInner {
             module: Arc::new(module),
             offsets,
@@ -231,6 +246,22 @@ impl LoadedModule {
 
 impl Drop for LoadedInner {
     fn drop(&mut self) {
-        self.engine.inner.allocator.purge_module(self.module.id());
+        let id = self.module.id();
+        let last = {
+            let mut loaded = self.engine.loaded();
+            match loaded.get_mut(&id) {
+                Some(count) if *count > 1 => {
+                    *count -= 1;
+                    false
+                }
+                _ => {
+                    loaded.remove(&id);
+                    true
+                }
+            }
+        };
+        if last {
+            self.engine.inner.allocator.purge_module(id);
+        }
     }
 }
