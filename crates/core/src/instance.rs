@@ -133,8 +133,8 @@ impl Instance {
         unsafe { self.get_unchecked_mut() }
     }
 
-    // The module's name is read only for the error: copied up front, it cost every growth
-    // and write an allocation.
+    // The module's name is read only for the error, so that the lookup behind every growth
+    // and write allocates nothing.
     fn memory_mut(&mut self, index: DefinedMemoryIndex) -> Result<&mut Memory> {
         let module = &self.module;
         self.memories.get_mut(index).map(|(_, m)| m).ok_or_else(|| {

@@ -43,8 +43,8 @@ impl ModuleId {
 ///
 /// Cloning is cheap and keeps the module's identity: a clone has the same id and shares the
 /// segments and the images (built once for all clones), so that threads can each count their
-/// instances on an `Arc<Module>` of their own (one shared count, updated by every instance,
-/// cost two threads on a 1 µs cycle a tenth of their speed). A clone is the same module to a
+/// instances on an `Arc<Module>` of their own (one count updated by every instance on both
+/// threads costs two threads on a 1 µs cycle about a tenth of their speed). A clone is the same module to a
 /// backend, which keys what it keeps on the id: an engine that loads two clones tells its
 /// backend to forget the module only when both loaded modules are gone.
 ///

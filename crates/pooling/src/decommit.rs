@@ -107,7 +107,7 @@ impl Decommits {
     }
 
     /// Starts over as `kind`, with no range. A reset fills the decommits its caller holds in
-    /// place this way: at 160 bytes, each move of them was a call to `memcpy`, three a reset.
+    /// place this way, since at 160 bytes each move of them is a call to `memcpy`.
     pub fn restart(&mut self, kind: Kind) {
         self.len = 0;
         self.at_once = kind == Kind::AtOnce;
@@ -200,8 +200,8 @@ type Queued<T> = (T, usize);
 /// of them beside it, and `walked` and `deallocations` are sums over their [`Decommits`]
 /// (kept so that a push needs no walk of the queue); only [`add`](Self::add),
 /// [`append`](Self::append) and [`clear`](Self::clear) change these fields. A slot's
-/// [`Decommits`] is not kept: its ranges are copied in, and the slot moves in alone (a slot and
-/// its decommits were 312 bytes, copied twice a push).
+/// [`Decommits`] is not kept: its ranges are copied in, and the slot moves in alone (with its
+/// decommits it would be over 300 bytes, each move a call to `memcpy`).
 #[derive(Debug)]
 pub(crate) struct Batch<T> {
     pending: Vec<Queued<T>>,

@@ -465,16 +465,13 @@ impl MemoryPool {
             reset::reset(&mut bytes, &job, &mut history, policy, decommits)
         };
         match done {
-            Ok(()) => {
-                let reset = Reset {
-                    slot: job.slot,
-                    key,
-                    accessible: job.initial.min(job.accessible),
-                    image: job.image,
-                    history,
-                };
-                Some(reset)
-            }
+            Ok(()) => Some(Reset {
+                slot: job.slot,
+                key,
+                accessible: job.initial.min(job.accessible),
+                image: job.image,
+                history,
+            }),
             Err(_) => {
                 self.finish_stale(job.slot);
                 None

@@ -269,8 +269,8 @@ impl<K: Copy + Eq + Hash + std::fmt::Debug> MemorySlots<K> {
     /// taken, and puts what it held in `held` (left as it was if none). A slot that was not
     /// `key`'s starts its history from `learned()` (what `key`'s other slots learned); the
     /// pages it kept for another key are in what it held, for the caller to give back. (It
-    /// comes out through `held` because, returned beside the slot's number, its 128 bytes were
-    /// copied by a call to `memcpy`.)
+    /// comes out through `held` because, returned beside the slot's number, its 128 bytes and
+    /// the number would be copied by a call to `memcpy`.)
     pub fn take(
         &mut self,
         key: K,
