@@ -46,7 +46,7 @@ pub use config::PoolingConfig;
 pub use layout::PoolLayout;
 pub use preflight::{Machine, MachineLimit, Preflight, preflight};
 
-use memory_pool::{Choose, Lease, MemoryKey, MemoryPool, Wanted};
+use memory_pool::{Choose, Keeps, Lease, MemoryKey, MemoryPool, Wanted};
 use reset::MemoryReset;
 use shard::{Release, Shard};
 use slot_bytes::Region;
@@ -314,11 +314,13 @@ impl PoolingInstanceAllocator {
     }
 
     /// Takes a memory slot for `key`, ready for `wanted`, in this order: the module memory's
-    /// own warm slot in this thread's shard; a cold slot there, while the pool keeps fewer
-    /// than half its cap warm (two threads instantiating the same modules then each keep their
-    /// own slots and share no lock); if its own slot waits in this shard's decommit queue,
-    /// another one if that one keeps no page (see [`Shard::take_queued`]), or else that one
-    /// (the queue runs early); its own slot in another shard (a module instantiated from several
+    /// own warm slot in this thread's shard; if its own slot waits in this shard's decommit
+    /// queue keeping [`CACHED`](reset::CACHED) bytes or more, that one (the queue runs early;
+    /// see [`Keeps::Cached`]); a cold slot there, while the pool keeps fewer than half its cap
+    /// warm (two threads instantiating the same modules then each keep their own slots and
+    /// share no lock); if its own slot waits in this shard's decommit queue, another one if
+    /// that one keeps no page (see [`Shard::take_queued`]), or else that one (the queue runs
+    /// early); its own slot in another shard (a module instantiated from several
     /// threads keeps its slots wherever they are); one being reset anywhere, waited for
     /// briefly; a cold slot. Only then does a shard hand out another module's warm slot.
     fn take_memory(&self, key: MemoryKey, wanted: &Wanted<'_>) -> Result<Lease> {
@@ -353,16 +355,24 @@ impl PoolingInstanceAllocator {
         let taken = own
             .memories
             .take(key, wanted, Choose::Own)
-            .or_else(home_cold)
             .or_else(|| {
-                // Another slot than the waiting one: a cold one while the pool is under its
-                // cap; at the cap, the least recently used warm slot, which is due to go.
-                let another = if self.warm.at_cap() {
-                    Choose::Any
-                } else {
-                    Choose::OwnOrCold
+                let queued = own.queued(key);
+                let waiting = |keeps| {
+                    // Another slot than the waiting one: a cold one while the pool is under
+                    // its cap; at the cap, the least recently used warm slot, which is due to
+                    // go.
+                    let another = if self.warm.at_cap() {
+                        Choose::Any
+                    } else {
+                        Choose::OwnOrCold
+                    };
+                    own.take_queued(key, wanted, keeps, Some(another))
                 };
-                own.take_queued(key, wanted, Some(another))
+                if queued == Some(Keeps::Cached) {
+                    waiting(Keeps::Cached).or_else(home_cold)
+                } else {
+                    home_cold().or_else(|| queued.and_then(waiting))
+                }
             })
             .or_else(|| others().find_map(|s| s.take_own(key, wanted)))
             .or_else(reset_soon)

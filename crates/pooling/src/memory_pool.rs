@@ -77,10 +77,28 @@ impl Reset {
         self.key
     }
 
-    /// Whether the slot keeps pages resident.
-    pub fn keeps_pages(&self) -> bool {
-        self.history.kept.bytes() > 0
+    /// What the slot keeps resident.
+    pub fn keeps(&self) -> Keeps {
+        match self.history.kept.bytes() {
+            0 => Keeps::Nothing,
+            bytes if bytes >= reset::CACHED => Keeps::Cached,
+            _ => Keeps::Some,
+        }
     }
+}
+
+/// What a slot waiting in a decommit queue keeps resident, which decides whether its module's
+/// next tenant waits for it (see `take_memory` in `lib.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Keeps {
+    /// No page: another slot serves as well.
+    Nothing,
+    /// Pages its module's tenants write, fewer than [`reset::CACHED`] bytes.
+    Some,
+    /// [`reset::CACHED`] bytes or more, which its deallocation decommits around at once (it
+    /// waits in the queue only because another thread was decommitting): a slot set up
+    /// instead would keep as many again, and the two would take turns out of the cache.
+    Cached,
 }
 
 /// Reset slots being returned to the idle set one after the other: the pool's lock is taken

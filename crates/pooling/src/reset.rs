@@ -59,7 +59,7 @@ const IDLE_DROPS: usize = BLIND_RUNS;
 /// turn): the reset read them at about 35 GB/s, against 75 to 100 GB/s from L2, and the median
 /// cycle fell from 25 to 13 µs with its decommit run at once; a slot keeping 64 KiB
 /// (`image-4m`) lost more to the unshared decommit call than it gained.
-const CACHED: usize = 128 << 10;
+pub(crate) const CACHED: usize = 128 << 10;
 /// New parts a scanning reset does not keep (past the budget, or past the runs a churning slot
 /// keeps) that it decommits one range each; from the next one on, everything above goes back
 /// in one range.

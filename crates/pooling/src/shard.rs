@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use anyhow::Result;
 
 use crate::decommit::{self, Batch, DecommitQueue, Decommits, Decommitted, Kind};
-use crate::memory_pool::{self, Choose, Finishing, Lease, MemoryKey, MemoryPool, Wanted};
+use crate::memory_pool::{self, Choose, Finishing, Keeps, Lease, MemoryKey, MemoryPool, Wanted};
 use crate::reset::MemoryReset;
 use crate::table_pool::{TableDone, TablePool, TableReset};
 
@@ -248,28 +248,34 @@ impl Shard {
     /// than a slot set up again, and a thread that went to another shard for its slot would
     /// give it back there, sharing that shard's locks from then on.
     pub fn take_own(&self, key: MemoryKey, wanted: &Wanted<'_>) -> Option<Result<Lease>> {
-        self.memories
-            .take(key, wanted, Choose::Own)
-            .or_else(|| self.take_queued(key, wanted, None))
+        self.memories.take(key, wanted, Choose::Own).or_else(|| {
+            self.queued(key)
+                .and_then(|keeps| self.take_queued(key, wanted, keeps, None))
+        })
     }
 
-    /// If a slot of `key`'s memory waits in the decommit queue: if the waiting slot keeps no
-    /// page, another slot of the kind `another` allows (a module instantiated over and over
-    /// then gets the slots it needs to wait out a batch, rather than run the queue at every
-    /// instantiation); or else the queue runs and a warm slot of `key` is taken (see
-    /// [`take_own`](Self::take_own)).
+    /// What a slot of `key`'s memory that waits in the decommit queue keeps, if one waits.
+    pub fn queued(&self, key: MemoryKey) -> Option<Keeps> {
+        self.queue.find(|held| match &held.done {
+            Done::Memory(reset) if reset.key() == key => Some(reset.keeps()),
+            _ => None,
+        })
+    }
+
+    /// For a slot of `key`'s memory that waits in the decommit queue and `keeps` what
+    /// [`queued`](Self::queued) said: if it keeps no page, another slot of the kind `another`
+    /// allows (a module instantiated over and over then gets the slots it needs to wait out a
+    /// batch, rather than run the queue at every instantiation); or else the queue runs and a
+    /// warm slot of `key` is taken (see [`take_own`](Self::take_own)).
     pub fn take_queued(
         &self,
         key: MemoryKey,
         wanted: &Wanted<'_>,
+        keeps: Keeps,
         another: Option<Choose>,
     ) -> Option<Result<Lease>> {
-        let keeps = self.queue.find(|held| match &held.done {
-            Done::Memory(reset) if reset.key() == key => Some(reset.keeps_pages()),
-            _ => None,
-        })?;
         another
-            .filter(|_| !keeps)
+            .filter(|_| keeps == Keeps::Nothing)
             .and_then(|choose| self.memories.take(key, wanted, choose))
             .or_else(|| {
                 self.flush()

@@ -299,3 +299,49 @@ fn a_thread_takes_slots_of_its_own_shard_rather_than_share_another_threads() {
         "the thread of shard 1 took a slot of shard 0: {second:x?} among {first:x?}"
     );
 }
+
+#[test]
+fn a_slot_keeping_many_pages_queued_behind_another_decommit_is_taken_again() {
+    let _serial = serial();
+    // A slot that keeps `CACHED` bytes or more gives back the pages around them when its
+    // tenant leaves, unless another thread is decommitting then: it waits in the queue
+    // instead. Its module's next tenant runs the queue and takes it again rather than set up
+    // a cold slot, which would keep as many pages again (the two would take turns, their
+    // pages out of the cache, and two threads would each set up slots that way).
+    let case = "a slot keeping many pages queued behind another decommit";
+    if berth_testkit::page_states::page_map_for(case).is_none() {
+        return;
+    }
+    let pool = pool(|c| {
+        c.total_memories(8).total_tables(8);
+    });
+    // 8 pages of 64 KiB; each tenant writes the first 192 KiB.
+    let big = load(&pool, "big", 8, 0);
+    let cycle = || {
+        let mut handle = instantiate(&pool, &big);
+        handle
+            .instance_mut()
+            .memory_write(memory(), 0, &[7; 3 * PAGE])
+            .unwrap();
+        let base = handle.instance().memory(memory()).unwrap().base() as usize;
+        deallocate(&pool, handle);
+        base
+    };
+    // The slot learns its tenants' pages and stops asking the kernel about the rest.
+    let mut base = cycle();
+    for _ in 0..16 {
+        base = cycle();
+    }
+    let queued = {
+        let _turn = berth_core::sys::hold_decommit_turn();
+        cycle()
+    };
+    assert_eq!(queued, base, "the learned slot is the module's");
+    let before = pool.stats().decommit_calls;
+    assert_eq!(
+        cycle(),
+        base,
+        "a cold slot was set up while the module's waited in the queue"
+    );
+    assert!(pool.stats().decommit_calls > before, "the queue ran");
+}

@@ -80,6 +80,13 @@ pub unsafe fn try_decommit_all(ranges: &[Range<usize>]) -> io::Result<Option<u64
     unsafe { decommit_in_turn(ranges) }.map(Some)
 }
 
+/// Takes the process's decommit turn, as a thread decommitting holds it, until the guard is
+/// dropped: meanwhile [`try_decommit_all`] decommits nothing and [`decommit_all`] waits. For
+/// tests of what a caller does while another thread decommits.
+pub fn hold_decommit_turn() -> std::sync::MutexGuard<'static, ()> {
+    TURN.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The work of [`decommit_all`], for a caller holding [`TURN`].
 ///
 /// # Safety

@@ -236,7 +236,7 @@ mod machine;
 mod page_map;
 mod page_state;
 
-pub use decommit::{decommit_all, try_decommit_all};
+pub use decommit::{decommit_all, hold_decommit_turn, try_decommit_all};
 pub use machine::{
     Overcommit, address_space_limit, can_reserve, commit_available, largest_reservation, mappings_in_use,
     max_map_count, overcommit,
