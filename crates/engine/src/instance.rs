@@ -39,9 +39,10 @@ impl FuncResolver for IndexPlusOne {
 
     fn resolve_funcs(&self, funcs: &[PackedOption<FuncIndex>], out: &mut [usize]) {
         for (func, word) in funcs.iter().zip(out) {
-            // Branch-free, so the loop vectorizes: null (the reserved value) becomes 0.
+            // Null is the reserved index, `u32::MAX`, which plus one wraps to 0: an add and a
+            // widening per element, which the loop vectorizes.
             let raw = func.expand().map_or(u32::MAX, |f| f.as_u32());
-            *word = if raw == u32::MAX { 0 } else { raw as usize + 1 };
+            *word = raw.wrapping_add(1) as usize;
         }
     }
 }
