@@ -1151,3 +1151,59 @@ fn a_blind_slot_that_keeps_a_run_runs_its_decommits_one_deallocation_in_a_batch(
         );
     }
 }
+
+#[test]
+fn large_tables_come_back_zeroed_and_keep_their_written_pages() {
+    // A table of 10 000 elements (80 000 bytes, 20 pages) whose tenants write elements all over
+    // it. Past the first 16 KiB a reset zeroes only the pages the kernel does not prove clean;
+    // within `table_keep_resident` they stay resident, past it they are given back. Whichever
+    // way, the next tenant finds every element null.
+    let written = [0u64, 3000, 6000, 9999];
+    for (keep, scan) in [
+        (None, true),
+        (Some(16 << 10), true),
+        (None, false),
+        (Some(16 << 10), false),
+    ] {
+        let mut pooling = PoolingConfig::new();
+        pooling
+            .total_memories(2)
+            .total_tables(2)
+            .max_memory_size(1 << 20)
+            .pagemap_scan(scan);
+        if let Some(keep) = keep {
+            pooling.table_keep_resident(keep);
+        }
+        let (engine, _allocator) = pool(&pooling);
+        let big = Module::builder()
+            .name("big-table")
+            .table(TableType::new(10_000, Some(20_000)))
+            .build()
+            .unwrap();
+        let big = engine.load(big).unwrap();
+        for round in 1..=6usize {
+            let mut instance = Instance::new(&big).unwrap();
+            for &elem in &written {
+                assert_eq!(
+                    instance.table_get(0, elem).unwrap(),
+                    0,
+                    "keep {keep:?}, scan {scan}, round {round}: element {elem} of the previous tenant"
+                );
+                instance.table_set(0, elem, round * 1000 + elem as usize).unwrap();
+            }
+        }
+        let stats = engine.stats();
+        assert_eq!(stats.table_resets, 6);
+        if keep.is_none() {
+            assert_eq!(
+                stats.decommit_ranges, 0,
+                "scan {scan}: the written pages are within the default bound and stay resident"
+            );
+        } else {
+            assert!(
+                stats.decommit_ranges > 0,
+                "scan {scan}: pages written past the bound were given back"
+            );
+        }
+    }
+}

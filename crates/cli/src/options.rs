@@ -115,7 +115,7 @@ pub struct PoolOptions {
     /// Bytes of each memory slot kept resident between tenants (pages tenants wrote) [default: 4M]
     #[arg(long, value_parser = usize_size, help_heading = "Pool")]
     pub linear_memory_keep_resident: Option<usize>,
-    /// Bytes of each table slot reset by memset [default: 16K]
+    /// Bytes of each table slot kept resident between tenants (pages tenants wrote) [default: 1M]
     #[arg(long, value_parser = usize_size, help_heading = "Pool")]
     pub table_keep_resident: Option<usize>,
     /// Do not ask the kernel which pages were written (PAGEMAP_SCAN) when resetting

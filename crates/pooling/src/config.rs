@@ -76,13 +76,18 @@ pub struct PoolingConfig {
     /// kept pages per reset; pages a tenant writes past it are given back.
     pub linear_memory_keep_resident: usize,
     /// Whether resets ask the kernel which pages a tenant wrote (`PAGEMAP_SCAN`, Linux 6.7+)
-    /// and touch only those. Default `true` (used when the kernel has it). Without it, a reset
-    /// reads the first 64 KiB (at most `linear_memory_keep_resident`) to find the written pages
-    /// and decommits all the rest.
+    /// and touch only those. Default `true` (used when the kernel has it). Without it, a memory
+    /// slot's reset reads the first 64 KiB (at most `linear_memory_keep_resident`) to find the
+    /// written pages and decommits all the rest, and a table slot's zeroes everything up to
+    /// `table_keep_resident`.
     pub pagemap_scan: bool,
-    /// Bytes at the start of each table slot reset with `memset` instead of `madvise`.
-    /// Default 16 KiB (2048 elements). Costs up to this much resident memory per table slot
-    /// that has been used.
+    /// Bytes of each table slot kept resident across tenants and reset with `memset`; what a
+    /// tenant wrote past them is given back with `madvise`. Default 1 MiB (131 072 elements,
+    /// more than a default slot's 20 000): every page a table's tenants write stays resident,
+    /// the zeroing touches only the pages the kernel does not prove clean (past the first
+    /// 16 KiB, with `pagemap_scan`), and tables initialized at every instantiation fault in
+    /// nothing. Costs up to this much resident memory per table slot that has been used (at
+    /// most its `table_elements` words).
     pub table_keep_resident: usize,
 }
 
@@ -101,7 +106,7 @@ impl Default for PoolingConfig {
             max_unused_warm_bytes: 100 << 20,
             decommit_batch_size: 8,
             linear_memory_keep_resident: 4 << 20,
-            table_keep_resident: 16 << 10,
+            table_keep_resident: 1 << 20,
             pagemap_scan: true,
         }
     }

@@ -150,7 +150,12 @@ impl PoolingInstanceAllocator {
                         memory_pool::bookkeeping_bytes(config.total_memories),
                     )
                 })?;
-                let table_pool = TablePool::new(&layout, tables, range(table_chunk, config.total_tables));
+                let table_pool = TablePool::new(
+                    &layout,
+                    tables,
+                    range(table_chunk, config.total_tables),
+                    config.pagemap_scan,
+                );
                 let table_pool = table_pool.with_context(|| {
                     needs(
                         "total_tables",

@@ -1,9 +1,12 @@
 //! A shard's table slots: one read-write slab of equal slots, free slots reused last-in
 //! first-out (the most recently reset slot is the most likely to be resident).
 //!
-//! Reset: the first `table_keep_resident` bytes of what the tenant could have written (its
-//! final size) by `memset`, the rest by a decommit (batched by the shard); if that fails, by
-//! `memset` too. A free slot is always entirely zero.
+//! Reset: what the tenant could have written (its final size) is zeroed in place with `memset`
+//! up to `table_keep_resident` bytes and decommitted beyond them (at once); if the decommit
+//! fails, zeroed too. Past the first [`ZEROED`] bytes, where the kernel has a page map, only
+//! the pages it does not prove clean are touched (a large table is mostly never written:
+//! zeroing its untouched pages would make them resident for nothing). A free slot is always
+//! entirely zero.
 
 use std::collections::TryReserveError;
 use std::ops::Range;
@@ -11,7 +14,8 @@ use std::ptr::NonNull;
 use std::sync::Mutex;
 
 use anyhow::{Result, anyhow};
-use berth_core::{Released, human_bytes};
+use berth_core::sys::PageMap;
+use berth_core::{Released, human_bytes, sys};
 
 use crate::decommit::{Decommits, Decommitted, Kind};
 use crate::layout::PoolLayout;
@@ -126,13 +130,25 @@ pub(crate) struct TablePool {
     region: Region,
     first: u32,
     layout: PoolLayout,
+    /// Whether resets may ask the kernel which pages were written (`pagemap_scan`).
+    use_page_map: bool,
     state: Mutex<State>,
 }
+
+/// Bytes at a table slot's start that a reset zeroes without asking the kernel: a few pages
+/// cost less to zero than a `PAGEMAP_SCAN` (2 to 4 pages of 4 KiB against a system call of
+/// about 1 µs), and a table's first elements are the ones modules initialize.
+const ZEROED: usize = 16 << 10;
 
 impl TablePool {
     /// A shard of the slab holding slots `slots` of `region`. Fails if the slots' bookkeeping
     /// cannot be allocated.
-    pub fn new(layout: &PoolLayout, region: Region, slots: Range<u32>) -> Result<TablePool> {
+    pub fn new(
+        layout: &PoolLayout,
+        region: Region,
+        slots: Range<u32>,
+        use_page_map: bool,
+    ) -> Result<TablePool> {
         let len = slots.end - slots.start;
         let state = State::new(len).map_err(|_| {
             let bytes = human_bytes(bookkeeping_bytes(len));
@@ -142,6 +158,7 @@ impl TablePool {
             region,
             first: slots.start,
             layout: layout.clone(),
+            use_page_map,
             state: Mutex::new(state),
         })
     }
@@ -194,35 +211,44 @@ impl TablePool {
         unsafe { self.region.bytes(slot, stride, stride) }
     }
 
-    /// Zeroes the first `table_keep_resident` bytes the tenant could have written. If that is
-    /// all it could have written, the slot is free again at once and this returns `None`; else
-    /// the slot is `Resetting` and this returns it, the rest to decommit (addresses,
-    /// page-aligned) left in `decommits`, for [`finish`](Self::finish) once that ran.
+    /// Zeroes what the tenant could have written up to `table_keep_resident` bytes (past
+    /// [`ZEROED`], only the pages the page map does not prove clean). If nothing else is left,
+    /// the slot is free again at once and this returns `None`; else the slot is `Resetting` and
+    /// this returns it, the written pages past the bound (addresses, page-aligned) left in
+    /// `decommits`, for [`finish`](Self::finish) once they were given back.
     pub fn reset(&self, job: TableReset, decommits: &mut Decommits) -> Option<TableDone> {
         let stride = self.layout.table_stride;
+        let page = self.layout.page_size;
         let dirty = job.dirty.min(stride);
         let keep = self.layout.table_keep_resident;
         // SAFETY: the tenant gave the slot back (`deallocate_table`'s contract): it is `Held`
         // by this call until it is freed or marked `Resetting` below.
         let mut bytes = unsafe { self.bytes(job.slot) };
-        bytes.zero(0..dirty.min(keep));
-        let end = dirty.next_multiple_of(self.layout.page_size).min(stride);
+        let end = dirty.next_multiple_of(page).min(stride);
+        let zeroed = ZEROED.min(keep);
+        bytes.zero(0..dirty.min(zeroed));
+        decommits.restart(Kind::AtOnce);
+        let resident = match sys::page_map().filter(|_| self.use_page_map && dirty > zeroed) {
+            Some(map) => reset_written(&mut bytes, map, zeroed..end, keep, decommits),
+            None => {
+                bytes.zero(zeroed.min(dirty)..dirty.min(keep));
+                if end > keep {
+                    decommits.push(bytes.address_range(keep..end));
+                }
+                end.min(keep)
+            }
+        };
         let local = self.local(job.slot);
-        if dirty <= keep {
-            self.lock().free(local, end.min(keep), TableSlot::Held);
+        if decommits.is_empty() {
+            self.lock().free(local, resident, TableSlot::Held);
             return None;
         }
         self.lock().release(local);
-        // `keep` is a multiple of the page size.
-        let rest = keep..end;
-        decommits.restart(Kind::AtOnce);
-        decommits.push(bytes.address_range(rest.clone()));
-        let done = TableDone {
+        Some(TableDone {
             slot: job.slot,
-            resident: keep,
-            rest,
-        };
-        Some(done)
+            resident,
+            rest: keep.min(end)..end,
+        })
     }
 
     /// Returns a reset slot to the free list; if its decommit failed (`decommitted` false),
@@ -284,4 +310,36 @@ impl TablePool {
         let state = self.lock();
         (state.free.len(), state.idle_resident)
     }
+}
+
+/// Resets the pages of `range` (page-aligned, past the first [`ZEROED`] bytes) that `map` does
+/// not prove clean: zeroed below `keep`, their addresses added to `decommits` above it (a page
+/// the scan cannot classify counts as written: on error, all of `range`). Returns the end of
+/// the bytes that may be resident.
+fn reset_written(
+    bytes: &mut SlotBytes,
+    map: &PageMap,
+    range: Range<usize>,
+    keep: usize,
+    decommits: &mut Decommits,
+) -> usize {
+    let mut written = Vec::new();
+    if bytes.written(map, range.clone(), &mut written).is_err() {
+        written.clear();
+        written.push(0..range.len());
+    }
+    let mut resident = range.start;
+    for run in written {
+        let run = run.start + range.start..run.end + range.start;
+        let kept = run.start..run.end.min(keep);
+        if !kept.is_empty() {
+            bytes.zero(kept.clone());
+            resident = kept.end;
+        }
+        let over = run.start.max(keep)..run.end;
+        if !over.is_empty() {
+            decommits.push(bytes.address_range(over));
+        }
+    }
+    resident
 }
