@@ -266,6 +266,12 @@ pub fn all() -> Vec<Workload> {
             Tenant::idle(),
         ),
         Workload::one(
+            "table-10k",
+            "a 10 000-element table, its first 5 000 elements filled by an element segment",
+            format!("(module (func $f) (table 10000 funcref) (elem (i32.const 0) func {}))", "$f ".repeat(5000)),
+            Tenant::idle(),
+        ),
+        Workload::one(
             "multi-4x4",
             "four memories and four tables",
             "(module (memory 1) (memory 1) (memory 1) (memory 1) (table 10 funcref) (table 10 funcref) (table 10 funcref) (table 10 funcref))".into(),
