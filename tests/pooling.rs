@@ -1154,11 +1154,11 @@ fn a_blind_slot_that_keeps_a_run_runs_its_decommits_one_deallocation_in_a_batch(
 
 #[test]
 fn large_tables_come_back_zeroed_and_keep_their_written_pages() {
-    // A table of 10 000 elements (80 000 bytes, 20 pages) whose tenants write elements all over
-    // it. Past the first 16 KiB a reset zeroes only the pages the kernel does not prove clean;
-    // within `table_keep_resident` they stay resident, past it they are given back. Whichever
-    // way, the next tenant finds every element null.
-    let written = [0u64, 3000, 6000, 9999];
+    // A table of 20 000 elements (160 000 bytes, 40 pages) whose tenants write elements all
+    // over it. Past its first 128 KiB (or the bound, if lower) a reset zeroes only the pages
+    // the kernel does not prove clean; within `table_keep_resident` they stay resident, past it
+    // they are given back. Whichever way, the next tenant finds every element null.
+    let written = [0u64, 3000, 6000, 9999, 16500, 19999];
     for (keep, scan) in [
         (None, true),
         (Some(16 << 10), true),
@@ -1177,7 +1177,7 @@ fn large_tables_come_back_zeroed_and_keep_their_written_pages() {
         let (engine, _allocator) = pool(&pooling);
         let big = Module::builder()
             .name("big-table")
-            .table(TableType::new(10_000, Some(20_000)))
+            .table(TableType::new(20_000, Some(20_000)))
             .build()
             .unwrap();
         let big = engine.load(big).unwrap();

@@ -85,7 +85,7 @@ pub struct PoolingConfig {
     /// tenant wrote past them is given back with `madvise`. Default 1 MiB (131 072 elements,
     /// more than a default slot's 20 000): every page a table's tenants write stays resident,
     /// the zeroing touches only the pages the kernel does not prove clean (past the first
-    /// 16 KiB, with `pagemap_scan`), and tables initialized at every instantiation fault in
+    /// 128 KiB, with `pagemap_scan`), and tables initialized at every instantiation fault in
     /// nothing. Costs up to this much resident memory per table slot that has been used (at
     /// most its `table_elements` words).
     pub table_keep_resident: usize,

@@ -135,10 +135,12 @@ pub(crate) struct TablePool {
     state: Mutex<State>,
 }
 
-/// Bytes at a table slot's start that a reset zeroes without asking the kernel: a few pages
-/// cost less to zero than a `PAGEMAP_SCAN` (2 to 4 pages of 4 KiB against a system call of
-/// about 1 µs), and a table's first elements are the ones modules initialize.
-const ZEROED: usize = 16 << 10;
+/// Bytes at a table slot's start that a reset zeroes without asking the kernel: a table's first
+/// elements are the ones modules fill, and up to this size zeroing all of them costs less than
+/// a `PAGEMAP_SCAN` and zeroing the pages it reports (measured on a 10 000-element table whose
+/// segment fills 5 000, 80 000 bytes: a cycle of 2.0 to 4.2 µs zeroing them all, 3.6 to 5.6 µs
+/// scanning past 16 KiB, in alternating runs on an AMD EPYC).
+const ZEROED: usize = 128 << 10;
 
 impl TablePool {
     /// A shard of the slab holding slots `slots` of `region`. Fails if the slots' bookkeeping
