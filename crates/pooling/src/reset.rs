@@ -66,9 +66,9 @@ pub(crate) const CACHED: usize = 128 << 10;
 const LEFT_OUT: usize = 4;
 
 thread_local! {
-    /// The runs a scan reports, kept between resets on a thread so that a reset allocates
-    /// nothing.
-    static WRITTEN: std::cell::Cell<Vec<Range<usize>>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The runs a scan reports, kept between resets on a thread so that a reset (of a memory
+    /// slot, or of a table slot: see `table_pool.rs`) allocates nothing.
+    pub(crate) static WRITTEN: std::cell::Cell<Vec<Range<usize>>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// A memory slot given back by its tenant.

@@ -19,6 +19,7 @@ use berth_core::{Released, human_bytes, sys};
 
 use crate::decommit::{Decommits, Decommitted, Kind};
 use crate::layout::PoolLayout;
+use crate::reset;
 use crate::slot_bytes::{Region, SlotBytes};
 use berth_core::cranelift_entity::EntityRef;
 
@@ -325,13 +326,14 @@ fn reset_written(
     keep: usize,
     decommits: &mut Decommits,
 ) -> usize {
-    let mut written = Vec::new();
+    let mut written = reset::WRITTEN.take();
+    written.clear();
     if bytes.written(map, range.clone(), &mut written).is_err() {
         written.clear();
         written.push(0..range.len());
     }
     let mut resident = range.start;
-    for run in written {
+    for run in &written {
         let run = run.start + range.start..run.end + range.start;
         let kept = run.start..run.end.min(keep);
         if !kept.is_empty() {
@@ -343,5 +345,6 @@ fn reset_written(
             decommits.push(bytes.address_range(over));
         }
     }
+    reset::WRITTEN.set(written);
     resident
 }
