@@ -7,8 +7,10 @@ pub const WASM_PAGE_SIZE_LOG2: u8 = 16;
 
 /// A linear memory's type: limits in pages, index type, sharing and page size.
 ///
-/// Sizes in bytes are computed with checked arithmetic: a type whose byte size does not fit
-/// in a `u64` is rejected by [`MemoryType::validate`], never wrapped.
+/// Sizes in bytes are computed with checked arithmetic, never wrapped: a type whose initial
+/// size in bytes does not fit in a `u64` is rejected by [`MemoryType::validate`]; a maximum
+/// that large is allowed (growth stops short of it), and [`MemoryType::maximum_bytes`] says
+/// `None` for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MemoryType {
     /// Initial size in pages.
@@ -64,7 +66,8 @@ impl MemoryType {
 
     /// Checks the type against the WebAssembly rules: a page size of 1 or 64 KiB, limits
     /// within the index type's range, a minimum no larger than the maximum, a maximum on
-    /// shared memories.
+    /// shared memories; and an initial size under 16 EiB, which a memory64 type may declare
+    /// but no address space holds.
     pub fn validate(&self) -> Result<()> {
         if self.page_size_log2 != 0 && self.page_size_log2 != WASM_PAGE_SIZE_LOG2 {
             bail!(
@@ -77,6 +80,15 @@ impl MemoryType {
             bail!(
                 "memory minimum of {} pages is over the limit of {absolute} pages",
                 self.minimum
+            );
+        }
+        if self.minimum_bytes().is_none() {
+            // Within the index type's limit (2^48 pages of 64 KiB for memory64) yet 16 EiB or
+            // more: no address space holds it, so no instantiation could ever succeed.
+            bail!(
+                "memory minimum of {} pages of {} is 16 EiB or more, which no address space holds",
+                self.minimum,
+                crate::units::human_bytes(self.page_size())
             );
         }
         if let Some(max) = self.maximum {

@@ -212,7 +212,7 @@ unsafe impl InstanceAllocatorImpl for OnDemandInstanceAllocator {
                 "failed to allocate memory {} of {}",
                 memory_index.as_u32(),
                 ty.minimum_bytes()
-                    .map_or("more than 16 EiB".to_owned(), berth_core::exact_bytes)
+                    .map_or("16 EiB or more".to_owned(), berth_core::exact_bytes)
             )
         });
         match memory {

@@ -513,7 +513,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
                 Err(error.context(format!(
                     "failed to allocate memory {} of {} in pool slot {}",
                     memory_index.as_u32(),
-                    ty.minimum_bytes().map_or("more than 16 EiB".into(), human_bytes),
+                    ty.minimum_bytes().map_or("16 EiB or more".into(), human_bytes),
                     lease.slot
                 )))
             }

@@ -345,3 +345,23 @@ fn a_tracked_reservation_follows_moves_and_drop() {
     drop(memory);
     assert_eq!(load(), 0);
 }
+
+#[test]
+fn a_memory64_whose_minimum_is_16_eib_is_invalid_but_such_a_maximum_is_not() {
+    let huge = MemoryType {
+        memory64: true,
+        ..MemoryType::new(1 << 48, None)
+    };
+    let err = huge
+        .validate()
+        .expect_err("2^48 pages of 64 KiB do not fit a u64");
+    assert!(err.to_string().contains("16 EiB or more"), "{err}");
+    let tunables = Tunables::default();
+    assert!(Memory::new_dynamic(&huge, &tunables, None, None).is_err());
+    // A declared maximum that large is valid: growth stops short of it.
+    let bounded = MemoryType {
+        memory64: true,
+        ..MemoryType::new(1, Some(1 << 48))
+    };
+    bounded.validate().expect("a maximum of 16 EiB is allowed");
+}
