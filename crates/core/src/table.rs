@@ -10,6 +10,7 @@ use anyhow::{Result, anyhow};
 use crate::error::OutOfBounds;
 use crate::limiter::{Resource, ResourceLimiter, admit_initial};
 use crate::types::TableType;
+use crate::units::exact_bytes;
 use crate::vmcontext::VMTableDefinition;
 
 /// A table.
@@ -39,6 +40,24 @@ enum Storage {
 unsafe impl Send for Table {}
 // SAFETY: `&Table` only reads; every mutation takes `&mut self`.
 unsafe impl Sync for Table {}
+
+/// `len` zero words from the global allocator, which zeroes them itself (for a large table by
+/// mapping fresh pages, which the kernel fills only when touched), or `None` if it refuses.
+fn zeroed_words(len: usize) -> Option<Vec<usize>> {
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<usize>(len).ok()?;
+    // SAFETY: `layout` is not zero-sized (`len > 0` words of a non-zero-sized type).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<usize>();
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: `ptr` comes from the global allocator with the layout of `len` words (so the
+    // `Vec`, with capacity `len`, frees it with that layout), and all `len` words are
+    // initialized: all-zero bytes are a valid `usize`.
+    Some(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
 
 fn initial_size(
     ty: &TableType,
@@ -72,11 +91,15 @@ impl Table {
         limiter: Option<&mut (dyn ResourceLimiter + '_)>,
     ) -> Result<Table> {
         let (size, maximum) = initial_size(ty, backend_max, limiter)?;
-        let mut elements = Vec::new();
-        elements
-            .try_reserve_exact(size)
-            .map_err(|_| anyhow!("failed to allocate a table of {size} elements"))?;
-        elements.resize(size, 0);
+        let bytes = size
+            .checked_mul(size_of::<usize>())
+            .ok_or_else(|| anyhow!("a table of {size} elements overflows the address space"))?;
+        let mut elements = zeroed_words(size).ok_or_else(|| {
+            anyhow!(
+                "the allocator refused {} for its elements",
+                exact_bytes(bytes as u64)
+            )
+        })?;
         let base = NonNull::new(elements.as_mut_ptr()).unwrap_or(NonNull::dangling());
         Ok(Table {
             ty: *ty,

@@ -272,7 +272,10 @@ impl Instance {
     /// Sets element `elem` of table `table`.
     pub fn table_set(&mut self, table: u32, elem: u64, value: usize) -> Result<()> {
         let index = self.defined_table(table)?;
-        self.handle.instance_mut().table_set(index, elem, value)
+        self.handle
+            .instance_mut()
+            .table_set(index, elem, value)
+            .with_context(|| format!("table {table}"))
     }
 
     /// `table.grow`: `Some(old size)`, or `None` (-1) with the table unchanged.

@@ -92,3 +92,28 @@ fn a_table_over_the_backend_limit_is_a_typed_error() {
 fn a_minimum_above_the_maximum_is_an_error() {
     assert!(Table::new_dynamic(&TableType::new(5, Some(4)), None, None).is_err());
 }
+
+#[test]
+fn a_large_table_starts_zero_and_grows_and_an_impossible_one_is_an_error() {
+    // 16 Mi elements (128 MiB): the allocator hands over zeroed pages without writing them.
+    let size = 1u64 << 24;
+    let mut table = Table::new_dynamic(&TableType::new(size, None), None, None).unwrap();
+    assert_eq!(
+        (table.get(0), table.get(size / 2), table.get(size - 1)),
+        (Some(0), Some(0), Some(0))
+    );
+    table.set(size - 1, 7).unwrap();
+    assert_eq!(table.grow(2, 9, None).unwrap(), Some(size));
+    assert_eq!(
+        (table.get(size - 1), table.get(size), table.get(size + 1)),
+        (Some(7), Some(9), Some(9))
+    );
+    // More words than the address space holds: an error that says how much, not an abort.
+    let ty = TableType {
+        table64: true,
+        ..TableType::new(u64::MAX >> 3, None)
+    };
+    let error = Table::new_dynamic(&ty, None, None).unwrap_err();
+    let text = format!("{error:#}");
+    assert!(text.contains("elements"), "{text}");
+}
