@@ -387,6 +387,39 @@ fn the_pooling_strategy_is_built_from_the_config() {
 }
 
 #[test]
+fn sizes_are_whole_host_pages_or_an_error_never_rounded_to_nothing() {
+    // A growth limit that is not whole host pages is an error naming the nearest two.
+    let mut odd = slots(2);
+    odd.max_memory_size((1 << 20) + 1);
+    let mut config = small_config();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(odd));
+    let error = format!("{:#}", Engine::new(&config).unwrap_err());
+    assert!(
+        error.contains("max_memory_size of 1.0 MiB (1048577 bytes) is not a whole number of"),
+        "{error}"
+    );
+    // A keep bound that is not whole pages keeps the pages that cover it (as Wasmtime rounds
+    // it), never none; one past the slot keeps the whole slot.
+    let host = berth_core::sys::page_size();
+    let mut keep = slots(2);
+    keep.table_elements(4 * host)
+        .linear_memory_keep_resident(1)
+        .table_keep_resident(host + 1);
+    let layout = berth_pooling::PoolLayout::new(&keep, &berth_core::Tunables::default()).unwrap();
+    assert_eq!(
+        (layout.memory_keep_resident, layout.table_keep_resident),
+        (host, 2 * host)
+    );
+    keep.linear_memory_keep_resident(usize::MAX)
+        .table_keep_resident(usize::MAX);
+    let layout = berth_pooling::PoolLayout::new(&keep, &berth_core::Tunables::default()).unwrap();
+    assert_eq!(
+        (layout.memory_keep_resident, layout.table_keep_resident),
+        (layout.memory_capacity, layout.table_stride)
+    );
+}
+
+#[test]
 fn pools_without_table_elements_still_serve_empty_tables() {
     let mut pooling = slots(2);
     pooling.table_elements(0);

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use berth_core::{HostPtr, InstanceBlock, LimitExceeded, Module, VMOffsets};
+use berth_core::{HostPtr, InstanceBlock, LimitExceeded, MAX_RESERVATION, Module, VMOffsets, exact_bytes};
 use serde_json::json;
 
 use crate::options::PoolCommand;
@@ -61,22 +61,29 @@ fn limit_finding(error: anyhow::Error) -> Finding {
         };
     };
     let bytes = matches!(limit.limit, "max_memory_size" | "max_core_instance_size");
-    let show = |v: u64| if bytes { human(v) } else { v.to_string() };
+    let show = |v: u64| if bytes { exact_bytes(v) } else { v.to_string() };
     let what = error
         .chain()
         .next()
         .filter(|c| c.downcast_ref::<LimitExceeded>().is_none())
         .map(|c| format!("{c}: "))
         .unwrap_or_default();
-    let flag = format!(
-        "--{} {}",
-        limit.limit.replace('_', "-"),
-        if bytes {
-            size_value(limit.requested)
-        } else {
-            limit.requested.to_string()
-        }
-    );
+    // The smallest value that lifts the limit and that the flag accepts: a memory size is a
+    // whole number of host pages, at most the largest reservation Berth accepts (past it no
+    // value does, and no flag is suggested).
+    let flag = if limit.limit == "max_memory_size" {
+        let page = berth_core::sys::page_size() as u64;
+        limit
+            .requested
+            .checked_next_multiple_of(page)
+            .filter(|&size| size <= MAX_RESERVATION)
+            .map(size_value)
+    } else if bytes {
+        Some(size_value(limit.requested))
+    } else {
+        Some(limit.requested.to_string())
+    }
+    .map(|value| format!("--{} {value}", limit.limit.replace('_', "-")));
     Finding {
         kind: "limit",
         message: format!(
@@ -87,7 +94,7 @@ fn limit_finding(error: anyhow::Error) -> Finding {
             show(limit.requested.saturating_sub(limit.value)),
         ),
         limit: Some(limit),
-        flag: Some(flag),
+        flag,
     }
 }
 
@@ -120,7 +127,7 @@ fn imports_finding(module: &Module) -> Option<Finding> {
 
 pub fn run(args: &Args) -> Result<Outcome> {
     let module = berth_wasm::parse_file(&args.file)?;
-    let config = args.common.pool.config()?;
+    let config = args.common.pool.config();
     let offsets = VMOffsets::new(HostPtr, &module)?;
     let block = InstanceBlock::layout(&offsets)?.size();
     let tunables = args.common.tunables.tunables();

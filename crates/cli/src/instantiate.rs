@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use berth_core::AllocatorStats;
-use berth_engine::{Config, Engine, Instance, InstanceAllocationStrategy, LoadedModule};
+use berth_engine::{Config, Engine, Instance, InstanceAllocationStrategy, LoadedModule, PoolingConfig};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -211,6 +211,40 @@ impl Args {
     }
 }
 
+/// Whether a pool of `config` holds what `threads` threads keep live at once (an instance
+/// each, with its `memories` and `tables`): otherwise instantiations fail whenever enough
+/// threads overlap, which depends on timing.
+fn pool_holds_threads(config: &PoolingConfig, threads: u32, memories: usize, tables: usize) -> Result<()> {
+    let live = u64::from(threads);
+    for (flag, slots, what, each) in [
+        (
+            "--total-core-instances",
+            config.total_core_instances,
+            "instances",
+            1,
+        ),
+        (
+            "--total-memories",
+            config.total_memories,
+            "memory slots",
+            memories as u64,
+        ),
+        (
+            "--total-tables",
+            config.total_tables,
+            "table slots",
+            tables as u64,
+        ),
+    ] {
+        let needed = live.saturating_mul(each);
+        anyhow::ensure!(
+            needed <= u64::from(slots),
+            "--threads {threads} keeps {threads} instances live at once, which take {needed} {what}, but the pool has {slots} ({flag} {slots}): lower --threads or raise {flag}"
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: &Args) -> Result<Outcome> {
     anyhow::ensure!(
         args.count >= 1,
@@ -222,16 +256,28 @@ pub fn run(args: &Args) -> Result<Outcome> {
         "--threads {} is more than this command runs: at most {MAX_THREADS}",
         args.threads
     );
+    anyhow::ensure!(
+        u64::from(args.threads) <= args.count,
+        "--threads {} is more than --count {}: each thread makes at least one instance",
+        args.threads,
+        args.count
+    );
     let mut config = Config::new();
     config.set_tunables(args.tunables.tunables());
     if args.strategy == Strategy::Pooling {
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(args.pool.config()?));
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(args.pool.config()));
     } else {
         let given = args.pool.given();
         anyhow::ensure!(
             given.is_empty(),
-            "{} configure the pool: add --strategy pooling, or leave them out",
-            given.join(", ")
+            "{} {} the pool: add --strategy pooling, or leave {} out",
+            given.join(", "),
+            if given.len() == 1 {
+                "configures"
+            } else {
+                "configure"
+            },
+            if given.len() == 1 { "it" } else { "them" }
         );
     }
     let engine = Engine::new(&config)?;
@@ -250,6 +296,9 @@ pub fn run(args: &Args) -> Result<Outcome> {
         .collect();
     let tables: Vec<usize> = probe.core().tables().values().map(|(_, t)| t.size()).collect();
     drop(probe);
+    if args.strategy == Strategy::Pooling {
+        pool_holds_threads(&args.pool.config(), args.threads, memories.len(), tables.len())?;
+    }
 
     // Each instance writes `--touch` bytes of its memory 0, which must hold them when made.
     if args.touch > 0 {
@@ -262,15 +311,14 @@ pub fn run(args: &Args) -> Result<Outcome> {
         anyhow::ensure!(
             args.touch <= writable as u64,
             "--touch {} is more than memory 0 holds when instantiated ({})",
-            human(args.touch),
-            human(writable as u64)
+            berth_core::exact_bytes(args.touch),
+            berth_core::exact_bytes(writable as u64)
         );
     }
     let chunk_len = usize::try_from(args.touch).unwrap_or(usize::MAX).min(TOUCH_CHUNK);
     let chunk = vec![0xA5u8; chunk_len];
     let progress = Progress::new(args.count, args.json);
-    // No more threads than instances to make.
-    let threads = u64::from(args.threads).min(args.count);
+    let threads = u64::from(args.threads);
     let started = Instant::now();
     let results: Vec<Result<Samples>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
@@ -345,7 +393,7 @@ pub fn run(args: &Args) -> Result<Outcome> {
                     "declared maximum {} ({})",
                     count(max, "page", "pages"),
                     max.checked_mul(page)
-                        .map_or_else(|| "more than 16 EiB".to_owned(), human)
+                        .map_or_else(|| "16 EiB or more".to_owned(), human)
                 )
             },
         );

@@ -146,21 +146,9 @@ macro_rules! pool_options {
 }
 
 impl PoolOptions {
-    /// The pool configuration these options describe. Fails on a `--max-memory-size` that is
-    /// not a whole number of host pages, which the pool would round down without a word.
-    pub fn config(&self) -> Result<PoolingConfig> {
-        if let Some(size) = self.max_memory_size {
-            let page = berth_core::sys::page_size();
-            if size % page != 0 {
-                let down = size / page * page;
-                bail!(
-                    "--max-memory-size {size} is not a whole number of {} pages: use {} or {}",
-                    berth_core::human_bytes(page as u64),
-                    berth_core::human_bytes(down as u64),
-                    berth_core::human_bytes((down + page) as u64)
-                );
-            }
-        }
+    /// The pool configuration these options describe (the pool checks it when it is built: a
+    /// `--max-memory-size` that is not a whole number of host pages is an error there).
+    pub fn config(&self) -> PoolingConfig {
         let mut c = PoolingConfig::new();
         macro_rules! set {
             ($($field:ident),*) => { $(if let Some(v) = self.$field { c.$field(v); })* };
@@ -169,7 +157,7 @@ impl PoolOptions {
         if self.no_pagemap_scan {
             c.pagemap_scan(false);
         }
-        Ok(c)
+        c
     }
 
     /// The flags given, by name (for a command that has no pool to give them to).

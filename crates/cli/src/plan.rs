@@ -21,7 +21,7 @@ impl Args {
 }
 
 pub fn run(args: &Args) -> Result<Outcome> {
-    let config = args.common.pool.config()?;
+    let config = args.common.pool.config();
     let tunables = args.common.tunables.tunables();
     // What the engine would refuse, `plan` refuses too, with the engine's words.
     berth_engine::check_tunables(&tunables).context("invalid engine configuration")?;
@@ -33,7 +33,7 @@ pub fn run(args: &Args) -> Result<Outcome> {
     let available = machine.largest_reservation;
     let max_maps = machine.max_map_count;
     let used_maps = machine.mappings_in_use;
-    let warnings: Vec<String> = preflight
+    let mut warnings: Vec<String> = preflight
         .findings
         .iter()
         .map(|f| {
@@ -44,6 +44,11 @@ pub fn run(args: &Args) -> Result<Outcome> {
             }
         })
         .collect();
+    if config.total_core_instances == 0 {
+        warnings.push(
+            "total_core_instances is 0: the pool holds no instance, so every instantiation fails".into(),
+        );
+    }
     if args.common.json {
         let value = json!({
             "memory_slot": {

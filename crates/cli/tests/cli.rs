@@ -271,22 +271,67 @@ fn plan_shows_costs_and_warns_when_the_pool_cannot_fit() {
 }
 
 #[test]
-fn more_threads_than_instances_are_not_started() {
+fn threads_are_at_most_the_instances_to_make_and_what_the_pool_holds() {
+    let hello = module("hello.wat");
+    refused(
+        &["instantiate", &hello, "--count", "10", "--threads", "1000"],
+        "--threads 1000 is more than --count 10",
+    );
+    // Four threads keep four instances live at once: a pool of one memory slot fails them as
+    // soon as two overlap, so the command says so before it starts.
+    refused(
+        &[
+            "instantiate",
+            &hello,
+            "--strategy",
+            "pooling",
+            "--threads",
+            "4",
+            "--count",
+            "100",
+            "--total-core-instances",
+            "4",
+            "--total-memories",
+            "1",
+        ],
+        "--threads 4 keeps 4 instances live at once, which take 4 memory slots, but the pool has 1 (--total-memories 1)",
+    );
+    refused(
+        &[
+            "instantiate",
+            &hello,
+            "--strategy",
+            "pooling",
+            "--threads",
+            "2",
+            "--count",
+            "10",
+            "--total-core-instances",
+            "1",
+        ],
+        "(--total-core-instances 1)",
+    );
+    // Exactly enough slots for every thread: every instantiation succeeds.
     let output = berth(&[
         "instantiate",
-        &module("hello.wat"),
-        "--count",
-        "10",
+        &hello,
+        "--strategy",
+        "pooling",
         "--threads",
-        "1000",
-        "--touch",
-        "64K",
+        "2",
+        "--count",
+        "4000",
+        "--total-core-instances",
+        "2",
+        "--total-memories",
+        "2",
+        "--total-tables",
+        "2",
         "--json",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let value: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
-    assert_eq!(value["touch_bytes"], 65536);
-    assert_eq!(value["threads"], 10, "no more threads than instances");
+    assert_eq!(value["threads"], 2);
 }
 
 /// Runs `berth` with `args` and expects a clear error (exit 2) that says `needle`.
@@ -321,7 +366,7 @@ fn bad_instantiate_options_are_clear_errors_not_clamps() {
             "4",
             "--no-pagemap-scan",
         ],
-        "--total-memories, --no-pagemap-scan configure the pool: add --strategy pooling",
+        "--total-memories, --no-pagemap-scan configure the pool: add --strategy pooling, or leave them out",
     );
     refused(
         &[
@@ -332,7 +377,7 @@ fn bad_instantiate_options_are_clear_errors_not_clamps() {
             "--max-memory-size",
             "12345",
         ],
-        "--max-memory-size 12345 is not a whole number of 4.0 KiB pages: use 12.0 KiB or 16.0 KiB",
+        "max_memory_size of 12.1 KiB (12345 bytes) is not a whole number of 4.0 KiB host pages: use 12.0 KiB or 16.0 KiB",
     );
     refused(&["plan", "--max-memory-size", "12345"], "not a whole number");
 }
@@ -478,7 +523,7 @@ fn plan_and_check_refuse_tunables_the_engine_refuses_in_human_units() {
         args.extend(["--memory-reservation", "12345"]);
         refused(
             &args,
-            "memory_reservation of 12.1 KiB is not a multiple of the host page size (4.0 KiB)",
+            "memory_reservation of 12.1 KiB (12345 bytes) is not a multiple of the host page size (4.0 KiB)",
         );
     }
     let output = berth(&[

@@ -7,7 +7,7 @@
 //! reaching another allocation. Every backend must honour them: they are frozen when the
 //! engine is built.
 
-use crate::units::human_bytes;
+use crate::units::{exact_bytes, human_bytes};
 use anyhow::{Result, bail};
 
 /// Reservation and guard sizes for linear memories.
@@ -80,14 +80,14 @@ impl Tunables {
             if value % page != 0 {
                 bail!(
                     "{name} of {} is not a multiple of the host page size ({})",
-                    human_bytes(value),
-                    human_bytes(page)
+                    exact_bytes(value),
+                    exact_bytes(page)
                 );
             }
             if value > MAX_RESERVATION {
                 bail!(
                     "{name} of {} is over the largest accepted ({})",
-                    human_bytes(value),
+                    exact_bytes(value),
                     human_bytes(MAX_RESERVATION)
                 );
             }

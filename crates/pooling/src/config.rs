@@ -21,8 +21,9 @@ pub struct PoolingConfig {
     /// Table slots in the pool. Default 1000. Each costs `table_elements` words of address
     /// space, rounded up to a page.
     pub total_tables: u32,
-    /// Bytes a pooled memory may grow to. Default 4 GiB. A module whose memory starts larger
-    /// is rejected at load; growth past it returns -1.
+    /// Bytes a pooled memory may grow to: a whole number of host pages (a pool with any other
+    /// value is an error naming the two nearest). Default 4 GiB. A module whose memory starts
+    /// larger is rejected at load; growth past it returns -1.
     pub max_memory_size: usize,
     /// Elements a pooled table may grow to. Default 20 000.
     pub table_elements: usize,
@@ -73,7 +74,8 @@ pub struct PoolingConfig {
     /// larger than Wasmtime users' usual 1 MiB resets it with `memset`s (about 20 ns a KiB here)
     /// rather than page faults (300 to 650 ns a KiB). Costs up to this much resident memory per
     /// warm slot (all slots together stay under `max_unused_warm_bytes`), and a read of the
-    /// kept pages per reset; pages a tenant writes past it are given back.
+    /// kept pages per reset; pages a tenant writes past it are given back. Rounded up to whole
+    /// host pages.
     pub linear_memory_keep_resident: usize,
     /// Whether resets ask the kernel which pages a tenant wrote (`PAGEMAP_SCAN`, Linux 6.7+)
     /// and touch only those. Default `true` (used when the kernel has it). Without it, a memory
@@ -87,7 +89,7 @@ pub struct PoolingConfig {
     /// the zeroing touches only the pages the kernel does not prove clean (past the first
     /// 128 KiB, with `pagemap_scan`), and tables initialized at every instantiation fault in
     /// nothing. Costs up to this much resident memory per table slot that has been used (at
-    /// most its `table_elements` words).
+    /// most its `table_elements` words). Rounded up to whole host pages.
     pub table_keep_resident: usize,
 }
 

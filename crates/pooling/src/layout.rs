@@ -36,7 +36,7 @@ pub struct PoolLayout {
     pub memory_guard: usize,
     /// Distance between two memory slots.
     pub memory_stride: usize,
-    /// Bytes a pooled memory may grow to (`max_memory_size`, rounded down to a page).
+    /// Bytes a pooled memory may grow to (`max_memory_size`, a whole number of host pages).
     pub memory_capacity: usize,
     /// Memory slots.
     pub memory_slots: u32,
@@ -48,9 +48,11 @@ pub struct PoolLayout {
     pub table_slots: u32,
     /// The table pool's whole reservation.
     pub table_pool_bytes: usize,
-    /// Bytes reset by `memset` in each memory slot (`linear_memory_keep_resident`, page-aligned).
+    /// Bytes each memory slot keeps resident at most (`linear_memory_keep_resident`, rounded up
+    /// to whole host pages, at most `memory_capacity`).
     pub memory_keep_resident: usize,
-    /// Bytes reset by `memset` in each table slot (`table_keep_resident`, page-aligned).
+    /// Bytes each table slot keeps resident at most (`table_keep_resident`, rounded up to whole
+    /// host pages, at most `table_stride`).
     pub table_keep_resident: usize,
     /// Resident bytes idle memory slots may keep at most: warm slots times their kept bytes, or
     /// `max_unused_warm_bytes` if that is less.
@@ -82,7 +84,17 @@ impl PoolLayout {
                 exact_bytes(MAX_RESERVATION)
             );
         }
-        let memory_capacity = config.max_memory_size / page * page;
+        if !config.max_memory_size.is_multiple_of(page) {
+            let down = config.max_memory_size / page * page;
+            bail!(
+                "max_memory_size of {} is not a whole number of {} host pages: use {} or {}",
+                exact_bytes(config.max_memory_size as u64),
+                exact_bytes(page as u64),
+                exact_bytes(down as u64),
+                exact_bytes((down + page) as u64)
+            );
+        }
+        let memory_capacity = config.max_memory_size;
         let memory_reservation =
             memory_capacity.max(to_usize("memory_reservation", tunables.memory_reservation)?);
         let memory_guard = to_usize("memory_guard_size", tunables.memory_guard_size)?;
@@ -120,8 +132,11 @@ impl PoolLayout {
                     exact_bytes(table_stride as u64)
                 )
             })?;
-        let memory_keep_resident = config.linear_memory_keep_resident.min(memory_capacity) / page * page;
-        let table_keep_resident = config.table_keep_resident.min(table_stride) / page * page;
+        // A slot keeps whole pages: a bound that is not a multiple of them keeps the pages that
+        // cover it (as Wasmtime rounds it), up to the whole slot (which is whole pages).
+        let whole_pages = |bound: usize, slot: usize| bound.min(slot).next_multiple_of(page);
+        let memory_keep_resident = whole_pages(config.linear_memory_keep_resident, memory_capacity);
+        let table_keep_resident = whole_pages(config.table_keep_resident, table_stride);
         let warm = (config.max_unused_warm_slots as usize).min(config.total_memories as usize);
         let max_idle_memory_resident = warm
             .saturating_mul(memory_keep_resident)

@@ -56,13 +56,22 @@ pub fn parse_file(path: impl AsRef<Path>) -> Result<Module> {
     // A `.wasm` file is a binary: read as text, an empty or truncated one would get a parser's
     // complaint about text it never had.
     if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("wasm")) && !bytes.starts_with(b"\0asm") {
+        let head = &bytes[..bytes.len().min(4)];
         let what = if bytes.is_empty() {
             "it is empty".to_owned()
         } else {
+            let hex: Vec<String> = head.iter().map(|b| format!("0x{b:02x}")).collect();
+            let text = std::str::from_utf8(head)
+                .is_ok_and(|t| t.chars().all(|c| !c.is_control() || c.is_whitespace()));
             format!(
-                "its first {} bytes are {:02x?}",
-                bytes.len().min(4),
-                &bytes[..bytes.len().min(4)]
+                "its first {} bytes are {}{}",
+                head.len(),
+                hex.join(" "),
+                if text {
+                    ": it looks like text (a module in the text format goes in a .wat file)"
+                } else {
+                    ""
+                }
             )
         };
         bail!(
