@@ -1,11 +1,13 @@
 //! The systems compared: Wasmtime 48 (on-demand, pooling with defaults, pooling tuned) and
 //! Berth (on-demand, pooling with defaults). One cycle of each is one instance's whole life.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use crate::workloads::{Source, Workload};
+use crate::workloads::{Source, Tenant, Workload};
 
 /// One thread's loop over a prepared (system, workload) pair: calling it runs one cycle.
 pub type Cycle = Box<dyn FnMut() -> Result<()> + Send>;
@@ -218,8 +220,11 @@ pub fn control() -> System {
 /// and the undoing of the growth (`mprotect` to `PROT_NONE`, which makes the kernel flush the
 /// TLB of every core running the process), so that bytes past the next tenant's size fault.
 /// Its times and two-thread ratio are what this machine allows a growing tenant, in the same
-/// run. For a workload that does not grow it is the writes and a `memset` of the pages they
-/// touched, without the scan: the least any reset that keeps those pages resident does.
+/// run. For a workload that does not grow it is the writes, a `memset` of the pages they
+/// touched, without the scan, and a read of the pages other tenants of the sequence write (one
+/// in [`KEPT_EVERY`] or more) and this one left alone: the least any reset that keeps those
+/// pages resident does, knowing where the tenant wrote (a pool does not, and proves the rest of
+/// the memory clean with a system call as well).
 pub fn growth_floor() -> System {
     floor("floor: growth, writes and reset, nothing shared", Reset::Keep)
 }
@@ -252,7 +257,10 @@ fn floor(name: &'static str, reset: Reset) -> System {
         name,
         prepare: Box::new(move |workload: &Workload| -> Result<Cycles> {
             let page = 65536usize;
-            // Per module: its tenant, and the bytes accessible before and after its growth.
+            let sys_page = berth_core::sys::page_size();
+            // Per module: its tenant, the bytes accessible before and after its growth, and
+            // (for a tenant that does not grow) the pages each cycle of the sequence leaves alone
+            // among those its other cycles write.
             let shapes = workload
                 .modules
                 .iter()
@@ -265,7 +273,12 @@ fn floor(name: &'static str, reset: Reset) -> System {
                         .saturating_mul(page)
                         .saturating_sub(grown)
                         .max(page);
-                    Ok((tenant, initial, grown))
+                    let unwritten = if grown == 0 {
+                        unwritten(&tenant, sys_page)
+                    } else {
+                        Vec::new()
+                    };
+                    Ok((tenant, initial, grown, unwritten))
                 })
                 .collect::<Result<Vec<_>>>()?;
             let shapes = Arc::new(shapes);
@@ -274,7 +287,7 @@ fn floor(name: &'static str, reset: Reset) -> System {
                 let (shapes, buffer) = (shapes.clone(), buffer.clone());
                 let mappings: Vec<Mapping> = shapes
                     .iter()
-                    .map(|(_, initial, grown)| Mapping::new(initial + grown, *initial))
+                    .map(|(_, initial, grown, _)| Mapping::new(initial + grown, *initial))
                     .collect();
                 let mut next = start(thread, shapes.len());
                 let mut cycle = 0;
@@ -282,7 +295,7 @@ fn floor(name: &'static str, reset: Reset) -> System {
                 let host_page = berth_core::sys::page_size();
                 let mut written = Vec::with_capacity(64);
                 Box::new(move || {
-                    let (tenant, initial, grown) = &shapes[next];
+                    let (tenant, initial, grown, unwritten) = &shapes[next];
                     let (initial, grown) = (*initial, *grown);
                     let base = mappings[next].base();
                     next = (next + 1) % shapes.len();
@@ -328,6 +341,24 @@ fn floor(name: &'static str, reset: Reset) -> System {
                                 unsafe { base.add(start).write_bytes(0, end - start) };
                             }
                         }
+                        // The pages other tenants write and this one left alone: a reset that
+                        // keeps them resident for those tenants must make sure they hold zeros.
+                        // Reading them is the cheapest way: the kernel tells which pages were
+                        // written only of pages write-protected beforehand, and protecting them
+                        // again costs more than the read.
+                        if !unwritten.is_empty() {
+                            for range in &unwritten[cycle % unwritten.len()] {
+                                if range.end > accessible {
+                                    continue;
+                                }
+                                // SAFETY: `range` lies in `0..accessible` (checked), readable, of
+                                // the private mapping `Mapping::new` made for this cycle alone,
+                                // and nothing writes into it while the slice lives.
+                                let bytes =
+                                    unsafe { std::slice::from_raw_parts(base.add(range.start), range.len()) };
+                                anyhow::ensure!(all_zero(bytes), "a kept page was not reset");
+                            }
+                        }
                     } else {
                         written.clear();
                         match page_map {
@@ -352,6 +383,62 @@ fn floor(name: &'static str, reset: Reset) -> System {
             }))
         }),
     }
+}
+
+/// A page that at least one tenant in this many writes counts as kept in the growth floor: a
+/// reset reads a kept page's 4 KiB for about a fortieth of what a page fault costs, so keeping
+/// a page written that often costs its tenants less than giving it back (Berth's pool keeps
+/// pages by the same measure).
+const KEPT_EVERY: usize = 40;
+
+/// For each tenant of `tenant`'s sequence, the host pages that at least one tenant in
+/// [`KEPT_EVERY`] of the sequence writes and it does not, as ranges (empty when there are none).
+fn unwritten(tenant: &Tenant, page: usize) -> Vec<Vec<Range<usize>>> {
+    let cycles = tenant.varying.len();
+    let written = |cycle: usize| -> BTreeSet<usize> {
+        tenant
+            .runs(cycle)
+            .filter(|&(_, n)| n > 0)
+            .flat_map(|(offset, n)| offset / page..(offset + n).div_ceil(page))
+            .collect()
+    };
+    let mut counts = BTreeMap::<usize, usize>::new();
+    for cycle in 0..cycles {
+        for at in written(cycle) {
+            *counts.entry(at).or_default() += 1;
+        }
+    }
+    let kept: Vec<usize> = counts
+        .into_iter()
+        .filter(|&(_, n)| n * KEPT_EVERY >= cycles)
+        .map(|(at, _)| at)
+        .collect();
+    let each: Vec<Vec<Range<usize>>> = (0..cycles)
+        .map(|cycle| {
+            let written = written(cycle);
+            let mut ranges: Vec<Range<usize>> = Vec::new();
+            for at in kept.iter().filter(|at| !written.contains(at)) {
+                match ranges.last_mut() {
+                    Some(last) if last.end == at * page => last.end += page,
+                    _ => ranges.push(at * page..(at + 1) * page),
+                }
+            }
+            ranges
+        })
+        .collect();
+    if each.iter().all(Vec::is_empty) {
+        Vec::new()
+    } else {
+        each
+    }
+}
+
+/// Whether `bytes` are all zero, read a page at a time.
+fn all_zero(bytes: &[u8]) -> bool {
+    bytes.chunks(4096).all(|page| {
+        let (words, rest) = page.as_chunks::<8>();
+        words.iter().fold(0, |acc, word| acc | u64::from_ne_bytes(*word)) == 0 && rest.iter().all(|&b| b == 0)
+    })
 }
 
 fn nonnull(ptr: *mut u8) -> std::ptr::NonNull<u8> {
