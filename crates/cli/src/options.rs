@@ -27,6 +27,9 @@ pub fn parse_size(text: &str) -> Result<u64> {
         "M" | "MB" | "MIB" => 20,
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
+        other if other.starts_with('.') => {
+            bail!("`{text}` is not a whole number of bytes: sizes take no fractions (1536 rather than 1.5K)")
+        }
         other => bail!("`{other}` is not a size unit: use K, M, G or T"),
     };
     value
@@ -239,6 +242,8 @@ mod tests {
         assert_eq!(parse_size("4G").unwrap(), 4 << 30);
         assert_eq!(parse_size("1_000").unwrap(), 1000);
         assert!(parse_size("12Q").is_err());
+        let fraction = parse_size("1.5K").unwrap_err().to_string();
+        assert!(fraction.contains("no fractions"), "{fraction}");
         assert!(parse_size("K").is_err());
         assert!(parse_size("99999999999999T").is_err());
     }

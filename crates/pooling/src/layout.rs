@@ -122,7 +122,13 @@ impl PoolLayout {
             .table_elements
             .checked_mul(size_of::<usize>())
             .and_then(|n| n.checked_next_multiple_of(page))
-            .ok_or_else(|| anyhow!("table_elements of {} overflows", config.table_elements))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "table_elements of {} words of {} bytes overflows the address space",
+                    config.table_elements,
+                    size_of::<usize>()
+                )
+            })?;
         let table_pool_bytes = table_stride
             .checked_mul(config.total_tables as usize)
             .ok_or_else(|| {
