@@ -262,6 +262,45 @@ fn element_segments_fill_tables_through_the_resolver() {
     }
 }
 
+#[test]
+fn the_default_resolver_gives_each_function_its_index_plus_one_and_null_zero() {
+    // Long enough for the vectorized loop and its tail (61 elements in a pooled table's 64),
+    // with nulls among the functions.
+    let items: Vec<ElementItem> = (0..61u32)
+        .map(|i| {
+            if i % 7 == 3 {
+                ElementItem::Null
+            } else {
+                ElementItem::Func(FuncIndex::from_u32(i * 13 % 50))
+            }
+        })
+        .collect();
+    let expected: Vec<usize> = std::iter::once(0)
+        .chain((0..61u32).map(|i| if i % 7 == 3 { 0 } else { (i * 13 % 50) as usize + 1 }))
+        .chain([0, 0])
+        .collect();
+    for pooling in [false, true] {
+        let module = Module::builder()
+            .name("defaults")
+            .defined_funcs(50)
+            .table(TableType::new(64, None))
+            .element(ElementSegment {
+                kind: ElementKind::Active {
+                    table: TableIndex::from_u32(0),
+                    offset: ConstExpr::I32(1),
+                },
+                items: items.clone(),
+            })
+            .build()
+            .unwrap();
+        let engine = engine(pooling, true, 0);
+        let module = engine.load(module).unwrap();
+        let instance = Instance::new(&module).unwrap();
+        let words: Vec<usize> = (0..64).map(|i| instance.table_get(0, i).unwrap()).collect();
+        assert_eq!(words, expected, "pooling: {pooling}");
+    }
+}
+
 /// Module facts are not `Clone` (each has its own id); rebuild the element module.
 fn module_clone(module: &Module) -> Module {
     let mut builder = Module::builder()

@@ -37,13 +37,35 @@ impl FuncResolver for IndexPlusOne {
         func.as_u32() as usize + 1
     }
 
+    /// With 32-byte AVX2 stores where the processor has them (the baseline's are 16 bytes):
+    /// a large segment's words are written at the speed of a `memset`.
     fn resolve_funcs(&self, funcs: &[PackedOption<FuncIndex>], out: &mut [usize]) {
-        for (func, word) in funcs.iter().zip(out) {
-            // Null is the reserved index, `u32::MAX`, which plus one wraps to 0: an add and a
-            // widening per element, which the loop vectorizes.
-            let raw = func.expand().map_or(u32::MAX, |f| f.as_u32());
-            *word = raw.wrapping_add(1) as usize;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the processor has AVX2 (detected just above), the one feature
+            // `index_plus_one_avx2` is compiled for beyond the baseline.
+            return unsafe { index_plus_one_avx2(funcs, out) };
         }
+        index_plus_one(funcs, out);
+    }
+}
+
+/// [`index_plus_one`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn index_plus_one_avx2(funcs: &[PackedOption<FuncIndex>], out: &mut [usize]) {
+    index_plus_one(funcs, out);
+}
+
+/// Each function's index plus one, inlined into each caller so that it is compiled for the
+/// caller's features.
+#[inline(always)]
+fn index_plus_one(funcs: &[PackedOption<FuncIndex>], out: &mut [usize]) {
+    for (func, word) in funcs.iter().zip(out) {
+        // Null is the reserved index, `u32::MAX`, which plus one wraps to 0: an add and a
+        // widening per element, which the loop vectorizes.
+        let raw = func.expand().map_or(u32::MAX, |f| f.as_u32());
+        *word = raw.wrapping_add(1) as usize;
     }
 }
 
