@@ -277,46 +277,24 @@ fn threads_are_at_most_the_instances_to_make_and_what_the_pool_holds() {
         &["instantiate", &hello, "--count", "10", "--threads", "1000"],
         "--threads 1000 is more than --count 10",
     );
+    let pooled = |rest: &[&'static str]| {
+        let mut args = vec!["instantiate", hello.as_str(), "--strategy", "pooling"];
+        args.extend_from_slice(rest);
+        args
+    };
     // Four threads keep four instances live at once: a pool of one memory slot fails them as
     // soon as two overlap, so the command says so before it starts.
+    let slots = ["--total-core-instances", "4", "--total-memories", "1"];
     refused(
-        &[
-            "instantiate",
-            &hello,
-            "--strategy",
-            "pooling",
-            "--threads",
-            "4",
-            "--count",
-            "100",
-            "--total-core-instances",
-            "4",
-            "--total-memories",
-            "1",
-        ],
+        &pooled(&[&["--threads", "4", "--count", "100"][..], &slots].concat()),
         "--threads 4 keeps 4 instances live at once, which take 4 memory slots, but the pool has 1 (--total-memories 1)",
     );
     refused(
-        &[
-            "instantiate",
-            &hello,
-            "--strategy",
-            "pooling",
-            "--threads",
-            "2",
-            "--count",
-            "10",
-            "--total-core-instances",
-            "1",
-        ],
+        &pooled(&["--threads", "2", "--count", "10", "--total-core-instances", "1"]),
         "(--total-core-instances 1)",
     );
     // Exactly enough slots for every thread: every instantiation succeeds.
-    let output = berth(&[
-        "instantiate",
-        &hello,
-        "--strategy",
-        "pooling",
+    let output = berth(&pooled(&[
         "--threads",
         "2",
         "--count",
@@ -328,7 +306,7 @@ fn threads_are_at_most_the_instances_to_make_and_what_the_pool_holds() {
         "--total-tables",
         "2",
         "--json",
-    ]);
+    ]));
     assert!(output.status.success(), "{}", stderr(&output));
     let value: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
     assert_eq!(value["threads"], 2);
