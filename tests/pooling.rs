@@ -420,6 +420,23 @@ fn sizes_are_whole_host_pages_or_an_error_never_rounded_to_nothing() {
 }
 
 #[test]
+fn a_decommit_batch_of_any_size_builds_a_pool_that_resets() {
+    for batch in [1, 1 << 40, usize::MAX] {
+        let mut pooling = slots(2);
+        pooling.decommit_batch_size(batch);
+        let (engine, _) = pool(&pooling);
+        let a = engine.load(module("a", 1)).unwrap();
+        for _ in 0..20 {
+            let mut instance = Instance::new(&a).unwrap();
+            let mut byte = [1u8];
+            instance.memory_read(0, 100, &mut byte).unwrap();
+            assert_eq!(byte, [0], "batch of {batch}: a tenant's byte reached the next");
+            instance.memory_write(0, 100, &[7]).unwrap();
+        }
+    }
+}
+
+#[test]
 fn pools_without_table_elements_still_serve_empty_tables() {
     let mut pooling = slots(2);
     pooling.table_elements(0);

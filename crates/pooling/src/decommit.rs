@@ -283,7 +283,7 @@ impl<T> DecommitQueue<T> {
         // Room for a batch (the push that fills it may bring `BLIND_RUNS + 1` ranges), and for
         // what may wait while other threads decommit, so that requeued batches allocate
         // nothing either (vectors that grow past it keep their room when recycled).
-        let slots = (batch * DEFERRED).min(64);
+        let slots = batch.saturating_mul(DEFERRED).min(64);
         let ranges = (MAX_RANGES + BLIND_RUNS) * DEFERRED;
         DecommitQueue {
             batch,
@@ -338,7 +338,7 @@ impl<T> DecommitQueue<T> {
     /// instead if the queue would then hold more than [`DEFERRED`] batches: it must run now.
     pub fn requeue(&self, mut batch: Batch<T>, requeued: impl FnOnce()) -> Result<(), Batch<T>> {
         let mut queue = self.lock();
-        if queue.waiting.slots() + batch.slots() > self.batch * DEFERRED {
+        if queue.waiting.slots() + batch.slots() > self.batch.saturating_mul(DEFERRED) {
             return Err(batch);
         }
         batch.append(&mut queue.waiting);
