@@ -37,6 +37,9 @@ struct Accepts {
 /// A module either backend validated may be instantiated; one neither did fails to load with
 /// both reasons. Each resource goes back to the backend that made it.
 ///
+/// A fallback shared by several engines may be told by one that a module is purged while
+/// another still instantiates it: it validates the module again at its next allocation.
+///
 /// The instance count is the fallback's own: the inner backends' instance limits do not apply
 /// (their memory and table limits do). [`stats`](InstanceAllocatorImpl::stats) adds up both
 /// backends'; [`fallbacks`](Self::fallbacks) counts resources the secondary served.
@@ -80,9 +83,22 @@ impl<P: InstanceAllocatorImpl, S: InstanceAllocatorImpl> Fallback<P, S> {
         self.fallbacks.load(Ordering::Relaxed)
     }
 
-    fn accepts(&self, module: ModuleId) -> Accepts {
-        let modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
-        modules.get(&module).copied().unwrap_or_default()
+    /// Which sides validated the request's module. A module purged since it was validated (a
+    /// backend shared by several engines hears one engine drop a module another still
+    /// instantiates) is validated again, as at load, rather than sent to a side that may never
+    /// have accepted it.
+    fn accepts(&self, request: &InstanceAllocationRequest<'_>) -> Result<Accepts> {
+        let id = request.module.id();
+        if let Some(accepts) = self.lock_modules().get(&id).copied() {
+            return Ok(accepts);
+        }
+        self.validate_module_impl(request.module, request.offsets)?;
+        Ok(self.lock_modules().get(&id).copied().unwrap_or_default())
+    }
+
+    fn lock_modules(&self) -> std::sync::MutexGuard<'_, HashMap<ModuleId, Accepts>> {
+        // Every update is one insertion or removal: carry on after a panic elsewhere.
+        self.modules.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -106,8 +122,7 @@ unsafe impl<P: InstanceAllocatorImpl, S: InstanceAllocatorImpl> InstanceAllocato
         if let (Err(first), Err(second)) = (primary, secondary) {
             return Err(second).with_context(|| format!("and the primary backend refused it too: {first:#}"));
         }
-        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
-        modules.insert(module.id(), accepts);
+        self.lock_modules().insert(module.id(), accepts);
         Ok(())
     }
 
@@ -126,7 +141,7 @@ unsafe impl<P: InstanceAllocatorImpl, S: InstanceAllocatorImpl> InstanceAllocato
         ty: &MemoryType,
         memory_index: DefinedMemoryIndex,
     ) -> Result<(MemoryAllocationIndex, Memory)> {
-        let accepts = self.accepts(request.module.id());
+        let accepts = self.accepts(request)?;
         let mut result = None;
         if accepts.primary {
             // SAFETY: the primary validated this module; the caller's contract covers the rest.
@@ -173,7 +188,7 @@ unsafe impl<P: InstanceAllocatorImpl, S: InstanceAllocatorImpl> InstanceAllocato
         ty: &TableType,
         table_index: DefinedTableIndex,
     ) -> Result<(TableAllocationIndex, Table)> {
-        let accepts = self.accepts(request.module.id());
+        let accepts = self.accepts(request)?;
         let mut result = None;
         if accepts.primary {
             // SAFETY: the primary validated this module; the caller's contract covers the rest.
@@ -209,10 +224,7 @@ unsafe impl<P: InstanceAllocatorImpl, S: InstanceAllocatorImpl> InstanceAllocato
     }
 
     fn purge_module(&self, module: ModuleId) {
-        self.modules
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&module);
+        self.lock_modules().remove(&module);
         self.primary.purge_module(module);
         self.secondary.purge_module(module);
     }

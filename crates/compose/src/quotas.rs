@@ -18,7 +18,8 @@ use crate::ledger::Ledger;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QuotaLimits {
     /// Live instances that hold a memory or a table (an instance of a module with neither
-    /// holds nothing of the backend and is not counted).
+    /// holds nothing of the backend and is not counted), standalone memories included: each is
+    /// an instance of a module of one memory.
     pub instances: Option<u64>,
     /// Live memories (standalone memories included).
     pub memories: Option<u64>,
@@ -109,8 +110,13 @@ struct Charge<G, I> {
 /// allocated. Requests the function puts in no group are not limited.
 ///
 /// An instance counts from its first resource (memory 0, or table 0 when it has no memory: the
-/// order the provided methods allocate in) to that resource's deallocation. Everything else
-/// (validation, the instance count, statistics, purges, releases) is `inner`'s.
+/// order the provided methods allocate in) to that resource's deallocation; a standalone memory
+/// is an instance of a module of one memory (named `standalone memory`) and counts as one.
+/// Everything else (validation, the instance count, statistics, purges, releases) is `inner`'s.
+///
+/// A group is remembered while it holds something or has limits of its own
+/// ([`set_limits`](Self::set_limits), until [`clear_limits`](Self::clear_limits)), so groups
+/// named per tenant or per request cost nothing once their instances are gone.
 pub struct Quotas<A, G> {
     inner: A,
     classify: Box<Classify<G>>,
@@ -179,16 +185,35 @@ impl<A: InstanceAllocatorImpl, G: Eq + Hash + Clone + fmt::Debug + Send + Sync> 
         self.groups.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Gives `group` the default limits again; it is forgotten once it holds nothing.
+    pub fn clear_limits(&self, group: &G) {
+        let mut groups = self.lock();
+        if let Some(entry) = groups.get_mut(group) {
+            entry.limits = None;
+            if entry.usage == QuotaUsage::default() {
+                groups.remove(group);
+            }
+        }
+    }
+
+    /// Groups remembered now: those holding something, and those with limits of their own.
+    pub fn groups(&self) -> usize {
+        self.lock().len()
+    }
+
     /// Adds `add` to `group`'s usage if that stays within its limits (with `dry`, only checks).
     fn charge(&self, group: &G, add: QuotaUsage, dry: bool) -> Result<()> {
         let mut groups = self.lock();
-        let entry = groups.entry(group.clone()).or_default();
-        let limits = entry.limits.unwrap_or(self.default_limits);
+        let (limits, held) = groups
+            .get(group)
+            .map_or((self.default_limits, QuotaUsage::default()), |g| {
+                (g.limits.unwrap_or(self.default_limits), g.usage)
+            });
         let usage = QuotaUsage {
-            instances: entry.usage.instances + add.instances,
-            memories: entry.usage.memories + add.memories,
-            tables: entry.usage.tables + add.tables,
-            memory_bytes: entry.usage.memory_bytes.saturating_add(add.memory_bytes),
+            instances: held.instances + add.instances,
+            memories: held.memories + add.memories,
+            tables: held.tables + add.tables,
+            memory_bytes: held.memory_bytes.saturating_add(add.memory_bytes),
         };
         if let Some((quota, limit, requested)) = over(&limits, &usage) {
             return Err(anyhow::Error::new(QuotaExceeded {
@@ -199,7 +224,7 @@ impl<A: InstanceAllocatorImpl, G: Eq + Hash + Clone + fmt::Debug + Send + Sync> 
             }));
         }
         if !dry {
-            entry.usage = usage;
+            groups.entry(group.clone()).or_default().usage = usage;
         }
         Ok(())
     }
@@ -215,6 +240,10 @@ impl<A: InstanceAllocatorImpl, G: Eq + Hash + Clone + fmt::Debug + Send + Sync> 
             usage.memories -= memories;
             usage.tables -= tables;
             usage.memory_bytes -= charge.memory_bytes;
+            // A group named per tenant or per request costs nothing once it holds nothing.
+            if entry.limits.is_none() && entry.usage == QuotaUsage::default() {
+                groups.remove(group);
+            }
         }
     }
 }

@@ -113,6 +113,46 @@ fn a_module_only_the_secondary_can_hold_goes_there_and_one_neither_can_fails_to_
 }
 
 #[test]
+fn a_module_one_engine_purges_is_served_for_another_as_before() {
+    // Two engines sharing one fallback each validated the module; one drops it (the purge),
+    // the other goes on instantiating it, from the side that accepts it.
+    let fallback = Arc::new(Fallback::new(OnDemandInstanceAllocator::new(), pool(2)));
+    let harness = Harness {
+        allocator: fallback.clone(),
+        tunables: tunables(),
+    };
+    let big = || {
+        Module::builder()
+            .name("big")
+            .memory(MemoryType::new(512, None))
+            .build()
+            .unwrap()
+    };
+    let facts = big();
+    let id = facts.id();
+    let mine = harness.load(facts).unwrap();
+    harness.allocator.purge_module(id);
+    let live = harness
+        .instantiate(&mine, None)
+        .expect("the 32 MiB memory still goes to on-demand, not to the 1 MiB pool");
+    assert!(live.instance().memories().values().all(|(_, m)| !m.is_static()));
+    drop(live);
+    // Pool first with room: after the purge, still the pool, no fallback.
+    let fallback = Arc::new(Fallback::new(pool(2), OnDemandInstanceAllocator::new()));
+    let harness = Harness {
+        allocator: fallback.clone(),
+        tunables: tunables(),
+    };
+    let small = module("small", Some(4));
+    let id = small.id();
+    let small = harness.load(small).unwrap();
+    harness.allocator.purge_module(id);
+    let live = harness.instantiate(&small, None).unwrap();
+    assert!(live.instance().memories().values().all(|(_, m)| m.is_static()));
+    assert_eq!(fallback.fallbacks(), 0);
+}
+
+#[test]
 fn a_full_pool_without_a_secondary_that_accepts_is_the_pools_limit() {
     // On-demand with a limit of one memory behind a pool of one slot: the third instance has
     // nowhere to go, and the error is the secondary's typed limit.
@@ -249,6 +289,55 @@ fn memory_bytes_count_what_memories_may_reach() {
 
 fn harness_of(allocator: impl InstanceAllocatorImpl + 'static) -> Harness {
     harness(allocator)
+}
+
+#[test]
+fn groups_without_limits_of_their_own_are_forgotten_once_they_hold_nothing() {
+    // A group per request: none may outlive what it holds.
+    let counter = std::sync::atomic::AtomicU64::new(0);
+    let quotas = Arc::new(Quotas::new(
+        OnDemandInstanceAllocator::new(),
+        QuotaLimits {
+            instances: Some(1),
+            ..QuotaLimits::default()
+        },
+        move |_| Some(counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+    ));
+    let harness = Harness {
+        allocator: quotas.clone(),
+        tunables: tunables(),
+    };
+    let a = harness.load(module("a", Some(4))).unwrap();
+    for _ in 0..100 {
+        drop(harness.instantiate(&a, None).unwrap());
+    }
+    assert_eq!(quotas.groups(), 0);
+    // A refusal leaves nothing either, and a group with limits of its own stays until they
+    // are cleared and it holds nothing.
+    let by_name = Arc::new(by_name(OnDemandInstanceAllocator::new(), QuotaLimits::default()));
+    let harness = Harness {
+        allocator: by_name.clone(),
+        tunables: tunables(),
+    };
+    let b = harness.load(module("b", Some(4))).unwrap();
+    by_name.set_limits(
+        "b".to_owned(),
+        QuotaLimits {
+            instances: Some(0),
+            ..QuotaLimits::default()
+        },
+    );
+    assert_eq!(
+        quota_of(&harness.instantiate(&b, None).unwrap_err()).quota,
+        "instances"
+    );
+    assert_eq!(by_name.groups(), 1);
+    by_name.clear_limits(&"b".to_owned());
+    assert_eq!(by_name.groups(), 0);
+    let live = harness.instantiate(&b, None).expect("the default limits again");
+    assert_eq!(by_name.groups(), 1);
+    drop(live);
+    assert_eq!(by_name.groups(), 0);
 }
 
 #[test]

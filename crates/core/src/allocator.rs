@@ -241,8 +241,10 @@ pub unsafe trait InstanceAllocatorImpl: Send + Sync {
         table: Table,
     );
 
-    /// Forgets any state kept for `module` (warm slots, images), because it will not be
-    /// instantiated again.
+    /// Forgets any state kept for `module` (warm slots, images), because the engine that
+    /// calls it will not instantiate it again. A backend shared by several engines may still be
+    /// asked to instantiate it for another engine, which validated it when it loaded it: the
+    /// state it forgot is then state to build again, never a reason to refuse.
     fn purge_module(&self, module: ModuleId);
 
     /// Current statistics.
