@@ -137,6 +137,11 @@ pub fn run(args: &Args) -> Result<Outcome> {
         .into_iter()
         .map(limit_finding)
         .collect();
+    // A pool may load a module and still hold none of its instances: every instantiation takes
+    // one of `total_core_instances` (a backend composed around the pool counts its own).
+    if config.total_core_instances == 0 {
+        findings.push(limit_finding(LimitExceeded::error("total_core_instances", 0, 1)));
+    }
     findings.extend(
         module
             .segments_never_in_bounds()

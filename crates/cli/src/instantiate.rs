@@ -214,8 +214,8 @@ impl Args {
 /// Whether a pool of `config` holds what `threads` threads keep live at once (an instance
 /// each, with its `memories` and `tables`): otherwise instantiations fail whenever enough
 /// threads overlap, which depends on timing.
-fn pool_holds_threads(config: &PoolingConfig, threads: u32, memories: usize, tables: usize) -> Result<()> {
-    let live = u64::from(threads);
+fn pool_holds_threads(config: &PoolingConfig, threads: u64, memories: usize, tables: usize) -> Result<()> {
+    let live = threads;
     for (flag, slots, what, each) in [
         (
             "--total-core-instances",
@@ -256,12 +256,8 @@ pub fn run(args: &Args) -> Result<Outcome> {
         "--threads {} is more than this command runs: at most {MAX_THREADS}",
         args.threads
     );
-    anyhow::ensure!(
-        u64::from(args.threads) <= args.count,
-        "--threads {} is more than --count {}: each thread makes at least one instance",
-        args.threads,
-        args.count
-    );
+    // No more threads than instances to make (the output says how many ran).
+    let threads = u64::from(args.threads).min(args.count);
     let mut config = Config::new();
     config.set_tunables(args.tunables.tunables());
     if args.strategy == Strategy::Pooling {
@@ -297,7 +293,7 @@ pub fn run(args: &Args) -> Result<Outcome> {
     let tables: Vec<usize> = probe.core().tables().values().map(|(_, t)| t.size()).collect();
     drop(probe);
     if args.strategy == Strategy::Pooling {
-        pool_holds_threads(&args.pool.config(), args.threads, memories.len(), tables.len())?;
+        pool_holds_threads(&args.pool.config(), threads, memories.len(), tables.len())?;
     }
 
     // Each instance writes `--touch` bytes of its memory 0, which must hold them when made.
@@ -318,7 +314,6 @@ pub fn run(args: &Args) -> Result<Outcome> {
     let chunk_len = usize::try_from(args.touch).unwrap_or(usize::MAX).min(TOUCH_CHUNK);
     let chunk = vec![0xA5u8; chunk_len];
     let progress = Progress::new(args.count, args.json);
-    let threads = u64::from(args.threads);
     let started = Instant::now();
     let results: Vec<Result<Samples>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)

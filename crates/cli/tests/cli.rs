@@ -144,6 +144,27 @@ fn check_names_the_limit_and_by_how_much() {
     let output = berth(&["check", &module("hello.wat")]);
     assert!(output.status.success());
     assert!(stdout(&output).contains("fits"));
+
+    // A pool of no instances fits no module, though it loads them.
+    let output = berth(&["check", &module("hello.wat"), "--total-core-instances", "0"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains(
+            "`total_core_instances` is 0 but the module needs 1 (over by 1); pass `--total-core-instances 1`"
+        ),
+        "{}",
+        stdout(&output)
+    );
+    // A memory of one-byte pages: the flag suggested is a size the flag accepts (whole pages).
+    let odd = std::env::temp_dir().join(format!("berth-odd-{}.wat", std::process::id()));
+    std::fs::write(&odd, "(module (memory 70000 (pagesize 1)))").unwrap();
+    let output = berth(&["check", odd.to_str().unwrap(), "--max-memory-size", "64K"]);
+    std::fs::remove_file(&odd).unwrap();
+    assert!(
+        stdout(&output).contains("pass `--max-memory-size 72K`"),
+        "{}",
+        stdout(&output)
+    );
 }
 
 #[test]
@@ -273,10 +294,19 @@ fn plan_shows_costs_and_warns_when_the_pool_cannot_fit() {
 #[test]
 fn threads_are_at_most_the_instances_to_make_and_what_the_pool_holds() {
     let hello = module("hello.wat");
-    refused(
-        &["instantiate", &hello, "--count", "10", "--threads", "1000"],
-        "--threads 1000 is more than --count 10",
-    );
+    // No more threads than instances: ten instances run on ten threads, as the output says.
+    let output = berth(&[
+        "instantiate",
+        &hello,
+        "--count",
+        "10",
+        "--threads",
+        "1000",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(value["threads"], 10, "no more threads than instances");
     let pooled = |rest: &[&'static str]| {
         let mut args = vec!["instantiate", hello.as_str(), "--strategy", "pooling"];
         args.extend_from_slice(rest);

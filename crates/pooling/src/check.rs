@@ -64,8 +64,6 @@ fn misfits(
     let memories = u64::from(module.num_defined_memories());
     let tables = u64::from(module.num_defined_tables());
     for (limit, value, requested) in [
-        // Every instantiation takes one instance of the pool's count.
-        ("total_core_instances", c.total_core_instances.into(), 1),
         (
             "max_memories_per_module",
             c.max_memories_per_module.into(),
