@@ -92,8 +92,23 @@ impl<P: InstanceAllocatorImpl, S: InstanceAllocatorImpl> Fallback<P, S> {
         if let Some(accepts) = self.lock_modules().get(&id).copied() {
             return Ok(accepts);
         }
-        self.validate_module_impl(request.module, request.offsets)?;
-        Ok(self.lock_modules().get(&id).copied().unwrap_or_default())
+        self.validate(request.module, request.offsets)
+    }
+
+    /// Validates `module` with both sides and records which accept it; an error if neither
+    /// does.
+    fn validate(&self, module: &Module, offsets: &VMOffsets<HostPtr>) -> Result<Accepts> {
+        let primary = self.primary.validate_module_impl(module, offsets);
+        let secondary = self.secondary.validate_module_impl(module, offsets);
+        let accepts = Accepts {
+            primary: primary.is_ok(),
+            secondary: secondary.is_ok(),
+        };
+        if let (Err(first), Err(second)) = (primary, secondary) {
+            return Err(second).with_context(|| format!("and the primary backend refused it too: {first:#}"));
+        }
+        self.lock_modules().insert(module.id(), accepts);
+        Ok(accepts)
     }
 
     fn lock_modules(&self) -> std::sync::MutexGuard<'_, HashMap<ModuleId, Accepts>> {
@@ -113,17 +128,7 @@ fn full(error: &anyhow::Error) -> bool {
 // the instance count is the fallback's own and balanced by the provided methods.
 unsafe impl<P: InstanceAllocatorImpl, S: InstanceAllocatorImpl> InstanceAllocatorImpl for Fallback<P, S> {
     fn validate_module_impl(&self, module: &Module, offsets: &VMOffsets<HostPtr>) -> Result<()> {
-        let primary = self.primary.validate_module_impl(module, offsets);
-        let secondary = self.secondary.validate_module_impl(module, offsets);
-        let accepts = Accepts {
-            primary: primary.is_ok(),
-            secondary: secondary.is_ok(),
-        };
-        if let (Err(first), Err(second)) = (primary, secondary) {
-            return Err(second).with_context(|| format!("and the primary backend refused it too: {first:#}"));
-        }
-        self.lock_modules().insert(module.id(), accepts);
-        Ok(())
+        self.validate(module, offsets).map(|_| ())
     }
 
     fn increment_core_instance_count(&self) -> Result<()> {

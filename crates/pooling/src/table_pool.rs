@@ -316,9 +316,10 @@ impl TablePool {
 }
 
 /// Resets the pages of `range` (page-aligned, past the first [`ZEROED`] bytes) that `map` does
-/// not prove clean: zeroed below `keep`, their addresses added to `decommits` above it (a page
-/// the scan cannot classify counts as written: on error, all of `range`). Returns the end of
-/// the bytes that may be resident.
+/// not prove clean: zeroed below `keep`; above it, one range from the first such page to the
+/// last is added to `decommits` (the clean pages between cost the decommit nothing, and a
+/// slot's decommits hold few ranges). A page the scan cannot classify counts as written: on
+/// error, all of `range`. Returns the end of the bytes that may be resident.
 fn reset_written(
     bytes: &mut SlotBytes,
     map: &PageMap,
@@ -333,6 +334,7 @@ fn reset_written(
         written.push(0..range.len());
     }
     let mut resident = range.start;
+    let mut over: Option<Range<usize>> = None;
     for run in &written {
         let run = run.start + range.start..run.end + range.start;
         let kept = run.start..run.end.min(keep);
@@ -340,11 +342,14 @@ fn reset_written(
             bytes.zero(kept.clone());
             resident = kept.end;
         }
-        let over = run.start.max(keep)..run.end;
-        if !over.is_empty() {
-            decommits.push(bytes.address_range(over));
+        if run.end > keep {
+            let start = over.as_ref().map_or(run.start.max(keep), |o| o.start);
+            over = Some(start..run.end);
         }
     }
     reset::WRITTEN.set(written);
+    if let Some(over) = over {
+        decommits.push(bytes.address_range(over));
+    }
     resident
 }
