@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result};
 use berth_core::{
     AllocatorStats, DefinedMemoryIndex, DefinedTableIndex, HostPtr, InstanceAllocationRequest,
-    InstanceAllocatorImpl, LimitExceeded, Memory, MemoryAllocationIndex, MemoryType, Module, ModuleId,
-    Released, Table, TableAllocationIndex, TableType, VMOffsets,
+    InstanceAllocatorImpl, LimitExceeded, LimiterDenied, Memory, MemoryAllocationIndex, MemoryType, Module,
+    ModuleId, Released, Table, TableAllocationIndex, TableType, VMOffsets,
 };
 
 use crate::ledger::Ledger;
@@ -33,7 +33,8 @@ struct Accepts {
 /// allocation is the usual pair: pool speed while the pool has room, and no instantiation
 /// refused for lack of slots.
 ///
-/// Other errors of the primary (a limiter's refusal, the system's) are the instantiation's.
+/// Other errors of the primary (a limiter's refusal or error, even one holding a
+/// `LimitExceeded`; the system's) are the instantiation's.
 /// A module either backend validated may be instantiated; one neither did fails to load with
 /// both reasons. Each resource goes back to the backend that made it.
 ///
@@ -117,9 +118,11 @@ impl<P: InstanceAllocatorImpl, S: InstanceAllocatorImpl> Fallback<P, S> {
     }
 }
 
-/// Whether the primary's error is its being full, which the secondary may make up for.
+/// Whether the primary's error is its being full, which the secondary may make up for: a
+/// [`LimitExceeded`] of the backend's own, not one the embedder's limiter returned (that one is
+/// under a [`LimiterDenied`], and final: asking the secondary would consult the limiter again).
 fn full(error: &anyhow::Error) -> bool {
-    error.chain().any(|e| e.is::<LimitExceeded>())
+    !error.is::<LimiterDenied>() && error.chain().any(|e| e.is::<LimitExceeded>())
 }
 
 // SAFETY: every memory and table comes from one of two backends that keep the contract, only

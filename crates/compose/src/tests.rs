@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use berth_core::{InstanceAllocatorImpl, LimitExceeded, MemoryType, Module, TableType, Tunables};
+use berth_core::{
+    InstanceAllocatorImpl, LimitExceeded, LimiterDenied, MemoryType, Module, ResourceLimiter, TableType,
+    Tunables,
+};
 use berth_on_demand::OnDemandInstanceAllocator;
 use berth_pooling::{PoolingConfig, PoolingInstanceAllocator};
 use berth_testkit::Harness;
@@ -150,6 +153,60 @@ fn a_module_one_engine_purges_is_served_for_another_as_before() {
     let live = harness.instantiate(&small, None).unwrap();
     assert!(live.instance().memories().values().all(|(_, m)| m.is_static()));
     assert_eq!(fallback.fallbacks(), 0);
+}
+
+/// A limiter with a quota of its own, reported as a `LimitExceeded`, counting its calls.
+struct Budget {
+    calls: u32,
+}
+
+impl ResourceLimiter for Budget {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> anyhow::Result<bool> {
+        self.calls += 1;
+        Err(LimitExceeded::error("tenant_bytes", 4096, desired as u64))
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        _desired: usize,
+        _max: Option<usize>,
+    ) -> anyhow::Result<bool> {
+        self.calls += 1;
+        Ok(true)
+    }
+}
+
+#[test]
+fn a_limiters_own_limit_is_final_and_not_the_primary_being_full() {
+    let fallback = Arc::new(Fallback::new(pool(2), OnDemandInstanceAllocator::new()));
+    let harness = Harness {
+        allocator: fallback.clone(),
+        tunables: tunables(),
+    };
+    let a = harness.load(module("a", Some(4))).unwrap();
+    let mut budget = Budget { calls: 0 };
+    let error = harness.instantiate(&a, Some(&mut budget)).unwrap_err();
+    assert_eq!(budget.calls, 1, "the limiter is asked once: {error:#}");
+    assert_eq!(fallback.fallbacks(), 0);
+    assert!(error.is::<LimiterDenied>(), "{error:#}");
+    let limit = error
+        .downcast_ref::<LimitExceeded>()
+        .expect("the limiter's own error");
+    assert_eq!(limit.limit, "tenant_bytes");
+    let stats = harness.allocator.stats();
+    assert_eq!(
+        (stats.live_instances, stats.live_memories, stats.live_tables),
+        (0, 0, 0)
+    );
+    // The pool had room all along: the next instance without the limiter comes from it.
+    let live = harness.instantiate(&a, None).unwrap();
+    assert!(live.instance().memories().values().all(|(_, m)| m.is_static()));
 }
 
 #[test]

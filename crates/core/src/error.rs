@@ -65,7 +65,8 @@ impl fmt::Display for OutOfBounds {
 impl std::error::Error for OutOfBounds {}
 
 /// The embedder's [`ResourceLimiter`](crate::ResourceLimiter) refused a memory's or table's
-/// initial size.
+/// initial size: the error itself when it answered `false`, a context over its own error when
+/// it returned one (found in `err.chain()` after this).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimiterDenied {
     /// What was being created (`memory`, `table`).

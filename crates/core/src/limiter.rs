@@ -8,7 +8,9 @@ use crate::error::{LimitExceeded, LimiterDenied};
 ///
 /// Return `Ok(true)` to allow, `Ok(false)` to refuse (creation fails with a
 /// [`LimiterDenied`] error; `memory.grow` / `table.grow` return -1 and
-/// leave the resource untouched), or an error to abort the operation with it (a trap).
+/// leave the resource untouched), or an error to abort the operation with it (a trap; at
+/// creation, under a [`LimiterDenied`] context, the error itself still found by
+/// `downcast_ref`).
 pub trait ResourceLimiter: Send {
     /// A memory wants to go from `current` to `desired` bytes; `maximum` is its maximum in
     /// bytes if it has one. Called with `current == 0` when a memory is created.
@@ -50,15 +52,20 @@ pub(crate) fn admit_initial(
         return Err(LimitExceeded::error(limit_name, limit as u64, minimum as u64));
     }
     if let Some(limiter) = limiter {
-        let allowed = match resource {
-            Resource::Memory => limiter.memory_growing(0, minimum, maximum)?,
-            Resource::Table => limiter.table_growing(0, minimum, maximum)?,
+        let denied = LimiterDenied {
+            resource: name,
+            desired: minimum as u64,
         };
-        if !allowed {
-            return Err(anyhow::Error::new(LimiterDenied {
-                resource: name,
-                desired: minimum as u64,
-            }));
+        let allowed = match resource {
+            Resource::Memory => limiter.memory_growing(0, minimum, maximum),
+            Resource::Table => limiter.table_growing(0, minimum, maximum),
+        };
+        // The limiter's own error keeps its type (and any `LimitExceeded` it holds, which is
+        // then the limiter's, not the backend's), under a `LimiterDenied` that says whose it is.
+        match allowed {
+            Ok(true) => {}
+            Ok(false) => return Err(anyhow::Error::new(denied)),
+            Err(error) => return Err(error.context(denied)),
         }
     }
     Ok(maximum)
