@@ -43,12 +43,18 @@ impl MemoryType {
         1u64 << self.page_size_log2.min(WASM_PAGE_SIZE_LOG2)
     }
 
-    /// The largest number of pages any memory of this index type and page size may have.
+    /// The largest number of pages any memory of this index type and page size may have: the
+    /// index type's address space in pages, but no more than its largest page count
+    /// (`memory.size` returns one), so one-byte pages stop at 2^32 - 1 and 2^64 - 1.
     pub fn absolute_max_pages(&self) -> u64 {
-        let address_bits: u32 = if self.memory64 { 64 } else { 32 };
+        let (address_bits, largest) = if self.memory64 {
+            (64, u64::MAX)
+        } else {
+            (32, u64::from(u32::MAX))
+        };
         let page_bits = u32::from(self.page_size_log2.min(WASM_PAGE_SIZE_LOG2));
-        // A 64-bit memory of one-byte pages would need 2^64 pages; cap at u64::MAX.
-        1u64.checked_shl(address_bits - page_bits).unwrap_or(u64::MAX)
+        let pages = (1u128 << address_bits) >> page_bits;
+        u64::try_from(pages).unwrap_or(u64::MAX).min(largest)
     }
 
     /// The initial size in bytes, or `None` if it does not fit in a `u64`.

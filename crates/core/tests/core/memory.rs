@@ -310,6 +310,24 @@ fn one_byte_pages_are_exact() {
 }
 
 #[test]
+fn one_byte_pages_stop_at_the_largest_page_count_of_the_index_type() {
+    let one_byte = |memory64, minimum| MemoryType {
+        page_size_log2: 0,
+        memory64,
+        ..MemoryType::new(minimum, None)
+    };
+    // memory.size of a 32-bit memory is an i32 read as unsigned: 2^32 pages do not fit.
+    assert_eq!(one_byte(false, 0).absolute_max_pages(), u64::from(u32::MAX));
+    assert_eq!(one_byte(true, 0).absolute_max_pages(), u64::MAX);
+    assert_eq!(MemoryType::new(0, None).absolute_max_pages(), 1 << 16);
+    assert!(one_byte(false, 1 << 32).validate().is_err());
+    one_byte(false, u64::from(u32::MAX)).validate().unwrap();
+    let mut memory = Memory::new_dynamic(&one_byte(false, 0), &Tunables::default(), None, None).unwrap();
+    assert_eq!(memory.grow(1 << 32, None).unwrap(), None, "2^32 one-byte pages");
+    assert_eq!(memory.byte_size(), 0);
+}
+
+#[test]
 fn growth_zeroes_the_host_page_tail_of_one_byte_page_memories() {
     let ty = MemoryType {
         page_size_log2: 0,
