@@ -341,24 +341,27 @@ unsafe impl<A: InstanceAllocatorImpl, G: Eq + Hash + Clone + fmt::Debug + Send +
             ..QuotaUsage::default()
         };
         if let Some(group) = &group {
-            self.charge(group, add, false)?;
+            // Counts first, so that a refused table costs no allocation; charged once it exists,
+            // so that an allocation that fails or unwinds part-way charges nothing.
+            self.charge(group, add, true)?;
         }
+        // SAFETY: the caller's obligations are `inner`'s.
+        let (inner, table) = unsafe { self.inner.allocate_table(request, ty, table_index) }?;
+        let charged = match &group {
+            Some(group) => self.charge(group, add, false),
+            None => Ok(()),
+        };
         let charge = Charge {
             group,
-            inner: TableAllocationIndex::from_u32(0),
+            inner,
             instance,
             memory_bytes: 0,
         };
-        // SAFETY: the caller's obligations are `inner`'s.
-        let allocated = unsafe { self.inner.allocate_table(request, ty, table_index) };
-        let (inner, table) = match allocated {
-            Ok(allocated) => allocated,
-            Err(error) => {
-                self.uncharge(&charge, 0, 1);
-                return Err(error);
-            }
-        };
-        let charge = Charge { inner, ..charge };
+        if let Err(error) = charged {
+            // SAFETY: made by `inner` just now for `table_index`, handed to no one.
+            unsafe { self.inner.deallocate_table(table_index, charge.inner, table) };
+            return Err(error);
+        }
         match self.tables.insert(charge) {
             Ok(key) => Ok((TableAllocationIndex::from_u32(key), table)),
             Err((error, charge)) => {

@@ -120,14 +120,31 @@ impl OnDemandInstanceAllocator {
     }
 }
 
+/// One unit of a count, taken back when dropped before [`keep`](Unit::keep): an allocation
+/// that fails, or unwinds (the embedder's limiter runs in it), leaves the count as it was.
+struct Unit<'a>(&'a AtomicU64);
+
+impl Unit<'_> {
+    /// The unit stays counted, until [`release`] takes it back.
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Unit<'_> {
+    fn drop(&mut self) {
+        release(self.0);
+    }
+}
+
 /// Adds one to `counter` unless that would pass `limit`.
-fn acquire(counter: &AtomicU64, limit: Option<u64>, name: &'static str) -> Result<()> {
+fn acquire<'a>(counter: &'a AtomicU64, limit: Option<u64>, name: &'static str) -> Result<Unit<'a>> {
     counter
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| match limit {
             Some(max) if n >= max => None,
             _ => Some(n + 1),
         })
-        .map(drop)
+        .map(|_| Unit(counter))
         .map_err(|n| LimitExceeded::error(name, limit.unwrap_or(u64::MAX), n + 1))
 }
 
@@ -187,6 +204,7 @@ unsafe impl InstanceAllocatorImpl for OnDemandInstanceAllocator {
             self.limits.total_core_instances,
             "total_core_instances",
         )
+        .map(Unit::keep)
     }
 
     fn decrement_core_instance_count(&self) {
@@ -199,7 +217,7 @@ unsafe impl InstanceAllocatorImpl for OnDemandInstanceAllocator {
         ty: &MemoryType,
         memory_index: DefinedMemoryIndex,
     ) -> Result<(MemoryAllocationIndex, Memory)> {
-        acquire(&self.memories, self.limits.total_memories, "total_memories")?;
+        let unit = acquire(&self.memories, self.limits.total_memories, "total_memories")?;
         let memory = Memory::new_dynamic_reusing(
             ty,
             request.tunables,
@@ -215,35 +233,22 @@ unsafe impl InstanceAllocatorImpl for OnDemandInstanceAllocator {
                     .map_or("16 EiB or more".to_owned(), berth_core::exact_bytes)
             )
         });
-        match memory {
-            Ok(mut memory) => {
-                // Counted while the memory lives, current across moves.
-                memory.track_reservation(self.reserved.clone());
-                let image = if request.tunables.memory_init_cow {
-                    request.module.memory_image(memory_index)
-                } else {
-                    Ok(None)
-                };
-                if let Err(error) =
-                    image.and_then(|image| image.map_or(Ok(()), |image| memory.map_image(image)))
-                {
-                    drop(memory);
-                    release(&self.memories);
-                    return Err(error.context(format!(
-                        "failed to map the image of memory {}",
-                        memory_index.as_u32()
-                    )));
-                }
-                let index = self
-                    .habits
-                    .start((request.module.id(), memory_index), &mut memory);
-                Ok((index, memory))
-            }
-            Err(error) => {
-                release(&self.memories);
-                Err(error)
-            }
-        }
+        let mut memory = memory?;
+        // Counted while the memory lives, current across moves.
+        memory.track_reservation(self.reserved.clone());
+        let image = if request.tunables.memory_init_cow {
+            request.module.memory_image(memory_index)
+        } else {
+            Ok(None)
+        };
+        image
+            .and_then(|image| image.map_or(Ok(()), |image| memory.map_image(image)))
+            .with_context(|| format!("failed to map the image of memory {}", memory_index.as_u32()))?;
+        let index = self
+            .habits
+            .start((request.module.id(), memory_index), &mut memory);
+        unit.keep();
+        Ok((index, memory))
     }
 
     unsafe fn deallocate_memory(
@@ -263,7 +268,7 @@ unsafe impl InstanceAllocatorImpl for OnDemandInstanceAllocator {
         ty: &TableType,
         table_index: DefinedTableIndex,
     ) -> Result<(TableAllocationIndex, Table)> {
-        acquire(&self.tables, self.limits.total_tables, "total_tables")?;
+        let unit = acquire(&self.tables, self.limits.total_tables, "total_tables")?;
         let table = Table::new_dynamic(ty, self.limits.table_elements, request.limiter.as_deref_mut())
             .with_context(|| {
                 format!(
@@ -272,13 +277,9 @@ unsafe impl InstanceAllocatorImpl for OnDemandInstanceAllocator {
                     ty.minimum
                 )
             });
-        match table {
-            Ok(table) => Ok((TableAllocationIndex::default(), table)),
-            Err(error) => {
-                release(&self.tables);
-                Err(error)
-            }
-        }
+        let table = table?;
+        unit.keep();
+        Ok((TableAllocationIndex::default(), table))
     }
 
     unsafe fn deallocate_table(

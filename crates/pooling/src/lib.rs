@@ -404,6 +404,32 @@ impl PoolingInstanceAllocator {
     }
 }
 
+/// A slot taken for a memory or table not made yet. Dropped before [`settle`](Self::settle),
+/// it is given up: an error or a panic (the embedder's limiter runs in between) leaves no slot
+/// held for a tenant that never came.
+struct Claim<'a, P> {
+    pool: &'a P,
+    slot: u32,
+    give_up: fn(&P, u32),
+}
+
+impl<'a, P> Claim<'a, P> {
+    fn new(pool: &'a P, slot: u32, give_up: fn(&P, u32)) -> Self {
+        Claim { pool, slot, give_up }
+    }
+
+    /// The slot is its tenant's now.
+    fn settle(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl<P> Drop for Claim<'_, P> {
+    fn drop(&mut self) {
+        (self.give_up)(self.pool, self.slot);
+    }
+}
+
 // SAFETY: every memory is a slot of the pool's own reservation and every table a slot of its
 // slab, handed to one tenant at a time (the slot allocators never hand a slot out twice) and
 // reset to zeros before reuse; memories honour the tunables the pool was built for (checked
@@ -430,11 +456,9 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
             }
         }
         let max = u64::from(self.config.total_core_instances);
-        Err(LimitExceeded::error(
-            "total_core_instances",
-            max,
-            self.live_instances() + 1,
-        ))
+        // Every share was full when looked at; one may have been freed since.
+        let requested = (self.live_instances() + 1).max(max.saturating_add(1));
+        Err(LimitExceeded::error("total_core_instances", max, requested))
     }
 
     fn decrement_core_instance_count(&self) {
@@ -476,6 +500,8 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         let wanted = Wanted { image, initial };
         let lease = self.take_memory(key, &wanted)?;
         let pool = &self.memory_shard(lease.slot).memories;
+        // Given up unless the memory is made: on an error, and on a panic in the limiter.
+        let claim = Claim::new(pool, lease.slot, MemoryPool::abandon);
         // SAFETY: the slot is ours alone until deallocation (`Held`: the pool hands it out
         // once); its reservation is page-aligned inside the pool's mapping, which outlives every
         // memory; `lease.accessible` bytes are readable and writable, reading as zeros or as
@@ -502,14 +528,14 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         });
         match memory {
             Ok(memory) => {
+                claim.settle();
                 self.memory_shard(lease.slot)
                     .live_memories
                     .fetch_add(1, Ordering::Relaxed);
                 Ok((MemoryAllocationIndex::from_u32(lease.slot), memory))
             }
             Err(error) => {
-                // Its protection may be half-changed: re-mapped before its next use.
-                pool.abandon(lease.slot);
+                drop(claim);
                 Err(error.context(format!(
                     "failed to allocate memory {} of {} in pool slot {}",
                     memory_index.as_u32(),
@@ -552,6 +578,7 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         table_index: DefinedTableIndex,
     ) -> Result<(TableAllocationIndex, Table)> {
         let slot = self.take_table()?;
+        let claim = Claim::new(&self.table_shard(slot).tables, slot, TablePool::abandon);
         let capacity = self.shards[0].tables.capacity().min(self.config.table_elements);
         // SAFETY: the slot is ours alone until deallocation, zeroed (the pool's invariant),
         // and inside the slab, which outlives every table.
@@ -565,11 +592,12 @@ unsafe impl InstanceAllocatorImpl for PoolingInstanceAllocator {
         };
         match table {
             Ok(table) => {
+                claim.settle();
                 self.table_shard(slot).live_tables.fetch_add(1, Ordering::Relaxed);
                 Ok((TableAllocationIndex::from_u32(slot), table))
             }
             Err(error) => {
-                self.table_shard(slot).tables.abandon(slot);
+                drop(claim);
                 Err(error.context(format!(
                     "failed to allocate table {} of {} elements",
                     table_index.as_u32(),

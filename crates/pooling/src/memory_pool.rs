@@ -438,10 +438,21 @@ impl MemoryPool {
         self.lock().slots.resetting(key)
     }
 
-    /// Setting up the memory in a leased slot failed part-way: the slot is re-mapped before
-    /// its next use.
+    /// Setting up the memory in a leased slot failed or unwound part-way (its protection may be
+    /// half-changed): the slot is re-mapped now, so the pages earlier tenants left in it go
+    /// back to the kernel rather than stay resident, counted nowhere, until its next use. It is
+    /// cold then, or stale (re-mapped before its next use) if the re-map fails.
     pub fn abandon(&self, slot: u32) {
-        self.lock().slots.abandon(self.local(slot));
+        let local = self.local(slot);
+        // SAFETY: the slot is `Held` by the failed set-up that gives it up here: no tenant has
+        // it and no reference into it is live.
+        let mut bytes = unsafe { self.region.bytes(slot, self.layout.memory_reservation, 0) };
+        let remapped = bytes.remap().is_ok();
+        let mut state = self.lock();
+        state.slots.abandon(local);
+        if remapped {
+            state.slots.cooled(local, 0);
+        }
     }
 
     /// Resets a slot its tenant gave back, all but the decommits, which it leaves in

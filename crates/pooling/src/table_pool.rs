@@ -28,12 +28,13 @@ use crate::slots::SlotId;
 /// One table slot's state.
 ///
 /// Invariant: a `Free` slot is in the free list and every word of it is zero, its first
-/// `resident` bytes possibly resident; a `Held` slot's words are its tenant's; a `Resetting`
-/// slot's are the resetting thread's until it is finished.
+/// `resident` bytes possibly resident; a `Held` slot's words are its tenant's (`resident`: what
+/// it had resident when taken, for a set-up given up before the tenant wrote anything); a
+/// `Resetting` slot's are the resetting thread's until it is finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TableSlot {
     Free { resident: usize },
-    Held,
+    Held { resident: usize },
     Resetting,
 }
 
@@ -101,26 +102,40 @@ impl State {
             panic!("table slot {slot} taken while {state:?}");
         };
         self.idle_resident -= resident;
-        *state = TableSlot::Held;
+        *state = TableSlot::Held { resident };
         Some(slot)
     }
 
     fn release(&mut self, slot: SlotId) {
         let state = &mut self.slots[slot.index()];
-        assert_eq!(
-            *state,
-            TableSlot::Held,
-            "table slot {slot} given back while not held"
+        assert!(
+            matches!(state, TableSlot::Held { .. }),
+            "table slot {slot} given back while {state:?}"
         );
         *state = TableSlot::Resetting;
     }
 
-    fn free(&mut self, slot: SlotId, resident: usize, from: TableSlot) {
+    /// A slot `held` (else `Resetting`) is free again, `resident` bytes resident.
+    fn free(&mut self, slot: SlotId, resident: usize, held: bool) {
         let state = &mut self.slots[slot.index()];
-        assert_eq!(*state, from, "table slot {slot} freed while {state:?}");
+        let expected = match state {
+            TableSlot::Held { .. } => held,
+            TableSlot::Resetting => !held,
+            TableSlot::Free { .. } => false,
+        };
+        assert!(expected, "table slot {slot} freed while {state:?}");
         *state = TableSlot::Free { resident };
         self.idle_resident += resident;
         self.free.push(slot);
+    }
+
+    /// The set-up of a `Held` slot was given up before its tenant got it: free again, as it
+    /// was taken.
+    fn abandon(&mut self, slot: SlotId) {
+        let TableSlot::Held { resident } = self.slots[slot.index()] else {
+            panic!("table slot {slot} abandoned while {:?}", self.slots[slot.index()]);
+        };
+        self.free(slot, resident, true);
     }
 }
 
@@ -196,9 +211,10 @@ impl TablePool {
         Some(self.first + self.lock().take()?.as_u32())
     }
 
-    /// Setting up a table in `slot` failed before anything was written: it is free again.
+    /// Setting up a table in `slot` failed or unwound before anything was written: it is free
+    /// again, as it was taken.
     pub fn abandon(&self, slot: u32) {
-        self.lock().free(self.local(slot), 0, TableSlot::Held);
+        self.lock().abandon(self.local(slot));
     }
 
     /// The bytes of `slot`.
@@ -243,7 +259,7 @@ impl TablePool {
         };
         let local = self.local(job.slot);
         if decommits.is_empty() {
-            self.lock().free(local, resident, TableSlot::Held);
+            self.lock().free(local, resident, true);
             return None;
         }
         self.lock().release(local);
@@ -261,8 +277,7 @@ impl TablePool {
             // SAFETY: the slot is `Resetting` until it is freed below: ours alone.
             unsafe { self.bytes(done.slot) }.zero(done.rest.clone());
         }
-        self.lock()
-            .free(self.local(done.slot), done.resident, TableSlot::Resetting);
+        self.lock().free(self.local(done.slot), done.resident, false);
     }
 
     /// Gives the resident pages of every free slot back to the kernel (a slot whose decommit

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use berth_core::{
     DefinedMemoryIndex, DefinedTableIndex, HostPtr, Imports, InstanceAllocationRequest, InstanceAllocator,
-    InstanceAllocatorImpl, InstanceHandle, MemoryType, Module, TableType, Tunables, VMOffsets,
+    InstanceAllocatorImpl, InstanceHandle, LimiterDenied, MemoryType, Module, ResourceLimiter, TableType,
+    Tunables, VMOffsets,
 };
 
 use crate::{PoolingConfig, PoolingInstanceAllocator, shard};
@@ -61,6 +62,14 @@ fn load(pool: &PoolingInstanceAllocator, name: &str, pages: u64, elements: u64) 
 }
 
 fn instantiate(pool: &PoolingInstanceAllocator, loaded: &Loaded) -> InstanceHandle {
+    try_instantiate(pool, loaded, None).unwrap()
+}
+
+fn try_instantiate(
+    pool: &PoolingInstanceAllocator,
+    loaded: &Loaded,
+    limiter: Option<&mut dyn ResourceLimiter>,
+) -> anyhow::Result<InstanceHandle> {
     let resolver = |f: berth_core::FuncIndex| f.as_u32() as usize + 1;
     let tunables = tunables();
     let request = InstanceAllocationRequest {
@@ -69,11 +78,11 @@ fn instantiate(pool: &PoolingInstanceAllocator, loaded: &Loaded) -> InstanceHand
         tunables: &tunables,
         imports: Imports::default(),
         host_state: Box::new(()),
-        limiter: None,
+        limiter: limiter.map(|l| l as &mut dyn ResourceLimiter),
         func_resolver: &resolver,
     };
     // SAFETY: `loaded` was validated by this pool, with these offsets.
-    unsafe { pool.allocate_module(request) }.unwrap()
+    unsafe { pool.allocate_module(request) }
 }
 
 fn deallocate(pool: &PoolingInstanceAllocator, mut handle: InstanceHandle) {
@@ -125,6 +134,90 @@ fn a_slot_whose_reset_failed_is_remapped_before_reuse() {
         bytes.iter().all(|&b| b == 0),
         "a failed reset leaked the previous tenant's bytes"
     );
+}
+
+/// Refuses (`Ok(false)`) or panics at the `at`-th creation it is asked about (memory 0 comes
+/// before table 0).
+struct Refuse {
+    at: usize,
+    seen: usize,
+    panics: bool,
+}
+
+impl Refuse {
+    fn judge(&mut self, current: usize) -> anyhow::Result<bool> {
+        if current != 0 {
+            return Ok(true);
+        }
+        self.seen += 1;
+        if self.seen - 1 != self.at {
+            return Ok(true);
+        }
+        assert!(!self.panics, "the limiter panics at creation {}", self.at);
+        Ok(false)
+    }
+}
+
+impl ResourceLimiter for Refuse {
+    fn memory_growing(&mut self, current: usize, _: usize, _: Option<usize>) -> anyhow::Result<bool> {
+        self.judge(current)
+    }
+    fn table_growing(&mut self, current: usize, _: usize, _: Option<usize>) -> anyhow::Result<bool> {
+        self.judge(current)
+    }
+}
+
+#[test]
+fn a_refused_or_unwound_set_up_gives_its_slot_and_the_pages_kept_in_it_back() {
+    let _serial = serial();
+    let Some(map) = berth_testkit::page_states::page_map_for("refused set-ups give kept pages back") else {
+        return;
+    };
+    // One slot of each kind: a slot kept by a set-up that never finished shows at once.
+    let pool = pool(|c| {
+        c.total_core_instances(1).total_memories(1).total_tables(1);
+    });
+    let a = load(&pool, "a", 2, 4);
+    for (at, panics) in [(0, false), (1, false), (0, true), (1, true)] {
+        let mut tenant = instantiate(&pool, &a);
+        let base = tenant.instance().memory(memory()).unwrap().base();
+        tenant
+            .instance_mut()
+            .memory_write(memory(), 0, &[0xAB; 2 * PAGE])
+            .unwrap();
+        deallocate(&pool, tenant);
+        let slot = std::ptr::NonNull::new(base).unwrap();
+        let resident = || {
+            map.count(slot, 2 * PAGE, berth_core::sys::PageState::Present)
+                .unwrap()
+        };
+        assert!(resident() > 0, "the warm slot keeps its tenant's pages");
+        let mut limiter = Refuse { at, seen: 0, panics };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            try_instantiate(&pool, &a, Some(&mut limiter))
+        }));
+        match outcome {
+            Ok(result) => {
+                let Err(error) = result else {
+                    panic!("an instance was made though the limiter refused a creation");
+                };
+                assert!(error.is::<LimiterDenied>(), "{error:#}");
+            }
+            Err(_) => assert!(panics, "only the panicking limiter unwinds"),
+        }
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.live_instances, stats.live_memories, stats.live_tables),
+            (0, 0, 0)
+        );
+        if at == 0 {
+            // The memory's set-up was given up: its slot holds nothing resident, counted or not.
+            assert_eq!(resident(), 0, "pages kept in a given-up slot (panics: {panics})");
+        }
+        // Both slots are free again, for the next instance.
+        let (bytes, elements, _) = contents(&pool, &a);
+        assert!(bytes.iter().all(|&b| b == 0) && elements.iter().all(|&e| e == 0));
+    }
 }
 
 #[test]

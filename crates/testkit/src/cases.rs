@@ -147,15 +147,23 @@ pub(crate) fn limits_are_typed_and_capacity_returns(ctx: &Ctx<'_>) {
     }
 }
 
-/// Denies the `deny_at`-th creation (memories and tables counted together).
+/// Denies the `deny_at`-th creation (memories and tables counted together), or panics there.
 struct DenyAt {
     seen: usize,
     deny_at: usize,
+    panics: bool,
 }
+
+/// The payload of [`DenyAt`]'s panics, which the suite's panic hook keeps quiet.
+struct LimiterPanic;
 
 impl DenyAt {
     fn judge(&mut self) -> bool {
         self.seen += 1;
+        if self.seen == self.deny_at && self.panics {
+            quiet_limiter_panics();
+            std::panic::panic_any(LimiterPanic);
+        }
         self.seen != self.deny_at
     }
 }
@@ -177,7 +185,11 @@ pub(crate) fn failed_instantiation_leaks_nothing(ctx: &Ctx<'_>) {
             let mut tenant = harness.instantiate(&loaded, None).unwrap();
             dirty(&mut tenant, &shape, &ctx.caps, deny_at as u8);
             drop(tenant);
-            let mut limiter = DenyAt { seen: 0, deny_at };
+            let mut limiter = DenyAt {
+                seen: 0,
+                deny_at,
+                panics: false,
+            };
             let error = harness
                 .instantiate(&loaded, Some(&mut limiter))
                 .expect_err("the limiter denied a resource");
@@ -191,4 +203,76 @@ pub(crate) fn failed_instantiation_leaks_nothing(ctx: &Ctx<'_>) {
         }
     }
     assert_idle(&harness);
+}
+
+/// Installs, once, a panic hook that says nothing of [`LimiterPanic`]s and passes every other
+/// panic to the hook before it.
+fn quiet_limiter_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !info.payload().is::<LimiterPanic>() {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// A limiter may panic (it is the embedder's code): the unwinding instantiation gives back
+/// what it took, the slot it was setting up included, so the backend's counts and capacity
+/// are as before, however often it happens.
+pub(crate) fn an_unwinding_limiter_leaks_nothing(ctx: &Ctx<'_>) {
+    let harness = ctx.harness();
+    let caps = &ctx.caps;
+    // More unwinds than any limit has room: one slot lost each time would run out.
+    let rounds = [caps.max_instances, caps.max_memories, caps.max_tables]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(1)
+        + 1;
+    for (shape, loaded) in ctx.loadable(&harness, modules::all()) {
+        let resources = shape.memories.len() + shape.tables.len();
+        for deny_at in 1..=resources {
+            for _ in 0..rounds {
+                let mut limiter = DenyAt {
+                    seen: 0,
+                    deny_at,
+                    panics: true,
+                };
+                let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    harness.instantiate(&loaded, Some(&mut limiter))
+                }));
+                match unwound {
+                    Err(_) => {}
+                    Ok(Ok(_)) => panic!("an instance was made though the limiter panicked"),
+                    Ok(Err(error)) => panic!(
+                        "the instantiation failed before the limiter's panic at creation \
+                         {deny_at}: {error:#} (a slot or count kept by an earlier unwound one?)"
+                    ),
+                }
+                assert_idle(&harness);
+            }
+            // As many instances as the limits allow at once: all of them fit again.
+            let per = |limit: Option<usize>, each: usize| limit.map(|l| l / each.max(1));
+            let room = [
+                caps.max_instances,
+                per(caps.max_memories, shape.memories.len()),
+                per(caps.max_tables, shape.tables.len()),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(2);
+            let live: Vec<Live> = (0..room)
+                .map(|_| harness.instantiate(&loaded, None).expect("capacity came back"))
+                .collect();
+            for instance in &live {
+                assert_fresh(instance, &shape);
+            }
+            drop(live);
+            assert_idle(&harness);
+        }
+    }
 }

@@ -181,6 +181,10 @@ const CASES: &[Case] = &[
         cases::failed_instantiation_leaks_nothing,
     ),
     (
+        "an_unwinding_limiter_leaks_nothing",
+        cases::an_unwinding_limiter_leaks_nothing,
+    ),
+    (
         "bytes_past_the_size_and_guards_fault",
         faults::bytes_past_the_size_and_guards_fault,
     ),
