@@ -402,6 +402,44 @@ fn offsets_from_imported_globals_are_read_at_instantiation() {
 }
 
 #[test]
+fn globals_copied_from_imported_ones_hold_only_their_value() {
+    // An embedder's i32 or f32 global may leave bytes past its value set; a defined global
+    // initialized from it is zero-extended like any i32.const, so code reading it as an i64
+    // slot, and an offset reading it, see the value alone.
+    for content in [ValType::I32, ValType::F32, ValType::I64, ValType::FuncRef] {
+        let ty = |mutable| GlobalType { content, mutable };
+        let module = Module::builder()
+            .name("copied-global")
+            .import_global(ty(false))
+            .global(
+                ty(false),
+                berth_core::GlobalInit::GetGlobal(GlobalIndex::from_u32(0)),
+            )
+            .build()
+            .unwrap();
+        let module = engine(false, true, 0).load(module).unwrap();
+        let mut storage = [0xAA; 16];
+        storage[..4].copy_from_slice(&100u32.to_le_bytes());
+        let global = Box::leak(Box::new(VMGlobalDefinition { storage }));
+        let imports = OwnedImports {
+            globals: vec![VMGlobalImport { from: global }],
+            ..OwnedImports::default()
+        };
+        // SAFETY: the only import is a leaked, live global of the imported type.
+        let instance = unsafe { Instance::builder(&module).imports(imports) }
+            .instantiate()
+            .unwrap();
+        let width = match content {
+            ValType::I32 | ValType::F32 => 4,
+            _ => 8,
+        };
+        let copied = instance.global(1).unwrap().storage;
+        assert_eq!(copied[..width], storage[..width], "{content:?}: the value");
+        assert!(copied[width..].iter().all(|&b| b == 0), "{content:?}: {copied:?}");
+    }
+}
+
+#[test]
 fn segments_write_through_imported_memories_and_tables() {
     let engine = engine(false, true, 0);
     let exporter = engine

@@ -534,7 +534,7 @@ fn write_vmctx(
             put(block, offsets.vmctx_vmmemory_pointer(index), location.as_ptr());
         }
     }
-    for (index, _, init) in module.defined_globals() {
+    for (index, ty, init) in module.defined_globals() {
         let bits: u128 = match *init {
             GlobalInit::GetGlobal(g) => match g.as_u32().checked_sub(module.num_imported_globals()) {
                 // A defined global before this one (the module checks the order): written
@@ -565,6 +565,8 @@ fn write_vmctx(
             GlobalInit::RefNull => 0,
             GlobalInit::RefFunc(f) => request.func_resolver.resolve(f) as u128,
         };
+        // A copied global brings its value, not what an embedder left in the bytes past it.
+        let bits = bits & (u128::MAX >> (128 - 8 * ty.content.bytes()));
         let global = VMGlobalDefinition {
             storage: bits.to_le_bytes(),
         };

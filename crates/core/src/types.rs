@@ -199,6 +199,19 @@ pub enum ValType {
     ExternRef,
 }
 
+impl ValType {
+    /// Bytes of a value of this type, as a `VMGlobalDefinition` holds it (the rest of its 16
+    /// bytes are zero).
+    pub fn bytes(self) -> usize {
+        match self {
+            ValType::I32 | ValType::F32 => 4,
+            ValType::I64 | ValType::F64 => 8,
+            ValType::V128 => 16,
+            ValType::FuncRef | ValType::ExternRef => size_of::<usize>(),
+        }
+    }
+}
+
 /// A global's type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GlobalType {
