@@ -664,6 +664,62 @@ fn constant_expressions_read_defined_immutable_globals() {
     }
 }
 
+/// `global.get` in an element expression (reference types): the item is the global's word,
+/// from an imported global or a defined one, beside functions and nulls in the same segment.
+#[test]
+fn element_items_read_reference_globals() {
+    let wat = r#"(module
+        (import "e" "f" (global $imported funcref))
+        (global $defined funcref (ref.func $h))
+        (table 6 funcref)
+        (func $g) (func $h)
+        (elem (i32.const 1) funcref (global.get $imported) (ref.func $g) (ref.null func) (global.get $defined)))"#;
+    for pooling in [false, true] {
+        let engine = engine(pooling, true, 0);
+        let module = engine.load(berth_wasm::parse(wat.as_bytes()).unwrap()).unwrap();
+        let global = Box::leak(Box::new(VMGlobalDefinition {
+            storage: 0xF00Du128.to_le_bytes(),
+        }));
+        let imports = OwnedImports {
+            globals: vec![VMGlobalImport { from: global }],
+            ..OwnedImports::default()
+        };
+        // SAFETY: the only import is a leaked, live funcref global.
+        let instance = unsafe { Instance::builder(&module).imports(imports) }
+            .func_resolver(|f| 1000 + f.as_u32() as usize)
+            .instantiate()
+            .unwrap();
+        let words: Vec<usize> = (0..6).map(|i| instance.table_get(0, i).unwrap()).collect();
+        // Functions: $g is 0, $h is 1 (no function is imported).
+        assert_eq!(words, [0, 0xF00D, 1000, 0, 1001, 0], "pooling {pooling}");
+    }
+    let mutable = r#"(module (global $m (mut funcref) (ref.null func)) (table 1 funcref)
+        (elem (i32.const 0) funcref (global.get $m)))"#;
+    assert!(
+        berth_wasm::parse(mutable.as_bytes()).is_err(),
+        "wasm forbids a mutable global here"
+    );
+    // A module built by other means is held to the same: an immutable reference global.
+    let ty = |content, mutable| GlobalType { content, mutable };
+    let odd = [
+        (ty(ValType::I32, false), berth_core::GlobalInit::I32(0)),
+        (ty(ValType::FuncRef, true), berth_core::GlobalInit::RefNull),
+    ];
+    for (ty, init) in odd {
+        let error = Module::builder()
+            .name("odd-item")
+            .global(ty, init)
+            .table(TableType::new(1, None))
+            .element(ElementSegment {
+                kind: ElementKind::Passive,
+                items: vec![ElementItem::Global(GlobalIndex::from_u32(0))],
+            })
+            .build()
+            .expect_err("not an immutable reference global");
+        assert!(format!("{error:#}").contains("reads global 0"), "{error:#}");
+    }
+}
+
 /// What a constant expression may not read is refused when the module is built, saying why.
 #[test]
 fn constant_expressions_of_mutable_or_later_globals_are_refused() {

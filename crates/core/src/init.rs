@@ -44,8 +44,12 @@ pub unsafe fn initialize(instance: Pin<&mut Instance>, resolver: &dyn FuncResolv
         // SAFETY: the caller's contract covers imported globals.
         let offset =
             unsafe { evaluate(instance, &offset) }.with_context(|| format!("element segment {i}"))?;
-        // SAFETY: the caller's contract covers imported tables.
-        unsafe { write_table(instance, module, table, offset, module.element_funcs(i), resolver) }
+        let items = Items {
+            funcs: module.element_funcs(i),
+            globals: module.element_globals(i),
+        };
+        // SAFETY: the caller's contract covers imported tables and globals.
+        unsafe { write_table(instance, module, table, offset, items, resolver) }
             .with_context(|| format!("element segment {i} of {} elements", segment.items.len()))?;
     }
     for (i, segment) in module.data_segments().iter().enumerate() {
@@ -76,20 +80,8 @@ unsafe fn evaluate(instance: &Instance, expr: &ConstExpr) -> Result<u64> {
         ConstExpr::I32(v) => Ok(u64::from(u32::from_ne_bytes(v.to_ne_bytes()))),
         ConstExpr::I64(v) => Ok(u64::from_ne_bytes(v.to_ne_bytes())),
         ConstExpr::GlobalGet(global) => {
-            let defined = global
-                .as_u32()
-                .checked_sub(instance.module().num_imported_globals());
-            let value = match defined {
-                // A defined global: initialized at allocation, before any segment.
-                Some(defined) => {
-                    instance
-                        .global(DefinedGlobalIndex::from_u32(defined))
-                        .ok_or_else(|| anyhow::anyhow!("global {} does not exist", global.as_u32()))?
-                        .storage
-                }
-                // SAFETY: per the caller.
-                None => unsafe { imported_global(instance, global)? },
-            };
+            // SAFETY: per the caller.
+            let value = unsafe { global_value(instance, global) }?;
             let bytes: [u8; 8] = value[..8].try_into().unwrap_or_default();
             let ty = instance.module().globals().get(global).map(|g| g.content);
             Ok(match ty {
@@ -99,6 +91,26 @@ unsafe fn evaluate(instance: &Instance, expr: &ConstExpr) -> Result<u64> {
                 _ => u64::from_le_bytes(bytes),
             })
         }
+    }
+}
+
+/// The 16 bytes of global `global`: a defined one (initialized at allocation, before any
+/// segment) or an imported one.
+///
+/// # Safety
+///
+/// Imported globals point at live definitions.
+unsafe fn global_value(instance: &Instance, global: GlobalIndex) -> Result<[u8; 16]> {
+    match global
+        .as_u32()
+        .checked_sub(instance.module().num_imported_globals())
+    {
+        Some(defined) => Ok(instance
+            .global(DefinedGlobalIndex::from_u32(defined))
+            .ok_or_else(|| anyhow::anyhow!("global {} does not exist", global.as_u32()))?
+            .storage),
+        // SAFETY: per the caller.
+        None => unsafe { imported_global(instance, global) },
     }
 }
 
@@ -128,32 +140,68 @@ fn out_of_bounds(resource: String, offset: u64, len: usize, size: usize) -> anyh
     })
 }
 
-/// Writes `words` into table `table` at `offset`, all or nothing.
+/// An element segment's items: functions for the resolver (null where a global gives the
+/// item), and the items globals give.
+#[derive(Clone, Copy)]
+struct Items<'a> {
+    funcs: &'a [PackedOption<FuncIndex>],
+    globals: &'a [(u32, GlobalIndex)],
+}
+
+impl Items<'_> {
+    /// Writes the items' words into `out` (exactly as many words).
+    ///
+    /// # Safety
+    ///
+    /// Imported globals point at live definitions.
+    unsafe fn write(self, instance: &Instance, resolver: &dyn FuncResolver, out: &mut [usize]) -> Result<()> {
+        resolver.resolve_funcs(self.funcs, out);
+        for &(at, global) in self.globals {
+            // SAFETY: per the caller.
+            let value = unsafe { global_value(instance, global) }?;
+            let word = value[..size_of::<usize>()].try_into().map(usize::from_le_bytes);
+            out[at as usize] = word.unwrap_or_default();
+        }
+        Ok(())
+    }
+}
+
+/// Writes `items` into table `table` at `offset`, all or nothing.
 ///
 /// # Safety
 ///
-/// An imported table's definition is live and writable within its bounds.
+/// An imported table's definition is live and writable within its bounds; imported globals
+/// point at live definitions.
 unsafe fn write_table(
     instance: &mut Instance,
     module: &Module,
     table: TableIndex,
     offset: u64,
-    items: &[PackedOption<FuncIndex>],
+    items: Items<'_>,
     resolver: &dyn FuncResolver,
 ) -> Result<()> {
     let name = || format!("table {}", table.as_u32());
+    let len = items.funcs.len();
     if let Some(defined) = module.defined_table_index(table) {
         let size = instance.table(defined).map_or(0, |t| t.size());
         let start = usize::try_from(offset)
             .ok()
-            .filter(|o| o.checked_add(items.len()).is_some_and(|e| e <= size));
-        let start = start.ok_or_else(|| out_of_bounds(name(), offset, items.len(), size))?;
-        let elements = instance.tables[defined].1.elements_mut();
-        resolver.resolve_funcs(items, &mut elements[start..start + items.len()]);
+            .filter(|o| o.checked_add(len).is_some_and(|e| e <= size));
+        let start = start.ok_or_else(|| out_of_bounds(name(), offset, len, size))?;
+        if items.globals.is_empty() {
+            let elements = instance.tables[defined].1.elements_mut();
+            resolver.resolve_funcs(items.funcs, &mut elements[start..start + len]);
+            return Ok(());
+        }
+        let mut words = vec![0; len];
+        // SAFETY: per the caller.
+        unsafe { items.write(instance, resolver, &mut words) }?;
+        instance.tables[defined].1.elements_mut()[start..start + len].copy_from_slice(&words);
         return Ok(());
     }
-    let mut words = vec![0; items.len()];
-    resolver.resolve_funcs(items, &mut words);
+    let mut words = vec![0; len];
+    // SAFETY: per the caller.
+    unsafe { items.write(instance, resolver, &mut words) }?;
     let name = name();
     let import: VMTableImport = instance.read_vmctx(instance.offsets().vmctx_vmtable_import(table));
     if import.from.is_null() {

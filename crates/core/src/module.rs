@@ -77,9 +77,12 @@ pub struct Module {
 struct Segments {
     data: Vec<DataSegment>,
     elements: Vec<ElementSegment>,
-    /// Each element segment's items as packed function indices (null as the reserved value),
-    /// the form resolvers read in bulk.
+    /// Each element segment's items as packed function indices (null as the reserved value,
+    /// also where a global gives the item), the form resolvers read in bulk.
     element_funcs: Vec<Box<[PackedOption<FuncIndex>]>>,
+    /// Each element segment's items that globals give: their positions and globals (empty for
+    /// nearly every segment).
+    element_globals: Vec<Box<[(u32, GlobalIndex)]>>,
     images: OnceCell<PrimaryMap<DefinedMemoryIndex, Option<Arc<MemoryImage>>>>,
 }
 
@@ -312,6 +315,16 @@ impl Module {
     /// `PackedOption::default()`), in the form [`FuncResolver::resolve_funcs`](crate::FuncResolver::resolve_funcs) takes.
     pub fn element_funcs(&self, index: usize) -> &[PackedOption<FuncIndex>] {
         self.segments.element_funcs.get(index).map_or(&[], |funcs| funcs)
+    }
+
+    /// Element segment `index`'s items that globals give ([`ElementItem::Global`]): each
+    /// one's position in the segment and its global. [`element_funcs`](Self::element_funcs)
+    /// holds null there.
+    pub fn element_globals(&self, index: usize) -> &[(u32, GlobalIndex)] {
+        self.segments
+            .element_globals
+            .get(index)
+            .map_or(&[], |globals| globals)
     }
 
     /// The copy-on-write images of the defined memories' initial data (`None` for a memory
@@ -621,13 +634,23 @@ impl ModuleBuilder {
                 offset_ok(format!("element segment {i}"), offset, ty.table64)?;
             }
             for item in &segment.items {
-                if let ElementItem::Func(f) = item
-                    && u64::from(f.as_u32()) >= total_funcs
-                {
-                    bail!(
+                match item {
+                    ElementItem::Func(f) if u64::from(f.as_u32()) >= total_funcs => bail!(
                         "module {name}: element segment {i} refers to function {}, which does not exist",
                         f.as_u32()
-                    );
+                    ),
+                    ElementItem::Global(g) => {
+                        let reference = globals.get(*g).is_some_and(|source: &GlobalType| {
+                            matches!(source.content, ValType::FuncRef | ValType::ExternRef) && !source.mutable
+                        });
+                        if !reference {
+                            bail!(
+                                "module {name}: element segment {i} reads global {}, which is not an immutable reference global",
+                                g.as_u32()
+                            );
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
@@ -655,7 +678,20 @@ impl ModuleBuilder {
                             .iter()
                             .map(|item| match item {
                                 ElementItem::Func(func) => PackedOption::from(*func),
-                                ElementItem::Null => PackedOption::default(),
+                                ElementItem::Null | ElementItem::Global(_) => PackedOption::default(),
+                            })
+                            .collect()
+                    })
+                    .collect(),
+                element_globals: self
+                    .elements
+                    .iter()
+                    .map(|segment| {
+                        (0u32..)
+                            .zip(&segment.items)
+                            .filter_map(|(at, item)| match item {
+                                ElementItem::Global(g) => Some((at, *g)),
+                                _ => None,
                             })
                             .collect()
                     })

@@ -62,6 +62,9 @@ pub enum ElementItem {
     Func(FuncIndex),
     /// A null reference (word 0).
     Null,
+    /// The reference an immutable global of a reference type holds (its word), read when the
+    /// segment is applied: `global.get` in an element expression.
+    Global(GlobalIndex),
 }
 
 /// An element segment.

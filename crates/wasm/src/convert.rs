@@ -69,6 +69,16 @@ pub(crate) fn global_type(ty: &wasmparser::GlobalType, offset: u64) -> Result<Gl
     })
 }
 
+/// An instruction's name as wasmparser spells its operator (`I32Add`, `StructNew`), without
+/// its operands.
+fn instruction(op: &Operator<'_>) -> String {
+    let debug = format!("{op:?}");
+    let end = debug
+        .find(|c: char| !c.is_ascii_alphanumeric())
+        .unwrap_or(debug.len());
+    debug[..end].to_owned()
+}
+
 /// The single operator of a constant expression (validated: it ends with `end`).
 fn single<'a>(expr: &wasmparser::ConstExpr<'a>) -> Result<Operator<'a>> {
     let mut reader = expr.get_operators_reader();
@@ -88,7 +98,10 @@ pub(crate) fn const_expr(expr: &wasmparser::ConstExpr<'_>) -> Result<ConstExpr> 
         Operator::I32Const { value } => Ok(ConstExpr::I32(value)),
         Operator::I64Const { value } => Ok(ConstExpr::I64(value)),
         Operator::GlobalGet { global_index } => Ok(ConstExpr::GlobalGet(GlobalIndex::from_u32(global_index))),
-        other => bail!("unsupported segment offset at byte offset {offset:#x}: {other:?}"),
+        other => bail!(
+            "unsupported segment offset at byte offset {offset:#x}: the `{}` instruction",
+            instruction(&other)
+        ),
     }
 }
 
@@ -104,7 +117,10 @@ pub(crate) fn global_init(expr: &wasmparser::ConstExpr<'_>, _ty: ValType) -> Res
         Operator::RefNull { .. } => GlobalInit::RefNull,
         Operator::RefFunc { function_index } => GlobalInit::RefFunc(FuncIndex::from_u32(function_index)),
         Operator::GlobalGet { global_index } => GlobalInit::GetGlobal(GlobalIndex::from_u32(global_index)),
-        other => bail!("unsupported global initializer at byte offset {offset:#x}: {other:?}"),
+        other => bail!(
+            "unsupported global initializer at byte offset {offset:#x}: the `{}` instruction",
+            instruction(&other)
+        ),
     })
 }
 
@@ -114,6 +130,10 @@ pub(crate) fn element_item(expr: &wasmparser::ConstExpr<'_>) -> Result<ElementIt
     match single(expr)? {
         Operator::RefNull { .. } => Ok(ElementItem::Null),
         Operator::RefFunc { function_index } => Ok(ElementItem::Func(FuncIndex::from_u32(function_index))),
-        other => bail!("unsupported element at byte offset {offset:#x}: {other:?}"),
+        Operator::GlobalGet { global_index } => Ok(ElementItem::Global(GlobalIndex::from_u32(global_index))),
+        other => bail!(
+            "unsupported element expression at byte offset {offset:#x}: the `{}` instruction",
+            instruction(&other)
+        ),
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! It reads memories (multi-memory, memory64 and custom page sizes included), tables, globals
 //! and their constant initializers, imports, and active and passive data and element segments
-//! (offsets as constants or `global.get` of an imported global). It validates the module first
+//! (offsets as constants or `global.get` of an immutable global; element items as functions,
+//! nulls or `global.get` of an immutable reference global). It validates the module first
 //! (with `wasmparser`), so a malformed binary is an error that names the byte offset and what
 //! was wrong, never a panic. It does not compile code: functions are only counted.
 //!
