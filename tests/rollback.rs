@@ -198,7 +198,7 @@ fn a_bad_request_fails_before_anything_is_allocated() {
     // SAFETY: the module was validated by this allocator with these offsets.
     let error = unsafe { allocator.allocate_module(request) }.unwrap_err();
     assert!(
-        error.to_string().contains("imports 1 functions but 0 were given"),
+        error.to_string().contains("imports 1 function but 0 were given"),
         "{error}"
     );
     assert_eq!(allocator.stats().live_instances, 0);

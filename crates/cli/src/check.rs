@@ -60,7 +60,7 @@ fn limit_finding(error: anyhow::Error) -> Finding {
             flag: None,
         };
     };
-    let bytes = matches!(limit.limit, "max_memory_size" | "max_core_instance_size");
+    let bytes = limit.in_bytes();
     let show = |v: u64| if bytes { exact_bytes(v) } else { v.to_string() };
     let what = error
         .chain()
@@ -69,8 +69,8 @@ fn limit_finding(error: anyhow::Error) -> Finding {
         .map(|c| format!("{c}: "))
         .unwrap_or_default();
     // The smallest value that lifts the limit and that the flag accepts: a memory size is a
-    // whole number of host pages, at most the largest reservation Berth accepts (past it no
-    // value does, and no flag is suggested).
+    // whole number of host pages, at most the largest reservation Berth accepts, and a table
+    // slot's words fit in that much too (past it no value does, and no flag is suggested).
     let flag = if limit.limit == "max_memory_size" {
         let page = berth_core::sys::page_size() as u64;
         limit
@@ -78,6 +78,13 @@ fn limit_finding(error: anyhow::Error) -> Finding {
             .checked_next_multiple_of(page)
             .filter(|&size| size <= MAX_RESERVATION)
             .map(size_value)
+    } else if limit.limit == "table_elements" {
+        let word = size_of::<usize>() as u64;
+        let fits = limit
+            .requested
+            .checked_mul(word)
+            .is_some_and(|b| b <= MAX_RESERVATION);
+        fits.then(|| limit.requested.to_string())
     } else if bytes {
         Some(size_value(limit.requested))
     } else {

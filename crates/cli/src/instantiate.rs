@@ -394,19 +394,23 @@ pub fn run(args: &Args) -> Result<Outcome> {
         );
         say!(
             "  memory {i}: {} accessible when instantiated ({}); {maximum}; room to grow in place {}",
-            human(*size as u64),
+            berth_core::exact_bytes(*size as u64),
             count(ty.minimum, "page", "pages"),
-            human(*capacity as u64)
+            berth_core::exact_bytes(*capacity as u64)
         );
     }
     for (i, size) in tables.iter().enumerate() {
         say!("  table {i}: {size} elements");
     }
+    let written = if memories.is_empty() {
+        String::new()
+    } else {
+        format!(", {} written to memory 0 by each", human(args.touch))
+    };
     say!(
-        "{} on {}, {} written to memory 0 by each, in {:.3} s",
+        "{} on {}{written}, in {:.3} s",
         count(args.count, "instance", "instances"),
         count(threads, "thread", "threads"),
-        human(args.touch),
         elapsed.as_secs_f64()
     );
     say!("instantiate: p50 {i50:.2} us  p99 {i99:.2} us  max {imax:.2} us");

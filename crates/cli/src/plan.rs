@@ -4,6 +4,8 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use crate::options::PoolCommand;
+use berth_core::exact_bytes as exact;
+
 use crate::{Outcome, human};
 
 /// Options of `berth plan`.
@@ -79,24 +81,24 @@ pub fn run(args: &Args) -> Result<Outcome> {
         say!(
             "memory slots: {} x {} ({} reservation + {} guard){}",
             layout.memory_slots,
-            human(layout.memory_stride as u64),
-            human(layout.memory_reservation as u64),
-            human(layout.memory_guard as u64),
+            exact(layout.memory_stride as u64),
+            exact(layout.memory_reservation as u64),
+            exact(layout.memory_guard as u64),
             if layout.pre_guard > 0 {
-                format!(", plus a {} pre-guard", human(layout.pre_guard as u64))
+                format!(", plus a {} pre-guard", exact(layout.pre_guard as u64))
             } else {
                 String::new()
             }
         );
         say!(
             "  memories grow to at most {}",
-            human(layout.memory_capacity as u64)
+            exact(layout.memory_capacity as u64)
         );
         say!("  memory pool: {}", human(layout.memory_pool_bytes as u64));
         say!(
             "table slots: {} x {} ({} elements); table pool: {}",
             layout.table_slots,
-            human(layout.table_stride as u64),
+            exact(layout.table_stride as u64),
             config.table_elements,
             human(layout.table_pool_bytes as u64)
         );
@@ -125,10 +127,10 @@ pub fn run(args: &Args) -> Result<Outcome> {
             human(layout.max_idle_resident as u64),
             human(layout.max_idle_memory_resident as u64),
             config.max_unused_warm_slots.min(config.total_memories),
-            human(layout.memory_keep_resident as u64),
-            human(config.max_unused_warm_bytes as u64),
+            exact(layout.memory_keep_resident as u64),
+            exact(config.max_unused_warm_bytes as u64),
             layout.table_slots,
-            human(layout.table_keep_resident as u64)
+            exact(layout.table_keep_resident as u64)
         );
         say!(
             "  physical memory {}, overcommit {}{}",

@@ -165,6 +165,21 @@ fn check_names_the_limit_and_by_how_much() {
         "{}",
         stdout(&output)
     );
+    // A table no pool could hold: no flag, as for a memory past the largest reservation; one
+    // that fits: the elements it needs.
+    for (elements, flag) in [
+        ("0x4000000000000000", None),
+        ("10000000", Some("--table-elements 10000000")),
+    ] {
+        let wide = std::env::temp_dir().join(format!("berth-wide-{}.wat", std::process::id()));
+        std::fs::write(&wide, format!("(module (table i64 {elements} funcref))")).unwrap();
+        let output = berth(&["check", wide.to_str().unwrap(), "--json"]);
+        std::fs::remove_file(&wide).unwrap();
+        assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+        let value: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+        assert_eq!(value["limit"]["name"], "table_elements", "{value}");
+        assert_eq!(value["findings"][0]["flag"].as_str(), flag, "{value}");
+    }
 }
 
 #[test]

@@ -476,14 +476,32 @@ fn check_request(request: &InstanceAllocationRequest<'_>) -> Result<()> {
         bail!("vmctx offsets in the request for module {name} were computed for another module");
     }
     let imports = &request.imports;
-    for (what, given, expected) in [
-        ("functions", imports.functions.len(), module.num_imported_funcs()),
-        ("tables", imports.tables.len(), module.num_imported_tables()),
-        ("memories", imports.memories.len(), module.num_imported_memories()),
-        ("globals", imports.globals.len(), module.num_imported_globals()),
+    for ((one, many), given, expected) in [
+        (
+            ("function", "functions"),
+            imports.functions.len(),
+            module.num_imported_funcs(),
+        ),
+        (
+            ("table", "tables"),
+            imports.tables.len(),
+            module.num_imported_tables(),
+        ),
+        (
+            ("memory", "memories"),
+            imports.memories.len(),
+            module.num_imported_memories(),
+        ),
+        (
+            ("global", "globals"),
+            imports.globals.len(),
+            module.num_imported_globals(),
+        ),
     ] {
         if given != expected as usize {
-            bail!("module {name} imports {expected} {what} but {given} were given");
+            let what = if expected == 1 { one } else { many };
+            let were = if given == 1 { "was" } else { "were" };
+            bail!("module {name} imports {expected} {what} but {given} {were} given");
         }
     }
     Ok(())

@@ -7,7 +7,9 @@ use std::fmt;
 /// memory or table above its maximum size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitExceeded {
-    /// The limit's name, as the configuration spells it (`total_core_instances`, ...).
+    /// The limit's name, as the configuration spells it (`total_core_instances`, ...). A name
+    /// ending in `_size` is a size in bytes (`max_memory_size`), which messages show in human
+    /// units.
     pub limit: &'static str,
     /// The limit's value.
     pub value: u64,
@@ -17,10 +19,19 @@ pub struct LimitExceeded {
 
 impl fmt::Display for LimitExceeded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let show = |n: u64| {
+            if self.in_bytes() {
+                crate::units::exact_bytes(n)
+            } else {
+                n.to_string()
+            }
+        };
         write!(
             f,
             "limit `{}` of {} exceeded: {} requested",
-            self.limit, self.value, self.requested
+            self.limit,
+            show(self.value),
+            show(self.requested)
         )
     }
 }
@@ -28,6 +39,11 @@ impl fmt::Display for LimitExceeded {
 impl std::error::Error for LimitExceeded {}
 
 impl LimitExceeded {
+    /// Whether the limit is a size in bytes (its name ends in `_size`), not a count.
+    pub fn in_bytes(&self) -> bool {
+        self.limit.ends_with("_size")
+    }
+
     /// The error for `requested` against a limit named `limit` of `value`, as an
     /// [`anyhow::Error`] that callers can test with `err.is::<LimitExceeded>()`.
     pub fn error(limit: &'static str, value: u64, requested: u64) -> anyhow::Error {
@@ -92,3 +108,22 @@ impl fmt::Display for LimiterDenied {
 }
 
 impl std::error::Error for LimiterDenied {}
+
+#[cfg(test)]
+mod tests {
+    use super::LimitExceeded;
+
+    #[test]
+    fn sizes_read_in_human_units_and_counts_as_counts() {
+        let size = LimitExceeded::error("max_memory_size", 256 << 10, 320 << 10);
+        assert_eq!(
+            size.to_string(),
+            "limit `max_memory_size` of 256.0 KiB exceeded: 320.0 KiB requested"
+        );
+        let count = LimitExceeded::error("total_memories", 4, 5);
+        assert_eq!(
+            count.to_string(),
+            "limit `total_memories` of 4 exceeded: 5 requested"
+        );
+    }
+}

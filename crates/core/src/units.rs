@@ -12,7 +12,8 @@ pub fn human_bytes(bytes: u64) -> String {
     }
     let mut value = bytes as f64 / 1024.0;
     let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
+    // Up a unit from what would print as 1024.0 (1048575 bytes is about 1.0 MiB).
+    while value >= 1023.95 && unit + 1 < UNITS.len() {
         value /= 1024.0;
         unit += 1;
     }
@@ -44,5 +45,8 @@ mod tests {
         assert_eq!(exact_bytes(6 << 30), "6.0 GiB");
         assert_eq!(exact_bytes((6 << 30) + 4096), "6.0 GiB (6442455040 bytes)");
         assert_eq!(exact_bytes(100), "100 B");
+        assert_eq!(human_bytes((1 << 20) - 1), "1.0 MiB");
+        assert_eq!(human_bytes((1 << 20) - 52 * 1024), "972.0 KiB");
+        assert_eq!(exact_bytes((4 << 30) + 65536), "4.0 GiB (4295032832 bytes)");
     }
 }

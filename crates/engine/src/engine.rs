@@ -165,19 +165,15 @@ pub fn check_tunables(tunables: &Tunables) -> Result<()> {
     tunables.validate(sys::page_size())?;
     let total = tunables
         .pre_guard_size()
-        .checked_add(tunables.memory_reservation)
-        .and_then(|n| n.checked_add(tunables.memory_guard_size));
-    match total {
-        Some(total) if total <= ADDRESS_SPACE / 2 => Ok(()),
-        _ => bail!(
+        .saturating_add(tunables.memory_reservation)
+        .saturating_add(tunables.memory_guard_size);
+    if total > ADDRESS_SPACE / 2 {
+        bail!(
             "a memory would need {} of reservation plus guards, over half of a 47-bit address space",
-            berth_core::human_bytes(
-                tunables
-                    .memory_reservation
-                    .saturating_add(tunables.memory_guard_size.saturating_mul(2))
-            )
-        ),
+            berth_core::exact_bytes(total)
+        );
     }
+    Ok(())
 }
 
 /// A module loaded into an engine: its facts, its vmctx offsets, validated by the engine's
