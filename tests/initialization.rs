@@ -92,6 +92,15 @@ fn segments() -> impl Strategy<Value = (u64, Vec<(u32, Vec<u8>)>)> {
     })
 }
 
+/// Imports of one global, leaked so that it outlives every instance reading it.
+fn one_global(storage: [u8; 16]) -> OwnedImports {
+    let global = Box::leak(Box::new(VMGlobalDefinition { storage }));
+    OwnedImports {
+        globals: vec![VMGlobalImport { from: global }],
+        ..OwnedImports::default()
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     #[test]
@@ -385,13 +394,7 @@ fn offsets_from_imported_globals_are_read_at_instantiation() {
         "no image: the offset is not constant"
     );
     let module = engine.load(module).unwrap();
-    let global = Box::leak(Box::new(VMGlobalDefinition {
-        storage: 1234u128.to_le_bytes(),
-    }));
-    let imports = OwnedImports {
-        globals: vec![VMGlobalImport { from: global }],
-        ..OwnedImports::default()
-    };
+    let imports = one_global(1234u128.to_le_bytes());
     // SAFETY: the only import is a leaked, live i32 global.
     let instance = unsafe { Instance::builder(&module).imports(imports) }
         .instantiate()
@@ -420,11 +423,7 @@ fn globals_copied_from_imported_ones_hold_only_their_value() {
         let module = engine(false, true, 0).load(module).unwrap();
         let mut storage = [0xAA; 16];
         storage[..4].copy_from_slice(&100u32.to_le_bytes());
-        let global = Box::leak(Box::new(VMGlobalDefinition { storage }));
-        let imports = OwnedImports {
-            globals: vec![VMGlobalImport { from: global }],
-            ..OwnedImports::default()
-        };
+        let imports = one_global(storage);
         // SAFETY: the only import is a leaked, live global of the imported type.
         let instance = unsafe { Instance::builder(&module).imports(imports) }
             .instantiate()
@@ -677,13 +676,7 @@ fn element_items_read_reference_globals() {
     for pooling in [false, true] {
         let engine = engine(pooling, true, 0);
         let module = engine.load(berth_wasm::parse(wat.as_bytes()).unwrap()).unwrap();
-        let global = Box::leak(Box::new(VMGlobalDefinition {
-            storage: 0xF00Du128.to_le_bytes(),
-        }));
-        let imports = OwnedImports {
-            globals: vec![VMGlobalImport { from: global }],
-            ..OwnedImports::default()
-        };
+        let imports = one_global(0xF00Du128.to_le_bytes());
         // SAFETY: the only import is a leaked, live funcref global.
         let instance = unsafe { Instance::builder(&module).imports(imports) }
             .func_resolver(|f| 1000 + f.as_u32() as usize)
