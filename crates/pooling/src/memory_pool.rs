@@ -363,14 +363,13 @@ impl MemoryPool {
                 } else {
                     0
                 };
-                let beyond: Vec<Range<usize>> = warm
-                    .history
-                    .kept
-                    .runs()
-                    .iter()
-                    .filter(|run| run.end > reach)
-                    .map(|run| run.start.max(reach)..run.end)
-                    .collect();
+                // The kept runs with the watch pages beside them (see `left_resident`).
+                let beyond: Vec<Range<usize>> =
+                    crate::reset::left_resident(&warm.history.kept, len, self.layout.page_size, 0)
+                        .into_iter()
+                        .filter(|run| run.end > reach)
+                        .map(|run| run.start.max(reach)..run.end)
+                        .collect();
                 // SAFETY: the slot is `Held` by this call (taken above, not yet leased), so no
                 // one else touches it; a warm slot's first `accessible` bytes are readable and
                 // writable.
@@ -542,7 +541,8 @@ impl MemoryPool {
     }
 
     /// Gives what a slot pushed out of the warm set holds back to the kernel: its kept pages
-    /// (one decommit, none if its tenants wrote nothing) and its image (replaced with fresh
+    /// and whatever else its resets may have left resident (one decommit, see
+    /// [`left_resident`](crate::reset::left_resident)) and its image (replaced with fresh
     /// zero pages). It is then cold, keeping its accessible size, which reads as zeros. If that
     /// fails it stays stale, and is re-mapped before its next use. Runs under the lock, since a cold slot
     /// can be taken as soon as the lock is released.
@@ -555,16 +555,23 @@ impl MemoryPool {
             self.region
                 .bytes(slot, self.layout.memory_reservation, warm.accessible)
         };
-        // Its image (replaced with zero pages) and every kept page, those above the accessible
-        // size too.
+        // Its image (replaced with zero pages) and every page its resets may have left resident,
+        // those above the accessible size too.
         let unmapped = warm.image.as_ref().is_none_or(|image| {
             bytes
                 .replace_with_zeros(image.offset()..image.offset() + image.len())
                 .is_ok()
         });
+        let without_map = !self.use_page_map || sys::page_map().is_none();
+        let resident = crate::reset::left_resident(
+            &warm.history.kept,
+            self.layout.memory_reservation,
+            self.layout.page_size,
+            crate::reset::read_window(self.layout.memory_keep_resident, without_map),
+        );
         let cooled = unmapped
             && bytes
-                .decommit(warm.history.kept.runs())
+                .decommit(&resident)
                 .map(|done| done.count(&self.decommit_calls, &self.decommit_ranges))
                 .is_ok();
         if cooled {

@@ -197,6 +197,34 @@ fn watch_pages(
     )
 }
 
+/// What a warm slot's resets may have left resident, for giving it all back when the slot
+/// goes cold: its kept runs, with the page either side of each (a blind reset leaves a watch
+/// page it read as zeros where it is, though a tenant may have written those zeros), and the
+/// first `window` bytes (see [`read_window`]). In order, merged, within `len` bytes; nothing
+/// for a slot that kept nothing and has a page map.
+pub(crate) fn left_resident(kept: &Kept, len: usize, page: usize, window: usize) -> Vec<Range<usize>> {
+    let window = 0..window.min(len);
+    let widened = kept
+        .runs()
+        .iter()
+        .map(|run| run.start.saturating_sub(page)..run.end.saturating_add(page).min(len));
+    let mut out: Vec<Range<usize>> = Vec::with_capacity(kept.runs().len() + 1);
+    for range in std::iter::once(window).chain(widened) {
+        match out.last_mut() {
+            _ if range.is_empty() => {}
+            Some(last) if range.start <= last.end => last.end = last.end.max(range.end),
+            _ => out.push(range),
+        }
+    }
+    out
+}
+
+/// The bytes from a slot's start that its resets read when they run without a page map, and
+/// leave resident where they read as zeros: none with a page map.
+pub(crate) fn read_window(keep: usize, without_map: bool) -> usize {
+    if without_map { keep.min(READ_WINDOW) } else { 0 }
+}
+
 /// `gap` without its first and last pages where they are clean watch pages.
 fn trim(gap: Range<usize>, clean: &[Range<usize>], page: usize) -> Range<usize> {
     let start = if clean.iter().any(|w| w.start == gap.start) {
@@ -442,7 +470,7 @@ pub(crate) fn reset(
     } else {
         // No page map: read the pages near the start that are not kept, keep (and reset) the
         // ones a tenant wrote while the budget lasts; decommit everything else.
-        let window = policy.keep.min(READ_WINDOW).min(accessible);
+        let window = read_window(policy.keep, true).min(accessible);
         let mut over = window;
         let unread = gaps(&history.kept, 0..window, window);
         for gap in unread.as_slice().iter().cloned() {
@@ -492,6 +520,22 @@ mod tests {
                 r.start / PAGE
             })
             .collect()
+    }
+
+    #[test]
+    fn a_cold_slot_gives_back_the_watch_pages_and_the_read_window_with_its_runs() {
+        let runs = kept(&[(4, 6), (9, 10), (30, 32)]);
+        let pages = |without_map| -> Vec<(usize, usize)> {
+            left_resident(&runs, 32 * PAGE, PAGE, read_window(1 << 20, without_map))
+                .iter()
+                .map(|r| (r.start / PAGE, r.end / PAGE))
+                .collect()
+        };
+        // 64 KiB is pages 0..16 here: the first two runs' neighbourhoods fall inside it.
+        assert_eq!(pages(true), [(0, 16), (29, 32)]);
+        assert_eq!(pages(false), [(3, 7), (8, 11), (29, 32)]);
+        assert!(left_resident(&Kept::default(), 32 * PAGE, PAGE, read_window(1 << 20, false)).is_empty());
+        assert!(left_resident(&Kept::default(), 32 * PAGE, PAGE, read_window(0, true)).is_empty());
     }
 
     #[test]

@@ -28,14 +28,15 @@ use crate::slots::SlotId;
 /// One table slot's state.
 ///
 /// Invariant: a `Free` slot is in the free list and every word of it is zero, its first
-/// `resident` bytes possibly resident; a `Held` slot's words are its tenant's (`resident`: what
-/// it had resident when taken, for a set-up given up before the tenant wrote anything); a
-/// `Resetting` slot's are the resetting thread's until it is finished.
+/// `resident` bytes possibly resident (none past them); a `Held` slot's words are its tenant's;
+/// a `Resetting` slot's are the resetting thread's until it is finished. Both carry the
+/// `resident` bytes the slot had when taken: a reset leaves earlier tenants' pages below the
+/// keep bound resident (zeroed), so it is free again with at least those.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TableSlot {
     Free { resident: usize },
     Held { resident: usize },
-    Resetting,
+    Resetting { resident: usize },
 }
 
 /// A table slot given back by its tenant.
@@ -108,22 +109,22 @@ impl State {
 
     fn release(&mut self, slot: SlotId) {
         let state = &mut self.slots[slot.index()];
-        assert!(
-            matches!(state, TableSlot::Held { .. }),
-            "table slot {slot} given back while {state:?}"
-        );
-        *state = TableSlot::Resetting;
+        let TableSlot::Held { resident } = *state else {
+            panic!("table slot {slot} given back while {state:?}");
+        };
+        *state = TableSlot::Resetting { resident };
     }
 
-    /// A slot `held` (else `Resetting`) is free again, `resident` bytes resident.
+    /// A slot `held` (else `Resetting`) is free again, its first `resident` bytes resident
+    /// besides those it had when taken.
     fn free(&mut self, slot: SlotId, resident: usize, held: bool) {
         let state = &mut self.slots[slot.index()];
-        let expected = match state {
-            TableSlot::Held { .. } => held,
-            TableSlot::Resetting => !held,
-            TableSlot::Free { .. } => false,
+        let before = match *state {
+            TableSlot::Held { resident } if held => resident,
+            TableSlot::Resetting { resident } if !held => resident,
+            _ => panic!("table slot {slot} freed while {state:?}"),
         };
-        assert!(expected, "table slot {slot} freed while {state:?}");
+        let resident = resident.max(before);
         *state = TableSlot::Free { resident };
         self.idle_resident += resident;
         self.free.push(slot);
@@ -132,10 +133,7 @@ impl State {
     /// The set-up of a `Held` slot was given up before its tenant got it: free again, as it
     /// was taken.
     fn abandon(&mut self, slot: SlotId) {
-        let TableSlot::Held { resident } = self.slots[slot.index()] else {
-            panic!("table slot {slot} abandoned while {:?}", self.slots[slot.index()]);
-        };
-        self.free(slot, resident, true);
+        self.free(slot, 0, true);
     }
 }
 

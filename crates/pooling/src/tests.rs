@@ -266,6 +266,68 @@ fn a_table_slot_whose_decommit_failed_is_zeroed() {
     );
 }
 
+/// Pages of `len` bytes at `at` present in memory.
+fn present(map: &berth_core::sys::PageMap, at: *const u8, len: usize) -> usize {
+    let at = std::ptr::NonNull::new(at.cast_mut()).unwrap();
+    map.count(at, len, berth_core::sys::PageState::Present).unwrap()
+}
+
+#[test]
+fn releasing_idle_memory_leaves_no_page_of_a_slot_resident() {
+    let _serial = serial();
+    let Some(map) = berth_testkit::page_states::page_map_for("idle slots give every page back") else {
+        return;
+    };
+    // A table slot used by a large table, then by a small one: the large one's zeroed pages
+    // are still the slot's to give back.
+    let tables = pool(|c| {
+        c.total_tables(1);
+    });
+    let large = load(&tables, "large", 1, 1024);
+    let small = load(&tables, "small", 1, 4);
+    let mut tenant = instantiate(&tables, &large);
+    tenant
+        .instance_mut()
+        .table_fill(table(), 0, 0xBEEF, 1024)
+        .unwrap();
+    let slot = tenant
+        .instance()
+        .table(table())
+        .unwrap()
+        .elements()
+        .as_ptr()
+        .cast::<u8>();
+    deallocate(&tables, tenant);
+    deallocate(&tables, instantiate(&tables, &small));
+    assert!(
+        present(map, slot, 1024 * 8) > 1,
+        "the large tenant's pages are kept"
+    );
+    tables.release_idle_memory();
+    assert_eq!(present(map, slot, 1024 * 8), 0, "table pages left resident");
+    assert_eq!(tables.stats().idle_table_resident_bytes, 0);
+
+    // Resets without the page map read the first pages and leave those that read as zeros,
+    // though a tenant may have written those zeros.
+    let unscanned = pool(|c| {
+        c.total_memories(1).pagemap_scan(false);
+    });
+    let a = load(&unscanned, "a", 1, 4);
+    let mut tenant = instantiate(&unscanned, &a);
+    tenant
+        .instance_mut()
+        .memory_write(memory(), 0, &[0; PAGE])
+        .unwrap();
+    let slot = tenant.instance().memory(memory()).unwrap().base();
+    deallocate(&unscanned, tenant);
+    assert!(
+        present(map, slot, PAGE) > 0,
+        "the zeros the tenant wrote are resident"
+    );
+    unscanned.release_idle_memory();
+    assert_eq!(present(map, slot, PAGE), 0, "memory pages left resident");
+}
+
 /// Runs `f` on a new thread whose home is shard `home` of `shards` (threads are given homes
 /// round-robin, so a few tries find one).
 fn on_shard(shards: usize, home: usize, f: impl Fn() + Sync) {
