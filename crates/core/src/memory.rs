@@ -171,7 +171,8 @@ impl Memory {
         if needed > accessible {
             // SAFETY: `accessible..needed` is inside the caller's `base..base + capacity`
             // (`byte_size <= capacity`, checked by `initial_size`, and `capacity` is
-            // page-aligned), which the caller lets us use exclusively.
+            // page-aligned), which the caller lets us use exclusively; it is past the
+            // accessible bytes, so no reference into it exists.
             unsafe { sys::make_accessible(base.add(accessible), needed - accessible) }.with_context(
                 || {
                     format!(

@@ -101,10 +101,11 @@ impl Mmap {
         Ok(Some(unsafe { self.ptr.add(offset) }))
     }
 
-    /// Makes `offset..offset + len` readable and writable.
+    /// Makes `offset..offset + len` readable and writable; on failure it is left inaccessible.
     pub fn make_accessible(&mut self, offset: usize, len: usize) -> Result<()> {
         if let Some(ptr) = self.range(offset, len)? {
-            // SAFETY: the range is inside our own mapping (checked above).
+            // SAFETY: the range is inside our own mapping (checked above), and `&mut self`
+            // means no reference into it is live.
             unsafe { sys::make_accessible(ptr, len) }.with_context(|| {
                 format!(
                     "failed to make {} accessible at offset {offset}",

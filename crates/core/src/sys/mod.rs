@@ -58,18 +58,28 @@ pub unsafe fn unmap(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
 /// Makes `len` bytes at `ptr` readable and writable. Untouched pages read as zero until
 /// written, unless they held data that was not [`decommit()`]ed.
 ///
+/// On failure the range is left inaccessible (`PROT_NONE`): the kernel changes a range one
+/// mapping at a time and may fail part-way (`ENOMEM` past `vm.max_map_count`), and a page left
+/// writable past a memory's size would take a store that should fault.
+///
 /// # Safety
 ///
-/// `ptr..ptr + len` is page-aligned, inside a mapping made by [`reserve`], and owned by the
-/// caller.
+/// `ptr..ptr + len` is page-aligned, inside a mapping made by [`reserve`], owned by the
+/// caller, and no Rust reference into it is live.
 pub unsafe fn make_accessible(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
     // SAFETY: the caller owns the page-aligned range; adding access breaks no reference.
-    unsafe {
+    let made = unsafe {
         mm::mprotect(
             ptr.as_ptr().cast(),
             len,
             MprotectFlags::READ | MprotectFlags::WRITE,
-        )?;
+        )
+    };
+    if let Err(error) = made {
+        // SAFETY: no reference into the range is live (the caller's contract), so taking
+        // access away breaks none.
+        let _ = unsafe { mm::mprotect(ptr.as_ptr().cast(), len, MprotectFlags::empty()) };
+        return Err(error.into());
     }
     Ok(())
 }

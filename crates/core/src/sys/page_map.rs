@@ -125,7 +125,7 @@ fn open_page_map() -> Option<PageMap> {
     let mut marker = MARKER.load(Ordering::Acquire);
     if marker.is_null() {
         let page = reserve(page_size()).ok()?;
-        // SAFETY: a fresh mapping of one page, ours.
+        // SAFETY: a fresh mapping of one page, ours, with no reference into it.
         unsafe { make_accessible(page, page_size()) }.ok()?;
         // SAFETY: the fresh one-page mapping is ours and nothing refers into it; wiping it in a
         // forked child is the point.
