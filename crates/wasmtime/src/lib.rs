@@ -18,11 +18,15 @@
 //! ```
 //!
 //! What it does not cover: Wasmtime's tables and vmctx stay Wasmtime's (the creator API hands
-//! over memories only); Wasmtime's pooling strategy ignores custom memory creators, so
+//! over memories only), and so does a memory the host makes with `wasmtime::Memory::new`
+//! (Wasmtime 48 makes those without the creator; Wasmtime's GC heaps do go through it, and are
+//! Berth memories); Wasmtime's pooling strategy ignores custom memory creators, so
 //! [`configure`] selects its on-demand strategy (pooling, if wanted, is Berth's, behind the
 //! creator); Wasmtime cannot map its copy-on-write images into memories it did not make, so
-//! [`configure`] turns them off and Wasmtime copies data segments in; shared memories (the
-//! threads proposal) are refused, as Berth does not make them.
+//! [`configure`] turns them off and Wasmtime copies data segments in (turned on again, Wasmtime
+//! 48 panics at instantiation); shared memories (the threads proposal) are refused, as Berth
+//! does not make them. Wasmtime 48 reserves every memory in place, so none moves: a memory
+//! grows within its reservation, and `memory.grow` returns -1 past it.
 
 use std::sync::Arc;
 
@@ -36,15 +40,18 @@ use wasmtime::{InstanceAllocationStrategy, LinearMemory, MemoryCreator};
 /// growth policy and pre-guard are the engine's tunables, its copy-on-write images are turned
 /// off, its on-demand allocation strategy is selected, and [`BerthMemoryCreator`] is installed.
 /// Fails if the backend cannot allocate a memory at all, or if its memories could never grow
-/// (nothing to grow in place, and they may not move).
+/// (nothing to grow in place, and they may not move: a pool's never do).
 pub fn configure(config: &mut wasmtime::Config, engine: &berth_engine::Engine) -> Result<()> {
     let tunables = engine.tunables();
     let probe = engine
         .new_memory(MemoryType::new(0, None))
         .context("the Berth engine cannot allocate a memory for Wasmtime")?;
     let in_place = (probe.memory().byte_capacity() as u64).min(tunables.memory_reservation);
+    // A memory in a slot of a backend's own mapping (a pool's) never moves, whatever the
+    // tunables say.
+    let may_move = tunables.memory_may_move && !probe.memory().is_static();
     drop(probe);
-    if in_place == 0 && !tunables.memory_may_move {
+    if in_place == 0 && !may_move {
         bail!(
             "the Berth engine's memories have no room to grow in place and may not move: no memory could grow"
         );

@@ -116,3 +116,17 @@ fn wasmtime_reserves_what_a_small_pool_slot_holds_and_grows_within_it() {
     drop(store);
     assert_eq!(berth.stats().live_memories, 0);
 }
+
+#[test]
+fn a_pool_whose_memories_could_never_grow_is_refused() {
+    // Slots of no bytes: nothing to grow in place, and a pool's memories never move, whatever
+    // the tunables say about moving.
+    let mut config = berth_engine::Config::new();
+    let mut pool = berth_engine::PoolingConfig::new();
+    pool.total_memories(1).max_memory_size(0);
+    config.allocation_strategy(berth_engine::InstanceAllocationStrategy::Pooling(pool));
+    assert!(config.tunables().memory_may_move);
+    let berth = berth_engine::Engine::new(&config).unwrap();
+    let error = berth_wasmtime::configure(&mut wasmtime::Config::new(), &berth).unwrap_err();
+    assert!(format!("{error:#}").contains("no memory could grow"), "{error:#}");
+}
