@@ -80,7 +80,7 @@ unsafe fn evaluate(instance: &Instance, expr: &ConstExpr) -> Result<u64> {
         ConstExpr::I32(v) => Ok(u64::from(u32::from_ne_bytes(v.to_ne_bytes()))),
         ConstExpr::I64(v) => Ok(u64::from_ne_bytes(v.to_ne_bytes())),
         ConstExpr::GlobalGet(global) => {
-            // SAFETY: per the caller.
+            // SAFETY: imported globals point at live definitions (`evaluate`'s contract).
             let value = unsafe { global_value(instance, global) }?;
             let bytes: [u8; 8] = value[..8].try_into().unwrap_or_default();
             let ty = instance.module().globals().get(global).map(|g| g.content);
@@ -109,7 +109,7 @@ unsafe fn global_value(instance: &Instance, global: GlobalIndex) -> Result<[u8; 
             .global(DefinedGlobalIndex::from_u32(defined))
             .ok_or_else(|| anyhow::anyhow!("global {} does not exist", global.as_u32()))?
             .storage),
-        // SAFETY: per the caller.
+        // SAFETY: imported globals point at live definitions (`global_value`'s contract).
         None => unsafe { imported_global(instance, global) },
     }
 }
@@ -157,7 +157,7 @@ impl Items<'_> {
     unsafe fn write(self, instance: &Instance, resolver: &dyn FuncResolver, out: &mut [usize]) -> Result<()> {
         resolver.resolve_funcs(self.funcs, out);
         for &(at, global) in self.globals {
-            // SAFETY: per the caller.
+            // SAFETY: imported globals point at live definitions (`write`'s contract).
             let value = unsafe { global_value(instance, global) }?;
             let word = value[..size_of::<usize>()].try_into().map(usize::from_le_bytes);
             out[at as usize] = word.unwrap_or_default();
@@ -194,13 +194,13 @@ unsafe fn write_table(
             return Ok(());
         }
         let mut words = vec![0; len];
-        // SAFETY: per the caller.
+        // SAFETY: imported globals point at live definitions (`write_table`'s contract).
         unsafe { items.write(instance, resolver, &mut words) }?;
         instance.tables[defined].1.elements_mut()[start..start + len].copy_from_slice(&words);
         return Ok(());
     }
     let mut words = vec![0; len];
-    // SAFETY: per the caller.
+    // SAFETY: imported globals point at live definitions (`write_table`'s contract).
     unsafe { items.write(instance, resolver, &mut words) }?;
     let name = name();
     let import: VMTableImport = instance.read_vmctx(instance.offsets().vmctx_vmtable_import(table));
