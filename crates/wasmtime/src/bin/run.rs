@@ -88,7 +88,7 @@ fn main() -> Result<()> {
     }
     let stats = berth.stats();
     println!(
-        "berth: {} memories live, {} of address space reserved, {} warm slots",
+        "berth: live memories {}, address space reserved {}, warm slots {}",
         stats.live_memories,
         human_bytes(stats.reserved_bytes),
         stats.warm_memory_slots
@@ -96,7 +96,7 @@ fn main() -> Result<()> {
     drop(store);
     let stats = berth.stats();
     println!(
-        "berth after the store is dropped: {} memories live",
+        "berth after the store is dropped: live memories {}",
         stats.live_memories
     );
     Ok(())

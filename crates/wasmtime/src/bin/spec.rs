@@ -252,7 +252,7 @@ fn main() -> Result<()> {
         if let Some(berth) = berth {
             let stats = berth.stats();
             println!(
-                "{}: {} memories live at the end, {} warm slots, {} resets",
+                "{}: live memories at the end {}, warm slots {}, resets {}",
                 memories.name(),
                 stats.live_memories,
                 stats.warm_memory_slots,
