@@ -410,6 +410,10 @@ impl Memory {
                 growth_reserve,
                 ..
             } => {
+                let image = self
+                    .image
+                    .as_ref()
+                    .map_or(0..0, |image| image.offset()..image.offset() + image.len());
                 match move_to_new_reservation(
                     mmap,
                     *pre_guard,
@@ -417,6 +421,7 @@ impl Memory {
                     *growth_reserve,
                     self.byte_size,
                     new_bytes,
+                    image,
                 ) {
                     Some((new_mmap, new_capacity)) => {
                         // The contents were copied; the image mapping stayed behind.
@@ -489,6 +494,11 @@ fn grow_in_place(base: NonNull<u8>, old: usize, new: usize) -> bool {
 
 /// Moves a memory of `old` bytes to a fresh reservation able to hold `new` bytes plus the
 /// growth reserve, copying its contents. `None` if that cannot be reserved.
+///
+/// Only what may differ from zero is copied: with a page map, the pages the kernel does not
+/// prove clean and the copy-on-write image's range (`image`, its pages read as the file's
+/// bytes); the fresh reservation reads as zeros elsewhere. Copying every byte would make every
+/// page of the new reservation resident, however little of the memory was ever written.
 fn move_to_new_reservation(
     old_mmap: &Mmap,
     pre_guard: usize,
@@ -496,20 +506,39 @@ fn move_to_new_reservation(
     growth_reserve: usize,
     old: usize,
     new: usize,
+    image: std::ops::Range<usize>,
 ) -> Option<(Mmap, usize)> {
     let capacity = new
         .checked_add(growth_reserve)
         .and_then(|c| round_up(c, sys::page_size()))?;
     let mut mmap = reserve(pre_guard, capacity, guard, new).ok()?;
-    // SAFETY: `old` bytes after the old pre-guard are accessible in the old mapping, and
-    // `new >= old` bytes after the new pre-guard are accessible in the new one; the two
-    // mappings are distinct, so the ranges do not overlap.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            old_mmap.as_ptr().add(pre_guard),
-            mmap.as_mut_ptr().add(pre_guard),
-            old,
-        );
+    let mut runs = Vec::new();
+    let scanned = sys::page_map()
+        .zip(NonNull::new(old_mmap.as_ptr().cast_mut()))
+        .is_some_and(|(map, base)| {
+            // SAFETY: `pre_guard` is inside the old mapping (where the memory starts).
+            let start = unsafe { base.add(pre_guard) };
+            let pages = round_up(old, sys::page_size()).unwrap_or(old);
+            map.written(start, pages, &mut runs).is_ok()
+        });
+    if !scanned {
+        runs.clear();
+        runs.push(0..old);
+    } else if !image.is_empty() {
+        runs.push(image);
+    }
+    for run in runs {
+        let run = run.start.min(old)..run.end.min(old);
+        // SAFETY: `run` lies within the `old` bytes after the old pre-guard, accessible in the
+        // old mapping, and within the `new >= old` bytes after the new pre-guard, accessible in
+        // the new one; the two mappings are distinct, so the ranges do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                old_mmap.as_ptr().add(pre_guard + run.start),
+                mmap.as_mut_ptr().add(pre_guard + run.start),
+                run.len(),
+            );
+        }
     }
     Some((mmap, capacity))
 }

@@ -181,6 +181,47 @@ fn contents_survive_a_move() {
 }
 
 #[test]
+fn a_move_makes_resident_only_what_was_written() {
+    let Some(map) = berth_core::sys::page_map() else {
+        eprintln!("skipped a_move_makes_resident_only_what_was_written: no PAGEMAP_SCAN here");
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI=true: CI must have PAGEMAP_SCAN"
+        );
+        return;
+    };
+    let tunables = Tunables {
+        memory_reservation: 0,
+        memory_reservation_for_growth: 0,
+        memory_guard_size: PAGE as u64,
+        ..Tunables::default()
+    };
+    // 4 MiB, of which the tenant writes one byte near the start and one near the end.
+    let mut memory = Memory::new_dynamic(&MemoryType::new(64, None), &tunables, None, None).unwrap();
+    memory.write(100, &[0xA1]).unwrap();
+    memory.write(64 * PAGE as u64 - 1, &[0xB2]).unwrap();
+    // Reading untouched pages maps the zero page: nothing to copy there either.
+    assert!(memory.as_slice()[PAGE..2 * PAGE].iter().all(|&b| b == 0));
+    let present = |memory: &Memory| {
+        let base = std::ptr::NonNull::new(memory.base()).unwrap();
+        map.count(base, memory.byte_size(), berth_core::sys::PageState::Present)
+            .unwrap()
+    };
+    let before = present(&memory);
+    assert_eq!(memory.grow(64, None).unwrap(), Some(64), "moved to 8 MiB");
+    let after = present(&memory);
+    // (Transparent huge pages may make a written byte's 2 MiB resident: as many as before.)
+    assert!(
+        after <= before,
+        "{after} pages resident after the move, {before} before it"
+    );
+    let bytes = memory.as_slice();
+    assert_eq!((bytes[100], bytes[64 * PAGE - 1]), (0xA1, 0xB2));
+    assert_eq!(bytes.iter().filter(|&&b| b != 0).count(), 2);
+}
+
+#[test]
 fn a_memory_that_may_not_move_fails_to_grow_past_its_reservation() {
     let tunables = Tunables {
         memory_reservation: PAGE as u64,
