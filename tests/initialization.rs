@@ -694,17 +694,36 @@ fn element_items_read_reference_globals() {
     );
     // A module built by other means is held to the same: an immutable reference global.
     let ty = |content, mutable| GlobalType { content, mutable };
+    let active = ElementKind::Active {
+        table: TableIndex::from_u32(0),
+        offset: ConstExpr::I32(0),
+    };
     let odd = [
-        (ty(ValType::I32, false), berth_core::GlobalInit::I32(0)),
-        (ty(ValType::FuncRef, true), berth_core::GlobalInit::RefNull),
+        (
+            ty(ValType::I32, false),
+            berth_core::GlobalInit::I32(0),
+            ElementKind::Passive,
+        ),
+        (
+            ty(ValType::FuncRef, true),
+            berth_core::GlobalInit::RefNull,
+            ElementKind::Passive,
+        ),
+        // An externref's word in a funcref table: code calling through it would take it for
+        // a function.
+        (
+            ty(ValType::ExternRef, false),
+            berth_core::GlobalInit::RefNull,
+            active,
+        ),
     ];
-    for (ty, init) in odd {
+    for (ty, init, kind) in odd {
         let error = Module::builder()
             .name("odd-item")
             .global(ty, init)
             .table(TableType::new(1, None))
             .element(ElementSegment {
-                kind: ElementKind::Passive,
+                kind,
                 items: vec![ElementItem::Global(GlobalIndex::from_u32(0))],
             })
             .build()

@@ -20,7 +20,7 @@ use crate::index::{
     OwnedMemoryIndex, TableIndex,
 };
 use crate::segments::{ConstExpr, DataKind, DataSegment, ElementItem, ElementKind, ElementSegment};
-use crate::types::{GlobalInit, GlobalType, MemoryType, TableType, ValType};
+use crate::types::{GlobalInit, GlobalType, MemoryType, TableElementType, TableType, ValType};
 use crate::vmoffsets::{PtrSize, VMOffsets, VMOffsetsFields};
 
 /// A process-unique module identity. Backends key per-module state (warm slots, images) on it.
@@ -624,6 +624,7 @@ impl ModuleBuilder {
             }
         }
         for (i, segment) in self.elements.iter().enumerate() {
+            let mut element = None;
             if let ElementKind::Active { table, offset } = &segment.kind {
                 let Some(ty) = tables.get(*table) else {
                     bail!(
@@ -632,6 +633,7 @@ impl ModuleBuilder {
                     );
                 };
                 offset_ok(format!("element segment {i}"), offset, ty.table64)?;
+                element = Some(ty.element);
             }
             for item in &segment.items {
                 match item {
@@ -640,12 +642,21 @@ impl ModuleBuilder {
                         f.as_u32()
                     ),
                     ElementItem::Global(g) => {
-                        let reference = globals.get(*g).is_some_and(|source: &GlobalType| {
-                            matches!(source.content, ValType::FuncRef | ValType::ExternRef) && !source.mutable
-                        });
+                        // A reference of the kind the target table holds (any kind for a passive
+                        // segment, checked by whatever applies it).
+                        let fits = |content: ValType| {
+                            matches!(
+                                (content, element),
+                                (ValType::FuncRef, None | Some(TableElementType::Func))
+                                    | (ValType::ExternRef, None | Some(TableElementType::Extern))
+                            )
+                        };
+                        let reference = globals
+                            .get(*g)
+                            .is_some_and(|source: &GlobalType| fits(source.content) && !source.mutable);
                         if !reference {
                             bail!(
-                                "module {name}: element segment {i} reads global {}, which is not an immutable reference global",
+                                "module {name}: element segment {i} reads global {}, which is not an immutable reference global of its table's element type",
                                 g.as_u32()
                             );
                         }
