@@ -452,6 +452,7 @@ impl MemoryPool {
         if remapped {
             state.slots.cooled(local, 0);
         }
+        self.publish(&state.slots);
     }
 
     /// Resets a slot its tenant gave back, all but the decommits, which it leaves in

@@ -197,10 +197,11 @@ fn a_move_makes_resident_only_what_was_written() {
         memory_guard_size: PAGE as u64,
         ..Tunables::default()
     };
-    // 4 MiB, of which the tenant writes one byte near the start and one near the end.
-    let mut memory = Memory::new_dynamic(&MemoryType::new(64, None), &tunables, None, None).unwrap();
+    // 8 MiB, of which the tenant writes one byte near the start and one near the end (with
+    // transparent huge pages always on, each makes 2 MiB resident: half the memory).
+    let mut memory = Memory::new_dynamic(&MemoryType::new(128, None), &tunables, None, None).unwrap();
     memory.write(100, &[0xA1]).unwrap();
-    memory.write(64 * PAGE as u64 - 1, &[0xB2]).unwrap();
+    memory.write(128 * PAGE as u64 - 1, &[0xB2]).unwrap();
     // Reading untouched pages maps the zero page: nothing to copy there either.
     assert!(memory.as_slice()[PAGE..2 * PAGE].iter().all(|&b| b == 0));
     let present = |memory: &Memory| {
@@ -209,7 +210,7 @@ fn a_move_makes_resident_only_what_was_written() {
             .unwrap()
     };
     let before = present(&memory);
-    assert_eq!(memory.grow(64, None).unwrap(), Some(64), "moved to 8 MiB");
+    assert_eq!(memory.grow(128, None).unwrap(), Some(128), "moved to 16 MiB");
     let after = present(&memory);
     // (Transparent huge pages may make a written byte's 2 MiB resident: as many as before.)
     assert!(
@@ -217,7 +218,7 @@ fn a_move_makes_resident_only_what_was_written() {
         "{after} pages resident after the move, {before} before it"
     );
     let bytes = memory.as_slice();
-    assert_eq!((bytes[100], bytes[64 * PAGE - 1]), (0xA1, 0xB2));
+    assert_eq!((bytes[100], bytes[128 * PAGE - 1]), (0xA1, 0xB2));
     assert_eq!(bytes.iter().filter(|&&b| b != 0).count(), 2);
 }
 
