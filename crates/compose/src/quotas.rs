@@ -246,6 +246,43 @@ impl<A: InstanceAllocatorImpl, G: Eq + Hash + Clone + fmt::Debug + Send + Sync> 
             }
         }
     }
+
+    /// Charges `add` to `group` for a resource `inner` has just made (`made`: its index there
+    /// and the resource) and records the charge in `ledger`, returning the key it is handed
+    /// out under. If the quota refuses it (another request took the room meanwhile) or the
+    /// ledger is full, `give_back` returns it to `inner` and the error is the allocation's.
+    fn settle<I, R>(
+        &self,
+        group: Option<G>,
+        add: QuotaUsage,
+        made: (I, R),
+        ledger: &Ledger<Charge<G, I>>,
+        give_back: impl FnOnce(I, R),
+    ) -> Result<(u32, R)> {
+        let (inner, resource) = made;
+        let charged = match &group {
+            Some(group) => self.charge(group, add, false),
+            None => Ok(()),
+        };
+        let charge = Charge {
+            group,
+            inner,
+            instance: add.instances > 0,
+            memory_bytes: add.memory_bytes,
+        };
+        if let Err(error) = charged {
+            give_back(charge.inner, resource);
+            return Err(error);
+        }
+        match ledger.insert(charge) {
+            Ok(key) => Ok((key, resource)),
+            Err((error, charge)) => {
+                self.uncharge(&charge, add.memories, add.tables);
+                give_back(charge.inner, resource);
+                Err(error)
+            }
+        }
+    }
 }
 
 // SAFETY: every memory and table comes from `inner`, which keeps the contract, and goes back to
@@ -287,32 +324,13 @@ unsafe impl<A: InstanceAllocatorImpl, G: Eq + Hash + Clone + fmt::Debug + Send +
         let (inner, memory) = unsafe { self.inner.allocate_memory(request, ty, memory_index) }?;
         // Its maximum is known once it exists (the backend's cap included).
         add.memory_bytes = memory.maximum_byte_size().map_or(u64::MAX, |b| b as u64);
-        let charged = match &group {
-            Some(group) => self.charge(group, add, false),
-            None => Ok(()),
+        let give_back = |inner, memory| {
+            // SAFETY: `inner` made this memory for `memory_index` just now, with this index; it
+            // was handed to no one.
+            unsafe { self.inner.deallocate_memory(memory_index, inner, memory) }
         };
-        let charge = Charge {
-            group,
-            inner,
-            instance,
-            memory_bytes: add.memory_bytes,
-        };
-        if let Err(error) = charged {
-            // SAFETY: `inner` just made this memory for `memory_index` with `inner`'s index;
-            // it was handed to no one.
-            unsafe { self.inner.deallocate_memory(memory_index, charge.inner, memory) };
-            return Err(error);
-        }
-        match self.memories.insert(charge) {
-            Ok(key) => Ok((MemoryAllocationIndex::from_u32(key), memory)),
-            Err((error, charge)) => {
-                self.uncharge(&charge, 1, 0);
-                // SAFETY: `inner` made this memory for `memory_index` just now, with
-                // `charge.inner`; it was handed to no one.
-                unsafe { self.inner.deallocate_memory(memory_index, charge.inner, memory) };
-                Err(error)
-            }
-        }
+        let (key, memory) = self.settle(group, add, (inner, memory), &self.memories, give_back)?;
+        Ok((MemoryAllocationIndex::from_u32(key), memory))
     }
 
     unsafe fn deallocate_memory(
@@ -347,30 +365,13 @@ unsafe impl<A: InstanceAllocatorImpl, G: Eq + Hash + Clone + fmt::Debug + Send +
         }
         // SAFETY: the caller's obligations are `inner`'s.
         let (inner, table) = unsafe { self.inner.allocate_table(request, ty, table_index) }?;
-        let charged = match &group {
-            Some(group) => self.charge(group, add, false),
-            None => Ok(()),
+        let give_back = |inner, table| {
+            // SAFETY: `inner` made this table for `table_index` just now, with this index; it was
+            // handed to no one.
+            unsafe { self.inner.deallocate_table(table_index, inner, table) }
         };
-        let charge = Charge {
-            group,
-            inner,
-            instance,
-            memory_bytes: 0,
-        };
-        if let Err(error) = charged {
-            // SAFETY: made by `inner` just now for `table_index`, handed to no one.
-            unsafe { self.inner.deallocate_table(table_index, charge.inner, table) };
-            return Err(error);
-        }
-        match self.tables.insert(charge) {
-            Ok(key) => Ok((TableAllocationIndex::from_u32(key), table)),
-            Err((error, charge)) => {
-                self.uncharge(&charge, 0, 1);
-                // SAFETY: made by `inner` just now for `table_index`, handed to no one.
-                unsafe { self.inner.deallocate_table(table_index, charge.inner, table) };
-                Err(error)
-            }
-        }
+        let (key, table) = self.settle(group, add, (inner, table), &self.tables, give_back)?;
+        Ok((TableAllocationIndex::from_u32(key), table))
     }
 
     unsafe fn deallocate_table(&self, index: DefinedTableIndex, slot: TableAllocationIndex, table: Table) {
